@@ -1,0 +1,137 @@
+"""The preprocessed-data cache: the first epoch streams, later ones read float32 arrays back.
+
+Layer: data. One entry per planned chunk, keyed by everything that decides
+its content: the spec, the split, the normalisation constants, the file's
+identity (size and mtime locally, UUID and entries remotely) and the entry
+range. Change any of them and the key changes, so a stale entry is never read.
+Disk entries are written to a temporary directory and renamed into place, so
+an interrupted epoch or two workers writing at once never leave a half entry;
+they are read back memory-mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from mlaas.data.transform import Columns
+from mlaas.errors import CacheError
+
+__all__ = ["ChunkCache", "MemoryCache", "DiskCache", "NoCache", "make_cache", "dataset_key"]
+
+_FIELDS = ("x", "y", "w", "mask", "file", "entry")
+
+
+def dataset_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+class ChunkCache:
+    """Interface: ``get(name)`` returns cached Columns or None; ``put(name, columns)``."""
+
+    enabled = False
+
+    def get(self, name: str) -> Columns | None:
+        return None
+
+    def put(self, name: str, columns: Columns) -> None:
+        return None
+
+
+class NoCache(ChunkCache):
+    pass
+
+
+class MemoryCache(ChunkCache):
+    """Per process: with DataLoader workers, use ``persistent_workers=True`` to keep it."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self._store: dict[str, Columns] = {}
+
+    def get(self, name: str) -> Columns | None:
+        return self._store.get(name)
+
+    def put(self, name: str, columns: Columns) -> None:
+        self._store[name] = columns
+
+
+class DiskCache(ChunkCache):
+    """``<dir>/<dataset key>/<chunk>/{x,y,w,mask,file,entry}.npy``, read back with mmap."""
+
+    enabled = True
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the cache directory: {exc.strerror}",
+                             file_path=str(directory)) from exc
+
+    def get(self, name: str) -> Columns | None:
+        path = self.directory / name
+        if not (path / "complete").exists():
+            return None
+        arrays = [np.load(path / f"{k}.npy", mmap_mode="r") for k in _FIELDS]
+        return Columns(*arrays)
+
+    def put(self, name: str, columns: Columns) -> None:
+        final = self.directory / name
+        if final.exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.directory))
+        try:
+            for k, v in columns.as_dict().items():
+                np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
+            (tmp / "complete").write_text("ok\n")
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / "complete").exists():
+                raise
+
+
+def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
+               max_bytes: int | None, base_dir: Path) -> ChunkCache:
+    """Build the cache the spec asks for, refusing one that would not fit.
+
+    Args:
+        kind (str): ``none``, ``memory`` or ``disk``.
+        needed_bytes (int): the estimated size of this split's arrays.
+        max_bytes (int or None): the user's limit; default: half of the
+            available memory, or 90% of the free disk space.
+    """
+    if kind == "none":
+        return NoCache()
+    if kind == "memory":
+        room = max_bytes or int(psutil.virtual_memory().available * 0.5)
+        _fits(needed_bytes, room, "memory", "use cache: {disk: DIR} or select fewer events")
+        return MemoryCache()
+    assert path is not None
+    directory = Path(path).expanduser()
+    if not directory.is_absolute():
+        directory = base_dir / directory
+    directory.mkdir(parents=True, exist_ok=True)
+    room = max_bytes or int(shutil.disk_usage(directory).free * 0.9)
+    _fits(needed_bytes, room, f"disk at {directory}", "free space or choose another directory")
+    return DiskCache(directory / key)
+
+
+def _fits(needed: int, room: int, where: str, advice: str) -> None:
+    if needed > room:
+        raise CacheError(
+            f"the cache needs about {needed / 1e9:.2f} GB but {where} allows "
+            f"{room / 1e9:.2f} GB; refusing rather than caching part of the data ({advice})",
+            field_path="data.cache",
+        )

@@ -1,0 +1,134 @@
+"""The reading plan: every input file cut into entry ranges of about ``step_size``.
+
+Layer: data, between sources and interpretation. Planning every chunk up
+front is what lets workers share an epoch exactly (worker k takes chunks
+k, k+K, ...) and lets a cache name each chunk. Planning opens each file once
+to learn its entries and the entries per step for the branches read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from mlaas.data import sources
+from mlaas.data.layout import Layout, branch_kinds
+from mlaas.data.sources import FileRef
+from mlaas.data.transform import Chunk
+from mlaas.errors import BranchNotFound, DataError, close_names
+from mlaas.spec import Pipeline
+
+__all__ = ["ChunkRange", "FileInfo", "plan", "read", "interleave"]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One input file as planned: its identity (for caches) and size."""
+
+    index: int
+    ref: FileRef
+    entries: int
+    compressed_bytes: int
+    identity: dict
+
+
+@dataclass(frozen=True)
+class ChunkRange:
+    """Entries ``[start, stop)`` of one file: the unit of reading, caching and sharding."""
+
+    file_index: int
+    url: str
+    key: str
+    source: int
+    start: int
+    stop: int
+    compressed_bytes: int
+
+    @property
+    def entries(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        return f"{self.file_index}-{self.start}-{self.stop}"
+
+
+def _check_schema(layout: Layout, tree: object, url: str) -> None:
+    kinds = branch_kinds(tree)
+    for name in layout.branches:
+        if name not in kinds:
+            near = close_names(name, kinds)
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            raise BranchNotFound(f"no branch {name!r} in this file{hint}", file_path=url,
+                                 tree=layout.tree, branch=name)
+
+
+def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list[FileInfo], list[ChunkRange]]:
+    """Open each file once; return file infos and chunk ranges, in file order."""
+    data = pipeline.data
+    infos: list[FileInfo] = []
+    chunks: list[ChunkRange] = []
+    left = {i: data.max_events for i in range(len(data.sources))}
+    for index, ref in enumerate(files):
+        tree = sources.open_tree(ref.url, layout.tree, data.retries)
+        _check_schema(layout, tree, ref.url)
+        entries = int(tree.num_entries)
+        budget = left[ref.source]
+        if budget is not None:
+            entries = min(entries, budget)
+            left[ref.source] = budget - entries
+        nbytes = sources.compressed_bytes(tree, layout.branches)
+        per_entry = nbytes / max(1, tree.num_entries)
+        info = FileInfo(index, ref, entries, int(per_entry * entries),
+                        sources.file_identity(ref.url, tree))
+        infos.append(info)
+        if entries == 0:
+            warnings.warn(f"tree {layout.tree!r} in {ref.url} has no entries", UserWarning,
+                          stacklevel=2)
+            continue
+        step = sources.entries_per_step(tree, layout.branches, data.step_size)
+        for start in range(0, entries, step):
+            stop = min(entries, start + step)
+            chunks.append(ChunkRange(index, ref.url, ref.key, ref.source, start, stop,
+                                     int(per_entry * (stop - start))))
+    _check_sources(pipeline, infos, layout)
+    return infos, chunks
+
+
+def _check_sources(pipeline: Pipeline, infos: list[FileInfo], layout: Layout) -> None:
+    per_source = [0] * len(pipeline.data.sources)
+    for info in infos:
+        per_source[info.ref.source] += info.entries
+    for i, n in enumerate(per_source):
+        if n == 0:
+            files = ", ".join(info.ref.url for info in infos if info.ref.source == i)
+            raise DataError(
+                f"source {i} has no events: tree {layout.tree!r} is empty in {files}",
+                field_path=f"data.sources[{i}]",
+            )
+
+
+def read(pipeline: Pipeline, layout: Layout, chunk: ChunkRange) -> Chunk:
+    """Read one chunk's branches (retried on transient failures)."""
+    arrays = sources.read_range(chunk.url, layout.tree, layout.branches, chunk.start,
+                                chunk.stop, pipeline.data.retries)
+    return Chunk(arrays=arrays, file_index=chunk.file_index, file_key=chunk.key,
+                 source=chunk.source, entry_start=chunk.start, url=chunk.url)
+
+
+def interleave(chunks: list[ChunkRange]) -> list[ChunkRange]:
+    """Order chunks so every source advances at the same relative pace.
+
+    A stream that reads all of one source before the next would hand the
+    shuffle buffer a single class; interleaving by each chunk's position
+    within its source (stride scheduling) mixes classes from the start.
+    """
+    by_source: dict[int, list[ChunkRange]] = {}
+    for c in chunks:
+        by_source.setdefault(c.source, []).append(c)
+    keyed = []
+    for src, items in by_source.items():
+        for pos, c in enumerate(items):
+            keyed.append(((pos + 0.5) / len(items), src, pos, c))
+    keyed.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [t[3] for t in keyed]

@@ -1,0 +1,74 @@
+"""``mlaas inspect``: what is in a ROOT file, before writing a spec for it.
+
+Layer: data. Trees, entries, compression, and for each branch its type,
+whether it is flat or jagged (or unusable as a feature), and the
+multiplicity of jagged branches on a sample of entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import awkward as ak
+import numpy as np
+
+from mlaas.data import sources
+from mlaas.data.layout import branch_kinds
+from mlaas.spec import RetrySpec
+
+__all__ = ["inspect_file"]
+
+SAMPLE = 10_000
+
+
+def _compression(file: Any) -> str:
+    comp = file.file.compression
+    return "none" if comp is None or comp.level == 0 else f"{type(comp).__name__}({comp.level})"
+
+
+def inspect_file(url: str, tree: str | None = None, sample: int = SAMPLE,
+                 retry: RetrySpec | None = None) -> dict[str, Any]:
+    """Describe ``url``: every tree when ``tree`` is None, else just that tree.
+
+    Args:
+        url (str): local path, ``root://`` or ``https://`` URL.
+        tree (str): only this tree.
+        sample (int): entries read to measure jagged multiplicities.
+    """
+    retry = retry or RetrySpec()
+    file = sources.with_retries(url, lambda: sources.uproot.open(url, timeout=retry.timeout), retry)
+    names = [tree] if tree else sources.trees_in(file)
+    out: dict[str, Any] = {"file": url, "compression": _compression(file), "trees": {}}
+    for name in names:
+        t = sources.open_tree(url, name, retry)
+        with sources.read_errors(url, name):
+            out["trees"][name] = _describe(t, sample)
+    return out
+
+
+def _describe(tree: Any, sample: int) -> dict[str, Any]:
+    kinds = branch_kinds(tree)
+    jagged = [n for n, k in kinds.items() if k == "jagged"]
+    stop = min(sample, tree.num_entries)
+    counts: dict[str, np.ndarray] = {}
+    if jagged and stop:
+        wanted = set(jagged)
+        arrays = tree.arrays(filter_name=lambda n: n in wanted, entry_stop=stop, library="ak",
+                             how=dict)
+        counts = {n: ak.to_numpy(ak.num(a, axis=1)) for n, a in arrays.items()}
+    branches = []
+    for name, kind in kinds.items():
+        b = tree[name]
+        row: dict[str, Any] = {
+            "name": name,
+            "type": b.typename,
+            "kind": kind.split(":", 1)[0],
+            "compressed_bytes": int(b.compressed_bytes),
+            "uncompressed_bytes": int(b.uncompressed_bytes),
+        }
+        if name in counts:
+            c = counts[name]
+            row["multiplicity_mean"] = float(c.mean()) if c.size else 0.0
+            row["multiplicity_max"] = int(c.max()) if c.size else 0
+        branches.append(row)
+    return {"entries": int(tree.num_entries), "sample": stop, "branches": branches}

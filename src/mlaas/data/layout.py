@@ -1,0 +1,302 @@
+"""The spec read against a real tree: which branches to read and what each feature is.
+
+Layer: data, interpretation side. A :class:`Layout` is built once from the
+spec and the first file's tree (its branch names and types, and a small
+sample to learn whether a derived expression is jagged). It never opens files
+itself: the caller hands it the tree. ``stats``, ``transform`` and the loader
+work from the layout, never from the raw spec.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import awkward as ak
+import numpy as np
+import uproot
+
+from mlaas import expr
+from mlaas.errors import BranchNotFound, SpecError, UnsupportedBranch, close_names
+from mlaas.spec import JaggedFeature, NormalizeKind, Pipeline, collection_of
+
+__all__ = ["Layout", "Feature", "Collection", "resolve_layout", "branch_kinds"]
+
+SAMPLE_ENTRIES = 200
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature: a flat value per event, or a jagged branch padded to its collection's length."""
+
+    name: str
+    expression: expr.Expression
+    jagged: bool
+    normalize: NormalizeKind
+    collection: str | None = None
+    pad: float = 0.0
+
+
+@dataclass
+class Collection:
+    """Jagged features sharing multiplicity: sorted, truncated and masked together."""
+
+    name: str
+    features: list[str] = field(default_factory=list)
+    max_len: int | None = None
+    sort_by: str | None = None
+
+
+@dataclass
+class Layout:
+    """Everything needed to turn chunks of branches into feature arrays."""
+
+    tree: str
+    branches: list[str]
+    derived: list[tuple[str, expr.Expression]]
+    cut: expr.Expression | None
+    label: expr.Expression | None
+    weight: expr.Expression | None
+    features: list[Feature]
+    collections: dict[str, Collection]
+    warnings: list[str] = field(default_factory=list)
+
+    def column_names(self) -> list[str]:
+        """Names of the columns of ``x``: jagged features expand to ``Jet_pt_0 ...``."""
+        names: list[str] = []
+        for f in self.features:
+            if f.jagged:
+                n = self._max_len(f)
+                names.extend(f"{f.name}_{i}" for i in range(n))
+            else:
+                names.append(f.name)
+        return names
+
+    def mask_names(self) -> list[str]:
+        """Names of the columns of ``mask``: one per slot of each collection."""
+        return [f"{c.name}_{i}" for c in self.collections.values() for i in range(self._len(c))]
+
+    def _max_len(self, f: Feature) -> int:
+        assert f.collection is not None
+        return self._len(self.collections[f.collection])
+
+    @staticmethod
+    def _len(c: Collection) -> int:
+        if c.max_len is None:
+            raise RuntimeError(f"max_len of collection {c.name!r} is not known before pass 1")
+        return c.max_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tree": self.tree,
+            "branches": self.branches,
+            "features": [
+                {"name": f.name, "expression": f.expression.source, "jagged": f.jagged,
+                 "normalize": f.normalize, "collection": f.collection, "pad": f.pad}
+                for f in self.features
+            ],
+            "collections": {
+                c.name: {"features": c.features, "max_len": c.max_len, "sort_by": c.sort_by}
+                for c in self.collections.values()
+            },
+        }
+
+
+def branch_kinds(tree: Any) -> dict[str, str]:
+    """Each branch as ``flat``, ``jagged`` or ``unsupported:<type>``, from its interpretation."""
+    kinds: dict[str, str] = {}
+    for name, branch in tree.items(filter_typename=None):
+        if "/" in name or "." in name:  # sub-branches of split objects
+            continue
+        try:
+            interp = branch.interpretation
+        except Exception:  # noqa: BLE001 - uproot raises several kinds for unknown types
+            kinds[name] = f"unsupported:{branch.typename}"
+            continue
+        kinds[name] = _kind(interp, branch.typename)
+    return kinds
+
+
+def _kind(interp: Any, typename: str) -> str:
+    if isinstance(interp, uproot.interpretation.numerical.AsDtype):
+        return "flat" if interp.inner_shape == () else f"unsupported:{typename}"
+    if isinstance(interp, uproot.interpretation.jagged.AsJagged):
+        content = interp.content
+        if isinstance(content, uproot.interpretation.numerical.AsDtype) and content.inner_shape == ():
+            return "jagged"
+    return f"unsupported:{typename}"
+
+
+def _missing(names: set[str], available: Mapping[str, Any], url: str, tree: str,
+             field_path: str, source: str) -> None:
+    for name in sorted(names):
+        if name not in available:
+            near = close_names(name, available)
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            raise BranchNotFound(
+                f"no branch or derived name {name!r} (used in {source!r}){hint}",
+                file_path=url, tree=tree, field_path=field_path,
+            )
+
+
+def _parse(source: str, path: str) -> expr.Expression:
+    return expr.parse(source, field_path=path)
+
+
+def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
+    """Bind the spec to ``tree`` (the first input file's tree).
+
+    Args:
+        pipeline (Pipeline): the validated spec.
+        tree (uproot TTree): a tree with the schema every input file shares.
+        url (str): where ``tree`` came from, for error messages.
+    """
+    data = pipeline.data
+    kinds = branch_kinds(tree)
+    tree_name = tree.name
+    available: dict[str, str] = dict(kinds)
+    notes: list[str] = []
+
+    derived: list[tuple[str, expr.Expression]] = []
+    for name, source in data.derived.items():
+        e = _parse(source, f"data.derived.{name}")
+        _missing(set(e.names), available, url, tree_name, f"data.derived.{name}", source)
+        derived.append((name, e))
+        available[name] = "derived"
+
+    def bound(source: str | None, path: str) -> expr.Expression | None:
+        if source is None:
+            return None
+        e = _parse(source, path)
+        _missing(set(e.names), available, url, tree_name, path, source)
+        return e
+
+    cut = bound(data.cut, "data.cut")
+    label = bound(data.label, "data.label")
+    weight = bound(data.weight, "data.weight")
+
+    if data.features == "all":
+        items = _all_features(data, kinds, notes)
+    else:
+        items = list(data.features)
+
+    features, collections = _features(pipeline, items, available, kinds, url, tree_name)
+    exprs = [e for _, e in derived] + [e for e in (cut, label, weight) if e is not None]
+    exprs += [f.expression for f in features]
+    needed: set[str] = set()
+    for e in exprs:
+        needed |= set(e.names)
+    for c in collections.values():
+        if c.sort_by:
+            needed.add(c.sort_by)
+    branches = sorted(n for n in needed if n in kinds)
+    for name in branches:
+        if kinds[name].startswith("unsupported"):
+            raise UnsupportedBranch(
+                f"branch {name!r} has type {kinds[name].split(':', 1)[1]!r}, which is not a "
+                "number or a list of numbers", file_path=url, tree=tree_name, branch=name,
+            )
+    layout = Layout(tree=tree_name, branches=branches, derived=derived, cut=cut, label=label,
+                    weight=weight, features=features, collections=collections, warnings=notes)
+    _check_kinds_on_sample(layout, tree, url)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return layout
+
+
+def _all_features(data: Any, kinds: dict[str, str], notes: list[str]) -> list[str | JaggedFeature]:
+    skip = set(data.exclude) | set(data.identifiers)
+    items: list[str | JaggedFeature] = []
+    for name, kind in kinds.items():
+        if name in skip:
+            continue
+        if kind.startswith("unsupported"):
+            notes.append(f"features: all skips branch {name!r} of unsupported type "
+                         f"{kind.split(':', 1)[1]!r}")
+            continue
+        items.append(JaggedFeature(branch=name) if kind == "jagged" else name)
+    items.extend(name for name in data.derived if name not in skip)
+    return items
+
+
+def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: dict[str, str],
+              kinds: dict[str, str], url: str, tree_name: str
+              ) -> tuple[list[Feature], dict[str, Collection]]:
+    norm = pipeline.data.normalize
+    features: list[Feature] = []
+    collections: dict[str, Collection] = {}
+    for i, item in enumerate(items):
+        path = f"data.features[{i}]"
+        if isinstance(item, str):
+            e = _parse(item, path)
+            _missing(set(e.names), available, url, tree_name, path, item)
+            if expr.is_identifier(item) and kinds.get(item) == "jagged":
+                raise SpecError(
+                    f"feature {item!r} is a jagged branch; write it as "
+                    f"{{branch: {item}, max_len: 6, pad: 0.0}} to pad or truncate it",
+                    field_path=path,
+                )
+            features.append(Feature(item, e, False, norm.per_feature.get(item, norm.default)))
+            continue
+        e = _parse(item.branch, f"{path}.branch")
+        _missing(set(e.names), available, url, tree_name, f"{path}.branch", item.branch)
+        coll_name = collection_of(item.branch)
+        coll = collections.setdefault(coll_name, Collection(coll_name))
+        coll.features.append(item.branch)
+        coll.max_len = coll.max_len or item.max_len
+        coll.sort_by = coll.sort_by or item.sort_by
+        if item.sort_by is not None:
+            _missing({item.sort_by}, available, url, tree_name, f"{path}.sort_by", item.sort_by)
+        features.append(Feature(item.branch, e, True,
+                                norm.per_feature.get(item.branch, norm.default),
+                                collection=coll_name, pad=item.pad))
+    return features, collections
+
+
+def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
+    """Evaluate derived names and features on a few entries to learn flat vs jagged.
+
+    Types of expressions are only known by evaluating them; doing it on a
+    small sample turns a wrong declaration into an error before pass 1.
+    """
+    if tree.num_entries == 0:
+        return
+    stop = min(SAMPLE_ENTRIES, tree.num_entries)
+    wanted = set(layout.branches)
+    env: dict[str, Any] = dict(tree.arrays(filter_name=lambda n: n in wanted, entry_stop=stop,
+                                           library="ak", how=dict))
+    for name, e in layout.derived:
+        env[name] = e.evaluate(env)
+    for i, f in enumerate(layout.features):
+        value = f.expression.evaluate(env)
+        is_jagged = is_jagged_array(value)
+        if f.jagged and not is_jagged:
+            raise SpecError(
+                f"feature {f.name!r} is declared jagged (with max_len) but has one value per "
+                "event; list it as a plain name", field_path=f"data.features[{i}]",
+            )
+        if not f.jagged and is_jagged:
+            raise SpecError(
+                f"feature {f.name!r} has a list of values per event; write it as "
+                f"{{branch: {f.name}, max_len: N}} or reduce it, e.g. max({f.name}, 0)",
+                field_path=f"data.features[{i}]",
+            )
+
+
+def is_jagged_array(value: Any) -> bool:
+    """True for an awkward array with a variable-length list per event."""
+    if not isinstance(value, ak.Array):
+        return False
+    return value.ndim > 1
+
+
+def as_float64(value: Any, n: int) -> np.ndarray:
+    """A per-event value (numpy, flat awkward, or scalar) as a float64 vector of length ``n``."""
+    if isinstance(value, ak.Array):
+        value = ak.to_numpy(ak.fill_none(value, np.nan))
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        return np.full(n, float(arr))
+    return arr

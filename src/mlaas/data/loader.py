@@ -1,0 +1,239 @@
+"""``RootDataset``: a split of a pipeline's events as shuffled, class-mixed float32 batches.
+
+Layer: data, the only module that batches and shuffles. It plans chunks
+(``chunks``), runs pass 1 (``stats``) unless given its result, and per chunk
+reads (``sources``) and preprocesses (``transform``). Memory is bounded by the
+step size times the chunks in the shuffle buffer, never by file size.
+
+Exactness across workers: the chunk plan is the same in every process, and
+worker k of K takes chunks k, k+K, ...; the split of an event is a hash of
+(file name, entry, seed). So every selected event of a split is yielded
+exactly once per epoch, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlaas import spec as spec_module
+from mlaas.data import chunks as chunking
+from mlaas.data import sources
+from mlaas.data import stats as pass1
+from mlaas.data.cache import ChunkCache, dataset_key, make_cache
+from mlaas.data.layout import Layout, resolve_layout
+from mlaas.data.transform import SPLITS, Columns, Transform, uniform_hash
+from mlaas.errors import SpecError
+from mlaas.spec import Pipeline
+
+__all__ = ["RootDataset", "prepare"]
+
+Batch = dict[str, np.ndarray]
+
+
+def prepare(pipeline: Pipeline) -> tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]:
+    """Resolve files, bind the spec to the first tree and plan every chunk."""
+    files = sources.resolve_files(pipeline)
+    first = files[0]
+    tree = sources.open_tree(first.url, pipeline.data.tree, pipeline.data.retries)
+    layout = resolve_layout(pipeline, tree, first.url)
+    infos, plan = chunking.plan(pipeline, layout, files)
+    return layout, infos, plan
+
+
+class RootDataset:
+    """Iterate one split of a pipeline as dicts of numpy arrays.
+
+    Args:
+        spec (path, dict or Pipeline): the pipeline spec (see ``mlaas.spec.load``).
+        split (str): ``train``, ``validation``, ``test`` or ``all``.
+        batch_size (int): events per batch (the last one may be smaller).
+        shuffle (bool): shuffle chunk order and events within the buffer,
+            differently each epoch.
+        seed (int): seed of the shuffling (the split has its own, in the spec).
+        stats (Stats, dict or path): the result of pass 1, to avoid running it
+            again for each split.
+        shuffle_chunks (int): chunks mixed in one shuffle buffer; default: the
+            number of sources (at least 2), so every batch mixes classes.
+        drop_last (bool): drop a final partial batch.
+        progress (callable): ``(events, bytes)`` per chunk read in pass 1.
+
+    Each batch has ``x`` float32 [B, n_features] (normalised), ``y`` float32 [B],
+    ``w`` float32 [B], ``mask`` float32 [B, n_slots] (1 for a real jagged
+    object, 0 for padding; columns in ``mask_names``), and ``file`` (index in
+    ``files``) and ``entry`` int64, which identify each event.
+    """
+
+    def __init__(
+        self,
+        spec: str | os.PathLike[str] | dict[str, Any] | Pipeline,
+        split: str = "train",
+        batch_size: int = 1024,
+        shuffle: bool = True,
+        seed: int = 0,
+        *,
+        stats: pass1.Stats | dict[str, Any] | str | os.PathLike[str] | None = None,
+        shuffle_chunks: int | None = None,
+        drop_last: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if split not in (*SPLITS, "all"):
+            raise SpecError(f"unknown split {split!r}; use train, validation, test or all")
+        if batch_size < 1:
+            raise SpecError(f"batch_size must be positive, not {batch_size}")
+        self.pipeline = spec_module.load(spec)
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.layout, self.files, self.chunks = prepare(self.pipeline)
+        self.stats = self._stats(stats, progress)
+        pass1.resolve_lengths(self.layout, self.stats)
+        shift, scale = pass1.normalization(self.pipeline, self.layout, self.stats)
+        self.transform = Transform(self.pipeline, self.layout, shift, scale)
+        self.feature_names: list[str] = self.layout.column_names()
+        self.mask_names: list[str] = self.layout.mask_names()
+        n_sources = len(self.pipeline.data.sources)
+        self.shuffle_chunks = shuffle_chunks or max(2, n_sources)
+        self.epoch = 0
+        self._keep_fraction = self._balance_fractions()
+        self.cache: ChunkCache = self._cache(shift, scale)
+
+    # -- construction helpers -------------------------------------------------
+
+    def _stats(self, given: Any, progress: Callable[[int, int], None] | None) -> pass1.Stats:
+        if given is None:
+            return pass1.compute(self.pipeline, self.layout, self.files, self.chunks, progress)
+        if isinstance(given, pass1.Stats):
+            return given
+        if isinstance(given, dict):
+            return pass1.Stats.from_dict(given)
+        import json
+
+        return pass1.Stats.from_dict(json.loads(Path(given).read_text()))
+
+    def _balance_fractions(self) -> np.ndarray:
+        """Per source, the fraction of its events kept each epoch under ``balance: equal``."""
+        n = len(self.pipeline.data.sources)
+        if self.pipeline.data.balance != "equal":
+            return np.ones(n)
+        key = self.split if self.split != "all" else None
+        counts = np.array([
+            (s["splits"][key] if key else s["selected"]) for s in self.stats.sources
+        ], dtype=np.float64)
+        smallest = counts[counts > 0].min() if (counts > 0).any() else 0.0
+        return np.where(counts > 0, smallest / np.maximum(counts, 1), 0.0)
+
+    def _cache(self, shift: np.ndarray, scale: np.ndarray) -> ChunkCache:
+        c = self.pipeline.data.cache
+        key = dataset_key({
+            "spec": self.pipeline.digest(), "split": self.split,
+            "shift": shift.tolist(), "scale": scale.tolist(),
+            "files": [f.identity for f in self.files],
+        })
+        width = len(self.feature_names) + len(self.mask_names) + 2  # x, mask, y, w (float32)
+        needed = self.num_events * (4 * width + 12)  # + file int32 + entry int64
+        return make_cache(c.kind, c.path, key, needed, c.max_bytes, self.pipeline.base_dir)
+
+    # -- public API -------------------------------------------------------------
+
+    @property
+    def num_events(self) -> int:
+        """Selected events in this split before any ``balance: equal`` subsampling."""
+        if self.split == "all":
+            return self.stats.selected
+        return int(self.stats.splits[self.split])
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose shuffle is used next (as with DistributedSampler)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        self.epoch += 1
+        return self.iter_epoch(epoch)
+
+    def iter_epoch(self, epoch: int, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
+        """The batches of one epoch for worker ``worker`` of ``num_workers``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        mine = self._chunk_order(rng)[worker::num_workers]
+        pending: list[Columns] = []
+        for i, chunk in enumerate(mine):
+            pending.append(self._balanced(self._columns(chunk), epoch))
+            if (i + 1) % self.shuffle_chunks == 0:
+                pending = yield from self._flush(pending, rng, final=False)
+        yield from self._flush(pending, rng, final=True)
+
+    def torch(self) -> Any:
+        """A torch ``IterableDataset`` yielding batches of tensors (use ``batch_size=None``)."""
+        from mlaas.data.torch_dataset import TorchRootDataset
+
+        return TorchRootDataset(self)
+
+    def columns(self) -> Columns:
+        """The whole split in memory, unshuffled: for small data, evaluation and tests."""
+        parts = [self._balanced(self._columns(c), 0) for c in chunking.interleave(self.chunks)]
+        return Columns.concat(parts) if parts else self.transform.empty()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _chunk_order(self, rng: np.random.Generator) -> list[chunking.ChunkRange]:
+        if not self.shuffle:
+            return chunking.interleave(self.chunks)
+        by_source: dict[int, list[chunking.ChunkRange]] = {}
+        for c in self.chunks:
+            by_source.setdefault(c.source, []).append(c)
+        shuffled = []
+        for items in by_source.values():
+            shuffled.extend(items[i] for i in rng.permutation(len(items)))
+        return chunking.interleave(shuffled)
+
+    def _columns(self, chunk: chunking.ChunkRange) -> Columns:
+        cached = self.cache.get(chunk.name)
+        if cached is not None:
+            return cached
+        split = None if self.split == "all" else self.split
+        cols = self.transform(chunking.read(self.pipeline, self.layout, chunk), split)
+        if self.cache.enabled:
+            self.cache.put(chunk.name, cols)
+        return cols
+
+    def _balanced(self, cols: Columns, epoch: int) -> Columns:
+        """Under ``balance: equal``, keep a fresh random share of larger sources each epoch."""
+        if self.pipeline.data.balance != "equal" or len(cols) == 0:
+            return cols
+        keep = np.zeros(len(cols), dtype=bool)
+        for file_index in np.unique(cols.file):
+            rows = np.flatnonzero(cols.file == file_index)
+            info = self.files[int(file_index)]
+            u = uniform_hash(info.ref.key, np.asarray(cols.entry[rows]), self.seed, 1 + epoch)
+            keep[rows] = u < self._keep_fraction[info.ref.source]
+        return cols.take(np.flatnonzero(keep))
+
+    def _flush(self, pending: list[Columns], rng: np.random.Generator,
+               final: bool) -> Iterator[Batch]:
+        """Shuffle the buffer, yield full batches, return the rest for the next buffer."""
+        if not pending:
+            return []
+        buf = Columns.concat(pending) if len(pending) > 1 else pending[0]
+        if self.shuffle:
+            buf = buf.take(rng.permutation(len(buf)))
+        b = self.batch_size
+        full = len(buf) // b
+        for i in range(full):
+            yield buf.take(slice(i * b, (i + 1) * b)).as_dict()
+        rest = buf.take(slice(full * b, len(buf)))
+        if final:
+            if len(rest) and not self.drop_last:
+                yield rest.as_dict()
+            return []
+        return [rest] if len(rest) else []

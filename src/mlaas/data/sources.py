@@ -1,0 +1,241 @@
+"""Where the bytes come from: file names, URLs, retries, and uproot's errors.
+
+Layer: data, physical side. This module resolves the spec's ``files`` into
+URLs (globs, XRootD redirector, HTTP), opens them with bounded retries, finds
+the tree and reads entry ranges of named branches. It never knows what a
+branch means; ``layout``, ``transform`` and ``stats`` never open a file.
+
+Every foreign exception from uproot, XRootD, HTTP or decompression passes
+through :func:`read_errors`, which re-raises it as an :mod:`mlaas.errors`
+class naming the URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+# XRootD's client would otherwise retry a refused connection for minutes
+# (5 attempts x 120 s windows) before our own bounded retry sees anything.
+# Set before XRootD is imported; a user's explicit environment wins.
+os.environ.setdefault("XRD_CONNECTIONRETRY", "1")
+os.environ.setdefault("XRD_CONNECTIONWINDOW", "10")
+os.environ.setdefault("XRD_REQUESTTIMEOUT", "60")
+os.environ.setdefault("XRD_TIMEOUTRESOLUTION", "1")  # check timeouts each second, not 15
+
+import awkward as ak  # noqa: E402
+import uproot  # noqa: E402
+
+from mlaas.errors import DataError, SourceError, TreeNotFound, close_names  # noqa: E402
+from mlaas.spec import Pipeline, RetrySpec  # noqa: E402
+
+__all__ = [
+    "FileRef",
+    "resolve_files",
+    "open_tree",
+    "read_range",
+    "read_errors",
+    "file_identity",
+    "is_remote",
+    "with_retries",
+]
+
+T = TypeVar("T")
+REMOTE_SCHEMES = ("root://", "http://", "https://")
+_NOT_TRANSIENT = ("No such file", "[3011]", "404", "not a ROOT file", "Permission denied")
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One input file: the URL uproot opens and the source (label group) it belongs to.
+
+    ``key`` is the file's base name: it seeds the train/validation/test split,
+    so a file gives the same split read locally or through XRootD.
+    """
+
+    url: str
+    source: int
+    key: str
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_SCHEMES)
+
+
+def _expand(name: str, base_dir: Path, redirector: str | None) -> list[str]:
+    if is_remote(name):
+        return [name]
+    if name.startswith("/store/") and redirector:
+        return [f"{redirector}/{name}"]  # root://host:port//store/...
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if glob.has_magic(str(path)):
+        matches = sorted(glob.glob(str(path)))
+        if not matches:
+            raise SourceError(f"no file matches the pattern {name!r}", file_path=str(path))
+        return matches
+    if not path.exists():
+        raise SourceError(
+            f"file {name!r} does not exist; name files as local paths or globs "
+            "(relative to the spec), root://host:port//path, https://host/path, or "
+            "/store/... with data.redirector",
+            file_path=str(path),
+        )
+    return [str(path)]
+
+
+def resolve_files(pipeline: Pipeline) -> list[FileRef]:
+    """Every input file in spec order, globs expanded, logical names redirected."""
+    refs: list[FileRef] = []
+    data = pipeline.data
+    for index, source in enumerate(data.sources):
+        for name in source.files:
+            for url in _expand(name, pipeline.base_dir, data.redirector):
+                refs.append(FileRef(url=url, source=index, key=_basename(url)))
+    return refs
+
+
+def _basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _is_transient(url: str, exc: BaseException) -> bool:
+    if not is_remote(url) or isinstance(exc, (FileNotFoundError, PermissionError)):
+        return False
+    text = str(exc)
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not any(
+        marker in text for marker in _NOT_TRANSIENT
+    )
+
+
+@contextlib.contextmanager
+def read_errors(url: str, tree: str | None = None) -> Iterator[None]:
+    """Translate whatever uproot, XRootD, HTTP or zlib raise into mlaas errors naming ``url``."""
+    try:
+        yield
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        raise SourceError(f"file not found: {exc}", file_path=url, tree=tree) from exc
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        raise SourceError(f"cannot read: {type(exc).__name__}: {exc}", file_path=url, tree=tree) from exc
+    except (ValueError, zlib.error, EOFError, IndexError, KeyError, TypeError, AssertionError,
+            uproot.deserialization.DeserializationError) as exc:
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(
+            f"not a readable ROOT file (corrupt or truncated?): {type(exc).__name__}: {what}",
+            file_path=url,
+            tree=tree,
+        ) from exc
+
+
+def with_retries(url: str, action: Callable[[], T], retry: RetrySpec,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run ``action``; retry transient remote failures with exponential backoff, bounded.
+
+    The final failure says how many attempts were made, so 'server down' and
+    'flaky server' read differently in a log.
+    """
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            with read_errors(url):
+                return action()
+        except SourceError as exc:
+            cause = exc.__cause__ or exc
+            if attempt == retry.attempts or not _is_transient(url, cause):
+                if attempt > 1:
+                    raise SourceError(
+                        f"{exc.message} (gave up after {attempt} attempts)", **exc.context
+                    ) from cause
+                raise
+            sleep(retry.backoff * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _open(url: str, retry: RetrySpec) -> Any:
+    return uproot.open(url, timeout=retry.timeout)
+
+
+def trees_in(file: Any) -> list[str]:
+    return sorted({k.split(";")[0] for k, cls in file.classnames().items() if cls == "TTree"})
+
+
+def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any:
+    """Open ``url`` and return its TTree; the only tree when ``tree`` is None."""
+    retry = retry or RetrySpec()
+
+    def action() -> Any:
+        file = _open(url, retry)
+        names = trees_in(file)
+        if tree is None:
+            if len(names) != 1:
+                listed = ", ".join(names) or "none"
+                raise TreeNotFound(
+                    f"data.tree is not set and the file has {len(names)} trees ({listed}); "
+                    "name one in data.tree",
+                    file_path=url,
+                )
+            return file[names[0]]
+        if tree not in names:
+            near = close_names(tree, names)
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            raise TreeNotFound(
+                f"no tree {tree!r} in the file{hint} trees here: {', '.join(names) or 'none'}",
+                file_path=url, tree=tree,
+            )
+        return file[tree]
+
+    return with_retries(url, action, retry)
+
+
+def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, stop: int,
+               retry: RetrySpec | None = None) -> dict[str, ak.Array]:
+    """Read entries ``[start, stop)`` of ``branches``; retried as a whole on transient failure."""
+    retry = retry or RetrySpec()
+    wanted = set(branches)
+
+    def action() -> dict[str, ak.Array]:
+        t = open_tree(url, tree, RetrySpec(attempts=1, timeout=retry.timeout))
+        arrays = t.arrays(filter_name=lambda name: name in wanted, entry_start=start,
+                          entry_stop=stop, library="ak", how=dict)
+        return dict(arrays)
+
+    return with_retries(url, action, retry)
+
+
+def file_identity(url: str, tree: Any | None = None) -> dict[str, Any]:
+    """What identifies a file's content for caches: size and mtime locally, UUID remotely."""
+    if not is_remote(url):
+        st = os.stat(url)
+        return {"url": url, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    ident: dict[str, Any] = {"url": url}
+    if tree is not None:
+        ident["uuid"] = str(tree.file.uuid)
+        ident["entries"] = int(tree.num_entries)
+    return ident
+
+
+def entries_per_step(tree: Any, branches: Sequence[str], step_size: str | int) -> int:
+    """How many entries make one chunk of ``step_size`` for these branches (at least 1)."""
+    if isinstance(step_size, int):
+        return step_size
+    wanted = set(branches)
+    n = tree.num_entries_for(step_size, filter_name=lambda name: name in wanted)
+    return max(1, int(n))
+
+
+def compressed_bytes(tree: Any, branches: Sequence[str]) -> int:
+    """Compressed size of the branches, for MB/s in progress bars."""
+    total = 0
+    for name in branches:
+        with contextlib.suppress(Exception):
+            total += int(tree[name].compressed_bytes)
+    return total

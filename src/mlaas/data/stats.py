@@ -1,0 +1,326 @@
+"""Pass 1: streaming statistics of every feature over the whole selection.
+
+Layer: data, interpretation side. Moments are merged chunk by chunk with
+Chan's parallel formula in float64, so the constants are those of the whole
+selected dataset, not of a prefix, and do not depend on the chunk size
+beyond rounding. Jagged branches are pooled over all their elements (before
+truncation) and also give a multiplicity histogram, whose 95th percentile is
+the default ``max_len``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlaas.data import chunks as chunking
+from mlaas.data.layout import Layout, as_float64
+from mlaas.data.transform import (
+    SPLITS,
+    evaluate_env,
+    flat_values,
+    selection,
+    sorted_collections,
+    split_codes,
+)
+from mlaas.errors import BadValues, DataError
+from mlaas.spec import Pipeline
+
+__all__ = ["Moments", "FeatureStats", "Stats", "compute", "normalization", "percentile_length"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Moments:
+    """Count, NaN/inf counts, min, max, mean and M2 of the finite values seen so far."""
+
+    count: int = 0
+    nan: int = 0
+    inf: int = 0
+    min: float = float("inf")
+    max: float = float("-inf")
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        finite = np.isfinite(values)
+        self.nan += int(np.isnan(values).sum())
+        self.inf += int(np.isinf(values).sum())
+        v = values[finite] if not finite.all() else values
+        n = int(v.size)
+        if n == 0:
+            return
+        mean = float(v.mean())
+        m2 = float(((v - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+        self.min = min(self.min, float(v.min()))
+        self.max = max(self.max, float(v.max()))
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
+
+
+@dataclass
+class FeatureStats:
+    """Statistics of one feature (a jagged one pooled over all its elements)."""
+
+    name: str
+    jagged: bool
+    moments: Moments = field(default_factory=Moments)
+    multiplicity: list[int] = field(default_factory=list)
+
+    def add_counts(self, counts: np.ndarray) -> None:
+        hist = np.bincount(counts, minlength=len(self.multiplicity))
+        if len(self.multiplicity) < len(hist):
+            self.multiplicity.extend([0] * (len(hist) - len(self.multiplicity)))
+        self.multiplicity = [int(a + b) for a, b in zip(self.multiplicity, hist, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.moments
+        out: dict[str, Any] = {
+            "jagged": self.jagged, "count": m.count, "nan": m.nan, "inf": m.inf,
+            "min": m.min if m.count else None, "max": m.max if m.count else None,
+            "mean": m.mean, "std": m.std, "m2": m.m2,
+        }
+        if self.jagged:
+            out["multiplicity"] = self.multiplicity
+            out["multiplicity_p95"] = percentile_length(self.multiplicity)
+            events = sum(self.multiplicity)
+            out["multiplicity_mean"] = (
+                sum(i * c for i, c in enumerate(self.multiplicity)) / events if events else 0.0
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any]) -> FeatureStats:
+        m = Moments(count=d["count"], nan=d["nan"], inf=d["inf"],
+                    min=d["min"] if d["min"] is not None else float("inf"),
+                    max=d["max"] if d["max"] is not None else float("-inf"),
+                    mean=d["mean"], m2=d["m2"])
+        return cls(name, d["jagged"], m, list(d.get("multiplicity", [])))
+
+
+def percentile_length(hist: list[int], q: float = 0.95) -> int:
+    """Smallest length that holds every object of at least ``q`` of the events (at least 1)."""
+    total = sum(hist)
+    if total == 0:
+        return 1
+    cum = np.cumsum(hist)
+    return max(1, int(np.searchsorted(cum, q * total - 1e-9)))
+
+
+@dataclass
+class Stats:
+    """The outcome of pass 1, serialisable to ``stats.json``."""
+
+    features: dict[str, FeatureStats]
+    sources: list[dict[str, Any]]
+    splits: dict[str, int]
+    label: dict[str, Any]
+    max_len: dict[str, int]
+    warnings: list[str]
+    seconds: float = 0.0
+    entries: int = 0
+    compressed_bytes: int = 0
+
+    @property
+    def selected(self) -> int:
+        return sum(s["selected"] for s in self.sources)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "entries": self.entries,
+            "selected": self.selected,
+            "seconds": round(self.seconds, 3),
+            "compressed_bytes": self.compressed_bytes,
+            "sources": self.sources,
+            "splits": self.splits,
+            "label": self.label,
+            "max_len": self.max_len,
+            "features": {k: v.to_dict() for k, v in self.features.items()},
+            "warnings": self.warnings,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stats:
+        return cls(
+            features={k: FeatureStats.from_dict(k, v) for k, v in d["features"].items()},
+            sources=d["sources"], splits=d["splits"], label=d["label"], max_len=d["max_len"],
+            warnings=d["warnings"], seconds=d.get("seconds", 0.0), entries=d.get("entries", 0),
+            compressed_bytes=d.get("compressed_bytes", 0),
+        )
+
+
+class _LabelStats:
+    """Distinct label values while they are few (classification), else moments."""
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self.values: dict[float, int] | None = {}
+        self.moments = Moments()
+
+    def update(self, y: np.ndarray) -> None:
+        self.moments.update(y)
+        if self.values is None:
+            return
+        uniq, counts = np.unique(y, return_counts=True)
+        for u, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+            self.values[u] = self.values.get(u, 0) + c
+        if len(self.values) > self.LIMIT:
+            self.values = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mean": self.moments.mean, "std": self.moments.std}
+        if self.values is not None:
+            out["counts"] = {_label_key(k): v for k, v in sorted(self.values.items())}
+        return out
+
+
+def _label_key(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
+            plan: list[chunking.ChunkRange], progress: Progress | None = None) -> Stats:
+    """Run pass 1 over every planned chunk.
+
+    Args:
+        pipeline (Pipeline): the spec.
+        layout (Layout): the spec bound to the tree.
+        files, plan: from :func:`mlaas.data.chunks.plan`.
+        progress (callable): called with ``(events, compressed_bytes)`` per chunk.
+    """
+    started = time.perf_counter()
+    feats = {f.name: FeatureStats(f.name, f.jagged) for f in layout.features}
+    per_source = [
+        {"name": s.name or f"source{i}", "label": s.label, "files": [], "entries": 0,
+         "selected": 0, "splits": {k: 0 for k in SPLITS}}
+        for i, s in enumerate(pipeline.data.sources)
+    ]
+    for info in files:
+        per_source[info.ref.source]["files"].append(info.ref.url)
+    labels = _LabelStats()
+    split = pipeline.data.split
+    for c in plan:
+        chunk = chunking.read(pipeline, layout, c)
+        n = c.entries
+        env = evaluate_env(layout, chunk.arrays)
+        keep = selection(layout, env, n, c.url)
+        index = np.flatnonzero(keep)
+        codes = split_codes(c.key, index + c.start, split.validation, split.test, split.seed)
+        src = per_source[c.source]
+        src["entries"] += n
+        src["selected"] += int(index.size)
+        for name, code in SPLITS.items():
+            src["splits"][name] += int((codes == code).sum())
+        env = {k: (v[index] if getattr(v, "ndim", 0) >= 1 else v) for k, v in env.items()}
+        _update_features(layout, env, feats, index.size, c.url)
+        if layout.label is not None:
+            labels.update(as_float64(layout.label.evaluate(env), index.size))
+        else:
+            labels.update(np.full(index.size, pipeline.data.sources[c.source].label))
+        if progress:
+            progress(n, c.compressed_bytes)
+    stats = Stats(
+        features=feats, sources=per_source,
+        splits={k: sum(s["splits"][k] for s in per_source) for k in SPLITS},
+        label=labels.to_dict(), max_len={}, warnings=list(layout.warnings),
+        entries=sum(s["entries"] for s in per_source),
+        compressed_bytes=sum(c.compressed_bytes for c in plan),
+    )
+    _check(pipeline, layout, stats)
+    stats.max_len = resolve_lengths(layout, stats)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _update_features(layout: Layout, env: dict[str, Any], feats: dict[str, FeatureStats],
+                     m: int, url: str) -> None:
+    jagged = sorted_collections(layout, env, url) if layout.collections else {}
+    for f in layout.features:
+        if f.jagged:
+            content, counts = flat_values(jagged[f.name])
+            feats[f.name].moments.update(content)
+            feats[f.name].add_counts(counts)
+        else:
+            feats[f.name].moments.update(as_float64(f.expression.evaluate(env), m))
+
+
+def _check(pipeline: Pipeline, layout: Layout, stats: Stats) -> None:
+    if stats.entries == 0:
+        raise DataError(f"tree {layout.tree!r} has no entries in any input file")
+    if stats.selected == 0:
+        raise DataError(
+            f"the cut {pipeline.data.cut!r} selects no events out of {stats.entries}",
+            field_path="data.cut",
+        )
+    for s_index, s in enumerate(stats.sources):
+        if s["selected"] == 0:
+            stats.warnings.append(f"source {s['name']} (data.sources[{s_index}]) has no "
+                                  "events after the cut")
+    bad = {k: (f.moments.nan, f.moments.inf) for k, f in stats.features.items()
+           if f.moments.nan or f.moments.inf}
+    if bad and pipeline.data.nan.policy == "error":
+        listed = "; ".join(f"{k!r}: {n} NaN, {i} inf" for k, (n, i) in bad.items())
+        raise BadValues(
+            f"non-finite feature values ({listed}); set data.nan: "
+            "{policy: replace, value: 0} to replace them", field_path="data.nan",
+        )
+    for k, f in stats.features.items():
+        if f.moments.count and f.moments.std == 0.0:
+            stats.warnings.append(
+                f"feature {k!r} has zero variance (always {f.moments.min:g}) over "
+                f"{f.moments.count} values: it carries no information; its scale is left at 1"
+            )
+
+
+def resolve_lengths(layout: Layout, stats: Stats) -> dict[str, int]:
+    """Fill each collection's max_len: the spec's, else the 95th percentile of pass 1."""
+    out: dict[str, int] = {}
+    for coll in layout.collections.values():
+        if coll.max_len is None:
+            coll.max_len = percentile_length(stats.features[coll.features[0]].multiplicity)
+        out[coll.name] = coll.max_len
+    return out
+
+
+def normalization(pipeline: Pipeline, layout: Layout,
+                  stats: Stats) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column ``shift`` and ``scale`` so that ``(raw - shift) * scale`` is normalised.
+
+    A jagged branch uses one pair of constants for all its slots (pooled over
+    its elements), so slot 5 of a rarely filled collection is not blown up by
+    a tiny variance. A constant feature keeps scale 1.
+    """
+    shift: list[float] = []
+    scale: list[float] = []
+    for f in layout.features:
+        m = stats.features[f.name].moments
+        if f.normalize == "standard" and m.count:
+            a, b = m.mean, (1.0 / m.std if m.std > 0 else 1.0)
+        elif f.normalize == "minmax" and m.count:
+            span = m.max - m.min
+            a, b = m.min, (1.0 / span if span > 0 else 1.0)
+        else:
+            a, b = 0.0, 1.0
+        width = layout.collections[f.collection].max_len if f.jagged and f.collection else 1
+        assert width is not None
+        shift.extend([a] * width)
+        scale.extend([b] * width)
+    return np.array(shift, dtype=np.float64), np.array(scale, dtype=np.float64)

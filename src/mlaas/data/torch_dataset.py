@@ -1,0 +1,44 @@
+"""The torch face of ``RootDataset``: an ``IterableDataset`` that shards chunks across workers.
+
+Layer: data. Kept apart so that importing ``mlaas.data`` does not import
+torch. Batches are already formed by the dataset, so use
+``DataLoader(ds.torch(), batch_size=None, num_workers=k)``.
+
+Epochs: with ``persistent_workers=True`` each worker advances its own epoch
+counter after every pass; otherwise workers are fresh copies each epoch, so
+call ``set_epoch(e)`` before each epoch (as with ``DistributedSampler``) to
+get a new shuffle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from mlaas.data.loader import RootDataset
+
+__all__ = ["TorchRootDataset"]
+
+
+class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
+    """Every selected event of the split exactly once per epoch, across all workers."""
+
+    def __init__(self, dataset: RootDataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.epoch = dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        self.epoch += 1
+        for batch in self.dataset.iter_epoch(epoch, worker, workers):
+            yield {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -1,0 +1,152 @@
+"""Every public mlaas exception, in one tree.
+
+Each class subclasses the built-in a caller would already catch, so
+``except KeyError`` still works for a missing branch and ``except OSError``
+for an unreachable server::
+
+    MlaasError
+    ├── SpecError(ValueError)            a pipeline spec that does not validate
+    ├── ExpressionError(SpecError)       a bad expression in a spec
+    ├── DataError(ValueError)            the data does not fit the spec
+    │   ├── SourceError(OSError)         a file or server cannot be read
+    │   ├── TreeNotFound(KeyError)
+    │   ├── BranchNotFound(KeyError)
+    │   ├── UnsupportedBranch(TypeError)
+    │   ├── BadValues                    NaN/inf under ``nan: error``
+    │   └── CacheError                   a cache that cannot be built or used
+    ├── BundleError                      (training/export issues)
+    ├── ServeError                       (inference issue)
+    └── PlatformError                    (platform issues)
+
+Messages say what failed first, with the offending value in ``repr``; then
+context lines ``in file <url>``, ``in tree <name>``, ``at spec field <path>``.
+The same context is kept as attributes so an HTTP API can return it as JSON.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "MlaasError",
+    "SpecError",
+    "ExpressionError",
+    "DataError",
+    "SourceError",
+    "TreeNotFound",
+    "BranchNotFound",
+    "UnsupportedBranch",
+    "BadValues",
+    "CacheError",
+    "BundleError",
+    "ServeError",
+    "PlatformError",
+    "close_names",
+]
+
+
+def close_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
+    """The candidates nearest to ``name``, best first, so an error can say 'did you mean'."""
+    pool = list(candidates)
+    near = difflib.get_close_matches(name, pool, n=limit, cutoff=0.5)
+    lowered = [c for c in pool if c.lower() == name.lower() and c not in near]
+    return (lowered + near)[:limit]
+
+
+class MlaasError(Exception):
+    """Base of every mlaas error; carries context attributes for APIs."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        self.message = message
+        self.context = {k: v for k, v in context.items() if v is not None}
+        for key, value in self.context.items():
+            setattr(self, key, value)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        lines = [self.message]
+        labels = {
+            "file_path": "in file",
+            "tree": "in tree",
+            "branch": "in branch",
+            "field_path": "at spec field",
+            "job_id": "for job",
+        }
+        for key, label in labels.items():
+            if key in self.context:
+                lines.append(f"{label} {self.context[key]}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": type(self).__name__, "message": self.message, **self.context}
+
+
+class SpecError(MlaasError, ValueError):
+    """A pipeline spec that does not validate; ``problems`` lists ``(path, message)``."""
+
+    def __init__(
+        self, message: str, problems: list[tuple[str, str]] | None = None, **context: Any
+    ) -> None:
+        self.problems = problems or []
+        super().__init__(message, **context)
+
+    def _render(self) -> str:
+        text = super()._render()
+        if self.problems:
+            text += "".join(f"\n  {path}: {msg}" for path, msg in self.problems)
+        return text
+
+
+class ExpressionError(SpecError):
+    """An expression that does not parse, or names an unknown branch or function."""
+
+
+class DataError(MlaasError, ValueError):
+    """The data does not fit the spec."""
+
+
+class SourceError(DataError, OSError):
+    """A file or server that cannot be opened or read (after retries)."""
+
+
+class TreeNotFound(DataError, KeyError):
+    """The requested TTree is not in the file."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return self._render()
+
+
+class BranchNotFound(DataError, KeyError):
+    """A branch (or derived name) the spec asks for does not exist."""
+
+    def __str__(self) -> str:
+        return self._render()
+
+
+class UnsupportedBranch(DataError, TypeError):
+    """A branch whose type cannot become a numeric feature (strings, nested objects)."""
+
+
+class BadValues(DataError):
+    """NaN or infinite values in a feature while ``data.nan.policy`` is ``error``."""
+
+
+class CacheError(DataError):
+    """A preprocessed-data cache that does not fit or cannot be written."""
+
+
+class BundleError(MlaasError, ValueError):
+    """A model bundle that is corrupt, incomplete or inconsistent."""
+
+
+class ServeError(MlaasError):
+    """Inference service errors."""
+
+
+class PlatformError(MlaasError):
+    """Platform (jobs, queues, storage) errors."""

@@ -1,0 +1,408 @@
+"""The pipeline spec: the one place a pipeline's shape is defined.
+
+Layer: spec. The CLI, the HTTP API and the trainer all call
+:func:`mlaas.spec.load`; pydantic does the validation and every problem is
+reported as one :class:`mlaas.errors.SpecError` listing ``dotted.path: message``.
+Expressions are parsed (never evaluated) here, so a typo in a cut fails at
+load time, before any file is opened. Whether a name is a real branch is
+checked later, against the tree (``mlaas.data.layout``).
+
+This issue defines the ``data`` part; ``model``, ``train`` and ``resources``
+come with later issues. Unknown keys are errors, so typos do not pass silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mlaas import expr
+from mlaas.errors import ExpressionError, SpecError
+
+__all__ = [
+    "Pipeline",
+    "DataSpec",
+    "Source",
+    "JaggedFeature",
+    "SplitSpec",
+    "NormalizeSpec",
+    "NanSpec",
+    "CacheSpec",
+    "RetrySpec",
+    "load",
+    "collection_of",
+    "parse_step_size",
+    "DEFAULT_IDENTIFIERS",
+]
+
+DEFAULT_IDENTIFIERS = ["run", "event", "luminosityBlock"]
+NormalizeKind = Literal["standard", "minmax", "none"]
+_STEP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGT]i?B|B)\s*$")
+_UNITS = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "kiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+def collection_of(name: str) -> str:
+    """The collection a jagged branch belongs to: NanoAOD's prefix before the first ``_``.
+
+    Branches of one collection (``Jet_pt``, ``Jet_eta``) share their
+    multiplicity, so sorting, truncation and the padding mask are decided once
+    per collection and applied to all of its branches alike.
+    """
+    return name.split("_", 1)[0] if "_" in name else name
+
+
+def parse_step_size(value: str | int) -> str | int:
+    """Check a chunk size: an entry count (int) or a memory size such as ``"100 MB"``."""
+    if isinstance(value, bool):
+        raise ValueError("step_size must be a number of entries or a size like '100 MB'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("step_size must be positive")
+        return value
+    m = _STEP_RE.match(value)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(
+            f"step_size {value!r} is not a size; write e.g. '100 MB', '512 MiB' or an entry count"
+        )
+    if float(m.group(1)) * _UNITS[m.group(2)] < 1024:
+        raise ValueError(f"step_size {value!r} is too small (at least 1 kB)")
+    return f"{m.group(1)} {m.group(2)}"
+
+
+def step_size_bytes(value: str | int) -> int | None:
+    """The memory size in bytes, or None when the step is an entry count."""
+    if isinstance(value, int):
+        return None
+    m = _STEP_RE.match(value)
+    assert m is not None
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+class Source(_Model):
+    """One group of files sharing a label (e.g. all signal samples)."""
+
+    files: list[str] = Field(
+        min_length=1,
+        description="Paths, globs, root://host:port//path or https:// URLs, or logical "
+        "names (/store/...) resolved through data.redirector.",
+    )
+    label: float | None = Field(
+        default=None, description="Label of every event of these files (unless data.label)."
+    )
+    name: str | None = Field(default=None, description="Name shown in reports.")
+
+    @field_validator("files")
+    @classmethod
+    def _no_empty(cls, files: list[str]) -> list[str]:
+        for f in files:
+            if not f.strip():
+                raise ValueError("file names must not be empty")
+        return files
+
+
+class JaggedFeature(_Model):
+    """A variable-length collection branch, padded or truncated to a fixed length."""
+
+    branch: str = Field(description="Jagged branch or derived name, e.g. Jet_pt.")
+    max_len: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Slots kept per event; default: the 95th percentile of the "
+        "collection's multiplicity seen in pass 1.",
+    )
+    pad: float = Field(default=0.0, description="Raw value written into empty slots.")
+    sort_by: str | None = Field(
+        default=None,
+        description="Branch of the same collection to sort by, descending, before "
+        "truncation; applies to the whole collection.",
+    )
+
+
+Feature = Union[str, JaggedFeature]
+
+
+class NormalizeSpec(_Model):
+    """How features are scaled; constants come from pass 1 over the whole selection."""
+
+    default: NormalizeKind = Field(default="standard", description="standard, minmax or none.")
+    per_feature: dict[str, NormalizeKind] = Field(
+        default_factory=dict, description="Feature (or jagged branch) name -> method."
+    )
+
+
+class SplitSpec(_Model):
+    """Deterministic train/validation/test split by a hash of (file name, entry, seed)."""
+
+    validation: float = Field(default=0.2, ge=0.0, lt=1.0)
+    test: float = Field(default=0.1, ge=0.0, lt=1.0)
+    seed: int = Field(default=42)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitSpec:
+        if self.validation + self.test >= 1.0:
+            raise ValueError("validation + test must leave events for training (sum < 1)")
+        return self
+
+
+class NanSpec(_Model):
+    """What to do with NaN or infinite feature values: fail (default) or replace."""
+
+    policy: Literal["error", "replace"] = Field(default="error")
+    value: float = Field(default=0.0, description="Replacement under policy: replace.")
+
+
+class CacheSpec(_Model):
+    """Keep preprocessed float32 arrays after the first epoch."""
+
+    kind: Literal["none", "memory", "disk"] = "none"
+    path: str | None = Field(default=None, description="Directory for kind: disk.")
+    max_bytes: int | None = Field(
+        default=None, ge=1, description="Refuse a cache larger than this (default: what fits)."
+    )
+
+    @model_validator(mode="after")
+    def _path(self) -> CacheSpec:
+        if self.kind == "disk" and not self.path:
+            raise ValueError("a disk cache needs a directory: cache: {disk: DIR}")
+        return self
+
+
+class RetrySpec(_Model):
+    """Bounded retries with exponential backoff for transient read failures."""
+
+    attempts: int = Field(default=3, ge=1, le=20)
+    backoff: float = Field(default=0.5, ge=0.0, le=60.0, description="First wait, seconds.")
+    timeout: float = Field(default=30.0, gt=0.0, description="Per-request timeout, seconds.")
+
+
+class DataSpec(_Model):
+    """Where the events come from and how they become ML-ready arrays."""
+
+    tree: str | None = Field(default=None, description="TTree name; default: the only tree.")
+    redirector: str | None = Field(
+        default=None, description="root://host:port prefix for logical names like /store/..."
+    )
+    sources: list[Source] = Field(min_length=1)
+    label: str | None = Field(
+        default=None, description="Expression giving the label (instead of per-source labels)."
+    )
+    features: list[Feature] | Literal["all"] = Field(
+        description="Branch names, expressions, {branch, max_len, pad, sort_by} for jagged "
+        "branches, or 'all'."
+    )
+    exclude: list[str] = Field(default_factory=list, description="Names left out of 'all'.")
+    identifiers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IDENTIFIERS),
+        description="Event identifiers, never features under 'all'.",
+    )
+    derived: dict[str, str] = Field(
+        default_factory=dict, description="New names defined by expressions, in order."
+    )
+    cut: str | None = Field(default=None, description="Boolean expression applied first.")
+    weight: str | None = Field(default=None, description="Event weight branch or expression.")
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    step_size: str | int = Field(default="100 MB", description="Chunk size: bytes or entries.")
+    balance: Literal["proportional", "equal"] = Field(default="proportional")
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    nan: NanSpec = Field(default_factory=NanSpec)
+    max_events: int | None = Field(
+        default=None, ge=1, description="Read at most this many entries per source."
+    )
+    retries: RetrySpec = Field(default_factory=RetrySpec)
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_short(cls, value: Any) -> Any:
+        return {"default": value} if isinstance(value, str) else value
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_short(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"kind": value}
+        if isinstance(value, dict) and "disk" in value:
+            rest = {k: v for k, v in value.items() if k != "disk"}
+            return {"kind": "disk", "path": value["disk"], **rest}
+        return value
+
+    @field_validator("step_size")
+    @classmethod
+    def _step(cls, value: str | int) -> str | int:
+        return parse_step_size(value)
+
+    @field_validator("redirector")
+    @classmethod
+    def _redirector(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("root://"):
+            raise ValueError(f"redirector {value!r} must start with root://")
+        return value.rstrip("/") if value else value
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, value: list[Feature] | str) -> list[Feature] | str:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("at least one feature is needed (or 'all')")
+            names = [f if isinstance(f, str) else f.branch for f in value]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"features listed twice: {', '.join(dup)}")
+        return value
+
+    @model_validator(mode="after")
+    def _labels(self) -> DataSpec:
+        labelled = [s.label is not None for s in self.sources]
+        if self.label is not None and any(labelled):
+            raise ValueError("give either data.label or a label per source, not both")
+        if self.label is None and not all(labelled):
+            missing = [str(i) for i, has in enumerate(labelled) if not has]
+            raise ValueError(
+                f"sources {', '.join(missing)} have no label; give each source a label "
+                "or an expression in data.label"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _collections(self) -> DataSpec:
+        """Jagged features of one collection must agree on length and sort key."""
+        if not isinstance(self.features, list):
+            return self
+        seen: dict[str, JaggedFeature] = {}
+        for f in self.features:
+            if not isinstance(f, JaggedFeature):
+                continue
+            coll = collection_of(f.branch)
+            first = seen.setdefault(coll, f)
+            for attr in ("max_len", "sort_by"):
+                a, b = getattr(first, attr), getattr(f, attr)
+                if a is not None and b is not None and a != b:
+                    raise ValueError(
+                        f"{attr} differs within collection {coll!r}: {first.branch} has {a!r}, "
+                        f"{f.branch} has {b!r}; one collection is padded and sorted as one"
+                    )
+        return self
+
+
+class Pipeline(_Model):
+    """One pipeline: data now; model, train and resources in later versions."""
+
+    version: Literal[1] = 1
+    name: str | None = Field(default=None, description="A name for reports and the registry.")
+    data: DataSpec
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory that relative file names in the spec are relative to."""
+        return self._base_dir
+
+    def expressions(self) -> dict[str, str]:
+        """Every expression in the spec, keyed by its field path."""
+        d = self.data
+        out: dict[str, str] = {f"data.derived.{k}": v for k, v in d.derived.items()}
+        for key in ("cut", "weight", "label"):
+            if getattr(d, key) is not None:
+                out[f"data.{key}"] = getattr(d, key)
+        if isinstance(d.features, list):
+            for i, f in enumerate(d.features):
+                if isinstance(f, str):
+                    out[f"data.features[{i}]"] = f
+        return out
+
+    def digest(self) -> str:
+        """A stable hash of the spec's content, for caches and provenance."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _path_of(loc: tuple[Any, ...]) -> str:
+    """pydantic's location tuple as ``data.sources[0].files``, without union tags."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(item, str) and (
+            item in {"str", "int", "float", "JaggedFeature", "list[union[str,JaggedFeature]]"}
+            or item.startswith(("function-", "literal[", "list[", "union["))
+        ):
+            continue
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts)
+
+
+def _check_expressions(pipeline: Pipeline) -> None:
+    problems: list[tuple[str, str]] = []
+    for path, source in pipeline.expressions().items():
+        try:
+            expr.parse(source, field_path=path)
+        except ExpressionError as exc:
+            problems.append((path, exc.message))
+    if problems:
+        raise SpecError("invalid expressions in the pipeline spec", problems)
+
+
+def _read_text(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {str(path)!r}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"spec file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {str(path)!r} must hold a mapping at the top, not {type(data).__name__}")
+    return data
+
+
+def load(source: str | os.PathLike[str] | dict[str, Any] | Pipeline,
+         *, base_dir: str | os.PathLike[str] | None = None) -> Pipeline:
+    """Load and validate a pipeline spec.
+
+    Args:
+        source (str, PathLike, dict or Pipeline): a YAML or JSON file, or the
+            already-parsed mapping.
+        base_dir (str or PathLike): directory relative file names are resolved
+            against; default: the spec file's directory (or the current one).
+
+    Raises :class:`mlaas.errors.SpecError` listing every problem by field path.
+    """
+    if isinstance(source, Pipeline):
+        return source
+    if isinstance(source, dict):
+        raw, origin = source, Path(base_dir or Path.cwd())
+    else:
+        path = Path(source)
+        raw, origin = _read_text(path), Path(base_dir or path.resolve().parent)
+    try:
+        pipeline = Pipeline.model_validate(raw)
+    except ValidationError as exc:
+        problems = [(_path_of(e["loc"]) or "(top)", e["msg"]) for e in exc.errors()]
+        raise SpecError("invalid pipeline spec", problems) from None
+    _check_expressions(pipeline)
+    pipeline._base_dir = origin.resolve()
+    return pipeline

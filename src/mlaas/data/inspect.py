@@ -36,7 +36,7 @@ def inspect_file(url: str, tree: str | None = None, sample: int = SAMPLE,
         sample (int): entries read to measure jagged multiplicities.
     """
     retry = retry or RetrySpec()
-    file = sources.with_retries(url, lambda: sources.uproot.open(url, timeout=retry.timeout), retry)
+    file = sources.with_retries(url, lambda: sources.open_file(url, retry), retry)
     names = [tree] if tree else sources.trees_in(file)
     out: dict[str, Any] = {"file": url, "compression": _compression(file), "trees": {}}
     for name in names:

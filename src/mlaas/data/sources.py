@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import time
 import zlib
@@ -160,8 +161,17 @@ def with_retries(url: str, action: Callable[[], T], retry: RetrySpec,
     raise AssertionError("unreachable")
 
 
-def _open(url: str, retry: RetrySpec) -> Any:
-    return uproot.open(url, timeout=retry.timeout)
+def open_file(url: str, retry: RetrySpec) -> Any:
+    """uproot.open with the per-request timeout (XRootD wants whole seconds).
+
+    ``root://`` goes through uproot's own XRootD source: the fsspec route
+    passes numpy integers as read offsets, which the XRootD bindings reject
+    (seen with uproot 5.7 and fsspec-xrootd 0.5 in ``num_entries_for``).
+    """
+    options: dict[str, Any] = {"timeout": max(1, math.ceil(retry.timeout))}
+    if url.startswith("root://"):
+        options["handler"] = uproot.source.xrootd.XRootDSource
+    return uproot.open(url, **options)
 
 
 def trees_in(file: Any) -> list[str]:
@@ -173,7 +183,7 @@ def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any
     retry = retry or RetrySpec()
 
     def action() -> Any:
-        file = _open(url, retry)
+        file = open_file(url, retry)
         names = trees_in(file)
         if tree is None:
             if len(names) != 1:

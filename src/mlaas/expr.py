@@ -1,0 +1,389 @@
+"""Restricted expressions over event data: cuts, derived features, weights.
+
+Spec layer: :func:`parse` turns the text of a spec field (``data.cut``,
+``data.derived.*``, ``data.weight``) into an :class:`Expression` and reports
+every problem as :class:`~mlaas.errors.ExpressionError`. Data layer:
+:meth:`Expression.evaluate` runs it, vectorised with numpy/awkward, on one
+chunk of arrays (name -> array with one entry per event, flat or jagged).
+
+The text is parsed with Python's ``ast`` and only the constructs below are
+accepted; nothing is ever passed to ``eval``. Grammar::
+
+    literal     1   2.5   1e3   True   False
+    name        MET_pt  Jet_pt  nMuon          (letters, digits, underscore)
+    arithmetic  a + b   a - b   a * b   a / b   a // b   a % b   a ** b   -a  +a
+    comparison  <  <=  >  >=  ==  !=           chained: 0 < x < 5 == (0 < x) & (x < 5)
+    logic       a & b   a | b   ~a             elementwise; same as: a and b, a or b, not a
+    call        f(a, ...)                      only the functions in the table below
+
+Logic operators work elementwise on booleans (non-zero numbers count as true);
+``and``/``or``/``not`` are accepted as spellings of ``&``/``|``/``~``, never
+short-circuit. Booleans in arithmetic count as 0/1 and ``**`` always gives
+float64 (so ``n ** -1`` works). Division by zero gives inf/nan silently; the
+data layer counts those. Precedence is Python's (and numpy's): ``&`` and ``|``
+bind tighter than comparisons, so ``a > 1 & b < 2`` means ``a > (1 & b) < 2``.
+Always parenthesise: ``(a > 1) & (b < 2)``.
+
+Elementwise functions (numpy ufuncs; jagged inputs stay jagged, and a flat
+value broadcasts into each event's list, e.g. ``Jet_px - MET_px``)::
+
+    abs sqrt exp log log10 sin cos tan arcsin arccos arctan sinh cosh tanh
+    floor ceil sign isnan isfinite               one argument
+    arctan2(y, x)  hypot(a, b)  minimum(a, b)  maximum(a, b)
+    where(cond, a, b)                            a where cond is true, else b
+
+Reductions over the innermost list of a jagged collection, one value per event
+(a flat argument is an error)::
+
+    sum(x)     0 for an empty list; sum(Jet_pt > 30) counts the true ones
+    count(x)   number of elements, true or not: count(Jet_pt > 30) == count(Jet_pt)
+    any(x)     False for an empty list        all(x)   True for an empty list
+    mean(x)  max(x)  min(x)                   NaN for an empty list, or
+    mean(x, d)  max(x, d)  min(x, d)          d for an empty list, e.g. max(Jet_pt, 0)
+
+An expression without names (``2 * 3``) evaluates to a scalar; callers
+broadcast it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import keyword
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import awkward as ak
+import numpy as np
+
+from mlaas.errors import ExpressionError, close_names
+
+__all__ = ["ELEMENTWISE", "FUNCTIONS", "REDUCTIONS", "Expression", "is_identifier", "parse"]
+
+Evaluator = Callable[[Mapping[str, Any]], Any]
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _where(cond: Any, a: Any, b: Any) -> Any:
+    """Numpy-style where; awkward's own ak.where would not broadcast a flat cond into lists."""
+    if not any(isinstance(v, ak.Array) for v in (cond, a, b)):
+        result = np.where(cond, a, b)
+        return result[()] if result.ndim == 0 else result
+    if not isinstance(cond, ak.Array) and np.ndim(cond) == 0:
+        return a if cond else b
+    return ak.where(*ak.broadcast_arrays(cond, a, b))
+
+
+def _numeric(x: Any) -> Any:
+    """Booleans count as 0/1 in arithmetic, as in Python; numpy would make True + True True."""
+    if isinstance(x, (bool, np.bool_)):
+        return int(x)
+    if isinstance(x, np.ndarray) and x.dtype == np.bool_:
+        return x.astype(np.int64)
+    if isinstance(x, ak.Array) and _primitive(x) == "bool":
+        return ak.values_astype(x, np.int64)
+    return x
+
+
+def _arithmetic(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    return lambda a, b: ufunc(_numeric(a), _numeric(b))
+
+
+_ELEMENTWISE: dict[str, tuple[Callable[..., Any], int]] = {
+    **{name: (getattr(np, name), 1) for name in (
+        "sqrt exp log log10 sin cos tan arcsin arccos arctan sinh cosh tanh "
+        "floor ceil sign isnan isfinite").split()},
+    "abs": (np.absolute, 1),
+    **{name: (getattr(np, name), 2) for name in ("arctan2", "hypot", "minimum", "maximum")},
+    "where": (_where, 3),
+}
+# name -> (reducer, value for an empty list or None when that is the optional 2nd argument)
+_REDUCTIONS: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "sum": (lambda x: ak.sum(_numeric(x), axis=-1), 0),
+    "count": (lambda x: ak.num(x, axis=-1), 0),
+    "any": (lambda x: ak.any(x, axis=-1), False),
+    "all": (lambda x: ak.all(x, axis=-1), True),
+    "mean": (lambda x: ak.mean(_numeric(x), axis=-1), None),
+    "max": (lambda x: ak.max(_numeric(x), axis=-1), None),
+    "min": (lambda x: ak.min(_numeric(x), axis=-1), None),
+}
+ELEMENTWISE: frozenset[str] = frozenset(_ELEMENTWISE)
+REDUCTIONS: frozenset[str] = frozenset(_REDUCTIONS)
+FUNCTIONS: frozenset[str] = ELEMENTWISE | REDUCTIONS
+_ARITY: dict[str, tuple[int, int]] = {
+    **{name: (n, n) for name, (_, n) in _ELEMENTWISE.items()},
+    **{name: (1, 1 if empty is not None else 2) for name, (_, empty) in _REDUCTIONS.items()},
+}
+
+_BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    **{op: _arithmetic(ufunc) for op, ufunc in (
+        (ast.Add, np.add), (ast.Sub, np.subtract), (ast.Mult, np.multiply),
+        (ast.Div, np.true_divide), (ast.FloorDiv, np.floor_divide), (ast.Mod, np.mod),
+        (ast.Pow, np.float_power))},
+    ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or,
+}
+_UNARY: dict[type, Callable[[Any], Any]] = {
+    ast.USub: lambda a: np.negative(_numeric(a)), ast.UAdd: lambda a: np.positive(_numeric(a)),
+    ast.Invert: np.logical_not, ast.Not: np.logical_not,
+}
+_COMPARE: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Lt: np.less, ast.LtE: np.less_equal, ast.Gt: np.greater,
+    ast.GtE: np.greater_equal, ast.Eq: np.equal, ast.NotEq: np.not_equal,
+}
+_BOOL: dict[type, Callable[[Any, Any], Any]] = {ast.And: np.logical_and, ast.Or: np.logical_or}
+
+_DISALLOWED: dict[type, str] = {
+    ast.Attribute: "attribute access", ast.Subscript: "a subscript (indexing)",
+    ast.Slice: "a slice", ast.Lambda: "lambda", ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension", ast.DictComp: "a comprehension",
+    ast.GeneratorExp: "a generator expression",
+    ast.IfExp: "a conditional expression ('a if cond else b'; use where(cond, a, b))",
+    ast.NamedExpr: "an assignment expression (':=')", ast.List: "a list literal",
+    ast.Tuple: "a tuple", ast.Set: "a set literal", ast.Dict: "a dict literal",
+    ast.Starred: "a starred argument", ast.JoinedStr: "an f-string", ast.Await: "await",
+    ast.Yield: "yield", ast.YieldFrom: "yield", ast.BitXor: "operator '^' (use !=)",
+    ast.LShift: "operator '<<'", ast.RShift: "operator '>>'", ast.MatMult: "operator '@'",
+    ast.Is: "an 'is' comparison (use ==)", ast.IsNot: "an 'is not' comparison (use !=)",
+    ast.In: "an 'in' membership test", ast.NotIn: "a 'not in' membership test",
+    ast.keyword: "a keyword argument",
+}
+_LITERALS = {str: "a string literal", bytes: "a bytes literal", complex: "a complex number"}
+
+
+def _primitive(x: ak.Array) -> str | None:
+    kind = x.type.content
+    while hasattr(kind, "content"):
+        kind = kind.content
+    return getattr(kind, "primitive", None)
+
+
+def _is_jagged(x: Any) -> bool:
+    return isinstance(x, (ak.Array, np.ndarray)) and x.ndim >= 2
+
+
+def _listing(names: Iterable[str], limit: int = 20) -> str:
+    """Long branch lists would drown the message; show the first few."""
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:limit])
+    more = len(ordered) - limit
+    return shown + (f", ... ({more} more)" if more > 0 else "") if ordered else "(none)"
+
+
+def _suggest(name: str, candidates: Iterable[str]) -> str:
+    near = close_names(name, candidates)
+    return f"did you mean {' or '.join(map(repr, near))}?" if near else ""
+
+
+def _unknown_names(unknown: Iterable[str], available: Iterable[str], source: str) -> str:
+    pool = sorted(set(available))
+    missing = sorted(unknown)
+    if len(missing) == 1:
+        hint = _suggest(missing[0], pool)
+        head = f"unknown name {missing[0]!r} in expression {source!r};{' ' + hint if hint else ''}"
+    else:
+        parts = [f"{n!r}" + (f" ({hint})" if (hint := _suggest(n, pool)) else "") for n in missing]
+        head = f"unknown names {', '.join(parts)} in expression {source!r};"
+    return f"{head} available names: {_listing(pool)}"
+
+
+class Expression:
+    """A parsed expression: checked once against the spec, then evaluated on every chunk."""
+
+    def __init__(self, source: str, run: Evaluator, names: Iterable[str],
+                 functions: Iterable[str], field_path: str | None) -> None:
+        self.source = source
+        self.names = frozenset(names)
+        self.functions = frozenset(functions)
+        self.field_path = field_path
+        self._run = run
+
+    def __repr__(self) -> str:
+        return f"Expression({self.source!r})"
+
+    def evaluate(self, arrays: Mapping[str, Any]) -> Any:
+        """One value per event (jagged stays jagged); NaN/inf are left for the data layer."""
+        with np.errstate(all="ignore"):
+            try:
+                return self._run(arrays)
+            except ExpressionError:
+                raise
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise ExpressionError(
+                    f"cannot evaluate expression {self.source!r}: {exc}",
+                    field_path=self.field_path) from exc
+
+    def check_names(self, available: Iterable[str], *, field_path: str | None = None) -> None:
+        """Fail at spec time, before any data is read, on a misspelled branch."""
+        pool = set(available)
+        unknown = self.names - pool
+        if unknown:
+            raise ExpressionError(_unknown_names(unknown, pool, self.source),
+                                  field_path=field_path or self.field_path)
+
+
+def is_identifier(source: str) -> bool:
+    """A bare branch name can be read directly, without evaluating anything."""
+    if not isinstance(source, str):
+        return False
+    text = source.strip()
+    return bool(_NAME.fullmatch(text)) and not keyword.iskeyword(text)
+
+
+def parse(source: str, *, field_path: str | None = None) -> Expression:
+    """Validate once at spec time so that evaluation cannot fail on syntax mid-job."""
+    if not isinstance(source, str):
+        raise ExpressionError(f"an expression must be a string, got {source!r}",
+                              field_path=field_path)
+    compiler = _Compiler(source, field_path)
+    try:
+        run = compiler.compile(compiler.tree())
+    except (RecursionError, MemoryError):  # the parser reports deep nesting as MemoryError
+        raise compiler.error(f"expression {source!r} is nested too deeply") from None
+    return Expression(source, run, compiler.names, compiler.functions, field_path)
+
+
+class _Compiler:
+    """Turns the whitelisted AST into nested closures; anything not whitelisted is an error."""
+
+    def __init__(self, source: str, field_path: str | None) -> None:
+        self.source = source
+        self.field_path = field_path
+        self.indent = len(source) - len(source.lstrip())
+        self.names: set[str] = set()
+        self.functions: set[str] = set()
+
+    def error(self, message: str) -> ExpressionError:
+        return ExpressionError(message, field_path=self.field_path)
+
+    def tree(self) -> ast.expr:
+        text = self.source.strip()
+        try:
+            return ast.parse(text, mode="eval").body
+        except SyntaxError as exc:
+            line, column = exc.lineno or 1, (exc.offset or 1) - 1
+            first = self.source.partition("\n")[0]
+            caret = f"\n  {first}\n  {' ' * (column + self.indent)}^" if line == 1 else ""
+            raise self.error(f"invalid syntax in expression {self.source!r} at "
+                             f"{self.position(line, column)}: {exc.msg}{caret}") from None
+
+    def position(self, line: int, column: int) -> str:
+        """1-based column in the original text (parsing drops leading blanks)."""
+        if line > 1:
+            return f"line {line}, column {column + 1}"
+        return f"column {column + 1 + self.indent}"
+
+    def text(self, node: ast.AST) -> str:
+        return ast.get_source_segment(self.source.strip(), node) or type(node).__name__
+
+    def not_allowed(self, node: ast.AST, what: str | None = None) -> ExpressionError:
+        what = what or _DISALLOWED.get(type(node), f"{type(node).__name__} syntax")
+        where = self.position(getattr(node, "lineno", 1), getattr(node, "col_offset", 0))
+        return self.error(f"{what} is not allowed: {self.text(node)!r} at {where} "
+                          f"in expression {self.source!r}")
+
+    def compile(self, node: ast.AST) -> Evaluator:
+        handler = getattr(self, f"_{type(node).__name__}", None)
+        if handler is None:
+            raise self.not_allowed(node)
+        return handler(node)
+
+    def _Constant(self, node: ast.Constant) -> Evaluator:
+        value = node.value
+        if not isinstance(value, (bool, int, float)):
+            raise self.not_allowed(node, _LITERALS.get(type(value), f"the constant {value!r}"))
+        return lambda arrays: value
+
+    def _Name(self, node: ast.Name) -> Evaluator:
+        name = node.id
+        if not _NAME.fullmatch(name):
+            raise self.not_allowed(node, "a name with characters other than [A-Za-z0-9_]")
+        self.names.add(name)
+
+        def lookup(arrays: Mapping[str, Any]) -> Any:
+            try:
+                return arrays[name]
+            except (KeyError, IndexError):  # an awkward record array raises IndexError
+                keys = arrays.fields if isinstance(arrays, ak.Array) else arrays.keys()
+                raise self.error(_unknown_names([name], keys, self.source)) from None
+        return lookup
+
+    def _BinOp(self, node: ast.BinOp) -> Evaluator:
+        op = self.operator(node.op, _BINARY, node)
+        left, right = self.compile(node.left), self.compile(node.right)
+        return lambda arrays: op(left(arrays), right(arrays))
+
+    def _UnaryOp(self, node: ast.UnaryOp) -> Evaluator:
+        op = self.operator(node.op, _UNARY, node)
+        operand = self.compile(node.operand)
+        return lambda arrays: op(operand(arrays))
+
+    def _BoolOp(self, node: ast.BoolOp) -> Evaluator:
+        op = self.operator(node.op, _BOOL, node)
+        values = [self.compile(v) for v in node.values]
+        return lambda arrays: functools.reduce(op, [v(arrays) for v in values])
+
+    def _Compare(self, node: ast.Compare) -> Evaluator:
+        ops = [self.operator(op, _COMPARE, node) for op in node.ops]
+        operands = [self.compile(v) for v in [node.left, *node.comparators]]
+
+        def compare(arrays: Mapping[str, Any]) -> Any:
+            values = [v(arrays) for v in operands]
+            pairs = [op(a, b) for op, a, b in zip(ops, values, values[1:])]
+            return functools.reduce(np.logical_and, pairs)
+        return compare
+
+    def operator(self, op: ast.AST, table: dict[type, Any], node: ast.AST) -> Any:
+        if type(op) not in table:
+            raise self.not_allowed(node, _DISALLOWED.get(type(op), type(op).__name__))
+        return table[type(op)]
+
+    def _Call(self, node: ast.Call) -> Evaluator:
+        if isinstance(node.func, ast.Attribute):
+            raise self.not_allowed(node.func)
+        if not isinstance(node.func, ast.Name):
+            raise self.not_allowed(node, "calling anything but a function name")
+        if node.keywords:
+            raise self.not_allowed(node.keywords[0])
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                raise self.not_allowed(arg)
+        name = node.func.id
+        if name not in FUNCTIONS:
+            hint = _suggest(name, FUNCTIONS)
+            raise self.error(f"unknown function {name!r} in expression {self.source!r};"
+                             f"{' ' + hint if hint else ''} available functions: "
+                             f"{', '.join(sorted(FUNCTIONS))}")
+        self.check_arity(name, node)
+        self.functions.add(name)
+        args = [self.compile(a) for a in node.args]
+        if name in _ELEMENTWISE:
+            func = _ELEMENTWISE[name][0]
+            return lambda arrays: func(*(a(arrays) for a in args))
+        return self.reduction(name, args, self.text(node.args[0]))
+
+    def check_arity(self, name: str, node: ast.Call) -> None:
+        low, high = _ARITY[name]
+        got = len(node.args)
+        if not low <= got <= high:
+            want = str(low) if low == high else f"{low} or {high}"
+            plural = "" if want == "1" else "s"
+            raise self.error(f"function {name!r} takes {want} argument{plural}, got {got} "
+                             f"in expression {self.source!r}")
+
+    def reduction(self, name: str, args: list[Evaluator], arg_text: str) -> Evaluator:
+        reducer, empty = _REDUCTIONS[name]
+
+        def reduce(arrays: Mapping[str, Any]) -> Any:
+            x = args[0](arrays)
+            if not _is_jagged(x):
+                raise self.error(
+                    f"{name}() needs a jagged collection (a list per event) but {arg_text!r} "
+                    f"is flat (one value per event) in expression {self.source!r}")
+            if empty is not None:
+                return ak.fill_none(reducer(x), empty)
+            default = args[1](arrays) if len(args) > 1 else np.nan
+            is_empty = ak.fill_none(ak.num(x, axis=-1) == 0, True)
+            return ak.fill_none(ak.where(is_empty, default, reducer(x)), 0)
+        return reduce

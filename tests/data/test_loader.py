@@ -1,0 +1,295 @@
+"""RootDataset against an independent in-memory computation with awkward.
+
+The reference side reads each whole file with uproot and pads with
+``ak.pad_none`` / ``ak.fill_none`` and sorts with ``ak.argsort``: a different
+route from the loader's numpy offsets, so agreement means something.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import torch
+import uproot
+from torch.utils.data import DataLoader
+
+from mlaas.data import RootDataset, synth
+from mlaas.data.transform import Columns
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+HZZ = str(FILES / "uproot-HZZ.root")
+ZMUMU = str(FILES / "uproot-Zmumu.root")
+
+
+def collect(ds: RootDataset, epoch: int = 0) -> Columns:
+    """All batches of one epoch, sorted by (file, entry) so they compare to a reference."""
+    parts = [Columns(**b) for b in ds.iter_epoch(epoch)]
+    cols = Columns.concat(parts)
+    order = np.lexsort((cols.entry, cols.file))
+    return cols.take(order)
+
+
+def padded(arr: ak.Array, length: int, pad: float) -> tuple[np.ndarray, np.ndarray]:
+    filled = ak.fill_none(ak.pad_none(arr, length, clip=True), pad)
+    mask = ak.fill_none(ak.pad_none(ak.ones_like(arr), length, clip=True), 0)
+    return ak.to_numpy(filled).astype(np.float64), ak.to_numpy(mask).astype(np.float32)
+
+
+def standard(values: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    return (values - pooled.mean()) / pooled.std()
+
+
+HZZ_SPEC = {
+    "data": {
+        "sources": [{"files": [HZZ]}],
+        "label": "triggerIsoMu24",
+        "weight": "EventWeight",
+        "derived": {"Muon_pt": "sqrt(Muon_Px**2 + Muon_Py**2)", "nGoodJet": "sum(Jet_ID)"},
+        "cut": "(NMuon >= 1) & (MET_px > -100)",
+        "features": [
+            "MET_px",
+            "NPrimaryVertices",
+            "nGoodJet",
+            "hypot(MET_px, MET_py)",
+            {"branch": "Muon_pt", "max_len": 3, "pad": -1.0, "sort_by": "Muon_pt"},
+            {"branch": "Muon_Charge", "max_len": 3},
+            {"branch": "Jet_ID", "max_len": 4, "pad": 0.0},
+        ],
+        "normalize": {"default": "standard", "per_feature": {"NPrimaryVertices": "minmax",
+                                                            "Jet_ID": "none"}},
+        "step_size": 500,
+    }
+}
+
+
+def test_hzz_matches_awkward_reference() -> None:
+    ds = RootDataset(HZZ_SPEC, split="all", batch_size=128, shuffle=False)
+    got = collect(ds)
+
+    a = uproot.open(HZZ)["events"].arrays(library="ak")
+    keep = ak.to_numpy((a.NMuon >= 1) & (a.MET_px > -100))
+    a = a[keep]
+    muon_pt = np.sqrt(a.Muon_Px**2 + a.Muon_Py**2)
+    order = ak.argsort(muon_pt, axis=1, ascending=False)
+    met = ak.to_numpy(a.MET_px).astype(np.float64)
+    npv = ak.to_numpy(a.NPrimaryVertices).astype(np.float64)
+    ngood = ak.to_numpy(ak.sum(a.Jet_ID, axis=1)).astype(np.float64)
+    met_t = np.hypot(ak.to_numpy(a.MET_px), ak.to_numpy(a.MET_py)).astype(np.float64)
+    mu_pt, mu_mask = padded(muon_pt[order], 3, -1.0)
+    mu_q, _ = padded(a.Muon_Charge[order], 3, 0.0)
+    jet_id, jet_mask = padded(a.Jet_ID, 4, 0.0)
+    flat_mu_pt = ak.to_numpy(ak.flatten(muon_pt)).astype(np.float64)
+    flat_mu_q = ak.to_numpy(ak.flatten(a.Muon_Charge)).astype(np.float64)
+    want_x = np.column_stack([
+        standard(met, met),
+        (npv - npv.min()) / (npv.max() - npv.min()),
+        standard(ngood, ngood),
+        standard(met_t, met_t),
+        standard(mu_pt, flat_mu_pt),
+        standard(mu_q, flat_mu_q),
+        jet_id,
+    ])
+
+    assert ds.feature_names[:4] == ["MET_px", "NPrimaryVertices", "nGoodJet",
+                                    "hypot(MET_px, MET_py)"]
+    assert ds.feature_names[4:7] == ["Muon_pt_0", "Muon_pt_1", "Muon_pt_2"]
+    assert ds.mask_names == ["Muon_0", "Muon_1", "Muon_2", "Jet_0", "Jet_1", "Jet_2", "Jet_3"]
+    np.testing.assert_array_equal(got.entry, np.flatnonzero(keep))
+    np.testing.assert_allclose(got.x, want_x, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(got.mask, np.column_stack([mu_mask, jet_mask]))
+    np.testing.assert_array_equal(got.y, ak.to_numpy(a.triggerIsoMu24).astype(np.float32))
+    np.testing.assert_array_equal(got.w, ak.to_numpy(a.EventWeight).astype(np.float32))
+    assert got.x.dtype == np.float32 and got.mask.dtype == np.float32
+
+
+def test_zmumu_float64_regression_label() -> None:
+    spec = {"data": {
+        "sources": [{"files": [ZMUMU]}],
+        "label": "M",
+        "identifiers": ["Run", "Event"],
+        "features": ["px1", "py1", "E1", "E2"],
+        "normalize": {"default": "minmax", "per_feature": {"E2": "none"}},
+        "step_size": 700,
+    }}
+    ds = RootDataset(spec, split="all", shuffle=False)
+    got = collect(ds)
+    a = uproot.open(ZMUMU)["events"].arrays(["px1", "py1", "E1", "E2", "M"], library="np")
+    for i, name in enumerate(["px1", "py1", "E1"]):
+        v = a[name]
+        np.testing.assert_allclose(got.x[:, i], (v - v.min()) / (v.max() - v.min()), rtol=1e-5,
+                                   atol=1e-6)
+    np.testing.assert_allclose(got.x[:, 3], a["E2"], rtol=1e-6)
+    np.testing.assert_allclose(got.y, a["M"].astype(np.float32))
+    assert got.mask.shape == (2304, 0)
+
+
+@pytest.fixture(scope="module")
+def synth_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate(out, 6000, seed=3)
+    return out
+
+
+def synth_spec(directory: Path, **extra: object) -> dict:
+    data = {
+        "sources": [
+            {"name": "signal", "files": [str(directory / "signal.root")], "label": 1},
+            {"name": "background", "files": [str(directory / "background.root")], "label": 0},
+        ],
+        "features": ["MET_pt", {"branch": "Jet_pt", "sort_by": "Jet_pt"},
+                     {"branch": "Jet_eta"}, {"branch": "Muon_pt", "max_len": 2}],
+        "step_size": 1500,
+    }
+    data.update(extra)
+    return {"data": data}
+
+
+def test_default_max_len_is_95th_percentile_and_sorting_applies_to_collection(synth_pair: Path) -> None:
+    ds = RootDataset(synth_spec(synth_pair), split="all", shuffle=False)
+    counts = np.concatenate([
+        ak.to_numpy(ak.num(uproot.open(synth_pair / f)["Events"]["Jet_pt"].array(), axis=1))
+        for f in ("signal.root", "background.root")
+    ])
+    want = int(np.quantile(counts, 0.95, method="inverted_cdf"))
+    assert ds.stats.max_len["Jet"] == want
+    assert want < counts.max()  # the percentile, not the maximum
+
+    got = collect(ds)
+    t = uproot.open(synth_pair / "signal.root")["Events"].arrays(["Jet_pt", "Jet_eta"])
+    order = ak.argsort(t.Jet_pt, axis=1, ascending=False)
+    eta, _ = padded(t.Jet_eta[order], want, 0.0)
+    flat_eta = np.concatenate([
+        ak.to_numpy(ak.flatten(uproot.open(synth_pair / f)["Events"]["Jet_eta"].array()))
+        for f in ("signal.root", "background.root")
+    ]).astype(np.float64)
+    sig = got.file == 0
+    cols = [ds.feature_names.index(f"Jet_eta_{i}") for i in range(want)]
+    np.testing.assert_allclose(got.x[sig][:, cols], standard(eta, flat_eta), rtol=2e-5,
+                               atol=2e-5)
+    pt_cols = [ds.feature_names.index(f"Jet_pt_{i}") for i in range(want)]
+    pts = got.x[:, pt_cols]
+    real = got.mask[:, : want].astype(bool)
+    assert np.all(np.diff(np.where(real, pts, -1e30), axis=1) <= 0)  # descending
+
+
+def test_splits_are_disjoint_complete_and_independent_of_chunking(synth_pair: Path) -> None:
+    seen = {}
+    for step in (1500, 4000):
+        for split in ("train", "validation", "test"):
+            cols = collect(RootDataset(synth_spec(synth_pair, step_size=step), split=split,
+                                       shuffle=True))
+            seen[(step, split)] = set(zip(cols.file.tolist(), cols.entry.tolist()))
+    for split in ("train", "validation", "test"):
+        assert seen[(1500, split)] == seen[(4000, split)]
+    union = seen[(1500, "train")] | seen[(1500, "validation")] | seen[(1500, "test")]
+    assert len(union) == 12000
+    assert not seen[(1500, "train")] & seen[(1500, "test")]
+    assert not seen[(1500, "train")] & seen[(1500, "validation")]
+    n = 12000
+    for split, frac in (("validation", 0.2), ("test", 0.1)):
+        sigma = np.sqrt(n * frac * (1 - frac))
+        assert abs(len(seen[(1500, split)]) - n * frac) < 5 * sigma
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_torch_workers_yield_each_event_exactly_once(synth_pair: Path, workers: int) -> None:
+    ds = RootDataset(synth_spec(synth_pair), split="train", batch_size=500)
+    want = collect(ds)
+    loader = DataLoader(ds.torch(), batch_size=None, num_workers=workers)
+    batches = list(loader)
+    ids = np.concatenate([b["file"].numpy().astype(np.int64) * 10**9 + b["entry"].numpy()
+                          for b in batches])
+    assert len(ids) == len(np.unique(ids)) == ds.num_events
+    np.testing.assert_array_equal(np.sort(ids), np.sort(want.file * 10**9 + want.entry))
+    assert all(isinstance(b["x"], torch.Tensor) and b["x"].dtype == torch.float32
+               for b in batches)
+
+
+def test_shuffle_mixes_classes_and_changes_each_epoch(synth_pair: Path) -> None:
+    ds = RootDataset(synth_spec(synth_pair), split="train", batch_size=256, seed=7)
+    first = [b for b in ds]
+    second = [b for b in ds]
+    assert 0.2 < first[0]["y"].mean() < 0.8  # both classes in the first batch
+    ids = [np.concatenate([b["file"] * 10**9 + b["entry"] for b in e]) for e in (first, second)]
+    assert not np.array_equal(ids[0], ids[1])
+    np.testing.assert_array_equal(np.sort(ids[0]), np.sort(ids[1]))
+    again = RootDataset(synth_spec(synth_pair), split="train", batch_size=256, seed=7)
+    np.testing.assert_array_equal(np.concatenate([b["entry"] for b in again]),
+                                  np.concatenate([b["entry"] for b in first]))
+
+
+def test_balance_equal_keeps_class_counts_close(synth_pair: Path) -> None:
+    spec = synth_spec(synth_pair, balance="equal", cut="MET_pt > 40")
+    ds = RootDataset(spec, split="train", batch_size=1000)
+    per_source = [s["splits"]["train"] for s in ds.stats.sources]
+    assert per_source[0] != per_source[1]
+    y = np.concatenate([b["y"] for b in ds])
+    small = min(per_source)
+    for label in (0.0, 1.0):
+        assert abs(int((y == label).sum()) - small) < 5 * np.sqrt(small)
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_cache_second_epoch_equals_first(synth_pair: Path, tmp_path: Path, kind: str) -> None:
+    cache = {"kind": "memory"} if kind == "memory" else {"disk": str(tmp_path / "cache")}
+    ds = RootDataset(synth_spec(synth_pair, cache=cache), split="train", shuffle=False)
+    first, second = collect(ds, 0), collect(ds, 1)
+    for field in ("x", "y", "w", "mask", "entry"):
+        np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
+    if kind == "disk":
+        entries = list((tmp_path / "cache").glob("*/*/complete"))
+        assert len(entries) == len(ds.chunks)
+
+
+def test_disk_cache_is_invalidated_when_a_file_changes(tmp_path: Path) -> None:
+    synth.generate(tmp_path / "d", 2000, seed=1)
+    spec = synth_spec(tmp_path / "d", cache={"disk": str(tmp_path / "cache")})
+    collect(RootDataset(spec, split="all", shuffle=False))
+    synth.generate(tmp_path / "d", 2000, seed=2)  # same names, new content
+    ds = RootDataset(spec, split="all", shuffle=False)
+    got = collect(ds)
+    fresh = collect(RootDataset(synth_spec(tmp_path / "d"), split="all", shuffle=False))
+    np.testing.assert_array_equal(got.x, fresh.x)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+@pytest.mark.xrootd
+def test_xrootd_reads_equal_local_reads(xrootd_server, synth_pair: Path) -> None:  # type: ignore[no-untyped-def]
+    local = synth_spec(synth_pair)
+    remote = synth_spec(synth_pair)
+    for src, name in zip(remote["data"]["sources"], ("signal.root", "background.root"),
+                         strict=True):
+        src["files"] = [xrootd_server.put(synth_pair / name, f"loader/{name}")]
+    want = collect(RootDataset(local, split="validation"))
+    got = collect(RootDataset(remote, split="validation"))
+    for field in ("x", "y", "w", "mask", "entry", "file"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+@pytest.mark.xrootd
+def test_redirector_turns_logical_names_into_xrootd_urls(xrootd_server) -> None:  # type: ignore[no-untyped-def]
+    xrootd_server.put(Path(HZZ), "store/mc/uproot-HZZ.root")
+    spec = {"data": {
+        "redirector": f"root://127.0.0.1:{xrootd_server.port}",
+        "sources": [{"files": ["/store/mc/uproot-HZZ.root"]}],
+        "label": "triggerIsoMu24",
+        "features": ["MET_px", {"branch": "Muon_Px", "max_len": 2}],
+    }}
+    ds = RootDataset(spec, split="all", shuffle=False)
+    assert ds.files[0].ref.url == f"root://127.0.0.1:{xrootd_server.port}//store/mc/uproot-HZZ.root"
+    local = dict(spec["data"], sources=[{"files": [HZZ]}])
+    local.pop("redirector")
+    np.testing.assert_array_equal(collect(ds).x, collect(RootDataset({"data": local},
+                                                                     split="all")).x)
+
+
+@pytest.mark.network
+def test_https_reads_equal_local_reads(http_server) -> None:  # type: ignore[no-untyped-def]
+    url = http_server.put(Path(HZZ), "remote/uproot-HZZ.root")  # same base name: same split
+    base = {"label": "triggerIsoMu24", "features": ["MET_px", {"branch": "Jet_Px", "max_len": 3}]}
+    remote = RootDataset({"data": {"sources": [{"files": [url]}], **base}}, split="test")
+    local = RootDataset({"data": {"sources": [{"files": [HZZ]}], **base}}, split="test")
+    np.testing.assert_array_equal(collect(remote).x, collect(local).x)

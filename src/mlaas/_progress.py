@@ -47,7 +47,7 @@ def event_progress(description: str, total: int | None,
     if not enabled:
         yield lambda events, nbytes: None
         return
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), TaskProgressColumn(),
                TextColumn("{task.completed:,} events"), _Rate(), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=False) as bar:

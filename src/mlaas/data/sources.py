@@ -30,6 +30,9 @@ os.environ.setdefault("XRD_CONNECTIONRETRY", "1")
 os.environ.setdefault("XRD_CONNECTIONWINDOW", "10")
 os.environ.setdefault("XRD_REQUESTTIMEOUT", "60")
 os.environ.setdefault("XRD_TIMEOUTRESOLUTION", "1")  # check timeouts each second, not 15
+# After a failed connection the client refuses the host for 30 min by default;
+# our retry loop is the one that decides when to try again.
+os.environ.setdefault("XRD_STREAMERRORWINDOW", "1")
 
 import awkward as ak  # noqa: E402
 import uproot  # noqa: E402

@@ -1,0 +1,85 @@
+"""File resolution and bounded retries of transient failures."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlaas.data import RootDataset, sources
+from mlaas.errors import SourceError
+from mlaas.spec import RetrySpec, load
+
+HZZ = Path(__file__).resolve().parent.parent / "files" / "uproot-HZZ.root"
+
+
+def test_globs_expand_sorted_relative_to_the_spec(tmp_path: Path) -> None:
+    for name in ("b.root", "a.root", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    spec = load({"data": {"sources": [{"files": ["*.root", "https://h:1/x.root"], "label": 1}],
+                          "features": ["x"]}}, base_dir=tmp_path)
+    refs = sources.resolve_files(spec)
+    assert [r.url for r in refs] == [str(tmp_path / "a.root"), str(tmp_path / "b.root"),
+                                     "https://h:1/x.root"]
+    assert [r.key for r in refs] == ["a.root", "b.root", "x.root"]
+
+
+def test_transient_failures_are_retried_with_growing_backoff() -> None:
+    calls, waits = [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    retry = RetrySpec(attempts=4, backoff=0.25)
+    assert sources.with_retries("root://h:1//f.root", flaky, retry, sleep=waits.append) == "ok"
+    assert len(calls) == 3 and waits == [0.25, 0.5]
+
+
+def test_retries_are_bounded_and_the_error_says_how_many() -> None:
+    waits: list[float] = []
+
+    def down() -> None:
+        raise TimeoutError("timed out")
+
+    with pytest.raises(SourceError) as info:
+        sources.with_retries("root://h:1//f.root", down, RetrySpec(attempts=3, backoff=0.1),
+                             sleep=waits.append)
+    assert "gave up after 3 attempts" in str(info.value)
+    assert "root://h:1//f.root" in str(info.value)
+    assert len(waits) == 2
+
+
+def test_local_missing_files_are_not_retried() -> None:
+    calls: list[int] = []
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("/nope.root")
+
+    with pytest.raises(SourceError):
+        sources.with_retries("/nope.root", missing, RetrySpec(attempts=5), sleep=lambda s: None)
+    assert calls == [1]
+
+
+@pytest.mark.xrootd
+def test_a_server_that_comes_back_during_the_retries_is_read(xrootd_server) -> None:  # type: ignore[no-untyped-def]
+    url = xrootd_server.put(HZZ, "retry/uproot-HZZ.root")
+    spec = {"data": {"sources": [{"files": [url]}], "label": "triggerIsoMu24",
+                     "features": ["MET_px"],
+                     "retries": {"attempts": 6, "backoff": 0.5, "timeout": 3}}}
+    xrootd_server.stop()
+    restart = threading.Timer(1.5, xrootd_server.start)
+    restart.start()
+    try:
+        ds = RootDataset(spec, split="all", shuffle=False)
+        n = sum(len(b["y"]) for b in ds)
+    finally:
+        restart.join()
+    assert n == 2421
+    assert not restart.is_alive()
+    assert np.isfinite(ds.stats.features["MET_px"].moments.mean)

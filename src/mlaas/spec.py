@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -32,7 +33,7 @@ from pydantic import (
 )
 
 from mlaas import expr
-from mlaas.errors import ExpressionError, SpecError
+from mlaas.errors import ExpressionError, SpecError, close_names
 
 __all__ = [
     "Pipeline",
@@ -275,12 +276,16 @@ class DataSpec(_Model):
     def _labels(self) -> DataSpec:
         labelled = [s.label is not None for s in self.sources]
         if self.label is not None and any(labelled):
-            raise ValueError("give either data.label or a label per source, not both")
-        if self.label is None and not all(labelled):
-            missing = [str(i) for i, has in enumerate(labelled) if not has]
+            given = [f"data.sources[{i}].label" for i, has in enumerate(labelled) if has]
             raise ValueError(
-                f"sources {', '.join(missing)} have no label; give each source a label "
-                "or an expression in data.label"
+                f"give either data.label or a label per source, not both (data.label is "
+                f"{self.label!r} and {', '.join(given)} {'is' if len(given) == 1 else 'are'} set)"
+            )
+        if self.label is None and not all(labelled):
+            missing = [f"data.sources[{i}]" for i, has in enumerate(labelled) if not has]
+            raise ValueError(
+                f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no label; "
+                "give each source a label or an expression in data.label"
             )
         return self
 
@@ -354,6 +359,52 @@ def _path_of(loc: tuple[Any, ...]) -> str:
     return "".join(parts)
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where pydantic found ``loc[-1]``, to suggest one for a typo."""
+    model: type[BaseModel] = Pipeline
+    for item in loc[:-1]:
+        field = model.model_fields.get(item) if isinstance(item, str) else None
+        if field is not None:
+            model = _model_in(field.annotation) or model
+    return list(model.model_fields)
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """pydantic's errors as ``(path, message)``, without the noise of union members.
+
+    A feature may be a string or a mapping, so a bad mapping also fails as "not
+    a valid string" (and the list as "not 'all'"); such a type error is dropped
+    when another error points inside the same value.
+    """
+    found: list[tuple[str, str, str]] = []
+    for e in exc.errors():
+        path = _path_of(e["loc"]) or "(top)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and e["loc"] and isinstance(e["loc"][-1], str):
+            key = e["loc"][-1]
+            near = close_names(key, _keys_at(e["loc"]), limit=3)
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            msg = f"unknown key {key!r}{hint}"
+        found.append((path, msg, e["type"]))
+    kept = []
+    for path, msg, kind in found:
+        deeper = any(p.startswith((path + ".", path + "[")) for p, _, _ in found)
+        if deeper and (kind.endswith("_type") or kind == "literal_error"):
+            continue
+        kept.append((path, msg))
+    return kept
+
+
 def _check_expressions(pipeline: Pipeline) -> None:
     problems: list[tuple[str, str]] = []
     for path, source in pipeline.expressions().items():
@@ -362,7 +413,7 @@ def _check_expressions(pipeline: Pipeline) -> None:
         except ExpressionError as exc:
             problems.append((path, exc.message))
     if problems:
-        raise SpecError("invalid expressions in the pipeline spec", problems)
+        raise ExpressionError("invalid expressions in the pipeline spec", problems)
 
 
 def _read_text(path: Path) -> dict[str, Any]:
@@ -401,8 +452,7 @@ def load(source: str | os.PathLike[str] | dict[str, Any] | Pipeline,
     try:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as exc:
-        problems = [(_path_of(e["loc"]) or "(top)", e["msg"]) for e in exc.errors()]
-        raise SpecError("invalid pipeline spec", problems) from None
+        raise SpecError("invalid pipeline spec", _problems(exc)) from None
     _check_expressions(pipeline)
     pipeline._base_dir = origin.resolve()
     return pipeline

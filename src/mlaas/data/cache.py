@@ -128,10 +128,19 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     return DiskCache(directory / key)
 
 
+def human_bytes(n: float) -> str:
+    """``1234567`` as ``1.2 MB``: sizes in messages people read."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def _fits(needed: int, room: int, where: str, advice: str) -> None:
     if needed > room:
         raise CacheError(
-            f"the cache needs about {needed / 1e9:.2f} GB but {where} allows "
-            f"{room / 1e9:.2f} GB; refusing rather than caching part of the data ({advice})",
+            f"the cache needs about {human_bytes(needed)} but {where} allows "
+            f"{human_bytes(room)}; refusing rather than caching part of the data ({advice})",
             field_path="data.cache",
         )

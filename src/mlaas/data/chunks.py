@@ -69,6 +69,7 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
     infos: list[FileInfo] = []
     chunks: list[ChunkRange] = []
     left = {i: data.max_events for i in range(len(data.sources))}
+    empty: list[str] = []
     for index, ref in enumerate(files):
         tree = sources.open_tree(ref.url, layout.tree, data.retries)
         _check_schema(layout, tree, ref.url)
@@ -83,15 +84,16 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
                         sources.file_identity(ref.url, tree))
         infos.append(info)
         if entries == 0:
-            warnings.warn(f"tree {layout.tree!r} in {ref.url} has no entries", UserWarning,
-                          stacklevel=2)
+            empty.append(ref.url)
             continue
         step = sources.entries_per_step(tree, layout.branches, data.step_size)
         for start in range(0, entries, step):
             stop = min(entries, start + step)
             chunks.append(ChunkRange(index, ref.url, ref.key, ref.source, start, stop,
                                      int(per_entry * (stop - start))))
-    _check_sources(pipeline, infos, layout)
+    _check_sources(pipeline, infos, layout)  # a source with no events at all is an error
+    for url in empty:  # ... an empty file among others only a warning
+        warnings.warn(f"tree {layout.tree!r} in {url} has no entries", UserWarning, stacklevel=2)
     return infos, chunks
 
 

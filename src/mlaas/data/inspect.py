@@ -23,7 +23,12 @@ SAMPLE = 10_000
 
 def _compression(file: Any) -> str:
     comp = file.file.compression
-    return "none" if comp is None or comp.level == 0 else f"{type(comp).__name__}({comp.level})"
+    if comp is not None:
+        return "none" if comp.level == 0 else f"{type(comp).__name__}({comp.level})"
+    # Algorithm 0 ("global default", e.g. fCompress=1 in older files) is ZLIB in ROOT;
+    # uproot reports it as None, which is not "uncompressed".
+    level = int(getattr(file.file, "fCompress", 0) or 0) % 100
+    return f"ZLIB({level})" if level else "none"
 
 
 def inspect_file(url: str, tree: str | None = None, sample: int = SAMPLE,

@@ -120,6 +120,13 @@ def _is_transient(url: str, exc: BaseException) -> bool:
     )
 
 
+def _summary(exc: BaseException, url: str) -> str:
+    """The exception's text on one line, without uproot's file-naming help or a repeated URL."""
+    text = str(exc).split("Files may be specified as:", 1)[0]
+    text = text.replace(repr(url), "")
+    return " ".join(text.split()) or type(exc).__name__
+
+
 @contextlib.contextmanager
 def read_errors(url: str, tree: str | None = None) -> Iterator[None]:
     """Translate whatever uproot, XRootD, HTTP or zlib raise into mlaas errors naming ``url``."""
@@ -128,9 +135,17 @@ def read_errors(url: str, tree: str | None = None) -> Iterator[None]:
     except DataError:
         raise
     except FileNotFoundError as exc:
-        raise SourceError(f"file not found: {exc}", file_path=url, tree=tree) from exc
+        what = _summary(exc, url).removeprefix("file not found ")
+        raise SourceError(f"file not found: {what}", file_path=url, tree=tree) from exc
     except (OSError, TimeoutError, ConnectionError) as exc:
-        raise SourceError(f"cannot read: {type(exc).__name__}: {exc}", file_path=url, tree=tree) from exc
+        what = _summary(exc, url)
+        if "expected Chunk of length" in what:  # the file ends before data it points to
+            raise SourceError(
+                f"not a readable ROOT file (truncated?): {what.split(' from ', 1)[0]}",
+                file_path=url, tree=tree,
+            ) from exc
+        raise SourceError(f"cannot read: {type(exc).__name__}: {what}", file_path=url,
+                          tree=tree) from exc
     except (ValueError, zlib.error, EOFError, IndexError, KeyError, TypeError, AssertionError,
             uproot.deserialization.DeserializationError) as exc:
         what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -181,6 +196,12 @@ def trees_in(file: Any) -> list[str]:
     return sorted({k.split(";")[0] for k, cls in file.classnames().items() if cls == "TTree"})
 
 
+def _not_trees(file: Any) -> str:
+    """What a file without a TTree holds instead (an RNTuple, histograms...), for errors."""
+    others = [f"{k.split(';')[0]} ({cls})" for k, cls in file.classnames().items()]
+    return "none; it holds " + ", ".join(others) if others else "none; the file holds no objects"
+
+
 def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any:
     """Open ``url`` and return its TTree; the only tree when ``tree`` is None."""
     retry = retry or RetrySpec()
@@ -189,8 +210,13 @@ def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any
         file = open_file(url, retry)
         names = trees_in(file)
         if tree is None:
+            if not names:
+                raise TreeNotFound(
+                    f"no TTree in the file (trees here: {_not_trees(file)}); mlaas reads TTrees",
+                    file_path=url,
+                )
             if len(names) != 1:
-                listed = ", ".join(names) or "none"
+                listed = ", ".join(names)
                 raise TreeNotFound(
                     f"data.tree is not set and the file has {len(names)} trees ({listed}); "
                     "name one in data.tree",
@@ -200,8 +226,9 @@ def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any
         if tree not in names:
             near = close_names(tree, names)
             hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            listed = ", ".join(names) or _not_trees(file)
             raise TreeNotFound(
-                f"no tree {tree!r} in the file{hint} trees here: {', '.join(names) or 'none'}",
+                f"no tree {tree!r} in the file (trees here: {listed}){hint}",
                 file_path=url, tree=tree,
             )
         return file[tree]

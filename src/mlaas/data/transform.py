@@ -299,7 +299,7 @@ class Transform:
                 f"feature {name!r} has {int(np.isnan(values).sum())} NaN and "
                 f"{int(np.isinf(values).sum())} infinite values in this chunk; set "
                 "data.nan: {policy: replace, value: 0} to replace them",
-                file_path=chunk.url, branch=name,
+                file_path=chunk.url, branch=name, field_path="data.nan",
             )
         values = values.copy()
         values[bad] = policy.value

@@ -1,0 +1,674 @@
+"""Every bad input gets a clear error: the right class, and a message naming what is wrong.
+
+Each test checks the mlaas class, that it is also the built-in a caller would
+catch (``except KeyError`` for a missing branch, ``except OSError`` for an
+unreadable file, ``except ValueError`` for a bad spec), and that the message
+names the file or URL, tree, branch or spec field path, with close names
+suggested where there are some.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+
+from mlaas import spec as spec_module
+from mlaas.data import RootDataset, sources
+from mlaas.data.inspect import inspect_file
+from mlaas.errors import (
+    BadValues,
+    BranchNotFound,
+    CacheError,
+    DataError,
+    ExpressionError,
+    MlaasError,
+    SourceError,
+    SpecError,
+    TreeNotFound,
+    UnsupportedBranch,
+)
+from mlaas.spec import RetrySpec
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+HZZ = str(FILES / "uproot-HZZ.root")
+ZMUMU = str(FILES / "uproot-Zmumu.root")
+RETRIES = {"attempts": 2, "backoff": 0.1, "timeout": 5}
+
+
+def hzz_spec(files: list[str] | None = None, **data: Any) -> dict[str, Any]:
+    """A small valid spec on HZZ; keyword arguments replace or add ``data`` keys."""
+    d: dict[str, Any] = {
+        "sources": [{"files": files or [HZZ]}],
+        "label": "triggerIsoMu24",
+        "features": ["MET_px", {"branch": "Muon_Px", "max_len": 2, "sort_by": "Muon_Px"}],
+        "retries": dict(RETRIES),
+    }
+    d.update(data)
+    return {"data": d}
+
+
+def labelled_spec(files: list[str], features: Any, **data: Any) -> dict[str, Any]:
+    """A spec with a constant per-source label (for files without a label branch)."""
+    d: dict[str, Any] = {"sources": [{"files": files, "label": 1}], "features": features,
+                         "retries": dict(RETRIES)}
+    d.update(data)
+    return {"data": d}
+
+
+def fails(cls: type[MlaasError], builtin: type[BaseException], action: Callable[[], Any]) -> str:
+    """Run ``action``; it must raise ``cls``, which must also be a ``builtin``; return the text."""
+    with pytest.raises(cls) as info:
+        action()
+    assert isinstance(info.value, builtin), f"{type(info.value).__name__} is not a {builtin}"
+    assert isinstance(info.value, MlaasError)
+    return str(info.value)
+
+
+def dataset(spec: Any) -> Callable[[], RootDataset]:
+    return lambda: RootDataset(spec, split="all", batch_size=256, shuffle=False)
+
+
+def write_tree(path: Path, trees: dict[str, dict[str, Any]]) -> str:
+    """Write TTrees (not RNTuples) with uproot: ``{tree: {branch: array}}``."""
+    with uproot.recreate(path) as f:
+        for name, branches in trees.items():
+            f.mktree(name, {k: (v.type if isinstance(v, ak.Array) else v.dtype)
+                            for k, v in branches.items()})
+            f[name].extend(branches)
+    return str(path)
+
+
+# --------------------------------------------------------------- 1. unreadable files
+
+
+def _corrupt(tmp: Path) -> Path:
+    path = tmp / "corrupt.root"
+    path.write_bytes(np.random.default_rng(7).bytes(20_000))
+    return path
+
+
+def _half(tmp: Path) -> Path:
+    data = Path(HZZ).read_bytes()
+    path = tmp / "half.root"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _first_kb(tmp: Path) -> Path:
+    path = tmp / "head.root"
+    path.write_bytes(Path(HZZ).read_bytes()[:1000])
+    return path
+
+
+def _text(tmp: Path) -> Path:
+    path = tmp / "notes.root"
+    path.write_text("this is a text file, not ROOT\n" * 40)
+    return path
+
+
+BROKEN = {"corrupt": _corrupt, "truncated_half": _half, "truncated_1000_bytes": _first_kb,
+          "text": _text}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_unreadable_file_via_dataset_names_the_file(tmp_path: Path, kind: str) -> None:
+    path = BROKEN[kind](tmp_path)
+    text = fails(SourceError, OSError, dataset(hzz_spec([str(path)])))
+    assert str(path) in text
+    assert "not a readable ROOT file" in text
+    assert "Traceback" not in text and "Files may be specified as" not in text
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_unreadable_file_via_inspect_names_the_file(tmp_path: Path, kind: str) -> None:
+    path = BROKEN[kind](tmp_path)
+    text = fails(SourceError, OSError, lambda: inspect_file(str(path)))
+    assert str(path) in text
+    assert "not a readable ROOT file" in text
+
+
+def test_truncated_file_says_truncated(tmp_path: Path) -> None:
+    for path in (_half(tmp_path), _first_kb(tmp_path)):
+        text = fails(SourceError, OSError, lambda p=path: inspect_file(str(p)))
+        assert "truncated" in text
+        assert f"in file {path}" in text
+
+
+def test_non_root_file_quotes_its_first_bytes(tmp_path: Path) -> None:
+    path = _text(tmp_path)
+    text = fails(SourceError, OSError, dataset(hzz_spec([str(path)])))
+    assert "not a ROOT file" in text
+    assert "b'this'" in text  # the first four bytes, so 'HTML error page' is recognisable
+
+
+def test_unreadable_second_file_is_named(tmp_path: Path) -> None:
+    path = _corrupt(tmp_path)
+    text = fails(SourceError, OSError, dataset(hzz_spec([HZZ, str(path)])))
+    assert str(path) in text
+    assert HZZ not in text
+
+
+# ------------------------------------------------------------------------ 2. trees
+
+
+def test_missing_tree_suggests_the_real_one() -> None:
+    text = fails(TreeNotFound, KeyError, dataset(hzz_spec(tree="Evnts")))
+    assert "'Evnts'" in text
+    assert "did you mean 'events'" in text
+    assert "trees here: events" in text
+    assert f"in file {HZZ}" in text
+
+
+def test_two_trees_without_data_tree_lists_both(tmp_path: Path) -> None:
+    path = write_tree(tmp_path / "two.root", {
+        "alpha": {"x": np.arange(10.0)},
+        "beta": {"x": np.arange(10.0)},
+    })
+    text = fails(TreeNotFound, KeyError, dataset(labelled_spec([path], ["x"])))
+    assert "2 trees" in text
+    assert "alpha" in text and "beta" in text
+    assert "data.tree" in text
+    assert path in text
+    # ... and naming one works
+    assert RootDataset(labelled_spec([path], ["x"], tree="beta"), split="all").num_events == 10
+
+
+def test_file_with_an_rntuple_but_no_ttree(tmp_path: Path) -> None:
+    path = tmp_path / "rntuple.root"
+    with uproot.recreate(path) as f:
+        f["events"] = {"x": np.arange(10.0)}  # uproot 5.7 writes an RNTuple here
+    if uproot.open(path).classnames().get("events;1") == "TTree":
+        pytest.fail("uproot wrote a TTree; this test needs a file without one")
+    text = fails(TreeNotFound, KeyError, dataset(labelled_spec([str(path)], ["x"])))
+    assert "no TTree" in text
+    assert "RNTuple" in text
+    assert str(path) in text
+
+
+# --------------------------------------------------------------------- 3. branches
+
+
+def test_missing_branch_in_features() -> None:
+    text = fails(BranchNotFound, KeyError, dataset(hzz_spec(features=["MET_px", "MET_pz"])))
+    assert "'MET_pz'" in text
+    assert "did you mean" in text and "'MET_px'" in text
+    assert "at spec field data.features[1]" in text
+    assert f"in file {HZZ}" in text and "in tree events" in text
+
+
+def test_missing_branch_in_jagged_feature() -> None:
+    text = fails(BranchNotFound, KeyError,
+                 dataset(hzz_spec(features=[{"branch": "Muon_Pxx", "max_len": 2}])))
+    assert "'Muon_Pxx'" in text and "'Muon_Px'" in text
+    assert "data.features[0].branch" in text
+
+
+def test_missing_branch_in_cut() -> None:
+    text = fails(BranchNotFound, KeyError, dataset(hzz_spec(cut="MET_pz > 0")))
+    assert "'MET_pz'" in text and "'MET_px'" in text
+    assert "at spec field data.cut" in text
+
+
+def test_missing_branch_in_derived() -> None:
+    text = fails(BranchNotFound, KeyError,
+                 dataset(hzz_spec(derived={"met": "hypot(MET_px, MET_pz)"})))
+    assert "'MET_pz'" in text and "'MET_px'" in text
+    assert "at spec field data.derived.met" in text
+
+
+def test_missing_branch_in_sort_by() -> None:
+    features = ["MET_px", {"branch": "Muon_Px", "max_len": 2, "sort_by": "Muon_pt"}]
+    text = fails(BranchNotFound, KeyError, dataset(hzz_spec(features=features)))
+    assert "'Muon_pt'" in text
+    assert "did you mean" in text and "Muon_P" in text
+    assert "at spec field data.features[1].sort_by" in text
+
+
+def test_missing_branch_in_label_and_weight() -> None:
+    text = fails(BranchNotFound, KeyError, dataset(hzz_spec(label="triggerIsoMu42")))
+    assert "'triggerIsoMu24'" in text and "data.label" in text
+    text = fails(BranchNotFound, KeyError, dataset(hzz_spec(weight="EventWieght")))
+    assert "'EventWeight'" in text and "data.weight" in text
+
+
+def test_branch_missing_in_second_file_names_that_file(tmp_path: Path) -> None:
+    n = 50
+    first = write_tree(tmp_path / "first.root",
+                       {"events": {"MET_px": np.arange(n, dtype=np.float64), "lab": np.ones(n)}})
+    second = write_tree(tmp_path / "second.root",
+                        {"events": {"MET_py": np.arange(n, dtype=np.float64), "lab": np.ones(n)}})
+    spec = {"data": {"sources": [{"files": [first, second]}], "label": "lab",
+                     "features": ["MET_px"]}}
+    text = fails(BranchNotFound, KeyError, dataset(spec))
+    assert "'MET_px'" in text
+    assert f"in file {second}" in text
+    assert first not in text
+    assert "did you mean 'MET_py'" in text
+
+
+# ----------------------------------------------------------------- 4. unsupported types
+
+
+def test_string_branch_as_feature_is_unsupported() -> None:
+    text = fails(UnsupportedBranch, TypeError, dataset(labelled_spec([ZMUMU], ["M", "Type"])))
+    assert "'Type'" in text
+    assert "char*" in text
+    assert "in branch Type" in text and ZMUMU in text
+
+
+def test_features_all_skips_string_branch_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match="'Type'") as record:
+        ds = RootDataset(labelled_spec([ZMUMU], "all"), split="all", batch_size=512, shuffle=False)
+    assert any("unsupported" in str(w.message) for w in record)
+    assert "Type" not in ds.feature_names
+    # identifiers default to run/event/luminosityBlock, case-sensitive: Zmumu's
+    # capitalised Run and Event are ordinary features.
+    assert "Run" in ds.feature_names and "Event" in ds.feature_names
+    assert {"M", "E1", "px1", "Q2"} <= set(ds.feature_names)
+    cols = ds.columns()
+    assert cols.x.shape == (2304, len(ds.feature_names))
+    assert np.isfinite(cols.x).all()
+
+
+def test_features_all_respects_exclude_and_identifiers() -> None:
+    spec = labelled_spec([ZMUMU], "all", exclude=["Type"], identifiers=["Run", "Event"])
+    ds = RootDataset(spec, split="all", shuffle=False)  # no warning: Type is excluded
+    assert not {"Type", "Run", "Event"} & set(ds.feature_names)
+
+
+# ---------------------------------------------------------------- 5-8. data problems
+
+
+def test_empty_tree_says_the_source_has_no_events(tmp_path: Path) -> None:
+    path = write_tree(tmp_path / "empty.root",
+                      {"events": {"MET_px": np.zeros(0), "lab": np.zeros(0)}})
+    spec = {"data": {"sources": [{"files": [path]}], "label": "lab", "features": ["MET_px"]}}
+    text = fails(DataError, ValueError, dataset(spec))
+    assert "no events" in text
+    assert path in text
+    assert "data.sources[0]" in text
+
+
+def test_empty_file_among_others_only_warns(tmp_path: Path) -> None:
+    empty = write_tree(tmp_path / "empty.root",
+                       {"events": {"MET_px": np.zeros(0), "lab": np.zeros(0)}})
+    full = write_tree(tmp_path / "full.root",
+                      {"events": {"MET_px": np.arange(20.0), "lab": np.ones(20)}})
+    spec = {"data": {"sources": [{"files": [empty, full]}], "label": "lab",
+                     "features": ["MET_px"]}}
+    with pytest.warns(UserWarning, match=re.escape(empty)):
+        ds = RootDataset(spec, split="all")
+    assert ds.num_events == 20
+
+
+def test_cut_selecting_nothing_names_data_cut() -> None:
+    text = fails(DataError, ValueError, dataset(hzz_spec(cut="MET_px > 1e9")))
+    assert "selects no events" in text
+    assert "'MET_px > 1e9'" in text
+    assert "at spec field data.cut" in text
+    assert "2421" in text
+
+
+def test_zero_variance_feature_is_reported_and_finite() -> None:
+    spec = hzz_spec(derived={"one": "MET_px*0 + 1"}, features=["MET_px", "one"])
+    ds = RootDataset(spec, split="all", shuffle=False)
+    assert any("'one'" in w and "zero variance" in w for w in ds.stats.warnings)
+    assert not any("'MET_px'" in w for w in ds.stats.warnings)
+    column = ds.columns().x[:, ds.feature_names.index("one")]
+    assert column.shape == (2421,)
+    assert np.isfinite(column).all()
+    assert np.all(column == 0.0)
+
+
+def test_non_finite_feature_fails_by_default() -> None:
+    spec = hzz_spec(derived={"r": "1 / (NMuon - NMuon)"}, features=["MET_px", "r"])
+    text = fails(BadValues, ValueError, dataset(spec))
+    assert "'r'" in text
+    assert "inf" in text
+    assert "at spec field data.nan" in text
+    assert "policy: replace" in text
+    assert "'MET_px'" not in text
+
+
+def test_non_finite_with_given_stats_still_fails_in_transform() -> None:
+    good = RootDataset(hzz_spec(derived={"r": "1 / (NMuon - 1)"}, features=["MET_px", "r"],
+                                nan={"policy": "replace", "value": 0}),
+                       split="all", shuffle=False)
+    strict = hzz_spec(derived={"r": "1 / (NMuon - 1)"}, features=["MET_px", "r"])
+    ds = RootDataset(strict, split="all", shuffle=False, stats=good.stats)
+    with pytest.raises(BadValues) as info:
+        ds.columns()
+    assert "'r'" in str(info.value) and "data.nan" in str(info.value)
+
+
+def test_nan_replace_all_values() -> None:
+    spec = hzz_spec(derived={"r": "1 / (NMuon - NMuon)"}, features=["MET_px", "r"],
+                    nan={"policy": "replace", "value": -1})
+    ds = RootDataset(spec, split="all", shuffle=False)
+    col = ds.feature_names.index("r")
+    x = ds.columns().x[:, col]
+    expected = (-1.0 - ds.transform.shift[col]) * ds.transform.scale[col]
+    assert np.allclose(x, expected)
+    assert np.allclose(x, -1.0)  # no finite value: shift 0, scale 1
+
+
+def test_nan_replace_some_values_is_consistent_with_scaling() -> None:
+    spec = hzz_spec(derived={"r": "1 / (NMuon - 1)"}, features=["MET_px", "r"],
+                    nan={"policy": "replace", "value": -1})
+    ds = RootDataset(spec, split="all", shuffle=False)
+    col = ds.feature_names.index("r")
+    cols = ds.columns()
+    nmuon = uproot.open(HZZ)["events"]["NMuon"].array(library="np")[cols.entry]
+    shift, scale = ds.transform.shift[col], ds.transform.scale[col]
+    assert scale != 1.0  # the finite values set a real scale
+    bad = nmuon == 1
+    assert bad.any() and (~bad).any()
+    got = cols.x[:, col].astype(np.float64)
+    assert np.allclose(got[bad], (-1.0 - shift) * scale, rtol=1e-6)
+    with np.errstate(divide="ignore"):
+        raw = 1.0 / (nmuon[~bad] - 1.0)
+    assert np.allclose(got[~bad], (raw - shift) * scale, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all()
+
+
+# ---------------------------------------------------------------------- 9. XRootD
+
+
+@pytest.mark.xrootd
+@pytest.mark.network
+@pytest.mark.slow
+def test_xrootd_server_down_gives_up_after_bounded_retries(dead_root_url: str) -> None:
+    started = time.monotonic()
+    text = fails(SourceError, OSError, dataset(hzz_spec([dead_root_url])))
+    elapsed = time.monotonic() - started
+    assert dead_root_url in text
+    assert "gave up after 2 attempts" in text
+    assert 0.1 <= elapsed < 60
+
+
+@pytest.mark.xrootd
+@pytest.mark.network
+@pytest.mark.slow
+def test_xrootd_server_down_retries_with_backoff(dead_root_url: str) -> None:
+    waits: list[float] = []
+    retry = RetrySpec(attempts=3, backoff=0.1, timeout=5)
+    with pytest.raises(SourceError) as info:
+        sources.with_retries(dead_root_url, lambda: sources.open_file(dead_root_url, retry),
+                             retry, sleep=waits.append)
+    assert waits == [0.1, 0.2]
+    assert "gave up after 3 attempts" in str(info.value)
+    assert info.value.file_path == dead_root_url
+
+
+@pytest.mark.xrootd
+@pytest.mark.network
+def test_xrootd_missing_file_is_not_retried(xrootd_server: Any) -> None:
+    xrootd_server.put(Path(HZZ), "bad_input/present.root")
+    url = xrootd_server.url("bad_input/absent.root")
+    started = time.monotonic()
+    text = fails(SourceError, OSError, dataset(hzz_spec([url])))
+    assert time.monotonic() - started < 5
+    assert url in text
+    assert "not found" in text or "no such file" in text
+    assert "gave up" not in text
+    assert "Files may be specified as" not in text  # uproot's usage help is cut off
+
+    waits: list[float] = []
+    retry = RetrySpec(attempts=3, backoff=0.1, timeout=5)
+    with pytest.raises(SourceError):
+        sources.with_retries(url, lambda: sources.open_file(url, retry), retry,
+                             sleep=waits.append)
+    assert waits == []
+
+
+@pytest.mark.xrootd
+@pytest.mark.network
+def test_xrootd_corrupt_file_names_the_url(xrootd_server: Any, tmp_path: Path) -> None:
+    url = xrootd_server.put(_corrupt(tmp_path), "bad_input/corrupt.root")
+    text = fails(SourceError, OSError, dataset(hzz_spec([url])))
+    assert url in text
+    assert "not a readable ROOT file" in text
+    assert "gave up" not in text
+
+
+# -------------------------------------------------------- 10-11. bad specs at load time
+
+
+def load_fails(raw: Any, cls: type[SpecError] = SpecError) -> str:
+    return fails(cls, ValueError, lambda: spec_module.load(raw))
+
+
+@pytest.mark.parametrize(("field", "extra"), [
+    ("data.derived.x", {"derived": {"x": "sqr(MET_px)"}}),
+    ("data.cut", {"cut": "sqr(MET_px) > 1"}),
+    ("data.features[0]", {"features": ["sqr(MET_px)"]}),
+])
+def test_unknown_function_at_load(field: str, extra: dict[str, Any]) -> None:
+    text = load_fails(hzz_spec(**extra), ExpressionError)
+    assert f"{field}: unknown function 'sqr'" in text
+    assert "did you mean 'sqrt'" in text
+    assert "available functions:" in text
+    for name in ("abs", "hypot", "log", "where"):
+        assert name in text
+
+
+def test_unknown_function_fails_before_opening_files() -> None:
+    spec = hzz_spec(["/nonexistent/never.root"], derived={"x": "sqr(MET_px)"})
+    text = fails(ExpressionError, ValueError, dataset(spec))
+    assert "data.derived.x" in text
+    assert "never.root" not in text
+
+
+def test_every_bad_expression_is_listed() -> None:
+    text = load_fails(hzz_spec(derived={"x": "sqr(MET_px)"}, cut="MET_px >", weight="lg(1)"),
+                      ExpressionError)
+    assert "data.derived.x:" in text and "data.cut:" in text and "data.weight:" in text
+
+
+def _raw(**data: Any) -> dict[str, Any]:
+    d = {"sources": [{"files": [HZZ]}], "label": "triggerIsoMu24", "features": ["MET_px"]}
+    d.update(data)
+    return {"data": {k: v for k, v in d.items() if v is not None}}
+
+
+MALFORMED: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "missing sources": (_raw(sources=None), ["data.sources", "required"]),
+    "empty sources": (_raw(sources=[]), ["data.sources"]),
+    "source without files": (_raw(sources=[{"label": 1}]), ["data.sources[0].files"]),
+    "files as a string": (_raw(sources=[{"files": HZZ}]), ["data.sources[0].files", "list"]),
+    "no label anywhere": (_raw(label=None), ["data.sources[0]", "no label", "data.label"]),
+    "second source unlabelled": (
+        _raw(label=None, sources=[{"files": [HZZ], "label": 1}, {"files": [HZZ]}]),
+        ["data.sources[1] has no label"]),
+    "both label kinds": (_raw(sources=[{"files": [HZZ], "label": 1}]),
+                         ["data.label", "data.sources[0].label", "not both"]),
+    "negative max_len": (_raw(features=["MET_px", {"branch": "Muon_Px", "max_len": -2}]),
+                         ["data.features[1].max_len", "greater than or equal to 1"]),
+    "empty features": (_raw(features=[]), ["data.features", "at least one feature"]),
+    "features not all": (_raw(features="everything"), ["data.features", "'all'"]),
+    "typo featurs": (
+        {"data": {"sources": [{"files": [HZZ]}], "label": "x", "featurs": ["MET_px"]}},
+        ["data.featurs", "unknown key 'featurs'", "did you mean 'features'"]),
+    "typo in a feature": (_raw(features=[{"branch": "Muon_Px", "maxlen": 2}]),
+                          ["data.features[0].maxlen", "did you mean 'max_len'"]),
+    "typo in a source": (_raw(sources=[{"files": [HZZ], "lable": 1}]),
+                         ["data.sources[0].lable", "did you mean 'label'"]),
+    "bad step_size": (_raw(step_size="100 MBB"), ["data.step_size", "'100 MBB'", "100 MB"]),
+    "split sums to one": (_raw(split={"validation": 0.6, "test": 0.4}),
+                          ["data.split", "sum < 1"]),
+    "split above one": (_raw(split={"validation": 1.5}), ["data.split.validation"]),
+    "disk cache without path": (_raw(cache="disk"), ["data.cache", "directory"]),
+    "zero retries": (_raw(retries={"attempts": 0}), ["data.retries.attempts"]),
+    "unknown normalize": (_raw(normalize="zscore"), ["data.normalize.default", "standard"]),
+    "nan policy": (_raw(nan={"policy": "drop"}), ["data.nan.policy", "replace"]),
+    "jagged collection disagrees": (
+        _raw(features=[{"branch": "Jet_Px", "max_len": 2}, {"branch": "Jet_Py", "max_len": 3}]),
+        ["data", "max_len differs within collection 'Jet'"]),
+    "duplicate feature": (_raw(features=["MET_px", "MET_px"]), ["listed twice", "MET_px"]),
+    "bad redirector": (_raw(redirector="http://x"), ["data.redirector", "root://"]),
+    "wrong version": ({"version": 2, **_raw()}, ["version"]),
+    "data is a list": ({"data": [1, 2]}, ["data", "dictionary"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_spec_names_the_field(case: str) -> None:
+    raw, needles = MALFORMED[case]
+    text = load_fails(raw)
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in:\n{text}"
+    assert "Value error," not in text  # pydantic's prefix is noise
+
+
+def test_union_noise_is_dropped_for_a_bad_jagged_feature() -> None:
+    with pytest.raises(SpecError) as info:
+        spec_module.load(_raw(features=["MET_px", {"branch": "Muon_Px", "max_len": -2}]))
+    text = str(info.value)
+    assert "valid string" not in text
+    assert "should be 'all'" not in text
+    assert [path for path, _ in info.value.problems] == ["data.features[1].max_len"]
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  sources: [\n  features: x\n")
+    text = load_fails(path)
+    assert str(path) in text
+    assert "not valid" in text
+    assert "line" in text
+
+
+def test_yaml_list_at_top_level(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- data\n- sources\n")
+    text = load_fails(path)
+    assert str(path) in text
+    assert "mapping" in text and "list" in text
+
+
+def test_json_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"data": {')
+    text = load_fails(path)
+    assert str(path) in text and "json" in text
+
+
+def test_spec_file_that_does_not_exist(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    text = load_fails(path)
+    assert str(path) in text
+
+
+def test_spec_errors_in_a_yaml_file_keep_field_paths(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        "data:\n"
+        "  sources:\n"
+        f"    - files: [{HZZ}]\n"
+        "  label: triggerIsoMu24\n"
+        "  features: [MET_px, {branch: Muon_Px, max_len: 0}]\n"
+        "  step_size: 100 MBB\n"
+    )
+    text = load_fails(path)
+    assert "data.features[1].max_len" in text
+    assert "data.step_size" in text
+
+
+# ---------------------------------------------------------------- 12. file names
+
+
+def test_glob_matching_nothing(tmp_path: Path) -> None:
+    pattern = str(tmp_path / "nothing-*.root")
+    text = fails(SourceError, OSError, dataset(hzz_spec([pattern])))
+    assert "no file matches" in text
+    assert pattern in text
+
+
+def test_local_file_that_does_not_exist(tmp_path: Path) -> None:
+    path = str(tmp_path / "missing.root")
+    text = fails(SourceError, OSError, dataset(hzz_spec([path])))
+    assert "does not exist" in text
+    assert path in text
+
+
+def test_relative_missing_file_shows_where_it_was_looked_for(tmp_path: Path) -> None:
+    spec = spec_module.load(hzz_spec(["sub/missing.root"]), base_dir=tmp_path)
+    text = fails(SourceError, OSError, dataset(spec))
+    assert "'sub/missing.root'" in text
+    assert str(tmp_path / "sub" / "missing.root") in text
+
+
+def test_inspect_missing_local_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "missing.root")
+    text = fails(SourceError, OSError, lambda: inspect_file(path))
+    assert path in text and "not found" in text
+
+
+# --------------------------------------------------------- 13. flat versus jagged
+
+
+def test_jagged_branch_as_plain_feature() -> None:
+    text = fails(SpecError, ValueError, dataset(hzz_spec(features=["MET_px", "Muon_Px"])))
+    assert "'Muon_Px'" in text
+    assert "jagged" in text
+    assert "{branch: Muon_Px, max_len:" in text
+    assert "at spec field data.features[1]" in text
+
+
+def test_jagged_derived_as_plain_feature() -> None:
+    spec = hzz_spec(derived={"Muon_pt": "hypot(Muon_Px, Muon_Py)"}, features=["Muon_pt"])
+    text = fails(SpecError, ValueError, dataset(spec))
+    assert "'Muon_pt'" in text and "max_len" in text
+    assert "data.features[0]" in text
+
+
+def test_flat_branch_declared_jagged() -> None:
+    spec = hzz_spec(features=["NMuon", {"branch": "MET_px", "max_len": 2}])
+    text = fails(SpecError, ValueError, dataset(spec))
+    assert "'MET_px'" in text
+    assert "declared jagged" in text
+    assert "at spec field data.features[1]" in text
+
+
+# ----------------------------------------------------------------------- 14. cache
+
+
+def test_memory_cache_that_does_not_fit() -> None:
+    spec = hzz_spec(cache={"kind": "memory", "max_bytes": 1000})
+    text = fails(CacheError, ValueError, dataset(spec))
+    assert "at spec field data.cache" in text
+    assert re.search(r"needs about \S+ \w*B but memory allows \S+ \w*B", text), text
+    assert "cache: {disk: DIR}" in text
+
+
+def test_memory_cache_error_shows_distinct_sizes() -> None:
+    spec = hzz_spec(cache={"kind": "memory", "max_bytes": 1000})
+    with pytest.raises(CacheError) as info:
+        RootDataset(spec, split="all")
+    m = re.search(r"needs about (\S+ \w*B) but memory allows (\S+ \w*B)", str(info.value))
+    assert m is not None
+    assert m.group(1) != m.group(2)
+
+
+def test_cache_that_fits_is_used(tmp_path: Path) -> None:
+    spec = hzz_spec(cache={"disk": str(tmp_path / "cache"), "max_bytes": 10**8})
+    ds = RootDataset(spec, split="all", shuffle=False)
+    first = ds.columns().x
+    assert any((tmp_path / "cache").rglob("complete"))
+    assert np.array_equal(ds.columns().x, first)
+
+
+def test_the_base_spec_is_valid() -> None:
+    """The specs the tests above break are valid as written, so each failure is the one meant."""
+    ds = RootDataset(hzz_spec(), split="all", shuffle=False)
+    assert ds.feature_names == ["MET_px", "Muon_Px_0", "Muon_Px_1"]
+    assert ds.num_events == 2421
+    assert spec_module.load(_raw()).data.features == ["MET_px"]

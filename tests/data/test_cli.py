@@ -1,0 +1,252 @@
+"""The ``mlaas`` command line: inspect, stats, datagen, help, and how errors are shown.
+
+Most tests drive ``mlaas.cli.app`` in-process with typer's ``CliRunner``; one
+runs the installed console script in a real subprocess, because only there do
+``main()``'s error handling, stderr and the exit code meet as a user sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uproot
+import yaml
+from typer.testing import CliRunner
+
+from mlaas import cli
+from mlaas.errors import BranchNotFound, SourceError
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+HZZ = str(FILES / "uproot-HZZ.root")
+ZMUMU = str(FILES / "uproot-Zmumu.root")
+WIDE = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(cli.app, list(args), env=WIDE)
+
+
+def mlaas_command() -> list[str]:
+    """The installed console script next to this interpreter, else ``python -m mlaas.cli``."""
+    script = Path(sys.executable).with_name("mlaas")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mlaas.cli"]
+
+
+def write_spec(path: Path, **data: Any) -> Path:
+    d: dict[str, Any] = {
+        "sources": [{"files": [HZZ]}],
+        "label": "triggerIsoMu24",
+        "features": ["MET_px", {"branch": "Muon_Px", "max_len": 2, "sort_by": "Muon_Px"}],
+    }
+    d.update(data)
+    path.write_text(yaml.safe_dump({"data": d}))
+    return path
+
+
+# ------------------------------------------------------------------------ inspect
+
+
+def test_inspect_json_describes_hzz() -> None:
+    result = run("inspect", HZZ, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["file"] == HZZ
+    assert "ZLIB" in info["compression"]
+    tree = info["trees"]["events"]
+    assert tree["entries"] == 2421
+    branches = {b["name"]: b for b in tree["branches"]}
+    assert branches["Jet_Px"]["kind"] == "jagged"
+    assert branches["Jet_Px"]["multiplicity_max"] > 0
+    assert branches["Jet_Px"]["multiplicity_mean"] > 0
+    assert branches["MET_px"]["kind"] == "flat"
+    assert "multiplicity_max" not in branches["MET_px"]
+    assert branches["Jet_ID"]["kind"] == "jagged"
+    assert branches["NMuon"]["kind"] == "flat"
+    assert all(b["compressed_bytes"] > 0 for b in branches.values())
+
+
+def test_inspect_multiplicity_matches_uproot() -> None:
+    result = run("inspect", HZZ, "--json", "--tree", "events")
+    assert result.exit_code == 0, result.output
+    rows = {b["name"]: b for b in json.loads(result.stdout)["trees"]["events"]["branches"]}
+    counts = uproot.open(HZZ)["events"]["NMuon"].array(library="np")
+    assert rows["Muon_Px"]["multiplicity_max"] == int(counts.max())
+    assert rows["Muon_Px"]["multiplicity_mean"] == pytest.approx(float(counts.mean()))
+
+
+def test_inspect_zmumu_marks_the_string_branch_unsupported() -> None:
+    result = run("inspect", ZMUMU)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "2,304 entries" in out
+    assert "ZLIB" in out
+    type_line = next(line for line in out.splitlines() if " Type " in line)
+    assert "unsupported" in type_line and "char*" in type_line
+    m_line = next(line for line in out.splitlines() if " M " in line)
+    assert "flat" in m_line
+
+    as_json = json.loads(run("inspect", ZMUMU, "--json").stdout)
+    kinds = {b["name"]: b["kind"] for b in as_json["trees"]["events"]["branches"]}
+    assert kinds["Type"] == "unsupported"
+    assert kinds["Run"] == "flat" and kinds["M"] == "flat"
+
+
+def test_inspect_missing_tree_is_an_mlaas_error() -> None:
+    result = run("inspect", HZZ, "--tree", "Evnts")
+    assert result.exit_code == 1
+    assert type(result.exception).__name__ == "TreeNotFound"
+    assert "did you mean 'events'" in str(result.exception)
+
+
+# -------------------------------------------------------------------------- stats
+
+
+def test_stats_writes_json_per_feature(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "pipeline.yaml")
+    out = tmp_path / "stats.json"
+    result = run("stats", str(spec), "-o", str(out), "--no-progress")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(out.read_text())
+    assert stats["entries"] == 2421
+    assert stats["selected"] == 2421
+    assert set(stats["features"]) == {"MET_px", "Muon_Px"}
+    for name, f in stats["features"].items():
+        for key in ("count", "min", "max", "mean", "std"):
+            assert key in f, f"{key} missing for {name}"
+        assert f["count"] > 0 and f["min"] <= f["mean"] <= f["max"] and f["std"] > 0
+    met = uproot.open(HZZ)["events"]["MET_px"].array(library="np").astype("float64")
+    assert stats["features"]["MET_px"]["count"] == 2421
+    assert stats["features"]["MET_px"]["mean"] == pytest.approx(met.mean())
+    assert stats["features"]["MET_px"]["std"] == pytest.approx(met.std())
+    assert stats["features"]["MET_px"]["min"] == pytest.approx(met.min())
+    assert stats["features"]["Muon_Px"]["jagged"] is True
+    assert stats["max_len"] == {"Muon": 2}
+    assert sum(stats["splits"].values()) == 2421
+    assert "MET_px" in result.stdout  # the table is printed too
+
+
+def test_stats_reports_zero_variance_on_stderr(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "pipeline.yaml", derived={"one": "MET_px*0 + 1"},
+                      features=["MET_px", "one"])
+    result = run("stats", str(spec), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "zero variance" in result.stderr and "'one'" in result.stderr
+
+
+def test_stats_with_a_bad_spec_is_an_mlaas_error(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "pipeline.yaml", features=["MET_pz"])
+    result = run("stats", str(spec), "--no-progress")
+    assert result.exit_code == 1
+    assert isinstance(result.exception, BranchNotFound)
+    assert "data.features[0]" in str(result.exception)
+
+
+def test_stats_spec_must_exist(tmp_path: Path) -> None:
+    result = run("stats", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 2  # a usage error, from the argument check
+    assert "nope.yaml" in result.output
+
+
+# ------------------------------------------------------------------------ datagen
+
+
+def test_datagen_writes_both_files(tmp_path: Path) -> None:
+    outdir = tmp_path / "gen"
+    result = run("datagen", str(outdir), "-n", "2000", "--compression", "lz4")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["events"] == 2000 and summary["compression"] == "lz4"
+    for name in ("signal", "background"):
+        path = outdir / f"{name}.root"
+        assert path.is_file()
+        with uproot.open(path) as f:
+            assert f["Events"].num_entries == 2000
+            assert type(f.file.compression).__name__ == "LZ4"
+            assert {"MET_pt", "Jet_pt", "Muon_pt"} <= set(f["Events"].keys())
+
+
+def test_datagen_unknown_compression(tmp_path: Path) -> None:
+    result = run("datagen", str(tmp_path / "gen"), "-n", "10", "--compression", "gzip")
+    assert result.exit_code == 1
+    assert type(result.exception).__name__ == "SpecError"
+    assert "'gzip'" in str(result.exception) and "lz4" in str(result.exception)
+
+
+# --------------------------------------------------------------------------- help
+
+
+HELP = {
+    (): ["datagen", "inspect", "stats", "HEP"],
+    ("datagen",): ["NanoAOD-like", "signal", "--compression", "--events"],
+    ("inspect",): ["branch", "compression", "--json", "--tree"],
+    ("stats",): ["Pass 1", "mean", "--output", "--no-progress"],
+    ("demo",): ["epoch", "--workdir"],
+    ("import-mlaas4hep",): ["MLaaS4HEP", "--params"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP), ids=lambda c: " ".join(c) or "mlaas")
+def test_help(command: tuple[str, ...]) -> None:
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    for word in HELP[command]:
+        assert word in result.stdout, f"{word!r} not in help of {command}:\n{result.stdout}"
+
+
+def test_no_arguments_shows_help() -> None:
+    result = run()
+    assert "datagen" in result.output and "Usage" in result.output
+
+
+# ---------------------------------------------------------- errors, as a user sees them
+
+
+def test_main_prints_type_and_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "missing.root")
+    monkeypatch.setattr(sys, "argv", ["mlaas", "inspect", missing])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("SourceError: ")
+    assert missing in err
+    assert "Traceback" not in err
+
+
+def test_cli_runner_keeps_the_exception(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.root")
+    result = run("inspect", missing)
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SourceError)
+    assert result.exception.file_path == missing
+
+
+def test_real_process_error_is_one_message_no_traceback(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.root"
+    corrupt.write_bytes(b"not a ROOT file at all" * 100)
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = subprocess.run([*mlaas_command(), "inspect", str(corrupt)], capture_output=True,
+                          text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("SourceError: not a readable ROOT file")
+    assert f"in file {corrupt}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_real_process_spec_error_lists_field_paths(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "pipeline.yaml", step_size="100 MBB", featurs=["x"])
+    proc = subprocess.run([*mlaas_command(), "stats", str(spec), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("SpecError: invalid pipeline spec")
+    assert "data.step_size" in proc.stderr
+    assert "did you mean 'features'" in proc.stderr
+    assert "Traceback" not in proc.stderr

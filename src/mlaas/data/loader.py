@@ -225,13 +225,15 @@ class RootDataset:
         if not pending:
             return []
         buf = Columns.concat(pending) if len(pending) > 1 else pending[0]
-        if self.shuffle:
-            buf = buf.take(rng.permutation(len(buf)))
-        b = self.batch_size
-        full = len(buf) // b
+        # One gather per batch from a permutation, rather than permuting the
+        # whole buffer first and slicing it: half the copying.
+        n, b = len(buf), self.batch_size
+        order: np.ndarray | None = rng.permutation(n) if self.shuffle else None
+        full = n // b
         for i in range(full):
-            yield buf.take(slice(i * b, (i + 1) * b)).as_dict()
-        rest = buf.take(slice(full * b, len(buf)))
+            rows = order[i * b:(i + 1) * b] if order is not None else slice(i * b, (i + 1) * b)
+            yield buf.take(rows).as_dict()
+        rest = buf.take(order[full * b:] if order is not None else slice(full * b, n))
         if final:
             if len(rest) and not self.drop_last:
                 yield rest.as_dict()

@@ -186,7 +186,8 @@ def open_file(url: str, retry: RetrySpec) -> Any:
     passes numpy integers as read offsets, which the XRootD bindings reject
     (seen with uproot 5.7 and fsspec-xrootd 0.5 in ``num_entries_for``).
     """
-    options: dict[str, Any] = {"timeout": max(1, math.ceil(retry.timeout))}
+    # Each range is read once, so uproot's array cache would only hold memory.
+    options: dict[str, Any] = {"timeout": max(1, math.ceil(retry.timeout)), "array_cache": None}
     if url.startswith("root://"):
         options["handler"] = uproot.source.xrootd.XRootDSource
     return uproot.open(url, **options)
@@ -244,8 +245,11 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
 
     def action() -> dict[str, ak.Array]:
         t = open_tree(url, tree, RetrySpec(attempts=1, timeout=retry.timeout))
-        arrays = t.arrays(filter_name=lambda name: name in wanted, entry_start=start,
-                          entry_stop=stop, library="ak", how=dict)
+        try:
+            arrays = t.arrays(filter_name=lambda name: name in wanted, entry_start=start,
+                              entry_stop=stop, library="ak", how=dict)
+        finally:
+            t.file.close()  # do not keep a handle (and its caches) per chunk until GC
         return dict(arrays)
 
     return with_retries(url, action, retry)

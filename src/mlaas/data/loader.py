@@ -13,8 +13,10 @@ exactly once per epoch, whatever the worker count.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ class RootDataset:
         shuffle_chunks (int): chunks mixed in one shuffle buffer; default: the
             number of sources (at least 2), so every batch mixes classes.
         drop_last (bool): drop a final partial batch.
+        prefetch (bool): read the next chunk in a background thread.
         progress (callable): ``(events, bytes)`` per chunk read in pass 1.
 
     Each batch has ``x`` float32 [B, n_features] (normalised), ``y`` float32 [B],
@@ -79,6 +82,7 @@ class RootDataset:
         stats: pass1.Stats | dict[str, Any] | str | os.PathLike[str] | None = None,
         shuffle_chunks: int | None = None,
         drop_last: bool = False,
+        prefetch: bool = True,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if split not in (*SPLITS, "all"):
@@ -91,6 +95,7 @@ class RootDataset:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.prefetch = prefetch
         self.layout, self.files, self.chunks = prepare(self.pipeline)
         self.stats = self._stats(stats, progress)
         pass1.resolve_lengths(self.layout, self.stats)
@@ -113,8 +118,6 @@ class RootDataset:
             return given
         if isinstance(given, dict):
             return pass1.Stats.from_dict(given)
-        import json
-
         return pass1.Stats.from_dict(json.loads(Path(given).read_text()))
 
     def _balance_fractions(self) -> np.ndarray:
@@ -167,8 +170,8 @@ class RootDataset:
         rng = np.random.default_rng([self.seed, epoch])
         mine = self._chunk_order(rng)[worker::num_workers]
         pending: list[Columns] = []
-        for i, chunk in enumerate(mine):
-            pending.append(self._balanced(self._columns(chunk), epoch))
+        for i, cols in enumerate(self._prefetched(mine)):
+            pending.append(self._balanced(cols, epoch))
             if (i + 1) % self.shuffle_chunks == 0:
                 pending = yield from self._flush(pending, rng, final=False)
         yield from self._flush(pending, rng, final=True)
@@ -196,6 +199,24 @@ class RootDataset:
         for items in by_source.values():
             shuffled.extend(items[i] for i in rng.permutation(len(items)))
         return chunking.interleave(shuffled)
+
+    def _prefetched(self, chunks: list[chunking.ChunkRange]) -> Iterator[Columns]:
+        """Each chunk's columns, the next one read and preprocessed in a thread meanwhile.
+
+        Decompression and most numpy work release the GIL, so on two cores
+        reading chunk k+1 overlaps shuffling and batching chunk k; one chunk
+        in flight bounds the extra memory.
+        """
+        if not self.prefetch or len(chunks) < 2:
+            yield from map(self._columns, chunks)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="mlaas-prefetch") as pool:
+            future = pool.submit(self._columns, chunks[0])
+            for nxt in chunks[1:]:
+                current = future.result()
+                future = pool.submit(self._columns, nxt)
+                yield current
+            yield future.result()
 
     def _columns(self, chunk: chunking.ChunkRange) -> Columns:
         cached = self.cache.get(chunk.name)

@@ -24,9 +24,8 @@ from mlaas.data.layout import Layout, as_float64
 from mlaas.data.transform import (
     SPLITS,
     evaluate_env,
-    flat_values,
+    jagged_values,
     selection,
-    sorted_collections,
     split_codes,
 )
 from mlaas.errors import BadValues, DataError
@@ -229,10 +228,9 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         src["selected"] += int(index.size)
         for name, code in SPLITS.items():
             src["splits"][name] += int((codes == code).sum())
-        env = {k: (v[index] if getattr(v, "ndim", 0) >= 1 else v) for k, v in env.items()}
-        _update_features(layout, env, feats, index.size, c.url)
+        _update_features(layout, env, feats, keep, c.url)
         if layout.label is not None:
-            labels.update(as_float64(layout.label.evaluate(env), index.size))
+            labels.update(as_float64(layout.label.evaluate(env), n)[index])
         else:
             labels.update(np.full(index.size, pipeline.data.sources[c.source].label))
         if progress:
@@ -251,15 +249,16 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
 
 
 def _update_features(layout: Layout, env: dict[str, Any], feats: dict[str, FeatureStats],
-                     m: int, url: str) -> None:
-    jagged = sorted_collections(layout, env, url) if layout.collections else {}
+                     keep: np.ndarray, url: str) -> None:
+    jagged = jagged_values(layout, env, keep, url) if layout.collections else {}
     for f in layout.features:
         if f.jagged:
-            content, counts = flat_values(jagged[f.name])
+            content, counts = jagged[f.name]
             feats[f.name].moments.update(content)
             feats[f.name].add_counts(counts)
         else:
-            feats[f.name].moments.update(as_float64(f.expression.evaluate(env), m))
+            value = as_float64(f.expression.evaluate(env), len(keep))[keep]
+            feats[f.name].moments.update(value)
 
 
 def _check(pipeline: Pipeline, layout: Layout, stats: Stats) -> None:

@@ -1,0 +1,293 @@
+"""Tests for mlaas.compat.mlaas4hep: MLaaS4HEP params/files/labels/preproc -> pipeline spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import mlaas.spec
+from mlaas.cli import app
+from mlaas.compat.mlaas4hep import Conversion, convert, convert_files, translate_expression
+from mlaas.data import RootDataset
+from mlaas.errors import SpecError
+from mlaas.expr import parse
+
+FILES = Path(__file__).parent / "files"
+OLD = FILES / "mlaas4hep"
+HZZ_KINDS = {"NMuon": "flat", "Muon_Px": "jagged", "Muon_Py": "jagged", "MET_px": "flat",
+             "MET_py": "flat", "NPrimaryVertices": "flat", "Jet_Px": "jagged",
+             "Jet_Py": "jagged", "Jet_ID": "jagged"}
+
+
+@pytest.fixture(scope="module")
+def sample() -> Conversion:
+    """The realistic sample set under tests/files/mlaas4hep, first file read for kinds."""
+    return convert_files(OLD / "params.json", OLD / "files.txt", OLD / "labels.txt",
+                         OLD / "preproc.json")
+
+
+def note_about(notes: list[str], text: str) -> list[str]:
+    return [n for n in notes if text in n]
+
+
+# --------------------------------------------------------------------------- the sample set
+
+
+def test_sample_spec_fields(sample: Conversion) -> None:
+    data = sample.spec["data"]
+    assert sample.spec["version"] == 1
+    assert data["tree"] == "events"
+    assert data["redirector"] == "root://cms-xrd-global.cern.ch"
+    assert data["sources"] == [
+        {"files": ["../uproot-HZZ.root"], "label": 1},
+        {"files": ["../uproot-HZZ.root"], "label": 0},
+    ]
+    # Muon_Px/Py and MET_px/py went with keys_to_remove, Muon_E with the jagged cut's
+    # remove; jagged branches were recognised in the real file; new branches come last.
+    assert data["features"] == [
+        "NMuon", {"branch": "Muon_Pz"}, "NPrimaryVertices", {"branch": "Muon_Pt"}, "MET_pt",
+    ]
+    assert "exclude" not in data
+    assert "identifiers" not in data  # "" meant run,event,luminosityBlock: our default too
+    assert data["derived"] == {
+        "Muon_Pt": "sqrt(Muon_Px**2 + Muon_Py**2)",
+        "MET_pt": "hypot(MET_px, MET_py)",
+    }
+    assert data["cut"] == ("(1 <= NPrimaryVertices <= 40) & (all(Muon_E > 0)) & "
+                           "(any(Muon_Pt > 5)) & (all(Muon_Pt < 1000)) & (MET_pt >= 0)")
+    assert data["normalize"] == "minmax"
+    assert data["step_size"] == 500
+    assert data["max_events"] == 1000
+
+
+def test_sample_notes(sample: Conversion) -> None:
+    notes = sample.notes
+    for key, value in (("epochs", "5"), ("batch_size", "100"), ("shuffle", "True")):
+        found = note_about(notes, f"{key}={value}")
+        assert len(found) == 1 and "`mlaas run`" in found[0], notes
+    for key in ("learning_rate", "model_dir"):
+        assert len(note_about(notes, f"unknown params key {key!r}")) == 1, notes
+    assert note_about(notes, "hist='pdfs'") and note_about(notes, "verbose=1")
+    assert note_about(notes, "'log_nvtx'") and note_about(notes, "log1p")
+    assert note_about(notes, "nevts=1000 was a total over all files")
+    assert note_about(notes, "relative to the working directory")
+    assert note_about(notes, "95th percentile")
+    assert not note_about(notes, "not a local file") and not note_about(notes, "could not be read")
+    assert not note_about(notes, "tree does not have")
+    assert all(n.endswith(".") for n in notes), notes
+
+
+def test_sample_loads(sample: Conversion) -> None:
+    pipeline = mlaas.spec.load(sample.spec, base_dir=OLD)
+    assert pipeline.data.max_events == 1000
+    assert pipeline.data.normalize.default == "minmax"
+
+
+def test_sample_yaml_round_trip(sample: Conversion) -> None:
+    text = sample.yaml()
+    assert text.startswith("# Converted from an MLaaS4HEP configuration")
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert any("epochs=5" in line for line in header)
+    assert yaml.safe_load(text) == sample.spec
+    mlaas.spec.load(yaml.safe_load(text), base_dir=OLD)
+
+
+def test_sample_iterates_on_hzz(sample: Conversion) -> None:
+    pipeline = mlaas.spec.load(sample.spec, base_dir=OLD)
+    dataset = RootDataset(pipeline, split="all", shuffle=False, batch_size=512, prefetch=False)
+    events = 0
+    for batch in dataset:
+        assert batch["x"].shape[1] == len(dataset.feature_names)
+        events += len(batch["y"])
+    assert 0 < events <= 2 * 1000
+    assert dataset.feature_names[0] == "NMuon"
+    assert "MET_pt" in dataset.feature_names
+    assert any(name.startswith("Muon_Pt_") for name in dataset.feature_names)
+
+
+def test_cli_import(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, [
+        "import-mlaas4hep", "--params", str(OLD / "params.json"),
+        "--files", str(OLD / "files.txt"), "--labels", str(OLD / "labels.txt"),
+        "--preproc", str(OLD / "preproc.json"), "-o", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    loaded = yaml.safe_load(out.read_text())
+    assert loaded["data"]["tree"] == "events"
+    mlaas.spec.load(loaded, base_dir=OLD)
+
+
+# --------------------------------------------------------------------------- convert()
+
+
+def base_params(**extra: object) -> dict[str, object]:
+    return {"branch": "events", "selected_branches": ["NMuon", "MET_px"], **extra}
+
+
+def test_sources_grouped_by_label_in_first_seen_order() -> None:
+    result = convert(base_params(), ["s1.root", "b1.root", "s2.root", "b2.root", "x.root"],
+                     ["1", "0", "1", 0.0, "2.5"])
+    assert result.spec["data"]["sources"] == [
+        {"files": ["s1.root", "s2.root"], "label": 1},
+        {"files": ["b1.root", "b2.root"], "label": 0},
+        {"files": ["x.root"], "label": 2.5},
+    ]
+    mlaas.spec.load(result.spec)
+
+
+def test_label_count_mismatch_names_both_files(tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(base_params()))
+    files = tmp_path / "files.txt"
+    files.write_text("a.root\nb.root\n# c.root\nc.root\n")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1\n0\n")
+    with pytest.raises(SpecError) as info:
+        convert_files(params, files, labels)
+    message = str(info.value)
+    assert str(files) in message and str(labels) in message
+    assert "3 file(s)" in message and "2 label(s)" in message
+
+
+def test_label_must_be_a_number() -> None:
+    with pytest.raises(SpecError, match="'signal' in labels.txt is not a number"):
+        convert(base_params(), ["a.root"], ["signal"])
+
+
+def test_unparseable_def_becomes_a_note() -> None:
+    preproc = {"new_branch": {"weird": {"def": "foo(MET_px) +", "type": "flat",
+                                        "cut": "weird > 1", "remove": "False"}}}
+    result = convert(base_params(), ["a.root"], ["1"], preproc, tree_kinds=HZZ_KINDS)
+    data = result.spec["data"]
+    assert "derived" not in data and "cut" not in data
+    assert data["features"] == ["NMuon", "MET_px"]
+    assert note_about(result.notes, "new_branch 'weird': def 'foo(MET_px) +'")
+    assert note_about(result.notes, "its cuts (cut) were left out")
+    mlaas.spec.load(result.spec)
+
+
+def test_cut_on_an_untranslated_new_branch_is_dropped() -> None:
+    preproc = {"new_branch": {"bad": {"def": "np.log1p(MET_px)", "type": "flat"}},
+               "flat_cut": {"bad": {"cut": "bad > 0", "remove": "False"},
+                            "NMuon": {"cut": "NMuon > 0", "remove": "False"}}}
+    result = convert(base_params(), ["a.root"], ["1"], preproc, tree_kinds=HZZ_KINDS)
+    assert result.spec["data"]["cut"] == "NMuon > 0"
+    assert note_about(result.notes, "cut 'bad > 0' uses 'bad'")
+    assert not note_about(result.notes, "tree does not have")
+
+
+def test_names_missing_from_the_tree_are_notes() -> None:
+    preproc = {"new_branch": {"pt": {"def": "hypot(Muon_px, Muon_Py)", "type": "jagged"}},
+               "jagged_cut": {"Elec_E": {"cut": ["Elec_E > 1", "any"], "remove": "False"}}}
+    result = convert(base_params(), ["a.root"], ["1"], preproc, tree_kinds=HZZ_KINDS)
+    assert note_about(result.notes, "preproc uses 'Elec_E', 'Muon_px', which the first file")
+    mlaas.spec.load(result.spec)
+
+
+def test_features_all_with_exclude_patterns_and_removed_branches() -> None:
+    params = {"branch": "events", "selected_branches": "", "identifier": "run,event",
+              "exclude_branches": ["Jet_*", "MET_py"], "nevts": -1, "chunk_size": -1}
+    preproc = {"new_branch": {"MET_pt": {"def": "np.hypot(MET_px, MET_py)", "type": "flat",
+                                         "remove": "True", "keys_to_remove": ["MET_px"]}},
+               "flat_cut": {"NMuon": {"cut": "NMuon >= 1", "remove": "True"}}}
+    result = convert(params, ["a.root"], ["1"], preproc, tree_kinds=HZZ_KINDS)
+    data = result.spec["data"]
+    assert data["features"] == "all"
+    assert data["exclude"] == ["Jet_Px", "Jet_Py", "Jet_ID", "MET_py", "NMuon", "MET_pt",
+                               "MET_px"]
+    assert data["identifiers"] == ["run", "event"]
+    assert data["derived"] == {"MET_pt": "hypot(MET_px, MET_py)"}
+    assert data["cut"] == "NMuon >= 1"
+    assert "max_events" not in data and "step_size" not in data
+    assert note_about(result.notes, "chunk_size=-1")
+    mlaas.spec.load(result.spec)
+
+
+def test_selected_without_kinds_notes_jagged_and_ignores_exclude() -> None:
+    params = base_params(selected_branches="NMuon, Muon_Px", exclude_branches=["MET_px"])
+    result = convert(params, ["root://eos.example//a.root"], ["1"])
+    assert result.spec["data"]["features"] == ["NMuon", "Muon_Px"]
+    assert "exclude" not in result.spec["data"]
+    assert note_about(result.notes, "{branch: NAME}")
+    assert note_about(result.notes, "exclude_branches is ignored")
+    assert not note_about(result.notes, "relative to the working directory")
+
+
+def test_unopenable_first_file_is_a_note(tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(base_params(selected_branches=["NMuon"])))
+    (tmp_path / "files.txt").write_text("root://eos.example//store/a.root\n")
+    (tmp_path / "labels.txt").write_text("1\n")
+    result = convert_files(params, tmp_path / "files.txt", tmp_path / "labels.txt")
+    assert "not a local file" in result.notes[0]
+    assert result.spec["data"]["features"] == ["NMuon"]
+
+
+def test_exclude_branches_from_a_file(tmp_path: Path) -> None:
+    """MLaaS4HEP also took exclude_branches as the name of a file, one branch per line."""
+    (tmp_path / "exclude.txt").write_text("Jet_Px\n# comment\nJet_Py\n")
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"branch": "events", "selected_branches": "",
+                                  "exclude_branches": "exclude.txt"}))
+    (tmp_path / "files.txt").write_text(f"{FILES / 'uproot-HZZ.root'}\n")
+    (tmp_path / "labels.txt").write_text("1\n")
+    result = convert_files(params, tmp_path / "files.txt", tmp_path / "labels.txt")
+    assert result.spec["data"]["features"] == "all"
+    assert result.spec["data"]["exclude"] == ["Jet_Px", "Jet_Py"]
+    assert result.notes == []
+    assert "# Everything was mapped." in result.yaml()
+
+
+@pytest.mark.parametrize(("value", "expected", "noted"), [
+    ("root://cms-xrd-global.cern.ch", "root://cms-xrd-global.cern.ch", False),
+    ("cms-xrd-global.cern.ch", "root://cms-xrd-global.cern.ch", True),
+    ("https://example.org", None, True),
+    ("", None, False),
+])
+def test_redirector(value: str, expected: str | None, noted: bool) -> None:
+    result = convert(base_params(redirector=value), ["a.root"], ["1"])
+    assert result.spec["data"].get("redirector") == expected
+    assert bool(note_about(result.notes, "redirector")) is noted
+    mlaas.spec.load(result.spec)
+
+
+def test_unknown_preproc_keys_are_notes() -> None:
+    preproc = {"new_cut": {}, "flat_cut": {"NMuon": {"cut": "NMuon > 0", "remove": "False",
+                                                     "weight": 2}}}
+    result = convert(base_params(), ["a.root"], ["1"], preproc)
+    assert note_about(result.notes, "unknown preproc key 'new_cut'")
+    assert note_about(result.notes, "flat_cut.NMuon key 'weight' is unknown")
+    assert result.spec["data"]["cut"] == "NMuon > 0"
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("np.log(x)", "log(x)"),
+    ("numpy.sqrt(a**2 + b**2)", "sqrt(a**2 + b**2)"),
+    ("np.absolute(x) * np.pi", "abs(x) * 3.141592653589793"),
+    ("fabs(x)", "abs(x)"),
+    ("a > 1 && !(b < 2)", "a > 1 and not (b < 2)"),
+    ("a != 1 || b", "a != 1 or b"),
+])
+def test_translate_expression(source: str, expected: str) -> None:
+    assert translate_expression(source) == expected
+
+
+def test_numpy_reductions_are_not_taken_for_ours() -> None:
+    """np.max(x) was a maximum over all events; our max(x) is one per event."""
+    preproc = {"new_branch": {"top": {"def": "np.max(Muon_Px)", "type": "flat"}}}
+    result = convert(base_params(), ["a.root"], ["1"], preproc)
+    assert "derived" not in result.spec["data"]
+    assert note_about(result.notes, "new_branch 'top': def 'np.max(Muon_Px)'")
+
+
+def test_root_logic_keeps_its_precedence() -> None:
+    """``&&`` binds looser than ``>`` in ROOT; a plain ``&`` here would not."""
+    text = translate_expression("MET_px > 1 && NMuon < 2")
+    env = {"MET_px": np.array([0.0, 5.0, 5.0]), "NMuon": np.array([1, 1, 3])}
+    assert parse(text).evaluate(env).tolist() == [False, True, False]

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def spec_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     nested = (spec.DataSpec, spec.Source, spec.JaggedFeature, spec.NormalizeSpec,
-              spec.SplitSpec, spec.NanSpec, spec.CacheSpec, spec.RetrySpec)
+              spec.SplitSpec, spec.NanSpec, spec.CacheSpec, spec.RetrySpec, spec.ModelSpec,
+              spec.TrainSpec, spec.EarlyStopping)
     for name, field in model.model_fields.items():
         path = prefix + name
         out.append(path)
@@ -33,6 +34,7 @@ def test_every_spec_field_is_in_the_reference() -> None:
     text = (ROOT / "docs" / "spec.md").read_text()
     fields = spec_fields(spec.Pipeline)
     assert "data.sources[].files" in fields and "data.cache.max_bytes" in fields
+    assert "train.early_stopping.patience" in fields and "model.pool" in fields
     missing = [f for f in fields if f"`{f}`" not in text]
     assert missing == []
 

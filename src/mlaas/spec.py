@@ -45,6 +45,9 @@ __all__ = [
     "NanSpec",
     "CacheSpec",
     "RetrySpec",
+    "ModelSpec",
+    "TrainSpec",
+    "EarlyStopping",
     "load",
     "collection_of",
     "parse_step_size",
@@ -310,12 +313,80 @@ class DataSpec(_Model):
         return self
 
 
+Activation = Literal["relu", "gelu", "tanh", "silu", "elu"]
+
+
+class ModelSpec(_Model):
+    """The network: a builtin (``mlp``, ``deepsets``) or a user file with ``build()``."""
+
+    builtin: Literal["mlp", "deepsets"] | None = Field(
+        default=None, description="mlp or deepsets; default mlp unless file is given."
+    )
+    file: str | None = Field(
+        default=None,
+        description="Python file defining build(n_features, spec) -> torch.nn.Module.",
+    )
+    hidden: list[int] = Field(default_factory=lambda: [128, 64],
+                              description="mlp: hidden layer widths.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    activation: Activation = Field(default="relu", description="Activation function.")
+    batchnorm: bool = Field(default=False, description="mlp: batch normalisation after each layer.")
+    phi: list[int] = Field(default_factory=lambda: [64, 64],
+                           description="deepsets: per-object network widths.")
+    rho: list[int] = Field(default_factory=lambda: [128, 64],
+                           description="deepsets: network on pooled + flat features.")
+    pool: Literal["sum", "mean", "max"] = Field(default="sum", description="deepsets: pooling.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSpec:
+        if self.builtin is not None and self.file is not None:
+            raise ValueError("give either model.builtin or model.file, not both")
+        if self.builtin is None and self.file is None:
+            self.builtin = "mlp"
+        return self
+
+
+class EarlyStopping(_Model):
+    """Stop when the validation loss has not improved for ``patience`` epochs."""
+
+    patience: int = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0, description="Smallest improvement that counts.")
+
+
+class TrainSpec(_Model):
+    """How the network is trained."""
+
+    epochs: int = Field(default=10, ge=1, le=100_000)
+    batch_size: int = Field(default=1024, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0, description="Learning rate.")
+    lr_schedule: Literal["none", "cosine", "plateau"] = "none"
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    early_stopping: EarlyStopping | None = Field(default=None)
+    class_weights: Literal["none", "balanced"] = Field(
+        default="none", description="balanced: weight classes inversely to their counts."
+    )
+    seed: int = Field(default=0, description="Seeds weights, shuffling and dropout.")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
+    num_workers: int = Field(default=0, ge=0, le=64, description="DataLoader worker processes.")
+    checkpoint_every: int = Field(default=1, ge=1, description="Epochs between checkpoints.")
+    max_time: float | None = Field(
+        default=None, gt=0.0, description="Wall-clock limit in seconds; then checkpoint and stop."
+    )
+
+
 class Pipeline(_Model):
-    """One pipeline: data now; model, train and resources in later versions."""
+    """One pipeline: data, task, model and training (resources in a later version)."""
 
     version: Literal[1] = 1
     name: str | None = Field(default=None, description="A name for reports and the registry.")
+    task: Literal["binary", "multiclass", "regression"] = Field(
+        default="binary", description="binary (default), multiclass (integer labels 0..K-1), "
+        "or regression (the label is the target)."
+    )
     data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -338,8 +409,13 @@ class Pipeline(_Model):
         return out
 
     def digest(self) -> str:
-        """A stable hash of the spec's content, for caches and provenance."""
+        """A stable hash of the spec's content, for provenance."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def data_digest(self) -> str:
+        """A stable hash of the data part only: what decides preprocessed arrays (caches)."""
+        blob = json.dumps(self.data.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -135,7 +135,7 @@ class RootDataset:
     def _cache(self, shift: np.ndarray, scale: np.ndarray) -> ChunkCache:
         c = self.pipeline.data.cache
         key = dataset_key({
-            "spec": self.pipeline.digest(), "split": self.split,
+            "spec": self.pipeline.data_digest(), "split": self.split,
             "shift": shift.tolist(), "scale": scale.tolist(),
             "files": [f.identity for f in self.files],
         })

@@ -58,6 +58,8 @@ def close_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[st
 class MlaasError(Exception):
     """Base of every mlaas error; carries context attributes for APIs."""
 
+    exit_code = 1  # what the CLI exits with; preemption has its own code
+
     def __init__(self, message: str, **context: Any) -> None:
         self.message = message
         self.context = {k: v for k, v in context.items() if v is not None}

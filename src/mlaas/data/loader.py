@@ -35,9 +35,10 @@ from mlaas.spec import Pipeline
 __all__ = ["RootDataset", "prepare"]
 
 Batch = dict[str, np.ndarray]
+Prepared = tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]
 
 
-def prepare(pipeline: Pipeline) -> tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]:
+def prepare(pipeline: Pipeline) -> Prepared:
     """Resolve files, bind the spec to the first tree and plan every chunk."""
     files = sources.resolve_files(pipeline)
     first = files[0]
@@ -64,6 +65,8 @@ class RootDataset:
         drop_last (bool): drop a final partial batch.
         prefetch (bool): read the next chunk in a background thread.
         progress (callable): ``(events, bytes)`` per chunk read in pass 1.
+        prepared (tuple): the result of :func:`prepare`, shared by the splits of
+            one run so files are opened and planned once.
 
     Each batch has ``x`` float32 [B, n_features] (normalised), ``y`` float32 [B],
     ``w`` float32 [B], ``mask`` float32 [B, n_slots] (1 for a real jagged
@@ -84,6 +87,7 @@ class RootDataset:
         drop_last: bool = False,
         prefetch: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        prepared: Prepared | None = None,
     ) -> None:
         if split not in (*SPLITS, "all"):
             raise SpecError(f"unknown split {split!r}; use train, validation, test or all")
@@ -96,7 +100,7 @@ class RootDataset:
         self.seed = seed
         self.drop_last = drop_last
         self.prefetch = prefetch
-        self.layout, self.files, self.chunks = prepare(self.pipeline)
+        self.layout, self.files, self.chunks = prepared or prepare(self.pipeline)
         self.stats = self._stats(stats, progress)
         pass1.resolve_lengths(self.layout, self.stats)
         shift, scale = pass1.normalization(self.pipeline, self.layout, self.stats)

@@ -103,6 +103,36 @@ class Layout:
             },
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Layout:
+        """Rebuild a layout without a tree: :meth:`to_dict` plus ``derived`` and ``cut``.
+
+        ``derived`` is a list of ``[name, expression]`` pairs in spec order;
+        ``cut``, ``label`` and ``weight`` are expression strings or absent.
+        Used by model bundles, which must preprocess events with no ROOT file.
+        """
+        def parse(source: str | None, path: str) -> expr.Expression | None:
+            return None if source is None else expr.parse(source, field_path=path)
+
+        derived = [(str(name), expr.parse(source, field_path=f"data.derived.{name}"))
+                   for name, source in d.get("derived", [])]
+        features = [
+            Feature(name=f["name"], expression=expr.parse(f["expression"], field_path=f["name"]),
+                    jagged=bool(f["jagged"]), normalize=f.get("normalize", "none"),
+                    collection=f.get("collection"), pad=float(f.get("pad", 0.0)))
+            for f in d["features"]
+        ]
+        collections = {
+            name: Collection(name, list(c["features"]),
+                             None if c.get("max_len") is None else int(c["max_len"]),
+                             c.get("sort_by"))
+            for name, c in d.get("collections", {}).items()
+        }
+        return cls(tree=d["tree"], branches=list(d["branches"]), derived=derived,
+                   cut=parse(d.get("cut"), "data.cut"), label=parse(d.get("label"), "data.label"),
+                   weight=parse(d.get("weight"), "data.weight"), features=features,
+                   collections=collections)
+
 
 def branch_kinds(tree: Any) -> dict[str, str]:
     """Each branch as ``flat``, ``jagged`` or ``unsupported:<type>``, from its interpretation."""

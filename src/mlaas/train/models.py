@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from mlaas.errors import SpecError
 
 __all__ = [
+    "build_model",
     "CollectionSlots",
     "InputLayout",
     "MLP",
@@ -449,3 +450,36 @@ def select_device(requested: str = "auto", cuda_available: bool | None = None,
         raise ValueError(f"device {requested!r} requested but only {count} GPU(s) are visible "
                          f"(cuda:0 to cuda:{count - 1})")
     return f"cuda:{index}"
+
+
+# -- from a pipeline spec ----------------------------------------------------------------------
+
+
+def build_model(pipeline: Any, layout: InputLayout, n_outputs: int) -> nn.Module:
+    """The network of ``pipeline.model`` for inputs ``layout`` and ``n_outputs`` outputs.
+
+    A builtin gets its options from the spec (``mlp``: hidden, dropout,
+    activation, batchnorm; ``deepsets``: phi, rho, pool, dropout, activation).
+    A user file (``model.file``, relative to ``pipeline.base_dir``) is called as
+    ``build(n_features, spec)`` where ``spec`` is the whole pipeline spec as a
+    plain dict (``pipeline.model_dump(mode="json")``) plus the key
+    ``"n_outputs"``, so the file knows the task and the output width.
+
+    Raises :class:`mlaas.errors.SpecError` (field ``model``) for options the
+    builtin rejects, or any failure of the user's file.
+    """
+    m = pipeline.model
+    if m.file is not None:
+        spec = {**pipeline.model_dump(mode="json"), "n_outputs": int(n_outputs)}
+        return load_user_model(Path(pipeline.base_dir) / m.file, layout.n_features, spec)
+    name = m.builtin or "mlp"
+    if name == "deepsets":
+        options: dict[str, Any] = {"phi": list(m.phi), "rho": list(m.rho), "pool": m.pool,
+                                   "dropout": m.dropout, "activation": m.activation}
+    else:
+        options = {"hidden": list(m.hidden), "dropout": m.dropout, "activation": m.activation,
+                   "batchnorm": m.batchnorm}
+    try:
+        return build_builtin(name, layout, n_outputs, **options)
+    except ValueError as exc:
+        raise SpecError(f"cannot build model {name!r}: {exc}", field_path="model") from exc

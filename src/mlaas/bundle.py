@@ -1,0 +1,572 @@
+"""Model bundles: load one, turn events into scores with exactly the training preprocessing.
+
+Layer: inference. A bundle is a directory (or a ``.tar.gz`` of one) written by
+:func:`mlaas.train.export.export_bundle`::
+
+    model.onnx        the network, normalisation folded in; input ``x`` (raw padded
+                      features), ``mask`` when the model uses it; output ``score``
+    spec.json         task, labels, feature and mask names, inputs/outputs, the
+                      layout (branches, derived names, cut, features, collections,
+                      branch kinds and dtypes), NaN policy, tree name, step size
+    metrics.json      test-split metrics of the run
+    provenance.json   input files, spec, package versions, times, host
+    plots/            the run's plots
+
+Everything that turns events into the model's inputs lives here, in
+:class:`Preprocessor`, and is shared by ``mlaas predict``
+(:func:`predict_file`), ``mlaas apply`` (:mod:`mlaas.apply`) and the server:
+the derived names, the cut, sorting, truncation and padding of collections and
+the NaN policy are the training code's own functions (``mlaas.data.transform``)
+applied to a :class:`~mlaas.data.layout.Layout` rebuilt from spec.json. The
+normalisation is inside the ONNX graph, so it cannot drift from training.
+
+Scores are float32 ``[n_events, n_outputs]``: the signal probability (binary),
+class probabilities (multiclass) or the prediction (regression). **Events that
+fail the cut get NaN scores** (``None`` in :func:`predict_file`'s JSON), so
+outputs stay aligned with inputs, entry by entry.
+
+Loading a ``.tar.gz`` never trusts it: members with absolute paths, ``..``,
+links, devices or FIFOs are refused, and so are members above a size limit,
+all before anything is written; extraction goes to a private temporary
+directory that is removed once the model is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import awkward as ak
+import numpy as np
+
+from mlaas.data.layout import Layout, as_float64
+from mlaas.data.transform import SlotIndex, evaluate_env, jagged_values, selection
+from mlaas.errors import BadValues, BundleError, DataError, close_names
+
+__all__ = [
+    "Bundle",
+    "Preprocessor",
+    "Prepared",
+    "InvalidEvent",
+    "predict_file",
+    "FORMAT_VERSION",
+    "MAX_MEMBER_BYTES",
+    "MAX_TOTAL_BYTES",
+    "MAX_MEMBERS",
+    "SPEC_FILE",
+    "MODEL_FILE",
+]
+
+FORMAT_VERSION = 1
+SPEC_FILE = "spec.json"
+MODEL_FILE = "model.onnx"
+MAX_MEMBER_BYTES = 2 * 1024**3  # one file of a bundle archive
+MAX_TOTAL_BYTES = 4 * 1024**3  # all files of a bundle archive together
+MAX_MEMBERS = 10_000
+RUN_BATCH = 65_536  # events per ONNX Runtime call: bounds the memory of the inputs
+_COPY_BLOCK = 1 << 20
+
+
+class InvalidEvent(DataError):
+    """An input event that cannot be scored: a missing field or a value of the wrong kind.
+
+    ``event`` (index in the input, or None for a whole column) and ``field``
+    are attributes, and part of :meth:`to_dict`, so an HTTP API can point at
+    the offending value.
+    """
+
+
+# -- preprocessing (shared by predict, apply and the server) ------------------------------
+
+
+@dataclass
+class Prepared:
+    """The model's inputs for the events that pass the cut.
+
+    ``x`` float32 [m, n_features] raw padded features (not normalised: the
+    graph does that), ``mask`` float32 [m, n_slots], ``index`` [m] the
+    positions of these events in the input, ``n`` the number of input events.
+    """
+
+    x: np.ndarray
+    mask: np.ndarray
+    index: np.ndarray
+    n: int
+
+
+class Preprocessor:
+    """Arrays of branches in, raw model inputs out: derived names, cut, features, NaN policy.
+
+    The same operations as :class:`mlaas.data.transform.Transform` with an
+    identity normalisation, built from the training code's own functions.
+
+    Args:
+        layout (Layout): the layout (from spec.json via :meth:`Layout.from_dict`).
+        nan_policy (str): ``error`` or ``replace``.
+        nan_value (float): the replacement under ``replace``.
+    """
+
+    def __init__(self, layout: Layout, nan_policy: str = "error", nan_value: float = 0.0) -> None:
+        self.layout = layout
+        self.nan_policy = nan_policy
+        self.nan_value = float(nan_value)
+        self.feature_names = layout.column_names()
+        self.mask_names = layout.mask_names()
+
+    def __call__(self, arrays: Mapping[str, Any], where: str = "<events>") -> Prepared:
+        layout = self.layout
+        missing = [b for b in layout.branches if b not in arrays]
+        if missing:
+            raise DataError(f"no array for branch(es) {', '.join(map(repr, missing))}; the "
+                            f"model reads {', '.join(layout.branches)}", file_path=where)
+        n = len(arrays[layout.branches[0]]) if layout.branches else 0
+        env = evaluate_env(layout, arrays)
+        keep = selection(layout, env, n, where)
+        index = np.flatnonzero(keep)
+        m = len(index)
+        jagged = jagged_values(layout, env, keep, where)
+        blocks: list[np.ndarray] = []
+        slots: dict[str, SlotIndex] = {}
+        for f in layout.features:
+            if f.jagged:
+                assert f.collection is not None
+                content, counts = jagged[f.name]
+                if f.collection not in slots:
+                    max_len = layout.collections[f.collection].max_len
+                    assert max_len is not None
+                    slots[f.collection] = SlotIndex(counts, max_len)
+                rows = np.repeat(np.arange(m), counts)
+                content = self._clean(content, f.name, index, rows, where)
+                blocks.append(slots[f.collection].fill(content, f.pad))
+            else:
+                value = as_float64(f.expression.evaluate(env), n)[index]
+                blocks.append(self._clean(value, f.name, index, None, where)[:, None])
+        x = (np.concatenate(blocks, axis=1).astype(np.float32) if blocks
+             else np.zeros((m, 0), dtype=np.float32))
+        masks = [slots[c].mask for c in layout.collections]
+        mask = np.concatenate(masks, axis=1) if masks else np.zeros((m, 0), dtype=np.float32)
+        return Prepared(x=x, mask=mask, index=index, n=n)
+
+    def _clean(self, values: np.ndarray, name: str, index: np.ndarray, rows: np.ndarray | None,
+               where: str) -> np.ndarray:
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            return values
+        if self.nan_policy == "error":
+            first = int(np.flatnonzero(bad)[0])
+            event = int(index[rows[first] if rows is not None else first])
+            raise BadValues(
+                f"feature {name!r} is {values[first]!r} in event {event} ({int(bad.sum())} NaN "
+                "or infinite values in all); the model was trained with data.nan: error",
+                file_path=where, branch=name, event=event, field=name,
+            )
+        values = values.copy()
+        values[bad] = self.nan_value
+        return values
+
+
+# -- events given as JSON-like data ---------------------------------------------------------
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_))
+
+
+def _number(value: Any, dtype: np.dtype, event: int, field: str, element: int | None) -> Any:
+    where = f"element {element} of field {field!r}" if element is not None else f"field {field!r}"
+    if dtype.kind == "b" and isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)  # true/false as 1/0, as numpy would
+    if not _is_number(value):
+        what = _kind_of(value)
+        expected = "a number" if element is not None else "a number (one value per event)"
+        if isinstance(value, (list, tuple)) and element is None:
+            raise InvalidEvent(f"event {event}: {where} is a list, but {field!r} holds one "
+                               "number per event", event=event, field=field)
+        raise InvalidEvent(f"event {event}: {where} is {what}, not {expected}",
+                           event=event, field=field)
+    if dtype.kind in "iub" and float(value) != int(value):
+        raise InvalidEvent(f"event {event}: {where} is {value!r}, but {field!r} holds integers",
+                           event=event, field=field)
+    return value
+
+
+def _column(values: Sequence[Any], name: str, kind: str, dtype: np.dtype) -> ak.Array:
+    """One branch from per-event Python values, each checked, as the file would give it."""
+    if kind == "jagged":
+        counts = np.zeros(len(values), dtype=np.int64)
+        content: list[Any] = []
+        for i, v in enumerate(values):
+            if not isinstance(v, (list, tuple, np.ndarray)):
+                raise InvalidEvent(f"event {i}: field {name!r} is {_kind_of(v)}, but {name!r} "
+                                   "holds a list of numbers per event", event=i, field=name)
+            counts[i] = len(v)
+            content.extend(_number(e, dtype, i, name, j) for j, e in enumerate(v))
+        flat = np.asarray(content, dtype=dtype) if content else np.zeros(0, dtype=dtype)
+        return ak.unflatten(flat, counts)
+    checked = [_number(v, dtype, i, name, None) for i, v in enumerate(values)]
+    return ak.Array(np.asarray(checked, dtype=dtype) if checked else np.zeros(0, dtype=dtype))
+
+
+def _missing_field(name: str, available: Any, event: int | None) -> InvalidEvent:
+    near = close_names(name, [str(k) for k in available])
+    hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+    where = f"event {event} has no field" if event is not None else "no column for field"
+    return InvalidEvent(f"{where} {name!r}, which the model needs{hint}", event=event, field=name)
+
+
+def events_to_arrays(events: Any, branch_types: Mapping[str, Mapping[str, str]]
+                     ) -> dict[str, ak.Array]:
+    """Rows ``[{"MET_pt": 20.1, "Jet_pt": [50.2, 31.0]}, ...]`` or columns
+    ``{"MET_pt": [...], "Jet_pt": [[...], ...]}`` as awkward arrays of exactly the
+    branches in ``branch_types`` (``{name: {"kind": flat|jagged, "dtype": ...}}``).
+
+    Extra fields are ignored. Errors are :class:`InvalidEvent` naming the event
+    index and the field.
+    """
+    if isinstance(events, Mapping) and set(events) == {"events"} and "events" not in branch_types:
+        events = events["events"]
+    columns: dict[str, Sequence[Any]] = {}
+    if isinstance(events, Mapping):
+        n: int | None = None
+        first = ""
+        for name in branch_types:
+            if name not in events:
+                raise _missing_field(name, events, None)
+            col = events[name]
+            if not isinstance(col, (list, tuple, np.ndarray)):
+                raise InvalidEvent(f"column {name!r} is {_kind_of(col)}, not a list with one "
+                                   "value per event", field=name)
+            if n is None:
+                n, first = len(col), name
+            elif len(col) != n:
+                raise InvalidEvent(f"column {name!r} has {len(col)} values but column "
+                                   f"{first!r} has {n}; give one value per event in each",
+                                   field=name)
+            columns[name] = col
+    elif isinstance(events, Sequence) and not isinstance(events, (str, bytes)):
+        for i, row in enumerate(events):
+            if not isinstance(row, Mapping):
+                raise InvalidEvent(f"event {i} is {_kind_of(row)}, not an object of fields",
+                                   event=i)
+            for name in branch_types:
+                if name not in row:
+                    raise _missing_field(name, row, i)
+        columns = {name: [row[name] for row in events] for name in branch_types}
+    else:
+        raise InvalidEvent(f"events are {_kind_of(events)}; give a list of objects (one per "
+                           "event) or an object of lists (one per field)")
+    return {name: _column(columns[name], name, t["kind"], np.dtype(t["dtype"]))
+            for name, t in branch_types.items()}
+
+
+# -- safe archive extraction ----------------------------------------------------------------
+
+
+def _check_member(member: tarfile.TarInfo, max_member_bytes: int) -> None:
+    name = member.name
+    path = PurePosixPath(name)
+    if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise BundleError(f"bundle archive member {name!r} has an absolute path; refused")
+    if ".." in path.parts or "\\" in name:
+        raise BundleError(f"bundle archive member {name!r} points outside the bundle; refused")
+    if member.issym() or member.islnk():
+        raise BundleError(f"bundle archive member {name!r} is a link (to "
+                          f"{member.linkname!r}); refused")
+    if not (member.isreg() or member.isdir()):
+        raise BundleError(f"bundle archive member {name!r} is a device, FIFO or other special "
+                          "file; refused")
+    if member.size > max_member_bytes:
+        raise BundleError(f"bundle archive member {name!r} is {member.size} bytes, above the "
+                          f"limit of {max_member_bytes}; refused")
+
+
+def safe_extract(archive: str | os.PathLike[str], dest: Path, *,
+                 max_member_bytes: int = MAX_MEMBER_BYTES,
+                 max_total_bytes: int = MAX_TOTAL_BYTES,
+                 max_members: int = MAX_MEMBERS) -> None:
+    """Extract a bundle archive into ``dest`` after checking every member.
+
+    All members are checked before anything is written; any problem raises
+    :class:`BundleError` naming the member.
+    """
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = []
+            total = 0
+            for member in tar:
+                members.append(member)
+                if len(members) > max_members:
+                    raise BundleError(f"bundle archive has more than {max_members} members")
+                _check_member(member, max_member_bytes)
+                total += member.size
+                if total > max_total_bytes:
+                    raise BundleError(f"bundle archive is larger than {max_total_bytes} bytes "
+                                      f"unpacked (at member {member.name!r}); refused")
+            for member in members:
+                target = dest.joinpath(*PurePosixPath(member.name).parts)
+                try:
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    with source, open(target, "xb") as out:
+                        shutil.copyfileobj(source, out, _COPY_BLOCK)
+                except OSError as exc:
+                    raise BundleError(f"cannot extract bundle archive member {member.name!r}: "
+                                      f"{exc}") from exc
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BundleError(f"{os.fspath(archive)!r} is not a readable bundle archive "
+                          f"(.tar.gz): {exc}") from exc
+
+
+def _bundle_root(directory: Path) -> Path:
+    """The directory holding spec.json: ``directory`` or its only subdirectory."""
+    if (directory / SPEC_FILE).exists():
+        return directory
+    subdirs = [p for p in directory.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / SPEC_FILE).exists():
+        return subdirs[0]
+    return directory
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"the bundle has no {what} ({path.name})", file_path=str(path)) from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path.name} of the bundle is not valid JSON: {exc}",
+                          file_path=str(path)) from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path.name} of the bundle must hold an object", file_path=str(path))
+    return data
+
+
+def _session(model: bytes, threads: int | None, where: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: ORT's warnings are not the user's problem
+    try:
+        return ort.InferenceSession(model, sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise BundleError(f"model.onnx cannot be loaded by ONNX Runtime: {exc}",
+                          file_path=where) from exc
+
+
+def _safe_label(label: str) -> str:
+    text = "".join(c if c.isalnum() or c == "_" else "_" for c in str(label))
+    return text or "class"
+
+
+# -- the bundle -----------------------------------------------------------------------------
+
+
+class Bundle:
+    """A loaded model bundle: its spec, metrics, provenance and an ONNX Runtime session.
+
+    Use :meth:`load`. Attributes: ``path``, ``spec`` (spec.json), ``metrics``,
+    ``provenance``, ``task``, ``label_names``, ``n_outputs``, ``layout``,
+    ``preprocessor``, ``tree`` (the tree name), ``branch_types`` and ``input_names``.
+    """
+
+    def __init__(self, path: Path, spec: dict[str, Any], model: bytes, metrics: dict[str, Any],
+                 provenance: dict[str, Any], threads: int | None = None) -> None:
+        self.path = path
+        self.spec = spec
+        self.metrics = metrics
+        self.provenance = provenance
+        where = str(path)
+        version = spec.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"bundle format_version {version!r} is not supported by this "
+                              f"mlaas (it reads version {FORMAT_VERSION})", file_path=where)
+        try:
+            self.task: str = spec["task"]
+            self.label_names: list[str] = [str(n) for n in spec["label_names"]]
+            self.n_outputs = int(spec["n_outputs"])
+            layout_dict = spec["layout"]
+            self.layout = Layout.from_dict(layout_dict)
+            self.branch_types: dict[str, dict[str, str]] = dict(layout_dict["branch_types"])
+            nan = spec.get("nan", {})
+            self.preprocessor = Preprocessor(self.layout, nan.get("policy", "error"),
+                                             nan.get("value", 0.0))
+            declared = [str(i["name"]) for i in spec["inputs"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"spec.json of the bundle is incomplete or malformed: "
+                              f"{type(exc).__name__}: {exc}", file_path=where) from exc
+        self.tree: str = self.layout.tree
+        self.step_size = spec.get("step_size", "100 MB")
+        self.session = _session(model, threads, where)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        if self.input_names != declared:
+            raise BundleError(f"model.onnx takes inputs {self.input_names} but spec.json "
+                              f"declares {declared}; the bundle is inconsistent", file_path=where)
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "score" not in outputs:
+            raise BundleError(f"model.onnx has no output 'score' (outputs: {outputs})",
+                              file_path=where)
+        widths = {"x": len(self.preprocessor.feature_names),
+                  "mask": len(self.preprocessor.mask_names)}
+        for i in self.session.get_inputs():
+            width = i.shape[1] if len(i.shape) == 2 else None
+            if i.name in widths and isinstance(width, int) and width != widths[i.name]:
+                raise BundleError(f"model.onnx input {i.name!r} has {width} columns but the "
+                                  f"layout in spec.json gives {widths[i.name]}", file_path=where)
+        if self.branch_types.keys() != set(self.layout.branches):
+            raise BundleError("spec.json's layout.branch_types does not list the branches the "
+                              "layout reads", file_path=where)
+
+    # -- loading
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, threads: int | None = None,
+             max_member_bytes: int = MAX_MEMBER_BYTES,
+             max_total_bytes: int = MAX_TOTAL_BYTES) -> Bundle:
+        """Load a bundle directory or a ``.tar.gz`` of one.
+
+        Args:
+            path: the bundle directory (holding spec.json and model.onnx) or an archive.
+            threads: ONNX Runtime intra-op threads; default min(2, CPUs).
+            max_member_bytes, max_total_bytes: limits for archives.
+
+        Raises :class:`BundleError` for a missing, unsafe, corrupt or inconsistent bundle.
+        """
+        p = Path(path)
+        if p.is_dir():
+            return cls._from_dir(p, p, threads)
+        if not p.exists():
+            raise BundleError(f"no bundle at {str(p)!r} (give the bundle directory or "
+                              "bundle.tar.gz)", file_path=str(p))
+        with tempfile.TemporaryDirectory(prefix="mlaas-bundle-") as tmp:
+            safe_extract(p, Path(tmp), max_member_bytes=max_member_bytes,
+                         max_total_bytes=max_total_bytes)
+            return cls._from_dir(_bundle_root(Path(tmp)), p, threads)
+
+    @classmethod
+    def _from_dir(cls, directory: Path, origin: Path, threads: int | None) -> Bundle:
+        spec = _read_json(directory / SPEC_FILE, "spec")
+        try:
+            model = (directory / MODEL_FILE).read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"the bundle has no {MODEL_FILE}", file_path=str(origin)) from None
+        metrics = _read_json(directory / "metrics.json", "metrics") \
+            if (directory / "metrics.json").exists() else {}
+        prov = _read_json(directory / "provenance.json", "provenance") \
+            if (directory / "provenance.json").exists() else {}
+        return cls(origin, spec, model, metrics, prov, threads)
+
+    # -- outputs
+
+    def column_names(self, name: str = "score") -> list[str]:
+        """Output column names: ``name`` for one output, ``name_<label>`` per class otherwise."""
+        if self.n_outputs == 1:
+            return [name]
+        labels = self.label_names if len(self.label_names) == self.n_outputs \
+            else [str(k) for k in range(self.n_outputs)]
+        return [f"{name}_{_safe_label(label)}" for label in labels]
+
+    # -- inference
+
+    def run(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The ONNX model on raw inputs, in batches; float32 [m, n_outputs]."""
+        out = np.empty((len(x), self.n_outputs), dtype=np.float32)
+        for start in range(0, len(x), RUN_BATCH):
+            rows = slice(start, start + RUN_BATCH)
+            feeds = {"x": np.ascontiguousarray(x[rows], dtype=np.float32)}
+            if "mask" in self.input_names:
+                feeds["mask"] = np.ascontiguousarray(mask[rows], dtype=np.float32)
+            (score,) = self.session.run(["score"], feeds)
+            out[rows] = score.reshape(len(feeds["x"]), self.n_outputs)
+        return out
+
+    def predict_arrays(self, arrays: Mapping[str, Any], where: str = "<events>"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of events given as awkward/numpy arrays of the layout's branches.
+
+        Returns ``(scores, passed)``: float32 ``[n, n_outputs]`` (NaN for events
+        failing the cut) and bool ``[n]`` (the cut).
+        """
+        prep = self.preprocessor(arrays, where)
+        scores = np.full((prep.n, self.n_outputs), np.nan, dtype=np.float32)
+        if len(prep.index):
+            scores[prep.index] = self.run(prep.x, prep.mask)
+        passed = np.zeros(prep.n, dtype=bool)
+        passed[prep.index] = True
+        return scores, passed
+
+    def predict_events(self, events: Any) -> np.ndarray:
+        """Scores of JSON-like events, float32 ``[n, n_outputs]``; NaN for events failing the cut.
+
+        ``events`` is a list of rows ``[{"MET_pt": 20.1, "Jet_pt": [50.2, 31.0]}, ...]``
+        or columns ``{"MET_pt": [...], "Jet_pt": [[...], ...]}`` (optionally
+        wrapped as ``{"events": ...}``); exactly the branches the model reads
+        are needed, extra fields are ignored. A missing field, a non-numeric
+        value, or a list where a number is expected (or the reverse) raises
+        :class:`InvalidEvent` naming the event index and the field.
+        """
+        arrays = events_to_arrays(events, self.branch_types)
+        scores, _ = self.predict_arrays(arrays)
+        return scores
+
+
+def _jsonable(scores: np.ndarray) -> list[Any]:
+    rows: list[Any] = []
+    for row in scores.tolist():
+        clean = [None if v != v else v for v in row]  # NaN -> null (JSON has no NaN)
+        rows.append(clean[0] if len(clean) == 1 else clean)
+    return rows
+
+
+def predict_file(bundle_path: str | os.PathLike[str], input_json_path: str | os.PathLike[str]
+                 ) -> list[Any]:
+    """Score the events of a JSON file (``-`` for stdin) with a bundle, for ``mlaas predict``.
+
+    The file holds rows, columns or ``{"events": ...}`` (see
+    :meth:`Bundle.predict_events`). Returns one entry per event: a float for
+    single-output models, a list of floats (one per class) for multiclass;
+    ``None`` for events failing the cut.
+    """
+    bundle = Bundle.load(bundle_path)
+    try:
+        if os.fspath(input_json_path) == "-":
+            events = json.load(sys.stdin)
+        else:
+            with open(input_json_path) as f:
+                events = json.load(f)
+    except OSError as exc:
+        raise DataError(f"cannot read events file: {exc}",
+                        file_path=os.fspath(input_json_path)) from exc
+    except ValueError as exc:
+        raise DataError(f"events file is not valid JSON: {exc}",
+                        file_path=os.fspath(input_json_path)) from exc
+    return _jsonable(bundle.predict_events(events))

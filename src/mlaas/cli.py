@@ -89,8 +89,12 @@ def stats(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write stats.json here.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Pass 1: per-feature count, NaN/inf, min, max, mean, std, jagged multiplicities, and
-    selected events per source and split, streaming over every input file."""
+    """Pass 1: streaming statistics of every feature and selected events per source.
+
+    Per feature: count, NaN/inf, min, max, mean, std, and for jagged branches
+    the multiplicity histogram; per source: entries, selected after the cut,
+    and events per split. These constants normalise the features.
+    """
     from mlaas.data import stats as pass1
     from mlaas.data.loader import prepare
     from mlaas.spec import load
@@ -132,14 +136,20 @@ def _g(value: float | None) -> str:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where data, spec and stats are written.")] = Path("build/run"),
-    events: Annotated[int, typer.Option("--events", "-n", min=1000, help="Events per class.")] = 200_000,
+    workdir: Annotated[Path, typer.Option(help="Where data, spec and the run are written.")] = Path("build/run"),
+    events: Annotated[int, typer.Option("--events", "-n", min=1000, help="Events per class.")] = 100_000,
 ) -> None:
-    """The README's main job: generate data, run pass 1, stream one epoch, print a summary."""
+    """The README's main job: generate data, pass 1, stream an epoch, train, export, predict.
+
+    Everything lands in WORKDIR: data/, pipeline.yaml, stats.json, and the
+    run directory run/ with the bundle, plots and metrics.
+    """
+    from mlaas.bundle import Bundle
     from mlaas.data import RootDataset, synth
     from mlaas.data import stats as pass1
     from mlaas.data.loader import prepare
     from mlaas.spec import load
+    from mlaas.train.run import run as run_pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "pipeline.yaml"
@@ -148,26 +158,97 @@ def demo(
     with event_progress("datagen", 2 * events) as advance:
         synth.generate(workdir / "data", events, progress=lambda n: advance(n, 0))
     pipeline = load(spec_path)
-    layout, files, plan = prepare(pipeline)
-    with event_progress("pass 1", sum(c.entries for c in plan)) as advance:
-        result = pass1.compute(pipeline, layout, files, plan, advance)
+    prepared = prepare(pipeline)
+    with event_progress("pass 1", sum(c.entries for c in prepared[2])) as advance:
+        result = pass1.compute(pipeline, *prepared, advance)
     result.save(workdir / "stats.json")
     _print_stats(result)
-    ds = RootDataset(pipeline, "train", batch_size=1024, stats=result)
-    started, n, positives = time.perf_counter(), 0, 0.0
-    with event_progress("epoch 0 (train)", ds.num_events) as advance:
+    ds = RootDataset(pipeline, "train", batch_size=1024, stats=result, prepared=prepared)
+    started, n = time.perf_counter(), 0
+    with event_progress("stream one epoch", ds.num_events) as advance:
         for batch in ds:
             n += len(batch["y"])
-            positives += float(batch["y"].sum())
             advance(len(batch["y"]), 0)
-    seconds = time.perf_counter() - started
+    stream_rate = n / (time.perf_counter() - started)
+    outcome = run_pipeline(spec_path, workdir / "run")
+    bundle = Bundle.load(outcome.bundle)
+    events_json = [{"MET_pt": 80.0, "MET_phi": 0.3, "PV_npvs": 31, "nJet": 5,
+                    "Jet_pt": [180.0, 95.5, 60.1, 41.0, 30.2], "Jet_eta": [0.1, -1.2, 0.8, 2.0, -0.4],
+                    "Jet_btagDeepB": [0.9, 0.7, 0.1, 0.05, 0.2], "Muon_pt": [45.0], "Electron_pt": []},
+                   {"MET_pt": 12.0, "MET_phi": -2.0, "PV_npvs": 25, "nJet": 2,
+                    "Jet_pt": [40.0, 28.0], "Jet_eta": [2.5, -3.1], "Jet_btagDeepB": [0.02, 0.1],
+                    "Muon_pt": [], "Electron_pt": []}]
+    scores = bundle.predict_events(events_json)[:, 0]
+    test = outcome.metrics.get("test", {})
     summary = {
         "spec": str(spec_path), "features": ds.n_features, "mask_slots": len(ds.mask_names),
-        "train_events": n, "signal_fraction": round(positives / max(n, 1), 4),
-        "events_per_s": round(n / seconds), "peak_rss_mb": round(_peak_rss_mb()),
-        "stats": str(workdir / "stats.json"),
+        "train_events": n, "stream_events_per_s": round(stream_rate),
+        "epochs": outcome.epochs_run, "stopped": outcome.stopped,
+        "test_roc_auc": round(test.get("roc_auc", float("nan")), 4),
+        "bundle": str(outcome.bundle), "plots": str(workdir / "run" / "plots"),
+        "predict_example": [round(float(s), 4) for s in scores],
+        "peak_rss_mb": round(_peak_rss_mb()),
     }
     console.print_json(json.dumps(summary))
+
+
+@app.command()
+def run(
+    spec: Spec,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run directory (created).")],
+    resume: Annotated[bool, typer.Option(help="Continue from OUTDIR/checkpoint.pt.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Pass 1, training, evaluation and export: a trained model in OUTDIR/bundle.
+
+    Checkpoints go to OUTDIR/checkpoint.pt; on SIGTERM a checkpoint is written
+    and the command exits with code 75 (preempted), and `--resume` continues
+    exactly where it stopped.
+    """
+    from mlaas.train.run import run as run_pipeline
+
+    result = run_pipeline(spec, output, resume=resume, progress=progress)
+    test = result.metrics.get("test", result.metrics)
+    summary = {"outdir": str(result.outdir), "bundle": str(result.bundle),
+               "stopped": result.stopped, "epochs": result.epochs_run,
+               "test": {k: v for k, v in test.items() if isinstance(v, (int, float))}}
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory or .tar.gz.", exists=True)],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Events as JSON: rows or columns.",
+                                        exists=True, dir_okay=False)],
+) -> None:
+    """Score raw events from a JSON file with a bundle.
+
+    Events are rows ([{"MET_pt": 20.1, "Jet_pt": [50.2, 31.0]}, ...]) or
+    columns ({"MET_pt": [...], "Jet_pt": [[...], ...]}); the bundle's own
+    preprocessing pads them. Events failing the cut score NaN (printed as null).
+    """
+    from mlaas.bundle import predict_file
+
+    console.print_json(json.dumps(predict_file(bundle, input)))
+
+
+@app.command()
+def apply(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory or .tar.gz.", exists=True)],
+    files: Annotated[list[str], typer.Argument(help="ROOT files: paths or root:// URLs.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for friend files.")],
+    name: Annotated[str, typer.Option(help="Branch name of the score.")] = "score",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Score whole ROOT files with a bundle, writing friend trees.
+
+    One friend file per input, with a tree of the same name, the same entries
+    in the same order and one branch per output; events failing the cut get NaN.
+    """
+    from mlaas.apply import apply_files
+
+    for path in apply_files(bundle, files, output, name=name, progress=progress):
+        console.print(str(path))
 
 
 @app.command("import-mlaas4hep")
@@ -194,7 +275,7 @@ def main() -> None:
         app()
     except MlaasError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,116 @@
+"""``mlaas run``: one pipeline end to end on this machine.
+
+Layer: train, orchestration only. Pass 1, training, evaluation and export
+each live in their own module; this one opens the files once, shares the
+plan and statistics between the splits, and writes everything under OUTDIR
+in the fixed layout below, so a later ``--resume`` (or the platform, after a
+preemption) finds it again::
+
+    OUTDIR/stats.json  checkpoint.pt  history.json  metrics.json  plots/
+    OUTDIR/bundle/  bundle.tar.gz
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlaas._progress import event_progress
+from mlaas.data import stats as pass1
+from mlaas.data.loader import Prepared, RootDataset, prepare
+from mlaas.spec import Pipeline, load
+
+__all__ = ["RunResult", "run"]
+
+
+@dataclass
+class RunResult:
+    """Where things went and how training ended."""
+
+    outdir: Path
+    bundle: Path
+    metrics: dict[str, Any]
+    stopped: str
+    epochs_run: int
+
+
+def _stats(pipeline: Pipeline, prepared: Prepared, outdir: Path, resume: bool,
+           progress: bool) -> pass1.Stats:
+    """Pass 1, or its saved result when resuming the same data spec."""
+    path = outdir / "stats.json"
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("data_digest") == pipeline.data_digest():
+            return pass1.Stats.from_dict(saved)
+    layout, files, plan = prepared
+    with event_progress("pass 1", sum(c.entries for c in plan), progress) as advance:
+        stats = pass1.compute(pipeline, layout, files, plan, advance)
+    path.write_text(json.dumps({**stats.to_dict(), "data_digest": pipeline.data_digest()},
+                               indent=2) + "\n")
+    return stats
+
+
+@contextlib.contextmanager
+def _preemptible() -> Iterator[None]:
+    """Outside the training loop a SIGTERM has nothing to save: stop at once, as preempted.
+
+    The trainer installs its own handler while it trains (it checkpoints
+    first); this one covers pass 1, evaluation and export, which a resumed
+    run simply redoes.
+    """
+    from mlaas.train.trainer import Preempted
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Preempted("received SIGTERM outside training; nothing to checkpoint")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(spec: str | Path | dict[str, Any] | Pipeline, outdir: str | Path, *,
+        resume: bool = False, progress: bool = True) -> RunResult:
+    """Run pass 1, training, evaluation and export for ``spec`` into ``outdir``.
+
+    Args:
+        spec (path, dict or Pipeline): the pipeline.
+        outdir (path): the run directory (created).
+        resume (bool): continue from ``outdir/checkpoint.pt``.
+        progress (bool): draw progress bars on stderr.
+    """
+    from mlaas.train import evaluate, export, trainer
+    from mlaas.train.provenance import provenance
+
+    started = time.time()
+    pipeline = load(spec)
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _preemptible():
+        prepared = prepare(pipeline)
+        stats = _stats(pipeline, prepared, out, resume, progress)
+        t = pipeline.train
+
+        def split(name: str, shuffle: bool) -> RootDataset:
+            return RootDataset(pipeline, name, batch_size=t.batch_size, shuffle=shuffle,
+                               seed=t.seed, stats=stats, prepared=prepared)
+
+        train_ds, val_ds = split("train", True), split("validation", False)
+        result = trainer.train(pipeline, train_ds, val_ds, out, resume=resume, progress=progress)
+        metrics = evaluate.evaluate(pipeline, result.model, split("train", False),
+                                    split("test", False), result.history, out)
+        info = provenance(pipeline, train_ds, started, time.time())
+        bundle = export.export_bundle(pipeline, result.model, train_ds, metrics, out,
+                                      provenance=info, plots_dir=out / "plots")
+    return RunResult(out, bundle, metrics, result.stopped, result.epochs_run)

@@ -1,0 +1,107 @@
+"""`mlaas run`, `mlaas predict` and `mlaas apply` end to end, as a user types them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uproot
+import yaml
+from typer.testing import CliRunner
+
+from mlaas.bundle import Bundle
+from mlaas.cli import app
+from mlaas.data import synth
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("run")
+    synth.generate(d / "data", 3000, seed=11)
+    spec = {
+        "name": "cli-test",
+        "data": {
+            "sources": [{"name": "signal", "files": ["data/signal.root"], "label": 1},
+                        {"name": "background", "files": ["data/background.root"], "label": 0}],
+            "derived": {"HT": "sum(Jet_pt)"},
+            "cut": "MET_pt > 5",
+            "features": ["MET_pt", "HT", {"branch": "Jet_pt", "max_len": 4, "sort_by": "Jet_pt"}],
+            "step_size": 2000,
+        },
+        "model": {"builtin": "deepsets", "phi": [16], "rho": [16]},
+        "train": {"epochs": 2, "batch_size": 256},
+    }
+    path = d / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_run_predict_apply(spec_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(spec_file), "-o", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == 2 and summary["stopped"] == "completed"
+    assert 0.5 < summary["test"]["roc_auc"] <= 1.0
+    for name in ("stats.json", "history.json", "metrics.json", "checkpoint.pt", "bundle.tar.gz",
+                 "bundle/model.onnx", "bundle/spec.json", "bundle/provenance.json",
+                 "plots/loss.png", "plots/roc.png", "plots/scores.png"):
+        assert (out / name).exists(), name
+
+    events = [{"MET_pt": 50.0, "Jet_pt": [120.0, 40.0, 33.0]},
+              {"MET_pt": 1.0, "Jet_pt": []}]  # fails the cut
+    (tmp_path / "events.json").write_text(json.dumps(events))
+    result = runner.invoke(app, ["predict", str(out / "bundle.tar.gz"), "--input",
+                                 str(tmp_path / "events.json")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert 0.0 <= scores[0] <= 1.0 and scores[1] is None
+
+    signal_file = spec_file.parent / "data" / "signal.root"
+    result = runner.invoke(app, ["apply", str(out / "bundle"), str(signal_file), "-o",
+                                 str(tmp_path / "friends"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    friend = Path(result.stdout.strip().splitlines()[-1])
+    got = uproot.open(friend)["Events"]["score"].array(library="np")
+    assert len(got) == 3000
+    arrays = uproot.open(signal_file)["Events"].arrays(["MET_pt", "Jet_pt"], entry_stop=50)
+    want, passed = Bundle.load(out / "bundle").predict_arrays(
+        {"MET_pt": arrays["MET_pt"], "Jet_pt": arrays["Jet_pt"]})
+    np.testing.assert_allclose(got[:50], want[:, 0], rtol=1e-6)
+    assert np.isnan(got[:50][~passed]).all()
+
+
+def test_sigterm_exits_75_and_resume_finishes(spec_file: Path, tmp_path: Path) -> None:
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["train"]["epochs"] = 400  # long enough to be interrupted
+    spec["data"]["sources"][0]["files"] = [str(spec_file.parent / "data" / "signal.root")]
+    spec["data"]["sources"][1]["files"] = [str(spec_file.parent / "data" / "background.root")]
+    long_spec = tmp_path / "long.yaml"
+    long_spec.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mlaas.cli", "run", str(long_spec), "-o",
+                             str(out), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first checkpoint means training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "Preempted" in err and "Traceback" not in err
+    spec["train"]["epochs"] = 3
+    long_spec.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["run", str(long_spec), "-o", str(out), "--resume",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert (out / "bundle" / "model.onnx").exists()

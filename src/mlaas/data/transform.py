@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
-ROW_BLOCK = 8192  # rows assembled at a time: a float64 block of ~100 columns stays in L2
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -121,13 +120,25 @@ class SlotIndex:
         starts = np.cumsum(counts) - counts
         slot = np.arange(max_len)
         self.valid = slot[None, :] < counts[:, None]
-        self.source = np.where(self.valid, starts[:, None] + slot[None, :], 0)
+        self.kept = (starts[:, None] + slot[None, :])[self.valid]  # row-major, like valid
         self.mask = self.valid.astype(np.float32)
 
     def fill(self, content: np.ndarray, pad: float) -> np.ndarray:
-        if content.size == 0:
-            return np.full(self.valid.shape, pad, dtype=np.float64)
-        return np.where(self.valid, content[self.source], pad)
+        """Raw padded values [n, max_len], float64."""
+        out = np.full(self.valid.shape, pad, dtype=np.float64)
+        out[self.valid] = content[self.kept]
+        return out
+
+    def fill_scaled(self, content: np.ndarray, pad: float, shift: float,
+                    scale: float) -> np.ndarray:
+        """``(raw - shift) * scale`` as float32 [n, max_len], computed in float64.
+
+        Only the kept elements are scaled and scattered; the padding is one
+        constant. No float64 block of the chunk's size is ever built.
+        """
+        out = np.full(self.valid.shape, (pad - shift) * scale, dtype=np.float32)
+        out[self.valid] = (content[self.kept] - shift) * scale
+        return out
 
 
 def pad_jagged(content: np.ndarray, counts: np.ndarray, max_len: int,
@@ -291,18 +302,19 @@ class Transform:
 
     def _features(self, env: Mapping[str, Any], chunk: Chunk, keep: np.ndarray,
                   index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw float64 blocks per feature, then ``x`` assembled and scaled in row blocks.
+        """Write each feature straight into float32 ``x``, normalised on the way.
 
-        Assembling a few thousand rows at a time keeps the float64 temporary in
-        cache and writes ``x`` contiguously; scaling whole column slices of a
-        chunk-sized array was the loader's largest cost.
+        Arithmetic stays float64 per feature (a jagged branch has one shift
+        and scale for all its slots), so no chunk-sized float64 copy exists.
         """
         layout = self.layout
         jagged = jagged_values(layout, env, keep, chunk.url)
         m = len(index)
-        blocks: list[np.ndarray] = []
+        x = np.empty((m, self.n_columns), dtype=np.float32)
         slots: dict[str, SlotIndex] = {}
+        col = 0
         for f in layout.features:
+            shift, scale = float(self.shift[col]), float(self.scale[col])
             if f.jagged:
                 assert f.collection is not None
                 content, counts = jagged[f.name]
@@ -310,18 +322,15 @@ class Transform:
                     max_len = layout.collections[f.collection].max_len
                     assert max_len is not None
                     slots[f.collection] = SlotIndex(counts, max_len)
-                blocks.append(slots[f.collection].fill(self._clean(content, f.name, chunk), f.pad))
+                index_ = slots[f.collection]
+                width = index_.valid.shape[1]
+                x[:, col:col + width] = index_.fill_scaled(
+                    self._clean(content, f.name, chunk), f.pad, shift, scale)
             else:
                 value = as_float64(f.expression.evaluate(env), len(keep))[index]
-                blocks.append(self._clean(value, f.name, chunk)[:, None])
-        x = np.empty((m, self.n_columns), dtype=np.float32)
-        for start in range(0, m, ROW_BLOCK):
-            rows = slice(start, min(m, start + ROW_BLOCK))
-            raw = np.concatenate([b[rows] for b in blocks], axis=1) if blocks else None
-            if raw is not None:
-                raw -= self.shift
-                raw *= self.scale
-                x[rows] = raw
+                width = 1
+                x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
+            col += width
         masks = [slots[c].mask for c in layout.collections]
         mask = np.concatenate(masks, axis=1) if masks else np.zeros((m, 0), dtype=np.float32)
         return x, mask

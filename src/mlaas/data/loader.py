@@ -28,7 +28,7 @@ from mlaas.data import sources
 from mlaas.data import stats as pass1
 from mlaas.data.cache import ChunkCache, dataset_key, make_cache
 from mlaas.data.layout import Layout, resolve_layout
-from mlaas.data.transform import SPLITS, Columns, Transform, uniform_hash
+from mlaas.data.transform import SPLITS, Chunk, Columns, Transform, uniform_hash
 from mlaas.errors import SpecError
 from mlaas.spec import Pipeline
 
@@ -205,32 +205,40 @@ class RootDataset:
         return chunking.interleave(shuffled)
 
     def _prefetched(self, chunks: list[chunking.ChunkRange]) -> Iterator[Columns]:
-        """Each chunk's columns, the next one read and preprocessed in a thread meanwhile.
+        """Each chunk's columns; the next chunk is read in a thread meanwhile.
 
-        Decompression and most numpy work release the GIL, so on two cores
-        reading chunk k+1 overlaps shuffling and batching chunk k; one chunk
-        in flight bounds the extra memory.
+        Only reading runs in the thread: decompression releases the GIL, so it
+        overlaps the preprocessing of the current chunk on the main thread.
+        One chunk in flight bounds the extra memory.
         """
         if not self.prefetch or len(chunks) < 2:
             yield from map(self._columns, chunks)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="mlaas-prefetch") as pool:
-            future = pool.submit(self._columns, chunks[0])
-            for nxt in chunks[1:]:
-                current = future.result()
-                future = pool.submit(self._columns, nxt)
-                yield current
-            yield future.result()
+            future = pool.submit(self._fetch, chunks[0])
+            for i, chunk in enumerate(chunks):
+                fetched = future.result()
+                if i + 1 < len(chunks):
+                    future = pool.submit(self._fetch, chunks[i + 1])
+                yield self._finish(chunk, fetched)
 
-    def _columns(self, chunk: chunking.ChunkRange) -> Columns:
+    def _fetch(self, chunk: chunking.ChunkRange) -> Columns | Chunk:
+        """The cached columns of ``chunk``, or its arrays read from the file."""
         cached = self.cache.get(chunk.name)
         if cached is not None:
             return cached
-        split = None if self.split == "all" else self.split
-        cols = self.transform(chunking.read(self.pipeline, self.layout, chunk), split)
+        return chunking.read(self.pipeline, self.layout, chunk)
+
+    def _finish(self, chunk: chunking.ChunkRange, fetched: Columns | Chunk) -> Columns:
+        if isinstance(fetched, Columns):
+            return fetched
+        cols = self.transform(fetched, None if self.split == "all" else self.split)
         if self.cache.enabled:
             self.cache.put(chunk.name, cols)
         return cols
+
+    def _columns(self, chunk: chunking.ChunkRange) -> Columns:
+        return self._finish(chunk, self._fetch(chunk))
 
     def _balanced(self, cols: Columns, epoch: int) -> Columns:
         """Under ``balance: equal``, keep a fresh random share of larger sources each epoch."""

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import psutil
 
-from mlaas.data.transform import Columns
+from mlaas.data.transform import COLUMN_FIELDS, Columns
 from mlaas.errors import CacheError
 
 __all__ = ["ChunkCache", "MemoryCache", "DiskCache", "NoCache", "make_cache", "dataset_key"]
 
-_FIELDS = ("x", "y", "w", "mask", "file", "entry")
+_FIELDS = COLUMN_FIELDS
 
 
 def dataset_key(parts: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from mlaas.data import sources
 from mlaas.data import stats as pass1
 from mlaas.data.cache import ChunkCache, dataset_key, make_cache
 from mlaas.data.layout import Layout, resolve_layout
-from mlaas.data.transform import SPLITS, Chunk, Columns, Transform, uniform_hash
+from mlaas.data.transform import COLUMN_FIELDS, SPLITS, Chunk, Columns, Transform, uniform_hash
 from mlaas.errors import SpecError
 from mlaas.spec import Pipeline
 
@@ -254,21 +254,49 @@ class RootDataset:
 
     def _flush(self, pending: list[Columns], rng: np.random.Generator,
                final: bool) -> Iterator[Batch]:
-        """Shuffle the buffer, yield full batches, return the rest for the next buffer."""
+        """Shuffle the buffer, yield full batches, return the rest for the next buffer.
+
+        The buffer's chunks are never concatenated: each batch is gathered from
+        them by a permutation of global row numbers, one copy per event.
+        """
         if not pending:
             return []
-        buf = Columns.concat(pending) if len(pending) > 1 else pending[0]
-        # One gather per batch from a permutation, rather than permuting the
-        # whole buffer first and slicing it: half the copying.
+        buf = _Parts(pending)
         n, b = len(buf), self.batch_size
-        order: np.ndarray | None = rng.permutation(n) if self.shuffle else None
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
         full = n // b
         for i in range(full):
-            rows = order[i * b:(i + 1) * b] if order is not None else slice(i * b, (i + 1) * b)
-            yield buf.take(rows).as_dict()
-        rest = buf.take(order[full * b:] if order is not None else slice(full * b, n))
+            yield buf.take(order[i * b:(i + 1) * b]).as_dict()
+        rest = buf.take(order[full * b:])
         if final:
             if len(rest) and not self.drop_last:
                 yield rest.as_dict()
             return []
         return [rest] if len(rest) else []
+
+
+class _Parts:
+    """Several Columns seen as one, gathered by global row number without concatenating."""
+
+    def __init__(self, parts: list[Columns]) -> None:
+        self.parts = parts
+        self.bounds = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def take(self, rows: np.ndarray) -> Columns:
+        if len(self.parts) == 1:
+            return self.parts[0].take(rows)
+        which = np.searchsorted(self.bounds, rows, side="right") - 1
+        first = self.parts[0]
+        out = Columns(*(np.empty((len(rows), *getattr(first, k).shape[1:]),
+                                 dtype=getattr(first, k).dtype) for k in COLUMN_FIELDS))
+        for p in np.unique(which):
+            sel = which == p
+            local = rows[sel] - self.bounds[p]
+            part = self.parts[int(p)]
+            for k in COLUMN_FIELDS:
+                getattr(out, k)[sel] = getattr(part, k)[local]
+        return out
+

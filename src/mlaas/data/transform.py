@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
+COLUMN_FIELDS = ("x", "y", "w", "mask", "file", "entry")  # the arrays of a batch, in order
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -70,8 +71,7 @@ class Columns:
 
     @staticmethod
     def concat(parts: list[Columns]) -> Columns:
-        return Columns(*(np.concatenate([getattr(p, k) for p in parts]) for k in
-                         ("x", "y", "w", "mask", "file", "entry")))
+        return Columns(*(np.concatenate([getattr(p, k) for p in parts]) for k in COLUMN_FIELDS))
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {"x": self.x, "y": self.y, "w": self.w, "mask": self.mask,

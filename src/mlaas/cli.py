@@ -251,6 +251,39 @@ def apply(
         console.print(str(path))
 
 
+@app.command()
+def serve(
+    models: Annotated[Path, typer.Option("--models", help="Model registry directory (created).")],
+    host: Annotated[str, typer.Option(help="Address to bind; keep 127.0.0.1 behind a proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: events per batch.")] = 256,
+    max_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: longest wait, ms.")] = 2.0,
+    get: Annotated[Optional[str], typer.Option("--get", help="Answer one GET in-process, print it, exit 0 only on 200.")] = None,
+) -> None:
+    """Serve bundles over HTTP: registry, KServe v2 inference, raw events, TFaaS routes.
+
+    Upload with POST /api/models/NAME (a bundle .tar.gz); infer with
+    POST /v2/models/NAME/infer (tritonclient works), POST /api/models/NAME/predict
+    (raw events), or the TFaaS-compatible POST /json. Prometheus at /metrics.
+    """
+    from mlaas.serve.server import create_server
+
+    server = create_server(models, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
+    if get is not None:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+        with TestClient(server) as client:
+            response = client.get(get)
+        console.print(response.text, markup=False, highlight=False)
+        raise typer.Exit(0 if response.status_code == 200 else 1)
+    import uvicorn
+
+    uvicorn.run(server, host=host, port=port, log_level="info")
+
+
 @app.command("import-mlaas4hep")
 def import_mlaas4hep(
     params: Annotated[Path, typer.Option(help="The predecessor's params.json.", exists=True)],

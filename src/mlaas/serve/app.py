@@ -1,0 +1,426 @@
+"""The HTTP app: the model registry API, raw-event predictions and TFaaS compatibility.
+
+Layer: serving (HTTP wiring only). Storage is :mod:`mlaas.serve.registry`,
+preprocessing and ONNX Runtime are :class:`mlaas.bundle.Bundle`. Build the app
+with :func:`create_app`; nothing is opened at import.
+
+Routes (JSON in and out unless said otherwise):
+
+=========  ======================================  ==========================================
+method     path                                    what
+=========  ======================================  ==========================================
+GET        /healthz                                ``{"status": "ok"}``
+POST       /api/models/{name}                      body: the bundle ``.tar.gz`` as raw bytes
+                                                   (any content type); 201 with the new
+                                                   version's description
+GET        /api/models                             ``{"models": [{name, versions, latest,
+                                                   aliases}, ...]}``
+GET        /api/models/{name}                      versions with metadata, aliases
+GET        /api/models/{name}/versions/{v}         one version: created, spec summary,
+                                                   metrics, provenance, aliases
+DELETE     /api/models/{name}/versions/{v}         also drops aliases pointing at it
+PUT        /api/models/{name}/aliases/{alias}      body ``{"version": N}`` or ``N``
+DELETE     /api/models/{name}/aliases/{alias}
+POST       /api/models/{name}/predict              ``?version=N`` or ``?alias=A`` (default:
+                                                   alias ``production``, else the latest);
+                                                   body rows ``[{...}, ...]``, columns
+                                                   ``{"MET_pt": [...], ...}`` or
+                                                   ``{"events": ...}``; returns ``{"model",
+                                                   "version", "outputs"}``, one entry per
+                                                   event: a float, a list per event for
+                                                   multiclass, ``null`` off the cut
+POST       /json                                   TFaaS: ``{"keys": [...], "values": [...],
+                                                   "model": name}``; ``values`` is one event
+                                                   (one value per key) or a list of such
+                                                   lists; returns a JSON array of scores
+GET        /models                                 TFaaS: a JSON array of model names
+POST       /upload                                 TFaaS: multipart form with the bundle
+                                                   tarball in file field ``model`` (TFaaS's
+                                                   name; ``file`` and ``bundle`` also work)
+                                                   and the model name in text field ``name``;
+                                                   a non-multipart body is taken as the raw
+                                                   tarball with ``?name=``
+DELETE     /delete/{model}                         TFaaS: every version of the model
+=========  ======================================  ==========================================
+
+Errors are JSON ``{"error": <class name>, "message": ..., <context>}``, with
+the status from :data:`ERROR_STATUS` (unknown model/version/alias 404; bad
+bundles, events, names and requests 400; bodies over ``max_body_bytes`` 413;
+anything else 500 with no traceback in the body).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlaas.bundle import Bundle
+from mlaas.errors import BundleError, DataError, MlaasError, ServeError, SpecError
+from mlaas.serve.registry import InvalidName, ModelNotFound, Registry
+
+__all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
+
+log = logging.getLogger("mlaas.serve")
+
+MAX_BODY_BYTES = 64 * 1024**2
+
+
+class BadRequest(ServeError, ValueError):
+    """A request the server cannot read: malformed JSON, a missing field (HTTP 400)."""
+
+
+class RequestTooLarge(ServeError):
+    """A request body above the server's limit (HTTP 413)."""
+
+
+# The exception-handler map: the most specific class in an error's MRO wins.
+ERROR_STATUS: dict[type[MlaasError], int] = {
+    ModelNotFound: 404,
+    RequestTooLarge: 413,
+    InvalidName: 400,
+    BadRequest: 400,
+    BundleError: 400,
+    DataError: 400,  # includes InvalidEvent and BadValues
+    SpecError: 400,
+    ServeError: 500,
+    MlaasError: 500,
+}
+
+
+def _status_of(exc: MlaasError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 500
+
+
+def _error_body(exc: MlaasError) -> dict[str, Any]:
+    return jsonable_encoder(exc.to_dict())  # type: ignore[no-any-return]
+
+
+async def _mlaas_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, MlaasError)
+    status = _status_of(exc)
+    if status >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    return JSONResponse(_error_body(exc), status_code=status)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [{"location": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg")}
+                for e in exc.errors()]
+    text = "; ".join(f"{p['location']}: {p['message']}" for p in problems)
+    return JSONResponse({"error": "BadRequest", "message": f"invalid request: {text}",
+                         "problems": problems}, status_code=400)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"error": "HTTPError", "message": str(exc.detail)},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "InternalServerError",
+                         "message": "internal server error; see the server log"},
+                        status_code=500)
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies above ``max_bytes`` by Content-Length and by count.
+
+    The declared length is checked before the app runs (413 at once); the
+    bytes actually received are counted as the app reads them, and
+    :class:`RequestTooLarge` is raised when they pass the limit, so no
+    handler ever holds more than ``max_bytes`` of body.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: int | None) -> RequestTooLarge:
+        got = f"{size} bytes" if size is not None else "more"
+        return RequestTooLarge(f"request body is {got}, above the limit of {self.max_bytes} "
+                               "bytes", limit=self.max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_bytes:
+                    response = JSONResponse(_error_body(self._too_large(declared)),
+                                            status_code=413)
+                    await response(scope, receive, send)
+                    return
+        total = 0
+
+        async def limited() -> Message:
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    raise self._too_large(None)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+async def _json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _outputs(scores: np.ndarray) -> list[Any]:
+    """float32 [n, k] -> one float (k == 1) or list per event; NaN (off the cut) -> null."""
+    rows: list[Any] = []
+    for row in scores.tolist():
+        clean = [None if (v is None or math.isnan(v)) else v for v in row]
+        rows.append(clean[0] if len(clean) == 1 else clean)
+    return rows
+
+
+def _predict(registry: Registry, name: str, version: int | None, alias: str | None,
+             events: Any) -> dict[str, Any]:
+    v, bundle = registry.bundle(name, version, alias)
+    # TODO(serve): route through mlaas.serve.runtime (dynamic batching) once it lands.
+    scores = bundle.predict_events(events)
+    return {"model": name, "version": v, "outputs": _outputs(scores)}
+
+
+def _tfaas_events(bundle: Bundle, keys: list[str], values: list[Any]) -> list[dict[str, Any]]:
+    """TFaaS ``keys``/``values`` as rows: ``values`` is one event or a list of events.
+
+    One event when every value has the shape its branch needs (a number for a
+    flat branch, a list of numbers for a jagged one); otherwise each element
+    of ``values`` must be one event's list of values.
+    """
+    kinds = {k: t.get("kind") for k, t in bundle.branch_types.items()}
+
+    def fits(value: Any, kind: str | None) -> bool:
+        if kind == "jagged":
+            return isinstance(value, list) and not any(isinstance(e, list) for e in value)
+        if kind == "flat":
+            return not isinstance(value, list)
+        return True
+
+    one = len(values) == len(keys) and all(fits(v, kinds.get(k)) for k, v in zip(keys, values))
+    events = [values] if one else values
+    rows = []
+    for i, event in enumerate(events):
+        if not isinstance(event, list) or len(event) != len(keys):
+            raise BadRequest(f"values[{i}] must be a list of {len(keys)} values (one per key), "
+                             f"or values one list of {len(keys)} values for a single event",
+                             event=i)
+        rows.append(dict(zip(keys, event)))
+    return rows
+
+
+def _tfaas_predict(registry: Registry, body: Any) -> list[Any]:
+    if not isinstance(body, Mapping):
+        raise BadRequest('give {"keys": [...], "values": [...], "model": name}')
+    keys, values, name = body.get("keys"), body.get("values"), body.get("model")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise BadRequest('"keys" must be a list of branch names', field="keys")
+    if not isinstance(values, list):
+        raise BadRequest('"values" must be a list', field="values")
+    if name is None:
+        names = [m["name"] for m in registry.list()]
+        if len(names) != 1:
+            raise BadRequest(f'give "model" (models: {", ".join(names) or "none"})',
+                             field="model")
+        name = names[0]
+    if not isinstance(name, str):
+        raise BadRequest('"model" must be a string', field="model")
+    _, bundle = registry.bundle(name)
+    return _outputs(bundle.predict_events(_tfaas_events(bundle, keys, values)))
+
+
+def _alias_version(body: Any) -> int:
+    if isinstance(body, Mapping):
+        body = body.get("version")
+    if isinstance(body, bool) or not isinstance(body, int):
+        raise BadRequest('give the version as {"version": N} or a bare integer', field="version")
+    return body
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+def _health_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    router.add_api_route("/healthz", healthz, methods=["GET"])
+    return router
+
+
+def _models_router() -> APIRouter:
+    router = APIRouter(prefix="/api/models", tags=["models"])
+
+    async def list_models(request: Request) -> dict[str, Any]:
+        return {"models": await run_in_threadpool(_registry(request).list)}
+
+    async def upload(name: str, request: Request) -> JSONResponse:
+        data = await request.body()
+        info = await run_in_threadpool(_registry(request).upload, name, data)
+        return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
+
+    async def get_model(name: str, request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(_registry(request).get, name)
+
+    async def get_version(name: str, version: int, request: Request) -> dict[str, Any]:
+        info = await run_in_threadpool(_registry(request).version, name, version)
+        return {"model": name, **info}
+
+    async def delete_version(name: str, version: int, request: Request) -> dict[str, Any]:
+        await run_in_threadpool(_registry(request).delete_version, name, version)
+        return {"model": name, "deleted": version}
+
+    async def set_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
+        version = _alias_version(await _json(request))
+        aliases = await run_in_threadpool(_registry(request).set_alias, name, alias, version)
+        return {"model": name, "alias": alias, "version": version, "aliases": aliases}
+
+    async def delete_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
+        aliases = await run_in_threadpool(_registry(request).delete_alias, name, alias)
+        return {"model": name, "aliases": aliases}
+
+    async def predict(name: str, request: Request, version: int | None = None,
+                      alias: str | None = None) -> dict[str, Any]:
+        events = await _json(request)
+        return await run_in_threadpool(_predict, _registry(request), name, version, alias,
+                                       events)
+
+    router.add_api_route("", list_models, methods=["GET"])
+    router.add_api_route("/{name}", upload, methods=["POST"], status_code=201)
+    router.add_api_route("/{name}", get_model, methods=["GET"])
+    router.add_api_route("/{name}/versions/{version}", get_version, methods=["GET"])
+    router.add_api_route("/{name}/versions/{version}", delete_version, methods=["DELETE"])
+    router.add_api_route("/{name}/aliases/{alias}", set_alias, methods=["PUT"])
+    router.add_api_route("/{name}/aliases/{alias}", delete_alias, methods=["DELETE"])
+    router.add_api_route("/{name}/predict", predict, methods=["POST"])
+    return router
+
+
+_UPLOAD_FILE_FIELDS = ("model", "file", "bundle")
+
+
+def _tfaas_router() -> APIRouter:
+    router = APIRouter(tags=["tfaas"])
+
+    async def predict_json(request: Request) -> list[Any]:
+        body = await _json(request)
+        return await run_in_threadpool(_tfaas_predict, _registry(request), body)
+
+    async def models(request: Request) -> list[str]:
+        return [m["name"] for m in await run_in_threadpool(_registry(request).list)]
+
+    async def delete(model: str, request: Request) -> dict[str, Any]:
+        versions = await run_in_threadpool(_registry(request).delete_model, model)
+        return {"model": model, "deleted": versions}
+
+    async def upload(request: Request) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            async with request.form() as form:
+                files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+                texts = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+                chosen = next((v for f in _UPLOAD_FILE_FIELDS for k, v in files if k == f),
+                              files[0][1] if files else None)
+                if chosen is None:
+                    raise BadRequest("the form has no file; send the bundle tarball as file "
+                                     "field 'model' (or 'file')", field="model")
+                data = await chosen.read()
+            name = texts.get("name") or texts.get("model")
+        else:
+            data = await request.body()
+            name = request.query_params.get("name")
+        if not name:
+            raise BadRequest("give the model name as form field 'name' (or ?name= with a raw "
+                             "tarball body)", field="name")
+        info = await run_in_threadpool(_registry(request).upload, name, data)
+        return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
+
+    router.add_api_route("/json", predict_json, methods=["POST"])
+    router.add_api_route("/models", models, methods=["GET"])
+    router.add_api_route("/delete/{model}", delete, methods=["DELETE"])
+    router.add_api_route("/upload", upload, methods=["POST"], status_code=201)
+    return router
+
+
+# -- the app -----------------------------------------------------------------------------
+
+
+def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
+               extra_routers: Iterable[APIRouter] = (),
+               registry: Registry | None = None) -> FastAPI:
+    """Build the serving app over the registry at ``models_dir``.
+
+    Args:
+        models_dir: the registry root (see :class:`~mlaas.serve.registry.Registry`).
+        max_body_bytes: the largest request body accepted (413 above).
+        extra_routers: more APIRouters to include as given (e.g. the KServe v2 routes).
+        registry: an existing Registry to use instead of opening ``models_dir``.
+
+    The registry is ``app.state.registry``; bundles load lazily on first use
+    and are dropped when the lifespan ends.
+    """
+    reg = registry if registry is not None else Registry(Path(models_dir))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        reg.clear_cache()
+
+    Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
+    handlers: dict[int | type[Exception], Handler] = {cls: _mlaas_error for cls in ERROR_STATUS}
+    handlers[RequestValidationError] = _validation_error
+    handlers[StarletteHTTPException] = _http_error
+    handlers[Exception] = _internal_error
+    app = FastAPI(title="mlaas serving", lifespan=lifespan, exception_handlers=handlers)
+    app.state.registry = reg
+    app.state.max_body_bytes = max_body_bytes
+    routers: Sequence[APIRouter] = [_health_router(), _models_router(), _tfaas_router(),
+                                    *extra_routers]
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    return app

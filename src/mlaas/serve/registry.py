@@ -1,0 +1,439 @@
+"""The model registry: named models, integer versions, aliases, hot-loaded bundles.
+
+Layer: serving (storage). No HTTP here; :mod:`mlaas.serve.app` wires it to routes.
+
+Layout on disk, under ``root``::
+
+    root/.lock                    fcntl lock taken by every change
+    root/.upload-*/               private staging dirs (uploads being checked)
+    root/<name>/<version>/        an extracted bundle (spec.json, model.onnx, ...)
+    root/<name>/<version>/.registry.json   created time, archive digest and size
+    root/<name>/aliases.json      {"production": 3, "staging": 4, ...}
+
+An upload is extracted with :func:`mlaas.bundle.safe_extract` into a staging
+dir inside ``root`` (so the final ``os.rename`` stays on one file system),
+validated by :meth:`Bundle.load`, and only then given the next version number
+under the lock and renamed into place: a failure at any step leaves the
+registry as it was. Deletions rename the version out of the tree first, so
+readers never see a half-deleted bundle. Version numbers are ``max + 1`` of
+the versions present.
+
+:meth:`Registry.bundle` caches loaded bundles keyed by (name, version, inode
+and mtime of the version dir), so changes made by another process or another
+:class:`Registry` on the same root are seen without a restart.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle, safe_extract
+from mlaas.errors import BundleError, ServeError, close_names
+
+__all__ = [
+    "Registry",
+    "ModelNotFound",
+    "InvalidName",
+    "NAME_PATTERN",
+    "DEFAULT_ALIAS",
+    "MAX_ARCHIVE_BYTES",
+]
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
+DEFAULT_ALIAS = "production"
+MAX_ARCHIVE_BYTES = 512 * 1024**2
+MAX_MEMBER_BYTES = 512 * 1024**2
+MAX_TOTAL_BYTES = 2 * 1024**3
+_META_FILE = ".registry.json"
+_ALIASES_FILE = "aliases.json"
+
+
+class ModelNotFound(ServeError, KeyError):
+    """An unknown model, version or alias (HTTP 404)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return self._render()
+
+
+class InvalidName(ServeError, ValueError):
+    """A model name or alias that does not match :data:`NAME_PATTERN` (HTTP 400)."""
+
+
+def _check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise InvalidName(f"{what} {value!r} is not valid: use 1 to 64 letters, digits, '.', "
+                          "'_' or '-', starting with a letter or digit", field=what)
+    return value
+
+
+def _check_alias(alias: str) -> str:
+    _check_name(alias, "alias")
+    if alias.isdigit():
+        raise InvalidName(f"alias {alias!r} is all digits, which reads as a version number; "
+                          "use a word", field="alias")
+    return alias
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _bundle_root(directory: Path) -> Path:
+    """The directory holding spec.json: ``directory`` or its only subdirectory."""
+    if (directory / SPEC_FILE).exists():
+        return directory
+    subdirs = [p for p in directory.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / SPEC_FILE).exists():
+        return subdirs[0]
+    return directory
+
+
+def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
+    layout = spec.get("layout") if isinstance(spec.get("layout"), dict) else {}
+    assert isinstance(layout, dict)
+    return {
+        "name": spec.get("name"),
+        "task": spec.get("task"),
+        "n_outputs": spec.get("n_outputs"),
+        "label_names": spec.get("label_names"),
+        "feature_names": spec.get("feature_names"),
+        "branches": sorted(layout.get("branch_types", {}) or {}),
+        "branch_types": layout.get("branch_types"),
+        "derived": layout.get("derived"),
+        "cut": layout.get("cut"),
+        "tree": spec.get("tree"),
+        "inputs": spec.get("inputs"),
+        "outputs": spec.get("outputs"),
+    }
+
+
+class Registry:
+    """Models stored under ``root`` by name, version and alias.
+
+    Args:
+        root: the registry directory (created if missing).
+        max_archive_bytes: the largest archive :meth:`upload` accepts.
+        max_member_bytes: the largest single file inside an archive.
+        max_total_bytes: the largest unpacked size of an archive.
+
+    Thread-safe; several processes may share one root (changes take an fcntl
+    lock on ``root/.lock``).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *,
+                 max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+                 max_member_bytes: int = MAX_MEMBER_BYTES,
+                 max_total_bytes: int = MAX_TOTAL_BYTES) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_archive_bytes = max_archive_bytes
+        self.max_member_bytes = max_member_bytes
+        self.max_total_bytes = max_total_bytes
+        self._cache: dict[tuple[str, int], tuple[tuple[int, int], Bundle]] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- locking and paths
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _model_dir(self, name: str) -> Path:
+        return self.root / _check_name(name, "model")
+
+    def _names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and _NAME.fullmatch(p.name) and self._versions_of(p))
+
+    @staticmethod
+    def _versions_of(model_dir: Path) -> list[int]:
+        try:
+            entries = list(model_dir.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(p.name) for p in entries
+                      if p.name.isdigit() and not p.name.startswith("0") and p.is_dir())
+
+    def _versions(self, name: str) -> list[int]:
+        versions = self._versions_of(self._model_dir(name))
+        if not versions:
+            raise ModelNotFound(f"no model {name!r}{self._hint(name)}", model=name)
+        return versions
+
+    def _hint(self, name: str) -> str:
+        near = close_names(name, self._names())
+        return f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+
+    def _aliases(self, name: str) -> dict[str, int]:
+        data = _read_json(self._model_dir(name) / _ALIASES_FILE)
+        return {str(k): v for k, v in data.items() if isinstance(v, int)}
+
+    # -- reading
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every model: ``name``, ``versions``, ``latest``, ``aliases``."""
+        out = []
+        for name in self._names():
+            versions = self._versions_of(self.root / name)
+            if versions:
+                out.append({"name": name, "versions": versions, "latest": versions[-1],
+                            "aliases": self._aliases(name)})
+        return out
+
+    def get(self, name: str) -> dict[str, Any]:
+        """One model: its versions with metadata (see :meth:`version`) and its aliases."""
+        versions = self._versions(name)
+        aliases = self._aliases(name)
+        details = []
+        for v in versions:
+            with contextlib.suppress(ModelNotFound):  # deleted meanwhile
+                details.append(self._describe(name, v, aliases))
+        return {"name": name, "latest": versions[-1], "aliases": aliases, "versions": details}
+
+    def version(self, name: str, version: int) -> dict[str, Any]:
+        """One version: ``version``, ``created``, ``aliases``, ``spec`` (a summary),
+        ``metrics``, ``provenance``, ``archive`` (sha256 and size of the upload)."""
+        self._versions(name)
+        return self._describe(name, version, self._aliases(name))
+
+    def _describe(self, name: str, version: int, aliases: dict[str, int]) -> dict[str, Any]:
+        path = self._version_dir(name, version)
+        meta = _read_json(path / _META_FILE)
+        return {
+            "version": version,
+            "created": meta.get("created"),
+            "aliases": sorted(a for a, v in aliases.items() if v == version),
+            "archive": {k: meta.get(k) for k in ("sha256", "size")},
+            "spec": _spec_summary(_read_json(path / SPEC_FILE)),
+            "metrics": _read_json(path / "metrics.json"),
+            "provenance": _read_json(path / "provenance.json"),
+        }
+
+    def _version_dir(self, name: str, version: int) -> Path:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ModelNotFound(f"version {version!r} of model {name!r} does not exist "
+                                "(versions are 1, 2, ...)", model=name, version=version)
+        path = self._model_dir(name) / str(version)
+        if not path.is_dir():
+            versions = self._versions(name)
+            raise ModelNotFound(f"model {name!r} has no version {version} (versions: "
+                                f"{', '.join(map(str, versions))})", model=name, version=version)
+        return path
+
+    def resolve(self, name: str, version: int | None = None, alias: str | None = None
+                ) -> tuple[int, Path]:
+        """The version number and directory to serve.
+
+        Args:
+            name: the model.
+            version: an explicit version (wins over ``alias``).
+            alias: an alias; default ``production`` when set, else the latest version.
+        """
+        if version is not None:
+            return version, self._version_dir(name, version)
+        versions = self._versions(name)
+        aliases = self._aliases(name)
+        if alias is not None:
+            _check_alias(alias)
+            if alias not in aliases:
+                known = ", ".join(map(repr, sorted(aliases))) or "none"
+                raise ModelNotFound(f"model {name!r} has no alias {alias!r} (aliases: {known})",
+                                    model=name, alias=alias)
+            v = aliases[alias]
+        else:
+            v = aliases.get(DEFAULT_ALIAS, versions[-1])
+        return v, self._version_dir(name, v)
+
+    def bundle(self, name: str, version: int | None = None, alias: str | None = None
+               ) -> tuple[int, Bundle]:
+        """The loaded bundle for (name, version or alias), from the cache when unchanged.
+
+        Returns ``(version, bundle)``. The cache key includes the inode and
+        mtime of the version directory, so a version deleted and uploaded
+        again (here or by another process) is loaded afresh.
+        """
+        v, path = self.resolve(name, version, alias)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ModelNotFound(f"model {name!r} has no version {v}", model=name,
+                                version=v) from None
+        ident = (st.st_ino, st.st_mtime_ns)
+        key = (name, v)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] == ident:
+                return v, hit[1]
+        try:
+            loaded = Bundle.load(path)
+        except BundleError:
+            if not path.exists():
+                raise ModelNotFound(f"model {name!r} has no version {v}", model=name,
+                                    version=v) from None
+            raise
+        with self._cache_lock:
+            self._cache[key] = (ident, loaded)
+            # drop versions that are gone from disk
+            for k in [k for k in self._cache if k[0] == name and k != key]:
+                if not (self.root / k[0] / str(k[1])).is_dir():
+                    del self._cache[k]
+        return v, loaded
+
+    def clear_cache(self) -> None:
+        """Forget every loaded bundle."""
+        with self._cache_lock:
+            self._cache.clear()
+
+    # -- changing
+
+    def upload(self, name: str, archive: bytes | str | os.PathLike[str]) -> dict[str, Any]:
+        """Add a bundle archive (``.tar.gz`` bytes or path) as the next version of ``name``.
+
+        Args:
+            name: the model (created on its first upload).
+            archive: the archive's bytes or a path to it.
+
+        Returns the new version's description (:meth:`version`). Raises
+        :class:`BundleError` for an unsafe, corrupt or invalid bundle, leaving
+        the registry unchanged.
+        """
+        _check_name(name, "model")
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        try:
+            if isinstance(archive, (bytes, bytearray, memoryview)):
+                data = bytes(archive)
+                if len(data) > self.max_archive_bytes:
+                    raise BundleError(f"bundle archive is {len(data)} bytes, above the limit "
+                                      f"of {self.max_archive_bytes}")
+                source = staging / "archive.tar.gz"
+                source.write_bytes(data)
+            else:
+                source = Path(archive)
+                if not source.is_file():
+                    raise BundleError(f"no bundle archive at {str(source)!r}",
+                                      file_path=str(source))
+                if source.stat().st_size > self.max_archive_bytes:
+                    raise BundleError(f"bundle archive is {source.stat().st_size} bytes, above "
+                                      f"the limit of {self.max_archive_bytes}")
+            digest, size = _sha256(source)
+            unpacked = staging / "unpacked"
+            unpacked.mkdir()
+            safe_extract(source, unpacked, max_member_bytes=self.max_member_bytes,
+                         max_total_bytes=self.max_total_bytes)
+            bundle_dir = _bundle_root(unpacked)
+            if not (bundle_dir / SPEC_FILE).exists():
+                raise BundleError(f"the archive holds no {SPEC_FILE} (at its top or in its "
+                                  "only directory); is it a bundle.tar.gz?")
+            if not (bundle_dir / MODEL_FILE).exists():
+                raise BundleError(f"the archive holds no {MODEL_FILE}")
+            Bundle.load(bundle_dir)  # validates spec, ONNX, inputs; the session is dropped
+            meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "sha256": digest, "size": size}
+            (bundle_dir / _META_FILE).write_text(json.dumps(meta))
+            with self._locked():
+                model_dir = self._model_dir(name)
+                model_dir.mkdir(exist_ok=True)
+                existing = self._versions_of(model_dir)
+                version = (existing[-1] if existing else 0) + 1
+                os.rename(bundle_dir, model_dir / str(version))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.version(name, version)
+
+    def set_alias(self, name: str, alias: str, version: int) -> dict[str, int]:
+        """Point ``alias`` at ``version`` of ``name``; returns all aliases of the model."""
+        _check_alias(alias)
+        with self._locked():
+            self._version_dir(name, version)
+            aliases = self._aliases(name)
+            aliases[alias] = version
+            _write_json_atomic(self._model_dir(name) / _ALIASES_FILE, aliases)
+        return aliases
+
+    def delete_alias(self, name: str, alias: str) -> dict[str, int]:
+        """Remove ``alias`` of ``name``; returns the remaining aliases."""
+        with self._locked():
+            self._versions(name)
+            aliases = self._aliases(name)
+            if alias not in aliases:
+                raise ModelNotFound(f"model {name!r} has no alias {alias!r}", model=name,
+                                    alias=alias)
+            del aliases[alias]
+            _write_json_atomic(self._model_dir(name) / _ALIASES_FILE, aliases)
+        return aliases
+
+    def delete_version(self, name: str, version: int) -> None:
+        """Remove one version and the aliases pointing at it; the last one removes the model."""
+        with self._locked():
+            path = self._version_dir(name, version)
+            model_dir = path.parent
+            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.root))
+            os.rename(path, trash / "v")
+            aliases = self._aliases(name)
+            kept = {a: v for a, v in aliases.items() if v != version}
+            if not self._versions_of(model_dir):
+                with contextlib.suppress(FileNotFoundError):
+                    (model_dir / _ALIASES_FILE).unlink()
+                os.rename(model_dir, trash / "model")
+            elif kept != aliases:
+                _write_json_atomic(model_dir / _ALIASES_FILE, kept)
+        shutil.rmtree(trash, ignore_errors=True)
+        with self._cache_lock:
+            self._cache.pop((name, version), None)
+
+    def delete_model(self, name: str) -> builtins.list[int]:
+        """Remove every version of ``name``; returns the versions removed."""
+        with self._locked():
+            versions = self._versions(name)
+            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.root))
+            os.rename(self._model_dir(name), trash / "model")
+        shutil.rmtree(trash, ignore_errors=True)
+        with self._cache_lock:
+            for k in [k for k in self._cache if k[0] == name]:
+                del self._cache[k]
+        return versions
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size

@@ -1,0 +1,169 @@
+"""The Open Inference Protocol (KServe v2) routes: health, model metadata, readiness, infer.
+
+Layer: serving, HTTP wiring only. Bodies are decoded and encoded by
+:mod:`mlaas.serve.protocol`, models run in :mod:`mlaas.serve.runtime`. The
+raw body is read so the binary tensor data extension works. Errors are
+answered KServe style, ``{"error": message}``: unknown model or version 404,
+a bad request 400, a full queue 503, an inference failure 500.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from mlaas.errors import DataError, MlaasError
+from mlaas.serve.metrics import Metrics
+from mlaas.serve.protocol import (
+    HEADER_LENGTH,
+    ProtocolError,
+    decode_infer_request,
+    encode_infer_response,
+    model_metadata,
+    model_tensors,
+)
+from mlaas.serve.runtime import Overloaded, Runtime
+
+__all__ = ["v2_router"]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _status_of(exc: Exception) -> int:
+    if isinstance(exc, KeyError):
+        return 404
+    if isinstance(exc, Overloaded):
+        return 503
+    if isinstance(exc, (ProtocolError, DataError, ValueError)):
+        return 400
+    return 500
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, MlaasError):
+        return str(exc)
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _version(name: str, v: str) -> int:
+    try:
+        number = int(v)
+    except ValueError:
+        raise KeyError(f"model {name!r} has no version {v!r} (versions are 1, 2, ...)") from None
+    if number < 1:
+        raise KeyError(f"model {name!r} has no version {v!r} (versions are 1, 2, ...)")
+    return number
+
+
+def _versions(registry: Any, name: str, resolved: int) -> list[int]:
+    """Every version of ``name`` when the registry can list them, else the resolved one."""
+    listing = getattr(registry, "list", None)
+    if callable(listing):
+        for model in listing():
+            if isinstance(model, dict) and model.get("name") == name:
+                return [int(v) for v in model.get("versions", [])] or [resolved]
+    return [resolved]
+
+
+def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -> APIRouter:
+    """The ``/v2`` routes over ``runtime`` and ``registry``.
+
+    Args:
+        runtime: runs the models (:class:`mlaas.serve.runtime.Runtime`).
+        registry: ``resolve(name, version=None, alias=None)`` and ``bundle(name, version)``;
+            ``list()`` (optional) gives every version for the metadata.
+        metrics: counts requests and times them when given.
+    """
+    router = APIRouter(prefix="/v2", tags=["v2"])
+
+    async def answer(route: str, name: str,
+                     handler: Callable[[dict[str, Any]], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        seen: dict[str, Any] = {"model": "", "version": None}
+        try:
+            response = await handler(seen)
+        except (KeyError, MlaasError) as exc:
+            response = _error(_status_of(exc), _message(exc))
+        if metrics is not None:
+            metrics.observe_request(route, seen["model"], seen["version"], response.status_code,
+                                    time.perf_counter() - started)
+        return response
+
+    @router.get("/health/live")
+    async def live() -> Response:
+        return JSONResponse({"live": True})
+
+    @router.get("/health/ready")
+    async def ready() -> Response:
+        return JSONResponse({"ready": True})
+
+    async def metadata(route: str, name: str, version: int | str | None) -> Response:
+        async def handler(seen: dict[str, Any]) -> Response:
+            v = None if version is None else _version(name, str(version))
+            resolved, bundle, _ = await runtime.batcher(name, v)
+            seen.update(model=name, version=resolved)
+            inputs, outputs = model_tensors(bundle)
+            versions = [resolved] if v is not None else _versions(registry, name, resolved)
+            return JSONResponse(model_metadata(name, versions, inputs, outputs))
+        return await answer(route, name, handler)
+
+    @router.get("/models/{name}")
+    async def model(name: str) -> Response:
+        return await metadata("/v2/models/{name}", name, None)
+
+    @router.get("/models/{name}/versions/{v}")
+    async def model_version(name: str, v: str) -> Response:
+        return await metadata("/v2/models/{name}/versions/{v}", name, v)
+
+    async def readiness(route: str, name: str, version: str | None) -> Response:
+        async def handler(seen: dict[str, Any]) -> Response:
+            v = None if version is None else _version(name, version)
+            resolved, _, _ = await runtime.batcher(name, v)
+            seen.update(model=name, version=resolved)
+            return JSONResponse({"name": name, "version": str(resolved), "ready": True})
+        return await answer(route, name, handler)
+
+    @router.get("/models/{name}/ready")
+    async def model_ready(name: str) -> Response:
+        return await readiness("/v2/models/{name}/ready", name, None)
+
+    @router.get("/models/{name}/versions/{v}/ready")
+    async def model_version_ready(name: str, v: str) -> Response:
+        return await readiness("/v2/models/{name}/versions/{v}/ready", name, v)
+
+    async def infer(route: str, request: Request, name: str, version: str | None) -> Response:
+        async def handler(seen: dict[str, Any]) -> Response:
+            v = None if version is None else _version(name, version)
+            resolved, bundle, batcher = await runtime.batcher(name, v)
+            seen.update(model=name, version=resolved)
+            inputs, outputs = model_tensors(bundle)
+            body = await request.body()
+            req = decode_infer_request(body, inputs, outputs,
+                                       header_length=request.headers.get(HEADER_LENGTH))
+            scores = await runtime.score(bundle, batcher, req.inputs)
+            results = {n: scores for n in req.outputs}  # the model has one output, "score"
+            content, header_length = encode_infer_response(
+                name, resolved, results, request_id=req.id, binary=req.binary)
+            if header_length is None:
+                return Response(content, media_type="application/json")
+            return Response(content, media_type="application/octet-stream",
+                            headers={HEADER_LENGTH: str(header_length)})
+        return await answer(route, name, handler)
+
+    @router.post("/models/{name}/infer")
+    async def model_infer(name: str, request: Request) -> Response:
+        return await infer("/v2/models/{name}/infer", request, name, None)
+
+    @router.post("/models/{name}/versions/{v}/infer")
+    async def model_version_infer(name: str, v: str, request: Request) -> Response:
+        return await infer("/v2/models/{name}/versions/{v}/infer", request, name, v)
+
+    return router

@@ -1,0 +1,205 @@
+"""mlaas.serve.runtime: dynamic batching (merging, splitting, errors, limits) and Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from mlaas.serve.runtime import Batcher, InferenceError, Overloaded, Runtime, _runner
+
+
+class Recorder:
+    """A run function: score = row sum + mask sum, recording each call's batch size."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        with self.lock:
+            self.sizes.append(len(x))
+        if self.fail:
+            raise RuntimeError("boom")
+        extra = mask.sum(axis=1) if mask is not None else 0.0
+        return (x.sum(axis=1) + extra)[:, None].astype(np.float32)
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        yield ex
+
+
+def _requests(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    return [(rng.normal(size=(1 + i % 4, 3)).astype(np.float32),
+             rng.integers(0, 2, size=(1 + i % 4, 2)).astype(np.float32)) for i in range(n)]
+
+
+def test_concurrent_submits_are_merged(executor: ThreadPoolExecutor) -> None:
+    reqs = _requests(50)
+    rec = Recorder()
+    seen: list[int] = []
+    batcher = Batcher(rec, max_batch_size=16, max_delay_ms=5.0, executor=executor,
+                      on_batch=seen.append)
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher.submit(x, m) for x, m in reqs))
+
+    results = asyncio.run(main())
+    for (x, m), got in zip(reqs, results):
+        np.testing.assert_array_equal(got, rec(x, m))
+    calls = rec.sizes[:-50]  # the rest are the one-by-one references above
+    assert len(calls) < 50
+    assert max(calls) <= 16
+    assert sum(calls) == sum(len(x) for x, _ in reqs)
+    assert seen == calls
+    assert batcher.waiting == 0
+
+
+def test_one_by_one_equals_batched(executor: ThreadPoolExecutor) -> None:
+    reqs = _requests(20)
+    batcher = Batcher(Recorder(), max_batch_size=32, max_delay_ms=1.0, executor=executor)
+
+    async def one_by_one() -> list[np.ndarray]:
+        return [await batcher.submit(x, m) for x, m in reqs]
+
+    async def together() -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher.submit(x, m) for x, m in reqs))
+
+    for a, b in zip(asyncio.run(one_by_one()), asyncio.run(together())):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_no_mask(executor: ThreadPoolExecutor) -> None:
+    rec = Recorder()
+    batcher = Batcher(rec, max_batch_size=8, executor=executor)
+    xs = [np.ones((2, 3), np.float32) * i for i in range(5)]
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher.submit(x, None) for x in xs))
+
+    for i, got in enumerate(asyncio.run(main())):
+        np.testing.assert_array_equal(got, np.full((2, 1), 3.0 * i, np.float32))
+
+
+def test_exceptions_reach_every_caller(executor: ThreadPoolExecutor) -> None:
+    rec = Recorder(fail=True)
+    batcher = Batcher(rec, max_batch_size=64, max_delay_ms=5.0, executor=executor)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(batcher.submit(x, m) for x, m in _requests(10)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and str(r) == "boom" for r in results)
+    assert len(rec.sizes) < 10
+
+
+def test_oversized_request_runs_alone(executor: ThreadPoolExecutor) -> None:
+    rec = Recorder()
+    batcher = Batcher(rec, max_batch_size=4, max_delay_ms=5.0, executor=executor)
+    big = (np.ones((10, 3), np.float32), np.zeros((10, 2), np.float32))
+    small = _requests(3)
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(batcher.submit(*big), *(batcher.submit(x, m)
+                                                            for x, m in small))
+
+    results = asyncio.run(main())
+    np.testing.assert_array_equal(results[0], np.full((10, 1), 3.0, np.float32))
+    assert 10 in rec.sizes
+    assert all(s <= 4 for s in rec.sizes if s != 10)
+    assert sum(rec.sizes) == 10 + sum(len(x) for x, _ in small)
+
+
+def test_full_queue_is_overloaded(executor: ThreadPoolExecutor) -> None:
+    batcher = Batcher(Recorder(), max_batch_size=64, max_delay_ms=50.0, executor=executor,
+                      max_queue=3)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(batcher.submit(x, m) for x, m in _requests(5)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert [isinstance(r, Overloaded) for r in results] == [False, False, False, True, True]
+    assert "limit 3" in str(results[3])
+
+
+def test_onnx_runtime_errors_are_mapped() -> None:
+    class Broken:
+        path = "/b"
+
+        def run(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT")
+
+    with pytest.raises(InferenceError, match="INVALID_ARGUMENT") as info:
+        _runner(Broken())(np.zeros((1, 3), np.float32), None)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# -- Runtime over a registry, with a fake bundle ---------------------------------------------
+
+
+class FakeBundle:
+    input_names = ["x", "mask"]
+    n_outputs = 1
+
+    def __init__(self, serving: dict | None = None) -> None:
+        self.spec = {"feature_names": ["a", "b", "c"], "mask_names": ["m0", "m1"]}
+        if serving:
+            self.spec["serving"] = serving
+        self.rec = Recorder()
+
+    def run(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.rec(x, mask)
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.bundles = {("m", 1): FakeBundle(), ("m", 2): FakeBundle({"max_batch_size": 3})}
+
+    def resolve(self, name: str, version: int | None = None, alias: str | None = None
+                ) -> tuple[int, str]:
+        v = 2 if version is None else version
+        if (name, v) not in self.bundles:
+            raise KeyError(f"no model {name!r} version {v}")
+        return v, f"/{name}/{v}"
+
+    def bundle(self, name: str, version: int) -> tuple[int, FakeBundle]:
+        return version, self.bundles[(name, version)]
+
+
+def test_runtime_batches_per_version_and_reloads() -> None:
+    reg = FakeRegistry()
+    rt = Runtime(reg, max_batch_size=100, max_delay_ms=5.0, threads=1)
+    reqs = _requests(12)
+    try:
+        async def main() -> list[tuple[int, np.ndarray]]:
+            return await asyncio.gather(*(rt.infer("m", None, None, {"x": x, "mask": m})
+                                          for x, m in reqs))
+
+        results = asyncio.run(main())
+        assert {v for v, _ in results} == {2}
+        assert max(reg.bundles[("m", 2)].rec.sizes) <= 4  # serving.max_batch_size 3, or alone
+        v, got = asyncio.run(rt.infer("m", 1, None, {"x": reqs[0][0], "mask": reqs[0][1]}))
+        assert v == 1
+        np.testing.assert_array_equal(got, results[0][1])
+        first = asyncio.run(rt.batcher("m", 1))[2]
+        assert asyncio.run(rt.batcher("m", 1))[2] is first
+        reg.bundles[("m", 1)] = FakeBundle()  # a new upload of version 1
+        assert asyncio.run(rt.batcher("m", 1))[2] is not first
+        with pytest.raises(KeyError):
+            asyncio.run(rt.infer("nope", None, None, {"x": reqs[0][0]}))
+        with pytest.raises(ValueError, match="input 'x': shape \\[1, 2\\]"):
+            asyncio.run(rt.infer("m", 1, None, {"x": np.zeros((1, 2)), "mask": reqs[0][1]}))
+        with pytest.raises(ValueError, match="missing input 'mask'"):
+            asyncio.run(rt.infer("m", 1, None, {"x": reqs[0][0]}))
+    finally:
+        rt.close()

@@ -1,0 +1,50 @@
+"""`mlaas serve` as assembled: registry upload, v2 inference with batching, /metrics, --get."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from typer.testing import CliRunner
+
+from mlaas.bundle import Bundle
+from mlaas.cli import app as cli
+from mlaas.serve.server import create_server
+
+with warnings.catch_warnings():
+    # starlette >= 1.x asks for its httpx fork ("httpx2"); httpx works the same here
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
+
+
+def test_upload_infer_and_metrics(tmp_path: Path, trained: dict[str, Any]) -> None:
+    with TestClient(create_server(tmp_path / "models")) as client:
+        r = client.post("/api/models/higgs", content=trained["bytes"])
+        assert r.status_code == 201, r.text
+        bundle = Bundle.load(trained["dir"])
+        x = np.random.default_rng(0).normal(size=(3, len(bundle.spec["feature_names"])))
+        body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.astype(np.float32).ravel().tolist()}]}
+        assert bundle.input_names == ["x"]
+        r = client.post("/v2/models/higgs/infer", json=body)
+        assert r.status_code == 200, r.text
+        got = np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(3, -1)
+        np.testing.assert_allclose(got, bundle.run(x.astype(np.float32), None), atol=1e-6)
+        assert client.get("/v2/models/higgs/ready").status_code == 200
+        assert client.get("/v2/models/nope/ready").status_code == 404
+        metrics = client.get("/metrics").text
+        assert "mlaas_requests_total" in metrics and 'model="higgs"' in metrics
+
+
+def test_serve_get_answers_in_process(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["serve", "--models", str(tmp_path / "m"), "--get", "/v2/health/ready"])
+    assert ok.exit_code == 0, ok.output
+    missing = runner.invoke(cli, ["serve", "--models", str(tmp_path / "m"), "--get",
+                                  "/v2/models/none"])
+    assert missing.exit_code == 1
+    assert json.loads(runner.invoke(cli, ["serve", "--models", str(tmp_path / "m"), "--get",
+                                          "/api/models"]).stdout) is not None

@@ -37,6 +37,7 @@ test: setup system-deps
 
 bench: setup
 	$(PY) bench/loader.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

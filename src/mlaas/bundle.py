@@ -344,7 +344,7 @@ def safe_extract(archive: str | os.PathLike[str], dest: Path, *,
                           f"(.tar.gz): {exc}") from exc
 
 
-def _bundle_root(directory: Path) -> Path:
+def bundle_root(directory: Path) -> Path:
     """The directory holding spec.json: ``directory`` or its only subdirectory."""
     if (directory / SPEC_FILE).exists():
         return directory
@@ -470,7 +470,7 @@ class Bundle:
         with tempfile.TemporaryDirectory(prefix="mlaas-bundle-") as tmp:
             safe_extract(p, Path(tmp), max_member_bytes=max_member_bytes,
                          max_total_bytes=max_total_bytes)
-            return cls._from_dir(_bundle_root(Path(tmp)), p, threads)
+            return cls._from_dir(bundle_root(Path(tmp)), p, threads)
 
     @classmethod
     def _from_dir(cls, directory: Path, origin: Path, threads: int | None) -> Bundle:

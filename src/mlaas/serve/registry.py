@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle, safe_extract
+from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle, bundle_root, safe_extract
 from mlaas.errors import BundleError, ServeError, close_names
 
 __all__ = [
@@ -107,15 +107,6 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             os.unlink(tmp)
         raise
 
-
-def _bundle_root(directory: Path) -> Path:
-    """The directory holding spec.json: ``directory`` or its only subdirectory."""
-    if (directory / SPEC_FILE).exists():
-        return directory
-    subdirs = [p for p in directory.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / SPEC_FILE).exists():
-        return subdirs[0]
-    return directory
 
 
 def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
@@ -355,7 +346,7 @@ class Registry:
             unpacked.mkdir()
             safe_extract(source, unpacked, max_member_bytes=self.max_member_bytes,
                          max_total_bytes=self.max_total_bytes)
-            bundle_dir = _bundle_root(unpacked)
+            bundle_dir = bundle_root(unpacked)
             if not (bundle_dir / SPEC_FILE).exists():
                 raise BundleError(f"the archive holds no {SPEC_FILE} (at its top or in its "
                                   "only directory); is it a bundle.tar.gz?")

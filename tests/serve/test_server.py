@@ -35,8 +35,20 @@ def test_upload_infer_and_metrics(tmp_path: Path, trained: dict[str, Any]) -> No
         np.testing.assert_allclose(got, bundle.run(x.astype(np.float32), None), atol=1e-6)
         assert client.get("/v2/models/higgs/ready").status_code == 200
         assert client.get("/v2/models/nope/ready").status_code == 404
+        r = client.post("/api/models/higgs/predict", json=trained["rows"])
+        assert r.status_code == 200, r.text
+        want = bundle.predict_events(trained["rows"])[:, 0]
+        got = r.json()["outputs"]
+        assert [g is None for g in got] == np.isnan(want).tolist()
+        np.testing.assert_allclose([g for g in got if g is not None], want[~np.isnan(want)],
+                                   atol=1e-6)
+        assert client.post("/api/models/nope/predict", json=trained["rows"]).status_code == 404
         metrics = client.get("/metrics").text
         assert "mlaas_requests_total" in metrics and 'model="higgs"' in metrics
+        # one v2 call (3 events) and one raw call (its events passing the cut) were batched
+        batches = [line for line in metrics.splitlines()
+                   if line.startswith('mlaas_batch_size_count{model="higgs"')]
+        assert batches and float(batches[0].split()[-1]) == 2.0
 
 
 def test_serve_get_answers_in_process(tmp_path: Path) -> None:

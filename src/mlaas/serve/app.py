@@ -218,7 +218,8 @@ def _outputs(scores: np.ndarray) -> list[Any]:
 def _predict(registry: Registry, name: str, version: int | None, alias: str | None,
              events: Any) -> dict[str, Any]:
     v, bundle = registry.bundle(name, version, alias)
-    # TODO(serve): route through mlaas.serve.runtime (dynamic batching) once it lands.
+    # Without a Runtime (create_app alone) events are scored one request at a time;
+    # mlaas.serve.server.create_server batches them.
     scores = bundle.predict_events(events)
     return {"model": name, "version": v, "outputs": _outputs(scores)}
 
@@ -326,6 +327,10 @@ def _models_router() -> APIRouter:
     async def predict(name: str, request: Request, version: int | None = None,
                       alias: str | None = None) -> dict[str, Any]:
         events = await _json(request)
+        runtime = getattr(request.app.state, "runtime", None)
+        if runtime is not None:  # the full server: batched with concurrent requests
+            v, scores = await runtime.predict_events(name, version, alias, events)
+            return {"model": name, "version": v, "outputs": _outputs(scores)}
         return await run_in_threadpool(_predict, _registry(request), name, version, alias,
                                        events)
 

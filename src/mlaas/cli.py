@@ -302,6 +302,11 @@ def import_mlaas4hep(
         err_console.print(f"[yellow]not mapped:[/] {note}")
 
 
+from mlaas import cli_client  # noqa: E402  (submit, jobs, status, logs, ... against a server)
+
+cli_client.register(app)
+
+
 def main() -> None:
     """Console-script entry point: MlaasError becomes a one-line message and exit code 1."""
     try:

@@ -17,6 +17,13 @@ for an unreachable server::
     ├── BundleError                      (training/export issues)
     ├── ServeError                       (inference issue)
     └── PlatformError                    (platform issues)
+        ├── NotFound(KeyError)           404: missing, or not readable by the caller
+        ├── Forbidden(PermissionError)   403: readable but not writable by the caller
+        ├── Unauthorized(PermissionError) 401: no valid credentials
+        ├── Conflict                     409: a state change that is not allowed now
+        ├── QuotaExceeded                413/429-ish: a byte or job quota is full
+        ├── PathError(ValueError)        400: a path that leaves its root or is malformed
+        └── RateLimited                  429, with ``retry_after`` seconds
 
 Messages say what failed first, with the offending value in ``repr``; then
 context lines ``in file <url>``, ``in tree <name>``, ``at spec field <path>``.
@@ -43,6 +50,13 @@ __all__ = [
     "BundleError",
     "ServeError",
     "PlatformError",
+    "NotFound",
+    "Forbidden",
+    "Unauthorized",
+    "Conflict",
+    "QuotaExceeded",
+    "PathError",
+    "RateLimited",
     "close_names",
 ]
 
@@ -152,3 +166,38 @@ class ServeError(MlaasError):
 
 class PlatformError(MlaasError):
     """Platform (jobs, queues, storage) errors."""
+
+
+class NotFound(PlatformError, KeyError):
+    """A job, file or model that does not exist, or that the caller may not read.
+
+    The two cases are one class on purpose: answering 404 for both means ids
+    cannot be probed.
+    """
+
+    def __str__(self) -> str:
+        return self._render()
+
+
+class Forbidden(PlatformError, PermissionError):
+    """The caller may read the object but not change it."""
+
+
+class Unauthorized(PlatformError, PermissionError):
+    """No credentials, or credentials that do not validate (HTTP 401)."""
+
+
+class Conflict(PlatformError):
+    """A state change that the object's current state does not allow (cancel a finished job)."""
+
+
+class QuotaExceeded(PlatformError):
+    """A per-user byte quota or a similar limit is full."""
+
+
+class PathError(PlatformError, ValueError):
+    """A path that is absolute, contains ``..``, or otherwise leaves its root."""
+
+
+class RateLimited(PlatformError):
+    """Too many requests; ``retry_after`` says how many seconds to wait."""

@@ -16,7 +16,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,8 @@ def _preemptible() -> Iterator[None]:
 
 
 def run(spec: str | Path | dict[str, Any] | Pipeline, outdir: str | Path, *,
-        resume: bool = False, progress: bool = True) -> RunResult:
+        resume: bool = False, progress: bool = True,
+        on_progress: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Run pass 1, training, evaluation and export for ``spec`` into ``outdir``.
 
     Args:
@@ -89,15 +90,24 @@ def run(spec: str | Path | dict[str, Any] | Pipeline, outdir: str | Path, *,
         outdir (path): the run directory (created).
         resume (bool): continue from ``outdir/checkpoint.pt``.
         progress (bool): draw progress bars on stderr.
+        on_progress (callable or None): called with ``{"phase": ...}`` as each stage
+            starts (``pass1``, ``training``, ``evaluation``, ``export``) and, while
+            training, with the trainer's reports (see :func:`mlaas.train.trainer.train`).
     """
     from mlaas.train import evaluate, export, trainer
     from mlaas.train.provenance import provenance
 
     started = time.time()
+
+    def phase(name: str) -> None:
+        if on_progress is not None:
+            on_progress({"phase": name})
+
     pipeline = load(spec)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     with _preemptible():
+        phase("pass1")
         prepared = prepare(pipeline)
         stats = _stats(pipeline, prepared, out, resume, progress)
         t = pipeline.train
@@ -107,9 +117,13 @@ def run(spec: str | Path | dict[str, Any] | Pipeline, outdir: str | Path, *,
                                seed=t.seed, stats=stats, prepared=prepared)
 
         train_ds, val_ds = split("train", True), split("validation", False)
-        result = trainer.train(pipeline, train_ds, val_ds, out, resume=resume, progress=progress)
+        phase("training")
+        result = trainer.train(pipeline, train_ds, val_ds, out, resume=resume, progress=progress,
+                               on_progress=on_progress)
+        phase("evaluation")
         metrics = evaluate.evaluate(pipeline, result.model, split("train", False),
                                     split("test", False), result.history, out)
+        phase("export")
         info = provenance(pipeline, train_ds, started, time.time())
         bundle = export.export_bundle(pipeline, result.model, train_ds, metrics, out,
                                       provenance=info, plots_dir=out / "plots")

@@ -71,7 +71,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,7 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "RESUMABLE_FIELDS",
     "CHECKPOINT_NAME",
+    "PROGRESS_EVERY_S",
     "Preempted",
     "TrainingError",
     "TrainResult",
@@ -106,6 +107,11 @@ RESUMABLE_FIELDS = ("name", "train.epochs", "train.max_time", "train.checkpoint_
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = 1
+
+#: Seconds between two ``on_progress`` reports inside an epoch.
+PROGRESS_EVERY_S = 2.0
+
+ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 class TrainingError(MlaasError, RuntimeError):
@@ -470,7 +476,8 @@ class _Trainer:
     """One call of :func:`train`; the state lives here so the loop reads plainly."""
 
     def __init__(self, pipeline: Pipeline, train_ds: Any, val_ds: Any, outdir: Path,
-                 progress: bool) -> None:
+                 progress: bool, on_progress: ProgressCallback | None = None) -> None:
+        self.on_progress = on_progress
         self.p = pipeline
         self.t = pipeline.train
         self.train_ds, self.val_ds = train_ds, val_ds
@@ -500,6 +507,7 @@ class _Trainer:
         self.has_val = val_ds is not None and int(getattr(val_ds, "num_events", 1)) > 0
         self.started = time.monotonic()
         self.flag = _Flag()
+        self.batches = 0
 
     # -- checkpoint state ---------------------------------------------------------
 
@@ -554,6 +562,17 @@ class _Trainer:
         self.stopped = state["stopped"] if state["stopped"] == "early_stopping" else None
         _set_rng_state(state["rng"])
 
+    # -- progress reports ----------------------------------------------------------
+
+    def report(self, epoch: int, batches: int, events: int, seconds: float,
+               metrics: dict[str, Any]) -> None:
+        """Tell ``on_progress`` where training is (a platform writes it for its API)."""
+        if self.on_progress is not None:
+            self.on_progress({"phase": "training", "epoch": epoch, "epochs": self.t.epochs,
+                              "batches": batches,
+                              "events_per_s": events / seconds if seconds > 0 else None,
+                              "metrics": metrics})
+
     # -- batches -------------------------------------------------------------------
 
     def boundary(self) -> None:
@@ -602,7 +621,8 @@ class _Trainer:
         self.model.train()
         total = weight = 0.0
         events = 0
-        start = time.perf_counter()
+        start = last_report = time.perf_counter()
+        index = 0
         for index, batch in enumerate(loader, start=1):
             self.boundary()
             self.opt.zero_grad(set_to_none=True)
@@ -617,11 +637,16 @@ class _Trainer:
             weight += float(ww.item())
             n = int(batch["x"].shape[0])
             events += n
-            bars.batch(n, events, time.perf_counter() - start,
-                       total / weight if weight else value)
+            now = time.perf_counter()
+            bars.batch(n, events, now - start, total / weight if weight else value)
+            if self.on_progress is not None and now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                self.report(epoch, index, events, now - start,
+                            {"train_loss": total / weight if weight else value})
         if events == 0:
             raise TrainingError("the training split yielded no events (check data.cut, "
                                 "data.split and the sources)")
+        self.batches = index
         return (total / weight if weight else total), events, time.perf_counter() - start
 
     @torch.no_grad()
@@ -690,6 +715,8 @@ class _Trainer:
                         self.history.append(entry)
                         self.end_epoch(monitored)
                         bars.end_epoch(entry)
+                        self.report(epoch, self.batches, events, seconds,
+                                    {"train_loss": train_loss, "val_loss": val_loss, "lr": lr})
                         last = self.snapshot()
                         if epoch % self.t.checkpoint_every == 0:
                             _write_atomic(last, self.path)
@@ -718,7 +745,8 @@ class _Trainer:
 
 
 def train(pipeline: Pipeline, train_ds: Any, val_ds: Any, outdir: str | os.PathLike[str], *,
-          resume: bool = False, progress: bool = True) -> TrainResult:
+          resume: bool = False, progress: bool = True,
+          on_progress: ProgressCallback | None = None) -> TrainResult:
     """Train ``pipeline.model`` on ``train_ds``, validating on ``val_ds``; checkpoint to ``outdir``.
 
     Args:
@@ -730,6 +758,10 @@ def train(pipeline: Pipeline, train_ds: Any, val_ds: Any, outdir: str | os.PathL
         outdir (path): where ``checkpoint.pt`` goes (created).
         resume (bool): continue from ``outdir/checkpoint.pt`` when it exists.
         progress (bool): draw epoch and batch bars on stderr.
+        on_progress (callable or None): called with a dict (``phase``, ``epoch``,
+            ``epochs``, ``batches``, ``events_per_s``, ``metrics``) at the end of
+            every epoch and every :data:`PROGRESS_EVERY_S` seconds within one; it
+            runs in the training loop, so it must be quick.
 
     Returns a :class:`TrainResult` whose model holds the best weights (lowest
     validation loss). Raises :class:`TrainingError` (NaN/inf loss, a user model
@@ -738,5 +770,5 @@ def train(pipeline: Pipeline, train_ds: Any, val_ds: Any, outdir: str | os.PathL
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    return _Trainer(pipeline, train_ds, val_ds, out, progress).run(resume)
+    return _Trainer(pipeline, train_ds, val_ds, out, progress, on_progress).run(resume)
 

@@ -15,7 +15,14 @@ for an unreachable server::
     │   ├── BadValues                    NaN/inf under ``nan: error``
     │   └── CacheError                   a cache that cannot be built or used
     ├── BundleError                      (training/export issues)
-    ├── ServeError                       (inference issue)
+    ├── ServeError                       the inference service (mlaas.serve)
+    │   ├── BadRequest(ValueError)       400: malformed JSON, a missing field
+    │   ├── RequestTooLarge              413: a body above the server's limit
+    │   ├── ModelNotFound(KeyError)      404: unknown model, version or alias
+    │   ├── InvalidName(ValueError)      400: a model name or alias that is not allowed
+    │   ├── ProtocolError(ValueError)    400: a KServe v2 request that does not fit
+    │   ├── Overloaded                   503: too many requests waiting for a model
+    │   └── InferenceError               500: ONNX Runtime failed on a batch
     └── PlatformError                    (platform issues)
         ├── NotFound(KeyError)           404: missing, or not readable by the caller
         ├── Forbidden(PermissionError)   403: readable but not writable by the caller
@@ -49,6 +56,13 @@ __all__ = [
     "CacheError",
     "BundleError",
     "ServeError",
+    "BadRequest",
+    "RequestTooLarge",
+    "ModelNotFound",
+    "InvalidName",
+    "ProtocolError",
+    "Overloaded",
+    "InferenceError",
     "PlatformError",
     "NotFound",
     "Forbidden",
@@ -161,7 +175,41 @@ class BundleError(MlaasError, ValueError):
 
 
 class ServeError(MlaasError):
-    """Inference service errors."""
+    """Inference service errors (:mod:`mlaas.serve`)."""
+
+
+class BadRequest(ServeError, ValueError):
+    """A request the server cannot read: malformed JSON, a missing field (HTTP 400)."""
+
+
+class RequestTooLarge(ServeError):
+    """A request body above the server's limit (HTTP 413)."""
+
+
+class ModelNotFound(ServeError, KeyError):
+    """An unknown model, version or alias (HTTP 404)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return self._render()
+
+
+class InvalidName(ServeError, ValueError):
+    """A model name or alias that does not match the registry's name pattern (HTTP 400)."""
+
+
+class ProtocolError(ServeError, ValueError):
+    """A request that does not follow the protocol or does not fit the model (HTTP 400).
+
+    ``tensor`` names the offending input or output when there is one.
+    """
+
+
+class Overloaded(ServeError):
+    """Too many requests are waiting for a model (HTTP 503); retry later."""
+
+
+class InferenceError(ServeError):
+    """ONNX Runtime failed while scoring a batch (HTTP 500)."""
 
 
 class PlatformError(MlaasError):

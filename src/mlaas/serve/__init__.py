@@ -1,7 +1,10 @@
 """Serving: the model registry and the HTTP app.
 
 Layer: serving. :func:`create_app` (:mod:`mlaas.serve.app`) builds the
-FastAPI app over a :class:`Registry` (:mod:`mlaas.serve.registry`). Names are
+FastAPI app over a :class:`Registry` (:mod:`mlaas.serve.registry`);
+:func:`mlaas.serve.server.create_server` adds KServe v2 and batching, and
+every model route asks a :class:`mlaas.serve.access.ModelAccess` policy.
+HTTP statuses of errors are :mod:`mlaas.serve.http_errors`. Names are
 imported lazily, so importing a submodule (``mlaas.serve.protocol``) does not
 pull in the web stack.
 """

@@ -43,10 +43,16 @@ POST       /upload                                 TFaaS: multipart form with th
 DELETE     /delete/{model}                         TFaaS: every version of the model
 =========  ======================================  ==========================================
 
+Every route that touches a model asks the app's
+:class:`~mlaas.serve.access.ModelAccess` first (``app.state.access``; see
+:mod:`mlaas.serve.access` for which hook each route calls).
+
 Errors are JSON ``{"error": <class name>, "message": ..., <context>}``, with
-the status from :data:`ERROR_STATUS` (unknown model/version/alias 404; bad
-bundles, events, names and requests 400; bodies over ``max_body_bytes`` 413;
-anything else 500 with no traceback in the body).
+the status from :data:`~mlaas.serve.http_errors.ERROR_STATUS` (unknown
+model/version/alias 404; bad bundles, events, names and requests 400; bodies
+over ``max_body_bytes`` 413; the access policy's NotFound 404, Forbidden 403,
+Unauthorized 401 with ``WWW-Authenticate: Bearer``, RateLimited 429 with
+``Retry-After``; anything else 500 with no traceback in the body).
 """
 
 from __future__ import annotations
@@ -70,8 +76,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlaas.bundle import Bundle
-from mlaas.errors import BundleError, DataError, MlaasError, ServeError, SpecError
-from mlaas.serve.registry import InvalidName, ModelNotFound, Registry
+from mlaas.errors import BadRequest, MlaasError, RequestTooLarge
+from mlaas.serve import access as hooks
+from mlaas.serve.access import AllowAll, ModelAccess
+from mlaas.serve.http_errors import ERROR_STATUS, headers_of, status_of
+from mlaas.serve.registry import Registry
 
 __all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
 
@@ -80,45 +89,16 @@ log = logging.getLogger("mlaas.serve")
 MAX_BODY_BYTES = 64 * 1024**2
 
 
-class BadRequest(ServeError, ValueError):
-    """A request the server cannot read: malformed JSON, a missing field (HTTP 400)."""
-
-
-class RequestTooLarge(ServeError):
-    """A request body above the server's limit (HTTP 413)."""
-
-
-# The exception-handler map: the most specific class in an error's MRO wins.
-ERROR_STATUS: dict[type[MlaasError], int] = {
-    ModelNotFound: 404,
-    RequestTooLarge: 413,
-    InvalidName: 400,
-    BadRequest: 400,
-    BundleError: 400,
-    DataError: 400,  # includes InvalidEvent and BadValues
-    SpecError: 400,
-    ServeError: 500,
-    MlaasError: 500,
-}
-
-
-def _status_of(exc: MlaasError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]
-    return 500
-
-
 def _error_body(exc: MlaasError) -> dict[str, Any]:
     return jsonable_encoder(exc.to_dict())  # type: ignore[no-any-return]
 
 
 async def _mlaas_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MlaasError)
-    status = _status_of(exc)
+    status = status_of(exc)
     if status >= 500:
         log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
-    return JSONResponse(_error_body(exc), status_code=status)
+    return JSONResponse(_error_body(exc), status_code=status, headers=headers_of(exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -252,7 +232,8 @@ def _tfaas_events(bundle: Bundle, keys: list[str], values: list[Any]) -> list[di
     return rows
 
 
-def _tfaas_predict(registry: Registry, body: Any) -> list[Any]:
+def _tfaas_request(body: Any) -> tuple[list[str], list[Any], str | None]:
+    """``(keys, values, model)`` of a TFaaS ``/json`` body, checked."""
     if not isinstance(body, Mapping):
         raise BadRequest('give {"keys": [...], "values": [...], "model": name}')
     keys, values, name = body.get("keys"), body.get("values"), body.get("model")
@@ -260,16 +241,33 @@ def _tfaas_predict(registry: Registry, body: Any) -> list[Any]:
         raise BadRequest('"keys" must be a list of branch names', field="keys")
     if not isinstance(values, list):
         raise BadRequest('"values" must be a list', field="values")
-    if name is None:
-        names = [m["name"] for m in registry.list()]
-        if len(names) != 1:
-            raise BadRequest(f'give "model" (models: {", ".join(names) or "none"})',
-                             field="model")
-        name = names[0]
-    if not isinstance(name, str):
+    if name is not None and not isinstance(name, str):
         raise BadRequest('"model" must be a string', field="model")
+    return keys, values, name
+
+
+def _tfaas_predict(registry: Registry, name: str, keys: list[str], values: list[Any]
+                   ) -> list[Any]:
     _, bundle = registry.bundle(name)
     return _outputs(bundle.predict_events(_tfaas_events(bundle, keys, values)))
+
+
+async def _visible_models(request: Request) -> list[dict[str, Any]]:
+    """The registry listing, filtered by the access policy."""
+    models = await run_in_threadpool(_registry(request).list)
+    names = await hooks.visible(request, [m["name"] for m in models])
+    keep = set(names)
+    return [m for m in models if m["name"] in keep]
+
+
+async def _upload(request: Request, name: str, data: bytes,
+                  metadata: dict[str, Any] | None = None) -> JSONResponse:
+    """Create the next version of ``name``; asks the policy's ``on_upload`` first unless
+    the caller already did (and passes its ``metadata``)."""
+    if metadata is None:
+        metadata = await hooks.on_upload(request, name)
+    info = await run_in_threadpool(_registry(request).upload, name, data, metadata)
+    return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
 
 
 def _alias_version(body: Any) -> int:
@@ -297,35 +295,41 @@ def _models_router() -> APIRouter:
     router = APIRouter(prefix="/api/models", tags=["models"])
 
     async def list_models(request: Request) -> dict[str, Any]:
-        return {"models": await run_in_threadpool(_registry(request).list)}
+        return {"models": await _visible_models(request)}
 
     async def upload(name: str, request: Request) -> JSONResponse:
+        metadata = await hooks.on_upload(request, name)  # before reading the body
         data = await request.body()
-        info = await run_in_threadpool(_registry(request).upload, name, data)
-        return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
+        return await _upload(request, name, data, metadata)
 
     async def get_model(name: str, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "read", name)
         return await run_in_threadpool(_registry(request).get, name)
 
     async def get_version(name: str, version: int, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "read", name)
         info = await run_in_threadpool(_registry(request).version, name, version)
         return {"model": name, **info}
 
     async def delete_version(name: str, version: int, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "write", name)
         await run_in_threadpool(_registry(request).delete_version, name, version)
         return {"model": name, "deleted": version}
 
     async def set_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "write", name)
         version = _alias_version(await _json(request))
         aliases = await run_in_threadpool(_registry(request).set_alias, name, alias, version)
         return {"model": name, "alias": alias, "version": version, "aliases": aliases}
 
     async def delete_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "write", name)
         aliases = await run_in_threadpool(_registry(request).delete_alias, name, alias)
         return {"model": name, "aliases": aliases}
 
     async def predict(name: str, request: Request, version: int | None = None,
                       alias: str | None = None) -> dict[str, Any]:
+        await hooks.check(request, "read", name)
         events = await _json(request)
         runtime = getattr(request.app.state, "runtime", None)
         if runtime is not None:  # the full server: batched with concurrent requests
@@ -352,13 +356,21 @@ def _tfaas_router() -> APIRouter:
     router = APIRouter(tags=["tfaas"])
 
     async def predict_json(request: Request) -> list[Any]:
-        body = await _json(request)
-        return await run_in_threadpool(_tfaas_predict, _registry(request), body)
+        keys, values, name = _tfaas_request(await _json(request))
+        if name is None:
+            names = [m["name"] for m in await _visible_models(request)]
+            if len(names) != 1:
+                raise BadRequest(f'give "model" (models: {", ".join(names) or "none"})',
+                                 field="model")
+            name = names[0]
+        await hooks.check(request, "read", name)
+        return await run_in_threadpool(_tfaas_predict, _registry(request), name, keys, values)
 
     async def models(request: Request) -> list[str]:
-        return [m["name"] for m in await run_in_threadpool(_registry(request).list)]
+        return [m["name"] for m in await _visible_models(request)]
 
     async def delete(model: str, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "write", model)
         versions = await run_in_threadpool(_registry(request).delete_model, model)
         return {"model": model, "deleted": versions}
 
@@ -381,8 +393,7 @@ def _tfaas_router() -> APIRouter:
         if not name:
             raise BadRequest("give the model name as form field 'name' (or ?name= with a raw "
                              "tarball body)", field="name")
-        info = await run_in_threadpool(_registry(request).upload, name, data)
-        return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
+        return await _upload(request, name, data)
 
     router.add_api_route("/json", predict_json, methods=["POST"])
     router.add_api_route("/models", models, methods=["GET"])
@@ -396,7 +407,8 @@ def _tfaas_router() -> APIRouter:
 
 def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
                extra_routers: Iterable[APIRouter] = (),
-               registry: Registry | None = None) -> FastAPI:
+               registry: Registry | None = None,
+               access: ModelAccess | None = None) -> FastAPI:
     """Build the serving app over the registry at ``models_dir``.
 
     Args:
@@ -404,6 +416,8 @@ def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
         max_body_bytes: the largest request body accepted (413 above).
         extra_routers: more APIRouters to include as given (e.g. the KServe v2 routes).
         registry: an existing Registry to use instead of opening ``models_dir``.
+        access: who may use which model (:class:`~mlaas.serve.access.ModelAccess`,
+            called on every model route); default :class:`~mlaas.serve.access.AllowAll`.
 
     The registry is ``app.state.registry``; bundles load lazily on first use
     and are dropped when the lifespan ends.
@@ -422,6 +436,7 @@ def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
     handlers[Exception] = _internal_error
     app = FastAPI(title="mlaas serving", lifespan=lifespan, exception_handlers=handlers)
     app.state.registry = reg
+    app.state.access = access if access is not None else AllowAll()
     app.state.max_body_bytes = max_body_bytes
     routers: Sequence[APIRouter] = [_health_router(), _models_router(), _tfaas_router(),
                                     *extra_routers]

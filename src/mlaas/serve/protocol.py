@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mlaas.errors import ServeError, close_names
+from mlaas.errors import ProtocolError, close_names
 
 __all__ = [
     "ProtocolError",
@@ -56,13 +56,6 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype("?"),
 }
 _NUMPY_TO_DATATYPE = {np.dtype(v).newbyteorder("="): k for k, v in DATATYPES.items()}
-
-
-class ProtocolError(ServeError, ValueError):
-    """A request that does not follow the protocol or does not fit the model (HTTP 400).
-
-    ``tensor`` names the offending input or output when there is one.
-    """
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle, bundle_root, safe_extract
-from mlaas.errors import BundleError, ServeError, close_names
+from mlaas.errors import BundleError, InvalidName, ModelNotFound, close_names
 
 __all__ = [
     "Registry",
@@ -60,17 +60,6 @@ MAX_MEMBER_BYTES = 512 * 1024**2
 MAX_TOTAL_BYTES = 2 * 1024**3
 _META_FILE = ".registry.json"
 _ALIASES_FILE = "aliases.json"
-
-
-class ModelNotFound(ServeError, KeyError):
-    """An unknown model, version or alias (HTTP 404)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message otherwise
-        return self._render()
-
-
-class InvalidName(ServeError, ValueError):
-    """A model name or alias that does not match :data:`NAME_PATTERN` (HTTP 400)."""
 
 
 def _check_name(value: str, what: str) -> str:
@@ -107,6 +96,17 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             os.unlink(tmp)
         raise
 
+
+def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of upload ``metadata`` that is a JSON object, checked before anything is stored."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError(f"upload metadata must be a dict with string keys, not {metadata!r}")
+    try:
+        return dict(json.loads(json.dumps(metadata)))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"upload metadata is not JSON-serialisable: {exc}") from None
 
 
 def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +218,8 @@ class Registry:
 
     def version(self, name: str, version: int) -> dict[str, Any]:
         """One version: ``version``, ``created``, ``aliases``, ``spec`` (a summary),
-        ``metrics``, ``provenance``, ``archive`` (sha256 and size of the upload)."""
+        ``metrics``, ``provenance``, ``archive`` (sha256 and size of the upload),
+        ``metadata`` (what :meth:`upload` was given, ``{}`` if nothing)."""
         self._versions(name)
         return self._describe(name, version, self._aliases(name))
 
@@ -230,6 +231,7 @@ class Registry:
             "created": meta.get("created"),
             "aliases": sorted(a for a, v in aliases.items() if v == version),
             "archive": {k: meta.get(k) for k in ("sha256", "size")},
+            "metadata": meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {},
             "spec": _spec_summary(_read_json(path / SPEC_FILE)),
             "metrics": _read_json(path / "metrics.json"),
             "provenance": _read_json(path / "provenance.json"),
@@ -312,18 +314,23 @@ class Registry:
 
     # -- changing
 
-    def upload(self, name: str, archive: bytes | str | os.PathLike[str]) -> dict[str, Any]:
+    def upload(self, name: str, archive: bytes | str | os.PathLike[str],
+               metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Add a bundle archive (``.tar.gz`` bytes or path) as the next version of ``name``.
 
         Args:
             name: the model (created on its first upload).
             archive: the archive's bytes or a path to it.
+            metadata: extra JSON-serialisable facts stored with the version and
+                returned under ``metadata`` in its description (the platform puts
+                ``owner`` and ``job_id`` there).
 
         Returns the new version's description (:meth:`version`). Raises
         :class:`BundleError` for an unsafe, corrupt or invalid bundle, leaving
         the registry unchanged.
         """
         _check_name(name, "model")
+        extra = _check_metadata(metadata)
         staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
         try:
             if isinstance(archive, (bytes, bytearray, memoryview)):
@@ -354,7 +361,7 @@ class Registry:
                 raise BundleError(f"the archive holds no {MODEL_FILE}")
             Bundle.load(bundle_dir)  # validates spec, ONNX, inputs; the session is dropped
             meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "sha256": digest, "size": size}
+                    "sha256": digest, "size": size, "metadata": extra}
             (bundle_dir / _META_FILE).write_text(json.dumps(meta))
             with self._locked():
                 model_dir = self._model_dir(name)

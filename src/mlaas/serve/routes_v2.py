@@ -2,9 +2,13 @@
 
 Layer: serving, HTTP wiring only. Bodies are decoded and encoded by
 :mod:`mlaas.serve.protocol`, models run in :mod:`mlaas.serve.runtime`. The
-raw body is read so the binary tensor data extension works. Errors are
-answered KServe style, ``{"error": message}``: unknown model or version 404,
-a bad request 400, a full queue 503, an inference failure 500.
+raw body is read so the binary tensor data extension works. Every model
+route asks the app's access policy (``check(request, "read", name)``, see
+:mod:`mlaas.serve.access`) first. Errors are answered KServe style,
+``{"error": message}``, with the status of
+:mod:`mlaas.serve.http_errors`: unknown model or version 404, a bad request
+400, a full queue 503, an inference failure 500, and the policy's 401, 403,
+404 and 429.
 """
 
 from __future__ import annotations
@@ -16,33 +20,25 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from mlaas.errors import DataError, MlaasError
+from mlaas.errors import MlaasError
+from mlaas.serve import access as hooks
+from mlaas.serve.http_errors import headers_of, status_of
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.protocol import (
     HEADER_LENGTH,
-    ProtocolError,
     decode_infer_request,
     encode_infer_response,
     model_metadata,
     model_tensors,
 )
-from mlaas.serve.runtime import Overloaded, Runtime
+from mlaas.serve.runtime import Runtime
 
 __all__ = ["v2_router"]
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def _status_of(exc: Exception) -> int:
-    if isinstance(exc, KeyError):
-        return 404
-    if isinstance(exc, Overloaded):
-        return 503
-    if isinstance(exc, (ProtocolError, DataError, ValueError)):
-        return 400
-    return 500
+def _error(exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": _message(exc)}, status_code=status_of(exc),
+                        headers=headers_of(exc))
 
 
 def _message(exc: Exception) -> str:
@@ -84,14 +80,15 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
     """
     router = APIRouter(prefix="/v2", tags=["v2"])
 
-    async def answer(route: str, name: str,
+    async def answer(route: str, request: Request, name: str,
                      handler: Callable[[dict[str, Any]], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         seen: dict[str, Any] = {"model": "", "version": None}
         try:
+            await hooks.check(request, "read", name)
             response = await handler(seen)
         except (KeyError, MlaasError) as exc:
-            response = _error(_status_of(exc), _message(exc))
+            response = _error(exc)
         if metrics is not None:
             metrics.observe_request(route, seen["model"], seen["version"], response.status_code,
                                     time.perf_counter() - started)
@@ -105,7 +102,8 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
     async def ready() -> Response:
         return JSONResponse({"ready": True})
 
-    async def metadata(route: str, name: str, version: int | str | None) -> Response:
+    async def metadata(route: str, request: Request, name: str, version: int | str | None
+                       ) -> Response:
         async def handler(seen: dict[str, Any]) -> Response:
             v = None if version is None else _version(name, str(version))
             resolved, bundle, _ = await runtime.batcher(name, v)
@@ -113,31 +111,32 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
             inputs, outputs = model_tensors(bundle)
             versions = [resolved] if v is not None else _versions(registry, name, resolved)
             return JSONResponse(model_metadata(name, versions, inputs, outputs))
-        return await answer(route, name, handler)
+        return await answer(route, request, name, handler)
 
     @router.get("/models/{name}")
-    async def model(name: str) -> Response:
-        return await metadata("/v2/models/{name}", name, None)
+    async def model(name: str, request: Request) -> Response:
+        return await metadata("/v2/models/{name}", request, name, None)
 
     @router.get("/models/{name}/versions/{v}")
-    async def model_version(name: str, v: str) -> Response:
-        return await metadata("/v2/models/{name}/versions/{v}", name, v)
+    async def model_version(name: str, v: str, request: Request) -> Response:
+        return await metadata("/v2/models/{name}/versions/{v}", request, name, v)
 
-    async def readiness(route: str, name: str, version: str | None) -> Response:
+    async def readiness(route: str, request: Request, name: str, version: str | None
+                        ) -> Response:
         async def handler(seen: dict[str, Any]) -> Response:
             v = None if version is None else _version(name, version)
             resolved, _, _ = await runtime.batcher(name, v)
             seen.update(model=name, version=resolved)
             return JSONResponse({"name": name, "version": str(resolved), "ready": True})
-        return await answer(route, name, handler)
+        return await answer(route, request, name, handler)
 
     @router.get("/models/{name}/ready")
-    async def model_ready(name: str) -> Response:
-        return await readiness("/v2/models/{name}/ready", name, None)
+    async def model_ready(name: str, request: Request) -> Response:
+        return await readiness("/v2/models/{name}/ready", request, name, None)
 
     @router.get("/models/{name}/versions/{v}/ready")
-    async def model_version_ready(name: str, v: str) -> Response:
-        return await readiness("/v2/models/{name}/versions/{v}/ready", name, v)
+    async def model_version_ready(name: str, v: str, request: Request) -> Response:
+        return await readiness("/v2/models/{name}/versions/{v}/ready", request, name, v)
 
     async def infer(route: str, request: Request, name: str, version: str | None) -> Response:
         async def handler(seen: dict[str, Any]) -> Response:
@@ -156,7 +155,7 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
                 return Response(content, media_type="application/json")
             return Response(content, media_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(header_length)})
-        return await answer(route, name, handler)
+        return await answer(route, request, name, handler)
 
     @router.post("/models/{name}/infer")
     async def model_infer(name: str, request: Request) -> Response:

@@ -23,8 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlaas.bundle import events_to_arrays
-from mlaas.errors import MlaasError, ServeError
-from mlaas.serve.protocol import ProtocolError
+from mlaas.errors import InferenceError, MlaasError, Overloaded, ProtocolError
 
 __all__ = [
     "Batcher",
@@ -41,14 +40,6 @@ DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_MAX_QUEUE = 1024
 
 RunFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
-
-
-class Overloaded(ServeError):
-    """Too many requests are waiting for a model (HTTP 503); retry later."""
-
-
-class InferenceError(ServeError):
-    """ONNX Runtime failed while scoring a batch."""
 
 
 @dataclass

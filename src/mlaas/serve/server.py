@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Response
 
+from mlaas.serve.access import ModelAccess
 from mlaas.serve.app import MAX_BODY_BYTES, create_app
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.registry import Registry
@@ -21,24 +22,34 @@ from mlaas.serve.runtime import Runtime
 __all__ = ["create_server"]
 
 
-def create_server(models_dir: str | Path, *, max_batch_size: int = 256,
-                  max_delay_ms: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
+                  max_delay_ms: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
+                  access: ModelAccess | None = None,
+                  registry: Registry | None = None) -> FastAPI:
     """The whole serving app over the registry at ``models_dir``.
 
     Args:
-        models_dir: the registry root (created if missing).
-        max_batch_size, max_delay_ms: default dynamic batching of v2 requests;
-            a bundle's ``serving`` entry in spec.json overrides them.
+        models_dir: the registry root (created if missing); may be None when
+            ``registry`` is given.
+        max_batch_size, max_delay_ms: default dynamic batching of v2 and predict
+            requests; a bundle's ``serving`` entry in spec.json overrides them.
         max_body_bytes: the largest request body (413 above).
+        access: who may use which model; called on every model route (see
+            :mod:`mlaas.serve.access`). Default: everything allowed.
+        registry: an existing :class:`Registry` to share (the platform's), used
+            instead of opening ``models_dir``.
     """
-    root = Path(models_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    registry = Registry(root)
+    if registry is None:
+        if models_dir is None:
+            raise TypeError("create_server needs models_dir or registry")
+        root = Path(models_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        registry = Registry(root)
     metrics = Metrics()
     runtime = Runtime(registry, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                       metrics=metrics)
-    app = create_app(root, registry=registry, max_body_bytes=max_body_bytes,
-                     extra_routers=[v2_router(runtime, registry, metrics)])
+    app = create_app(registry.root, registry=registry, max_body_bytes=max_body_bytes,
+                     access=access, extra_routers=[v2_router(runtime, registry, metrics)])
     app.state.runtime = runtime
     app.state.metrics = metrics
 

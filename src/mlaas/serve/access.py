@@ -1,0 +1,131 @@
+"""Who may use which model: the access hook every model route of the server calls.
+
+Layer: serving (policy seam). The inference app does not know about users;
+the platform that mounts it does. So :func:`mlaas.serve.server.create_server`
+and :func:`mlaas.serve.app.create_app` take a :class:`ModelAccess` and call
+it on every route that touches a model, before touching it:
+
+=================================================  =========================================
+route                                              hook
+=================================================  =========================================
+GET /api/models, GET /models                       ``visible(request, names)``
+POST /api/models/{name}, POST /upload              ``on_upload(request, name)``
+GET /api/models/{name}[/versions/{v}]              ``check(request, "read", name)``
+POST /api/models/{name}/predict, POST /json        ``check(request, "read", name)``
+GET /v2/models/{name}[/versions/{v}][/ready]       ``check(request, "read", name)``
+POST /v2/models/{name}[/versions/{v}]/infer        ``check(request, "read", name)``
+DELETE /api/models/{name}/versions/{v}             ``check(request, "write", name)``
+PUT|DELETE /api/models/{name}/aliases/{alias}      ``check(request, "write", name)``
+DELETE /delete/{model}                             ``check(request, "write", name)``
+=================================================  =========================================
+
+Hooks raise :mod:`mlaas.errors` classes, which the app answers as
+:class:`~mlaas.errors.NotFound` 404 (missing *or* hidden, so names cannot be
+probed), :class:`~mlaas.errors.Forbidden` 403,
+:class:`~mlaas.errors.Unauthorized` 401 with ``WWW-Authenticate: Bearer``
+and :class:`~mlaas.errors.RateLimited` 429 with ``Retry-After``.
+
+Hooks are plain (blocking) functions, since a real policy asks a database:
+the app calls them in a worker thread. An implementation that never blocks
+may set the class attribute ``blocking = False``; it is then called on the
+event loop, which saves a thread hop per request (:class:`AllowAll` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+__all__ = ["ModelAccess", "AllowAll", "Action", "check", "on_upload", "visible"]
+
+Action = Literal["read", "write"]
+
+
+class ModelAccess(Protocol):
+    """The access policy of the model server (see the module docstring for where each
+    hook is called).
+
+    An optional class attribute ``blocking`` (default True) says whether the
+    hooks may block; see the module docstring.
+    """
+
+    def check(self, request: Request, action: Action, name: str) -> None:
+        """Raise unless the caller may ``action`` the model ``name``.
+
+        ``read`` covers metadata, readiness, get, predict and infer; ``write``
+        covers deleting versions or the model and changing aliases. Raise
+        :class:`~mlaas.errors.NotFound` when the caller may not even see the
+        model, :class:`~mlaas.errors.Forbidden` when they may see but not change it.
+        """
+        ...
+
+    def on_upload(self, request: Request, name: str) -> dict[str, Any]:
+        """Called before a new version of ``name`` is created; raise if the caller may
+        not add versions to it.
+
+        Returns extra metadata stored with the version and shown in its
+        description under ``metadata`` (e.g. ``{"owner": ..., "job_id": ...}``);
+        it must be JSON-serialisable. May record ownership of a new name.
+        """
+        ...
+
+    def visible(self, request: Request, names: list[str]) -> list[str]:
+        """The subset of ``names`` the caller may see (model listings)."""
+        ...
+
+
+class AllowAll:
+    """Everything allowed: the policy of a stand-alone ``mlaas serve``."""
+
+    blocking = False
+
+    def check(self, request: Request, action: Action, name: str) -> None:
+        return None
+
+    def on_upload(self, request: Request, name: str) -> dict[str, Any]:
+        return {}
+
+    def visible(self, request: Request, names: list[str]) -> list[str]:
+        return list(names)
+
+
+_ALLOW_ALL = AllowAll()
+
+
+def _access(request: Request) -> ModelAccess:
+    """The app's policy; an app built without one (a bare router in a test app) allows all,
+    like :func:`~mlaas.serve.app.create_app`'s default."""
+    access: ModelAccess | None = getattr(request.app.state, "access", None)
+    return access if access is not None else _ALLOW_ALL
+
+
+async def check(request: Request, action: Action, name: str) -> None:
+    """Run the app's ``check`` hook for ``name`` (off the loop unless it never blocks)."""
+    access = _access(request)
+    if getattr(access, "blocking", True):
+        await run_in_threadpool(access.check, request, action, name)
+    else:
+        access.check(request, action, name)
+
+
+async def on_upload(request: Request, name: str) -> dict[str, Any]:
+    """Run the app's ``on_upload`` hook; returns the metadata to store with the version."""
+    access = _access(request)
+    if getattr(access, "blocking", True):
+        extra = await run_in_threadpool(access.on_upload, request, name)
+    else:
+        extra = access.on_upload(request, name)
+    return dict(extra or {})
+
+
+async def visible(request: Request, names: list[str]) -> list[str]:
+    """Run the app's ``visible`` hook; keeps the order of ``names``."""
+    access = _access(request)
+    if getattr(access, "blocking", True):
+        allowed = await run_in_threadpool(access.visible, request, list(names))
+    else:
+        allowed = access.visible(request, list(names))
+    keep = set(allowed)
+    return [n for n in names if n in keep]

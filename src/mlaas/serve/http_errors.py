@@ -1,0 +1,86 @@
+"""HTTP status and headers of each mlaas error, for every route of the model server.
+
+Layer: serving (HTTP wiring). One table, :data:`ERROR_STATUS`, so the
+registry routes (``{"error", "message", ...}`` bodies) and the KServe v2
+routes (``{"error": message}`` bodies) answer the same error with the same
+status; the most specific class in an error's MRO wins. Errors raised by a
+:class:`~mlaas.serve.access.ModelAccess` policy (the platform's families)
+are in the table too.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mlaas.errors import (
+    BadRequest,
+    BundleError,
+    Conflict,
+    DataError,
+    Forbidden,
+    InferenceError,
+    InvalidName,
+    MlaasError,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    PathError,
+    ProtocolError,
+    QuotaExceeded,
+    RateLimited,
+    RequestTooLarge,
+    ServeError,
+    SpecError,
+    Unauthorized,
+)
+
+__all__ = ["ERROR_STATUS", "status_of", "headers_of"]
+
+ERROR_STATUS: dict[type[MlaasError], int] = {
+    ModelNotFound: 404,
+    RequestTooLarge: 413,
+    InvalidName: 400,
+    BadRequest: 400,
+    ProtocolError: 400,
+    Overloaded: 503,
+    InferenceError: 500,
+    BundleError: 400,
+    DataError: 400,  # includes InvalidEvent and BadValues
+    SpecError: 400,
+    NotFound: 404,
+    Forbidden: 403,
+    Unauthorized: 401,
+    RateLimited: 429,
+    Conflict: 409,
+    QuotaExceeded: 413,
+    PathError: 400,
+    ServeError: 500,
+    MlaasError: 500,
+}
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status of ``exc``: from :data:`ERROR_STATUS`, 404 for a bare ``KeyError``
+    (what a registry says for an unknown model), 400 for a ``ValueError``, else 500."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    if isinstance(exc, KeyError):
+        return 404
+    if isinstance(exc, ValueError):
+        return 400
+    return 500
+
+
+def headers_of(exc: BaseException) -> dict[str, str]:
+    """Headers the status needs: ``WWW-Authenticate`` on 401, ``Retry-After`` on 429."""
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, RateLimited):
+        retry_after = getattr(exc, "retry_after", None)
+        try:
+            seconds = max(1, math.ceil(float(retry_after)))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            seconds = 1
+        return {"Retry-After": str(seconds)}
+    return {}

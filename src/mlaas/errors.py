@@ -7,6 +7,7 @@ for an unreachable server::
     MlaasError
     ├── SpecError(ValueError)            a pipeline spec that does not validate
     ├── ExpressionError(SpecError)       a bad expression in a spec
+    ├── ConfigError(SpecError)           server settings (file or flags) that do not validate
     ├── DataError(ValueError)            the data does not fit the spec
     │   ├── SourceError(OSError)         a file or server cannot be read
     │   ├── TreeNotFound(KeyError)
@@ -47,6 +48,7 @@ __all__ = [
     "MlaasError",
     "SpecError",
     "ExpressionError",
+    "ConfigError",
     "DataError",
     "SourceError",
     "TreeNotFound",
@@ -134,6 +136,14 @@ class SpecError(MlaasError, ValueError):
 
 class ExpressionError(SpecError):
     """An expression that does not parse, or names an unknown branch or function."""
+
+
+class ConfigError(SpecError):
+    """Server settings (a ``--config`` file or a flag) that do not validate.
+
+    Like :class:`SpecError`, ``problems`` lists ``(field, message)``, e.g.
+    ``("cpus", "Input should be greater than or equal to 1")``.
+    """
 
 
 class DataError(MlaasError, ValueError):

@@ -1,0 +1,176 @@
+"""The platform server's settings: one pydantic model, read from a file, then flags.
+
+Layer: platform (configuration). ``mlaas server`` builds one
+:class:`PlatformConfig` with :func:`load_config` (a YAML or TOML file given
+with ``--config``, then the command-line flags on top) and hands it to
+:func:`mlaas.platform.app.create_platform_app`; nothing reads the
+environment or a global settings object behind its back. Every problem is
+reported as one error naming each bad field (``cpus: Input should be
+greater than or equal to 1``).
+
+The defaults are the embedded single-user server: SQLite and local storage
+under ``~/.local/share/mlaas``, the local executor with every CPU, bound to
+127.0.0.1. The ``auth`` section keeps room for the multi-user modes (OIDC
+issuers, a trusted proxy, rate limits); left at its defaults it means
+single-user mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mlaas.errors import ConfigError
+
+__all__ = ["PlatformConfig", "JobDefaults", "AuthConfig", "load_config", "DEFAULT_DATA_DIR"]
+
+DEFAULT_DATA_DIR = Path("~/.local/share/mlaas")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class JobDefaults(_Model):
+    """Limits a job gets when its spec does not ask for others."""
+
+    memory_bytes: int | None = Field(default=None, gt=0, description=(
+        "Address-space limit of a job process (RLIMIT_AS); none by default."))
+    max_time_s: float | None = Field(default=None, gt=0, description=(
+        "Wall-clock limit of one job attempt in seconds; the job is stopped (SIGTERM, "
+        "then SIGKILL) when it passes. None: no limit."))
+    threads: int | None = Field(default=None, ge=1, description=(
+        "CPU threads a job may use (OMP/MKL/torch); default: one per CPU slot it holds."))
+
+
+class AuthConfig(_Model):
+    """Who the callers are. All defaults: single-user mode (every request is the local admin)."""
+
+    oidc_issuers: list[str] = Field(default_factory=list, description=(
+        "Accepted OpenID Connect issuer URLs; empty: no OIDC login."))
+    audience: str | None = Field(default=None, description="Required ``aud`` of OIDC tokens.")
+    admin_group: str | None = Field(default=None, description=(
+        "Members of this group get the admin role."))
+    trusted_proxies: list[str] = Field(default_factory=list, description=(
+        "Addresses of reverse proxies whose identity headers are trusted."))
+    rate_limit_per_minute: int | None = Field(default=None, ge=1, description=(
+        "Requests per user per minute before 429; none: unlimited."))
+
+    @property
+    def single_user(self) -> bool:
+        """True when no way of logging in is configured: everyone is the local user."""
+        return not self.oidc_issuers and not self.trusted_proxies
+
+
+class PlatformConfig(_Model):
+    """Everything ``mlaas server`` needs; see the module docstring for where it comes from."""
+
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, validate_default=True, description=(
+        "Root of platform storage: the SQLite file, workspaces, job directories, models."))
+    db_url: str | None = Field(default=None, description=(
+        "SQLAlchemy URL (sqlite:///..., postgresql://...); default: DATA_DIR/mlaas.db."))
+    host: str = Field(default="127.0.0.1", description=(
+        "Address to bind; keep 127.0.0.1 behind a reverse proxy."))
+    port: int = Field(default=8080, ge=0, le=65535, description="Port to listen on.")
+    executor: Literal["local"] = Field(default="local", description=(
+        "Where jobs run; only 'local' (processes on this machine) for now."))
+    cpus: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
+        "CPU slots of the local executor: jobs running at once, one slot each."))
+    gpu_devices: list[str] = Field(default_factory=list, description=(
+        "GPU device ids handed to jobs through CUDA_VISIBLE_DEVICES."))
+    jobs: JobDefaults = Field(default_factory=JobDefaults, description="Default job limits.")
+    grace_s: float = Field(default=10.0, ge=0, description=(
+        "Cancel: seconds between SIGTERM and SIGKILL."))
+    poll_interval: float = Field(default=0.5, gt=0, description=(
+        "Seconds between the job manager's looks at running jobs and the queue."))
+    workspace_quota_bytes: int = Field(default=1024**3, ge=0, description=(
+        "Bytes of workspace files per user (413 above)."))
+    max_body_bytes: int = Field(default=64 * 1024**2, ge=1, description=(
+        "Largest request body accepted (413 above)."))
+    auth: AuthConfig = Field(default_factory=AuthConfig, description=(
+        "Authentication; the defaults mean single-user mode."))
+
+    @field_validator("gpu_devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        """Accept ``"0,1"`` (as the flag gives it) and integers as well as a list of strings."""
+        if isinstance(value, str):
+            return [d.strip() for d in value.split(",") if d.strip()]
+        if isinstance(value, (list, tuple)):
+            return [str(d) for d in value]
+        return value
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def database_url(self) -> str:
+        """``db_url``, or the SQLite file in the data directory."""
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{(self.data_dir / 'mlaas.db').resolve()}"
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in exc.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        out.append((path, msg))
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}",
+                          file_path=str(path)) from None
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(path)!r} does not parse: {exc}",
+                          file_path=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, "
+                          f"not {type(data).__name__}", file_path=str(path))
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> PlatformConfig:
+    """Build the server's configuration: the file's settings, then ``overrides`` on top.
+
+    Args:
+        path (str, PathLike or None): a YAML (``.yaml``/``.yml``), TOML (``.toml``) or
+            JSON (``.json``) file with the fields of :class:`PlatformConfig`.
+        overrides: field values from command-line flags; ``None`` values are ignored
+            (a flag that was not given).
+
+    Raises :class:`mlaas.errors.ConfigError` naming every bad field (and the file).
+    """
+    data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return PlatformConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {str(path)!r}" if path is not None else ""
+        problems = _problems(exc)
+        raise ConfigError(f"invalid server configuration{where}", problems,
+                          file_path=str(path) if path is not None else None) from None

@@ -134,22 +134,35 @@ def _g(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+_DEMO_EVENTS = [{"MET_pt": 80.0, "MET_phi": 0.3, "PV_npvs": 31, "nJet": 5,
+                 "Jet_pt": [180.0, 95.5, 60.1, 41.0, 30.2], "Jet_eta": [0.1, -1.2, 0.8, 2.0, -0.4],
+                 "Jet_btagDeepB": [0.9, 0.7, 0.1, 0.05, 0.2], "Muon_pt": [45.0], "Electron_pt": []},
+                {"MET_pt": 12.0, "MET_phi": -2.0, "PV_npvs": 25, "nJet": 2,
+                 "Jet_pt": [40.0, 28.0], "Jet_eta": [2.5, -3.1], "Jet_btagDeepB": [0.02, 0.1],
+                 "Muon_pt": [], "Electron_pt": []}]
+
+
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where data, spec and the run are written.")] = Path("build/run"),
+    workdir: Annotated[Path, typer.Option(help="Where data, spec, server data and downloads are written.")] = Path("build/run"),
     events: Annotated[int, typer.Option("--events", "-n", min=1000, help="Events per class.")] = 100_000,
+    port: Annotated[Optional[int], typer.Option(help="Port of the demo server on 127.0.0.1 (default: 8080 if free, else a free one).")] = None,
+    follow: Annotated[bool, typer.Option(help="Stream the job's log while it runs.")] = True,
 ) -> None:
-    """The README's main job: generate data, pass 1, stream an epoch, train, export, predict.
+    """The README's main job: start `mlaas server`, submit a pipeline over HTTP, wait, predict.
 
-    Everything lands in WORKDIR: data/, pipeline.yaml, stats.json, and the
-    run directory run/ with the bundle, plots and metrics.
+    Generates signal/background ROOT files, starts `mlaas server` on
+    127.0.0.1 with its data in WORKDIR/server, submits the example pipeline
+    through the HTTP API (the data files are uploaded to the workspace), waits
+    for the job (training one epoch after another), downloads its artifacts
+    to WORKDIR/job, scores two events with the registered model, prints the
+    test AUC, the model version and a curl line for a prediction, and stops
+    the server.
     """
-    from mlaas.bundle import Bundle
-    from mlaas.data import RootDataset, synth
-    from mlaas.data import stats as pass1
-    from mlaas.data.loader import prepare
-    from mlaas.spec import load
-    from mlaas.train.run import run as run_pipeline
+    from mlaas._local_server import LocalServer, free_port, port_is_free
+    from mlaas.client import Client
+    from mlaas.data import synth
+    from mlaas.errors import PlatformError
 
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "pipeline.yaml"
@@ -157,39 +170,48 @@ def demo(
         shutil.copyfile(src, spec_path)
     with event_progress("datagen", 2 * events) as advance:
         synth.generate(workdir / "data", events, progress=lambda n: advance(n, 0))
-    pipeline = load(spec_path)
-    prepared = prepare(pipeline)
-    with event_progress("pass 1", sum(c.entries for c in prepared[2])) as advance:
-        result = pass1.compute(pipeline, *prepared, advance)
-    result.save(workdir / "stats.json")
-    _print_stats(result)
-    ds = RootDataset(pipeline, "train", batch_size=1024, stats=result, prepared=prepared)
-    started, n = time.perf_counter(), 0
-    with event_progress("stream one epoch", ds.num_events) as advance:
-        for batch in ds:
-            n += len(batch["y"])
-            advance(len(batch["y"]), 0)
-    stream_rate = n / (time.perf_counter() - started)
-    outcome = run_pipeline(spec_path, workdir / "run")
-    bundle = Bundle.load(outcome.bundle)
-    events_json = [{"MET_pt": 80.0, "MET_phi": 0.3, "PV_npvs": 31, "nJet": 5,
-                    "Jet_pt": [180.0, 95.5, 60.1, 41.0, 30.2], "Jet_eta": [0.1, -1.2, 0.8, 2.0, -0.4],
-                    "Jet_btagDeepB": [0.9, 0.7, 0.1, 0.05, 0.2], "Muon_pt": [45.0], "Electron_pt": []},
-                   {"MET_pt": 12.0, "MET_phi": -2.0, "PV_npvs": 25, "nJet": 2,
-                    "Jet_pt": [40.0, 28.0], "Jet_eta": [2.5, -3.1], "Jet_btagDeepB": [0.02, 0.1],
-                    "Muon_pt": [], "Electron_pt": []}]
-    scores = bundle.predict_events(events_json)[:, 0]
-    test = outcome.metrics.get("test", {})
+    events_path = workdir / "events.json"
+    events_path.write_text(json.dumps(_DEMO_EVENTS, indent=1))
+    port = port or (8080 if port_is_free(8080) else free_port())
+    server = LocalServer(workdir / "server", port=port, log=workdir / "server.log")
+    err_console.print(f"starting mlaas server on {server.url} (log: {server.log_path})")
+    started = time.perf_counter()
+    with server, Client(server.url) as client:
+        job = client.submit(spec_path)
+        err_console.print(f"submitted job {job['id']} ({job['name']}); waiting for it")
+        if follow:
+            for text in client.logs(job["id"], follow=True):
+                sys.stderr.write(text)
+                sys.stderr.flush()
+        final = client.wait(job["id"])
+        if final["state"] != "succeeded":
+            raise PlatformError(f"demo job {final['id']!r} ended {final['state']}: "
+                                f"{final.get('reason') or 'see its log'} (log: mlaas logs "
+                                f"{final['id']} --server {server.url})", job_id=final["id"])
+        metrics = json.loads(client.artifact(final["id"], "metrics.json"))
+        history = client.metrics(final["id"])
+        downloaded = client.download(final["id"], workdir / "job")
+        name, version = final["model_name"], final["model_version"]
+        scores = client.predict(name, _DEMO_EVENTS, version=version)
+    test = metrics.get("test", {})
+    auc = test.get("roc_auc")
+    predict_url = f"{server.url}/api/models/{name}/predict?version={version}"
     summary = {
-        "spec": str(spec_path), "features": ds.n_features, "mask_slots": len(ds.mask_names),
-        "train_events": n, "stream_events_per_s": round(stream_rate),
-        "epochs": outcome.epochs_run, "stopped": outcome.stopped,
-        "test_roc_auc": round(test.get("roc_auc", float("nan")), 4),
-        "bundle": str(outcome.bundle), "plots": str(workdir / "run" / "plots"),
-        "predict_example": [round(float(s), 4) for s in scores],
-        "peak_rss_mb": round(_peak_rss_mb()),
+        "server": server.url, "job": final["id"], "state": final["state"],
+        "epochs": len(history),
+        "test_roc_auc": None if auc is None else round(auc, 4),
+        "model": name, "model_version": version,
+        "predict_example": [None if s is None else round(float(s), 4) for s in scores],
+        "artifacts": str(workdir / "job"), "files": len(downloaded),
+        "seconds": round(time.perf_counter() - started, 1),
+        "serve_again": f"mlaas server --data-dir {workdir / 'server'} --port {port}",
+        "curl": f"curl -s -X POST '{predict_url}' -H 'Content-Type: application/json' "
+                f"-d @{events_path}",
     }
     console.print_json(json.dumps(summary))
+    console.print(f"test AUC {summary['test_roc_auc']}, model {name} version {version}; "
+                  f"to predict again: `{summary['serve_again']}` then\n  {summary['curl']}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -217,19 +239,40 @@ def run(
 
 @app.command()
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory or .tar.gz.", exists=True)],
-    input: Annotated[Path, typer.Option("--input", "-i", help="Events as JSON: rows or columns.",
-                                        exists=True, dir_okay=False)],
+    target: Annotated[str, typer.Argument(
+        metavar="BUNDLE_OR_MODEL",
+        help="A local bundle (directory or .tar.gz), else the name of a model on the server.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Events as JSON: rows or columns "
+                                        "(- for stdin).", dir_okay=False)],
+    server: Annotated[str, typer.Option("--server", envvar="MLAAS_SERVER", show_envvar=True,
+                                        help="Server for a model name (token from MLAAS_TOKEN).")
+                      ] = "http://127.0.0.1:8080",
+    version: Annotated[Optional[int], typer.Option(min=1, help="Server model version "
+                                                   "(default: alias production, else latest).")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="Server model alias, e.g. production.")] = None,
 ) -> None:
-    """Score raw events from a JSON file with a bundle.
+    """Score raw events from a JSON file with a local bundle or a model on the server.
 
     Events are rows ([{"MET_pt": 20.1, "Jet_pt": [50.2, 31.0]}, ...]) or
     columns ({"MET_pt": [...], "Jet_pt": [[...], ...]}); the bundle's own
     preprocessing pads them. Events failing the cut score NaN (printed as null).
+    If BUNDLE_OR_MODEL is an existing path it is scored here; otherwise it is
+    a model name and the server scores the events.
     """
-    from mlaas.bundle import predict_file
+    if str(input) != "-" and not input.is_file():
+        raise typer.BadParameter(f"events file {str(input)!r} does not exist",
+                                 param_hint="'--input'")
+    if Path(target).exists():
+        if version is not None or alias is not None:
+            raise typer.BadParameter("--version and --alias choose a server model version; "
+                                     f"{target!r} is a local bundle", param_hint="'--version'")
+        from mlaas.bundle import predict_file
 
-    console.print_json(json.dumps(predict_file(bundle, input)))
+        console.print_json(json.dumps(predict_file(target, input)))
+        return
+    from mlaas.cli_client import predict_remote
+
+    console.print_json(json.dumps(predict_remote(target, input, server, version, alias)))
 
 
 @app.command()

@@ -345,6 +345,31 @@ def import_mlaas4hep(
         err_console.print(f"[yellow]not mapped:[/] {note}")
 
 
+@app.command()
+def server(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Settings file: YAML, TOML or JSON.", exists=True, dir_okay=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Platform storage and SQLite file [default: ~/.local/share/mlaas].")] = None,
+    db: Annotated[Optional[str], typer.Option("--db", help="Database URL (postgresql://...) [default: SQLite in the data dir].")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on [default: 8080].")] = None,
+    cpus: Annotated[Optional[int], typer.Option(help="CPU slots: jobs running at once [default: all CPUs].")] = None,
+    gpu_devices: Annotated[Optional[str], typer.Option("--gpu-devices", help="GPU ids for jobs, e.g. 0,1.")] = None,
+) -> None:
+    """Run the platform: jobs and files over HTTP, the model server, /metrics.
+
+    Users submit pipelines (POST /api/jobs) that run as queued jobs; finished
+    bundles are registered and served (POST /api/models/NAME/predict). State
+    is durable: restart on the same data dir and queued jobs stay queued,
+    interrupted ones resume from their checkpoint.
+    """
+    from mlaas.platform.config import load_config
+    from mlaas.platform.server import run_server
+
+    settings = load_config(config, data_dir=data_dir, db_url=db, host=host, port=port,
+                           cpus=cpus, gpu_devices=gpu_devices)
+    run_server(settings)
+
+
 from mlaas import cli_client  # noqa: E402  (submit, jobs, status, logs, ... against a server)
 
 cli_client.register(app)

@@ -1,0 +1,240 @@
+"""The platform's HTTP app: jobs and files, the model server, /metrics, /healthz.
+
+Layer: platform (HTTP wiring). :func:`create_platform_app` assembles one
+FastAPI app from explicit parts: the route groups (files, jobs, and every
+route of :func:`mlaas.serve.server.create_server` over the same registry,
+with :class:`~mlaas.platform.model_access.PlatformModelAccess` as its
+policy), one exception-handler map and one lifespan. Long-lived resources
+(database, store, executor, job manager) open in the lifespan and close
+when it ends; nothing happens at import. The app state holds:
+
+- ``app.state.platform``: the :class:`~mlaas.platform.deps.PlatformContext`
+  (while the lifespan runs);
+- ``app.state.authenticator``: who the caller is (single-user by default);
+- ``app.state.registry``, ``runtime``, ``metrics``, ``access``: the model
+  server's, shared with its routes.
+
+Errors are JSON ``{"error": <class>, "message": ..., <context>}`` with the
+status from :data:`ERROR_STATUS`; ``SpecError`` answers 422 with
+``problems`` as ``[[field_path, message], ...]``; 401 carries
+``WWW-Authenticate`` and 429 ``Retry-After``. No traceback reaches a body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlaas.errors import MlaasError, SpecError
+from mlaas.platform.config import PlatformConfig
+from mlaas.platform.deps import Authenticator, PlatformContext, SingleUser
+from mlaas.platform.model_access import PlatformModelAccess
+from mlaas.platform.records import JobState
+from mlaas.serve.http_errors import ERROR_STATUS as SERVE_ERROR_STATUS
+from mlaas.serve.http_errors import headers_of
+
+__all__ = ["create_platform_app", "ERROR_STATUS", "SINGLE_USER_NOTICE"]
+
+log = logging.getLogger("mlaas.platform")
+
+SINGLE_USER_NOTICE = "single-user mode: every request is the local admin user"
+
+ERROR_STATUS: dict[type[MlaasError], int] = {**SERVE_ERROR_STATUS, SpecError: 422}
+"""The model server's table (platform families included), with invalid specs as 422."""
+
+def _status_of(exc: BaseException) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 500
+
+
+def _error_body(exc: MlaasError) -> dict[str, Any]:
+    body = exc.to_dict()
+    if isinstance(exc, SpecError):
+        body["problems"] = [[path, msg] for path, msg in exc.problems]
+    return jsonable_encoder(body)  # type: ignore[no-any-return]
+
+
+async def _mlaas_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, MlaasError)
+    status = _status_of(exc)
+    if status >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    return JSONResponse(_error_body(exc), status_code=status, headers=headers_of(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [[".".join(str(p) for p in e.get("loc", ())), str(e.get("msg"))]
+                for e in exc.errors()]
+    text = "; ".join(f"{p}: {m}" for p, m in problems)
+    return JSONResponse({"error": "BadRequest", "message": f"invalid request: {text}",
+                         "problems": problems}, status_code=400)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"error": "HTTPError", "message": str(exc.detail)},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "InternalServerError",
+                         "message": "internal server error; see the server log"},
+                        status_code=500)
+
+
+Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
+
+
+def _handlers() -> dict[int | type[Exception], Handler]:
+    handlers: dict[int | type[Exception], Handler] = {MlaasError: _mlaas_error}
+    handlers[RequestValidationError] = _validation_error
+    handlers[StarletteHTTPException] = _http_error
+    handlers[Exception] = _internal_error
+    return handlers
+
+
+class _JobGauges(Collector):
+    """``mlaas_jobs{state}``: jobs per state, read from the store at scrape time."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("mlaas_jobs", "Jobs by state.", labels=["state"])
+        ctx: PlatformContext | None = getattr(self.app.state, "platform", None)
+        if ctx is not None:
+            counts = _job_counts(ctx.store)
+            for state in JobState:
+                gauge.add_metric([state.value], counts.get(state.value, 0))
+        yield gauge
+
+
+def _job_counts(store: Any) -> dict[str, int]:
+    counter = getattr(store, "count_jobs", None)
+    if callable(counter):
+        return {getattr(k, "value", k): int(v) for k, v in counter().items()}
+    return {s.value: len(store.list_jobs(state=s)) for s in JobState}
+
+
+def _default_authenticator(config: PlatformConfig) -> Authenticator:
+    if config.auth.single_user:
+        return SingleUser()
+    from mlaas.platform import auth  # the multi-user modes (OIDC, tokens, proxy)
+
+    build = getattr(auth, "authenticator_from_config", None)
+    if build is None:
+        from mlaas.errors import ConfigError
+
+        raise ConfigError("the auth settings ask for logins (oidc_issuers or trusted_proxies), "
+                          "but this mlaas has no authenticator for them",
+                          [("auth", "leave empty for single-user mode")])
+    return build(config)  # type: ignore[no-any-return]
+
+
+def _open(config: PlatformConfig, storage: Any, registry: Any) -> PlatformContext:
+    """Database (migrated), store, executor and job manager (recovered and started)."""
+    from mlaas.platform.db import Database
+    from mlaas.platform.executors.local import LocalExecutor
+    from mlaas.platform.manager import JobManager
+    from mlaas.platform.store import SqlStore
+
+    db = Database(config.database_url)
+    db.migrate()
+    store = SqlStore(db)
+    executor = LocalExecutor(cpus=config.cpus, gpu_devices=list(config.gpu_devices))
+    defaults = {"memory_bytes": config.jobs.memory_bytes, "max_time_s": config.jobs.max_time_s}
+    manager = JobManager(store, storage, executor, registry, poll_interval=config.poll_interval,
+                         grace_s=config.grace_s, defaults=defaults)
+    manager.recover()
+    manager.start()
+    ctx = PlatformContext(store=store, storage=storage, manager=manager, registry=registry,
+                          config=config)
+    ctx.db = db  # type: ignore[attr-defined]  (closed with the lifespan)
+    return ctx
+
+
+def _close(ctx: PlatformContext) -> None:
+    try:
+        ctx.manager.stop(terminate_jobs=True)  # they checkpoint, exit 75 and resume later
+    finally:
+        db = getattr(ctx, "db", None)
+        if db is not None:
+            db.dispose()
+
+
+def create_platform_app(config: PlatformConfig, *,
+                        authenticator: Authenticator | None = None) -> FastAPI:
+    """Build the platform server's ASGI app.
+
+    Args:
+        config (PlatformConfig): where state lives and how jobs run.
+        authenticator (Authenticator or None): turns each request into a
+            Principal; default: from ``config.auth``, which by default is
+            single-user mode (every request is the local admin).
+
+    Creates the data directory and the model registry's directory; the
+    database, executor and job manager open when the lifespan starts (run the
+    app under uvicorn, or ``with TestClient(app)``).
+    """
+    from mlaas.platform.routes.files import files_router
+    from mlaas.platform.routes.jobs import jobs_router
+    from mlaas.platform.storage import Storage
+    from mlaas.serve.registry import Registry
+    from mlaas.serve.server import create_server
+
+    auth = authenticator if authenticator is not None else _default_authenticator(config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    storage = Storage(config.data_dir)
+    registry = Registry(storage.models_dir)
+    serving = create_server(None, registry=registry, access=PlatformModelAccess(),
+                            max_body_bytes=config.max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(auth, SingleUser):
+            log.warning(SINGLE_USER_NOTICE)
+        ctx = await run_in_threadpool(_open, config, storage, registry)
+        app.state.platform = ctx
+        log.info("platform ready: data in %s, database %s, %d CPU slot(s)%s",
+                 storage.root, ctx.db.display_url, config.cpus,  # type: ignore[attr-defined]
+                 f", GPUs {','.join(config.gpu_devices)}" if config.gpu_devices else "")
+        try:
+            async with serving.router.lifespan_context(serving):
+                yield
+        finally:
+            await run_in_threadpool(_close, ctx)
+            del app.state.platform
+            runtime = getattr(serving.state, "runtime", None)
+            if runtime is not None:
+                runtime.close()
+
+    app = FastAPI(title="mlaas platform", lifespan=lifespan, exception_handlers=_handlers())
+    app.state.authenticator = auth
+    for key in ("registry", "runtime", "metrics", "access", "max_body_bytes"):
+        if hasattr(serving.state, key):
+            setattr(app.state, key, getattr(serving.state, key))
+    serving.state.metrics.registry.register(_JobGauges(app))
+
+    # The model server's routes, /healthz and /metrics included (its metrics registry
+    # carries the job gauges too), then the platform's own groups.
+    app.include_router(serving.router)
+    app.include_router(files_router())
+    app.include_router(jobs_router())
+    app.user_middleware.extend(serving.user_middleware)  # the request-body limit
+    return app
+

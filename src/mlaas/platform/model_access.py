@@ -1,0 +1,77 @@
+"""Who may use which model on the platform: the ModelAccess hook of the mounted model server.
+
+Layer: platform (policy seam, see :mod:`mlaas.serve.access`). The model
+server only knows names; the platform knows owners. Each registry name has a
+:class:`~mlaas.platform.records.ModelRecord` in the store (owner, group,
+visibility), and every check goes through
+:func:`mlaas.platform.authz.authorize`, like jobs and files:
+
+- ``check``: the name's record, then ``authorize`` (404 for names the caller
+  may not read, or that nobody owns; admins pass, so they can clean up models
+  that were put in the registry directory by hand);
+- ``on_upload``: the first upload of a new name claims it for the caller
+  (``store.ensure_model``); later uploads need ``write`` on it. The version's
+  metadata records who uploaded it;
+- ``visible``: the names whose record the caller may read.
+
+Jobs register their bundles through the job manager, not through here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from starlette.requests import Request
+
+from mlaas.errors import InvalidName, NotFound
+from mlaas.platform.authz import authorize, can_read
+from mlaas.platform.deps import PlatformContext, get_principal
+from mlaas.platform.principal import Principal
+from mlaas.serve.access import Action
+from mlaas.serve.registry import NAME_PATTERN
+
+__all__ = ["PlatformModelAccess"]
+
+_NAME = re.compile(NAME_PATTERN)
+
+
+class PlatformModelAccess:
+    """The platform's :class:`~mlaas.serve.access.ModelAccess` (blocking: it asks the store).
+
+    The store and the caller come from the request (``app.state.platform`` and
+    ``app.state.authenticator``), so one instance serves the whole app.
+    """
+
+    blocking = True
+
+    @staticmethod
+    def _context(request: Request) -> tuple[PlatformContext, Principal]:
+        return request.app.state.platform, get_principal(request)
+
+    def check(self, request: Request, action: Action, name: str) -> None:
+        ctx, principal = self._context(request)
+        try:
+            record = ctx.store.get_model(name)
+        except NotFound:
+            if principal.is_admin:
+                return  # the registry answers 404 itself if the name is not there either
+            raise NotFound(f"no model named {name!r}") from None
+        authorize(principal, action, record, kind="model", name=name)
+
+    def on_upload(self, request: Request, name: str) -> dict[str, Any]:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidName(f"model {name!r} is not valid: use 1 to 64 letters, digits, '.', "
+                              "'_' or '-', starting with a letter or digit", field="model")
+        ctx, principal = self._context(request)
+        record = ctx.store.ensure_model(name, owner=principal.user,
+                                        group=principal.primary_group)
+        authorize(principal, "write", record, kind="model", name=name)
+        return {"uploaded_by": principal.user, "owner": record.owner}
+
+    def visible(self, request: Request, names: list[str]) -> list[str]:
+        ctx, principal = self._context(request)
+        records = {m.name: m for m in ctx.store.list_models()}
+        return [n for n in names
+                if (n in records and can_read(principal, records[n]))
+                or (n not in records and principal.is_admin)]

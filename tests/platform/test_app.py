@@ -1,0 +1,224 @@
+"""The platform app's wiring and its configuration: settings, routes, errors, metrics, health.
+
+In-process through TestClient (so the lifespan runs: real SQLite database,
+real job manager and local executor); no job is started here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlaas.errors import ConfigError, Conflict, Forbidden, NotFound, PathError, QuotaExceeded
+from mlaas.errors import RateLimited, SpecError, Unauthorized
+from mlaas.platform.app import SINGLE_USER_NOTICE, _error_body, _status_of, create_platform_app
+from mlaas.platform.config import PlatformConfig, load_config
+from platform_support import TestClient
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def test_config_defaults_mean_embedded_single_user(tmp_path: Path) -> None:
+    config = PlatformConfig(data_dir=tmp_path)
+    assert config.host == "127.0.0.1" and config.port == 8080 and config.executor == "local"
+    assert config.cpus >= 1 and config.gpu_devices == []
+    assert config.database_url == f"sqlite:///{(tmp_path / 'mlaas.db').resolve()}"
+    assert config.auth.single_user
+    assert PlatformConfig().data_dir == Path("~/.local/share/mlaas").expanduser()
+
+
+def test_config_file_then_flags(tmp_path: Path) -> None:
+    yml = tmp_path / "server.yaml"
+    yml.write_text("port: 9000\ncpus: 3\ngpu_devices: [0, 1]\njobs: {max_time_s: 60}\n"
+                   "auth: {rate_limit_per_minute: 100}\n")
+    config = load_config(yml, port=9100, cpus=None, gpu_devices="2,3")
+    assert config.port == 9100 and config.cpus == 3  # flags win; a flag not given is ignored
+    assert config.gpu_devices == ["2", "3"] and config.jobs.max_time_s == 60
+    assert config.auth.rate_limit_per_minute == 100 and config.auth.single_user
+
+    toml = tmp_path / "server.toml"
+    toml.write_text('db_url = "postgresql://postgres@127.0.0.1:5432/x"\n[jobs]\nmemory_bytes = 2000000000\n')
+    config = load_config(toml)
+    assert config.database_url == "postgresql://postgres@127.0.0.1:5432/x"
+    assert config.jobs.memory_bytes == 2_000_000_000
+
+
+@pytest.mark.parametrize("text, field", [
+    ("cpus: 0\n", "cpus"),
+    ("port: 70000\n", "port"),
+    ("jobs: {memory_bytes: -1}\n", "jobs.memory_bytes"),
+    ("executor: ray\n", "executor"),
+    ("prot: 80\n", "prot"),
+    ("auth: {oidc_issuer: x}\n", "auth.oidc_issuer"),
+])
+def test_config_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p, _ in info.value.problems] == [field]
+    assert str(path) in str(info.value) and field in str(info.value)
+
+
+def test_config_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.toml").write_text("port = \n")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config(tmp_path / "broken.toml")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, cpus=-2)
+    assert info.value.problems[0][0] == "cpus"
+
+
+def test_auth_settings_without_an_authenticator_are_refused(tmp_path: Path) -> None:
+    config = PlatformConfig(data_dir=tmp_path, auth={"oidc_issuers": ["https://sso.example"]})
+    assert not config.auth.single_user
+    try:
+        from mlaas.platform.auth import authenticator_from_config  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="oidc_issuers"):
+            create_platform_app(config)
+    else:  # the auth issue has landed: then the app builds with its authenticator
+        create_platform_app(config)
+
+
+# -- the error map -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc, status", [
+    (NotFound("no job named 'x'"), 404),
+    (Forbidden("job 'x' belongs to someone else"), 403),
+    (Unauthorized("no token"), 401),
+    (Conflict("already finished"), 409),
+    (QuotaExceeded("full"), 413),
+    (PathError("'..'"), 400),
+    (SpecError("invalid", [("data.cut", "bad")]), 422),
+    (RateLimited("slow down", retry_after=3), 429),
+])
+def test_error_statuses(exc: Exception, status: int) -> None:
+    assert _status_of(exc) == status
+    body = _error_body(exc)  # type: ignore[arg-type]
+    assert body["error"] == type(exc).__name__ and body["message"]
+
+
+def test_spec_error_body_lists_problems() -> None:
+    body = _error_body(SpecError("invalid pipeline spec", [("data.cut", "bad"), ("x", "y")]))
+    assert body["problems"] == [["data.cut", "bad"], ["x", "y"]]
+
+
+# -- the running app -----------------------------------------------------------------------
+
+
+@pytest.fixture()
+def client(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[TestClient]:
+    caplog.set_level(logging.INFO, logger="mlaas.platform")
+    app = create_platform_app(PlatformConfig(data_dir=tmp_path / "data", cpus=1,
+                                             poll_interval=0.1))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_single_user_mode_is_announced(client: TestClient,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    assert SINGLE_USER_NOTICE == "single-user mode: every request is the local admin user"
+    assert any(r.getMessage() == SINGLE_USER_NOTICE for r in caplog.get_records("setup"))
+
+
+def test_health_and_openapi_list_every_route(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/logs",
+                 "/api/jobs/{job_id}/metrics", "/api/jobs/{job_id}/cancel",
+                 "/api/jobs/{job_id}/artifacts", "/api/jobs/{job_id}/artifacts/{path}",
+                 "/api/files", "/api/models", "/api/models/{name}/predict",
+                 "/v2/models/{name}/infer", "/json", "/healthz"):
+        assert path in paths, path
+    assert list(paths).count("/healthz") == 1
+
+
+def test_metrics_has_job_gauges_and_inference_metrics(client: TestClient) -> None:
+    client.get("/v2/models/nothing/ready")  # one inference-route request, counted
+    text = client.get("/metrics").text
+    for state in ("queued", "running", "succeeded", "failed", "cancelled", "preempted"):
+        assert f'mlaas_jobs{{state="{state}"}} 0.0' in text
+    assert "mlaas_requests_total" in text
+
+
+def test_errors_are_json_without_tracebacks(client: TestClient) -> None:
+    r = client.get("/api/jobs/doesnotexist")
+    assert r.status_code == 404 and r.json()["error"] == "NotFound"
+    assert "doesnotexist" in r.json()["message"]
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"] == "HTTPError"
+    r = client.get("/api/jobs", params={"state": "sleeping"})
+    assert r.status_code == 400 and r.json()["error"] == "BadRequest"
+    r = client.get("/api/jobs", params={"limit": 0})
+    assert r.status_code == 400
+    r = client.post("/api/models/x%20y/predict", json=[{}])
+    assert r.status_code in (400, 404) and "Traceback" not in r.text
+
+
+def test_body_limit_applies_to_platform_routes(tmp_path: Path) -> None:
+    app = create_platform_app(PlatformConfig(data_dir=tmp_path, cpus=1, max_body_bytes=1000))
+    with TestClient(app) as c:
+        r = c.post("/api/jobs", content=b"x" * 5000, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "RequestTooLarge"
+
+
+def test_nothing_opens_before_the_lifespan(tmp_path: Path) -> None:
+    app = create_platform_app(PlatformConfig(data_dir=tmp_path, cpus=1))
+    assert not (tmp_path / "mlaas.db").exists()
+    assert not hasattr(app.state, "platform")
+    with TestClient(app):
+        assert (tmp_path / "mlaas.db").exists()
+        assert hasattr(app.state, "platform")
+    assert not hasattr(app.state, "platform")
+
+
+def test_uploaded_models_are_claimed_by_their_first_uploader(
+        tmp_path: Path, trained_archive: Any) -> None:
+    from platform_support import AS_ALICE, AS_BOB, AS_ROOT, USERS, HeaderUsers
+
+    app = create_platform_app(PlatformConfig(data_dir=tmp_path, cpus=1),
+                              authenticator=HeaderUsers(USERS))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/api/models").status_code == 401
+        assert c.get("/api/models").headers["www-authenticate"] == "Bearer"
+        r = c.post("/api/models/mine", content=trained_archive, headers=AS_ALICE)
+        assert r.status_code == 201, r.text
+        assert r.json()["metadata"]["uploaded_by"] == "alice"
+        assert c.post("/api/models/mine", content=trained_archive,
+                      headers=AS_BOB).status_code == 404  # bob cannot even see it
+        assert c.get("/api/models/mine", headers=AS_BOB).status_code == 404
+        assert c.get("/api/models", headers=AS_BOB).json()["models"] == []
+        assert [m["name"] for m in c.get("/api/models", headers=AS_ALICE).json()["models"]] \
+            == ["mine"]
+        r = c.post("/api/models/mine/predict", json=[{"MET_pt": 20.0, "Jet_pt": [30.0]}],
+                   headers=AS_ALICE)
+        assert r.status_code == 200 and len(r.json()["outputs"]) == 1
+        assert c.post("/api/models/mine/predict", json=[{"MET_pt": 20.0}],
+                      headers=AS_BOB).status_code == 404
+        assert c.delete("/api/models/mine/versions/1", headers=AS_BOB).status_code == 404
+        assert c.get("/api/models/mine", headers=AS_ROOT).status_code == 200  # admin
+        assert c.delete("/api/models/mine/versions/1", headers=AS_ALICE).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def trained_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """bundle.tar.gz bytes of a 1-epoch MLP (trained here, in-process)."""
+    from mlaas.train.run import run
+    from platform_support import make_data, pipeline
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    files = make_data(tmp / "data")
+    spec = pipeline(files=(str(files["signal"]), str(files["background"])))
+    run(spec, tmp / "run", progress=False)
+    return (tmp / "run" / "bundle.tar.gz").read_bytes()

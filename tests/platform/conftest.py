@@ -13,8 +13,11 @@ Real databases, no doubles:
   in CI), it never skips.
 - ``db_url``: parametrised over ``sqlite`` and ``postgresql`` (test ids
   ``[sqlite]`` / ``[postgresql]``): a test that takes it runs on both.
-- ``database`` / ``store``: a migrated :class:`mlaas.platform.db.Database`
-  and a :class:`mlaas.platform.store.SqlStore` on ``db_url`` (both backends).
+- ``database`` / ``store``: a migrated, empty
+  :class:`mlaas.platform.db.Database` and a
+  :class:`mlaas.platform.store.SqlStore` on it, parametrised over both
+  backends like ``db_url`` (on PostgreSQL: one schema migrated per session,
+  its tables emptied before each test).
 - ``sqlite_store``: the same on SQLite only, for tests about something else
   than the database (API routes, the manager) that want to stay fast.
 - ``storage``: :class:`mlaas.platform.storage.Storage` under ``tmp_path``.
@@ -32,7 +35,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from mlaas.platform.db import Database
+from mlaas.platform.db import Database, load_models
 from mlaas.platform.storage import Storage
 from mlaas.platform.store import SqlStore
 
@@ -64,20 +67,37 @@ def pg_database() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture
-def pg_url(pg_database: str) -> Iterator[str]:
-    """A ``postgresql://`` URL whose ``search_path`` is a fresh schema (dropped after the test)."""
+@contextlib.contextmanager
+def _fresh_schema(database_url: str) -> Iterator[str]:
+    """A new schema in ``database_url``; yields a URL selecting it, drops it afterwards."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = _admin_engine(pg_database)
+    admin = _admin_engine(database_url)
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(pg_database).update_query_dict({"options": f"-csearch_path={schema}"})
+    url = make_url(database_url).update_query_dict({"options": f"-csearch_path={schema}"})
     try:
         yield url.render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> Iterator[str]:
+    """A ``postgresql://`` URL whose ``search_path`` is a fresh, empty schema (dropped after)."""
+    with _fresh_schema(pg_database) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_migrated_url(pg_database: str) -> Iterator[str]:
+    """A schema migrated once per session; ``database`` empties its tables before each test."""
+    with _fresh_schema(pg_database) as url:
+        db = Database(url)
+        db.migrate()
+        db.dispose()
+        yield url
 
 
 @pytest.fixture
@@ -102,11 +122,25 @@ def _migrated(url: str) -> Iterator[Database]:
         db.dispose()
 
 
-@pytest.fixture
-def database(db_url: str) -> Iterator[Database]:
-    """A migrated Database on ``db_url`` (both backends)."""
-    with _migrated(db_url) as db:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[Database]:
+    """A migrated, empty Database, once on SQLite and once on PostgreSQL.
+
+    SQLite: a new file per test. PostgreSQL: the session's migrated schema
+    with every table emptied first (migrating a schema per test is slow).
+    """
+    if request.param == "sqlite":
+        with _migrated(request.getfixturevalue("sqlite_url")) as db:
+            yield db
+        return
+    db = Database(request.getfixturevalue("pg_migrated_url"))
+    try:
+        with db.write() as session:
+            for table in reversed(load_models().sorted_tables):
+                session.execute(table.delete())
         yield db
+    finally:
+        db.dispose()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ Adding a table or column (API tokens, queues, ...):
        from mlaas.platform.db import Database
        Database(url).revision("add api tokens", autogenerate=True)
 
-   then review the file it writes;
+   then review the file it writes (``NNNN`` is the next number);
 3. ``tests/platform/test_store.py::test_migrations_match_models`` fails until
    the migrations and the models agree, on SQLite and on PostgreSQL.
 """
@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import importlib
 import logging
+import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,11 +221,12 @@ class Database:
             assert self.url.database is not None
             Path(self.url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = sa.create_engine(
-                self.url, connect_args={"timeout": _SQLITE_BUSY_MS / 1000,
-                                        "check_same_thread": False})
+                self.url, pool_size=10, max_overflow=20,
+                connect_args={"timeout": _SQLITE_BUSY_MS / 1000, "check_same_thread": False})
             _sqlite_pragmas(self.engine)
         else:
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=10,
+                                           max_overflow=20)
         self._write_engine = self.engine.execution_options(mlaas_write=True)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
@@ -290,14 +292,38 @@ class Database:
         with self._errors(), self.engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
 
-    def revision(self, message: str, *, autogenerate: bool = True) -> None:
-        """Write a draft migration (developers only; review the file it writes)."""
+    def revision(self, message: str, *, autogenerate: bool = True,
+                 directory: Path | None = None) -> Path:
+        """Write a draft migration ``NNNN_<message>.py`` after the current head (developers only).
+
+        Args:
+            message (str): what the migration does (also its file name).
+            autogenerate (bool): fill in the operations from the difference
+                between :func:`load_models` and this (migrated) database.
+            directory (Path or None): where to write it; default: the
+                package's ``migrations/versions``.
+
+        Returns the file written; review it before committing.
+        """
         from alembic import command
+        from alembic.script import ScriptDirectory
 
         self.migrate()
-        with self.engine.connect() as connection:
-            command.revision(self._alembic_config(connection), message=message,
-                             autogenerate=autogenerate, head="head")
+        config = self._alembic_config()
+        if directory is not None:
+            config.set_main_option("path_separator", "os")
+            config.set_main_option("version_locations",
+                                   os.pathsep.join([str(MIGRATIONS_DIR / "versions"),
+                                                    str(directory)]))
+        head = ScriptDirectory.from_config(config).get_current_head()
+        rev_id = f"{int(head or 0) + 1:04d}"
+        with self._errors(), self.engine.connect() as connection:
+            config.attributes["connection"] = connection
+            script = command.revision(config, message=message, autogenerate=autogenerate,
+                                      rev_id=rev_id, head="head",
+                                      version_path=str(directory) if directory else None)
+        assert script is not None and not isinstance(script, list)
+        return Path(script.path)
 
     @contextlib.contextmanager
     def _migrate_lock(self) -> Iterator[Connection]:

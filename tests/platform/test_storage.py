@@ -87,6 +87,22 @@ def test_path_tricks_are_refused(storage: Storage, relpath: str, why: str) -> No
     assert info.value.path == relpath
 
 
+def test_non_string_paths(storage: Storage) -> None:
+    with pytest.raises(PathError, match="is not a string") as info:
+        check_relpath(3, field_path="model.file")  # type: ignore[arg-type]
+    assert info.value.field_path == "model.file"
+
+
+def test_upload_misuse(storage: Storage) -> None:
+    upload = storage.open_upload("alice", "f", quota_bytes=GiB, used_bytes=0)
+    upload.write(b"x")
+    assert upload.commit()[0] == 1
+    for call in (lambda: upload.write(b"y"), upload.commit):
+        with pytest.raises(RuntimeError, match="upload of 'f' is already finished"):
+            call()
+    assert storage.resolve("alice", "f").read_bytes() == b"x"
+
+
 def test_good_paths_resolve_inside(storage: Storage) -> None:
     ws = storage.workspace("alice")
     assert storage.resolve("alice", "a.root") == ws / "a.root"

@@ -150,6 +150,8 @@ def test_list_jobs_newest_first_and_filters(store: SqlStore) -> None:
     assert [j.id for j in store.list_jobs(limit=1)] == [c.id]
     with pytest.raises(ValueError, match="limit"):
         store.list_jobs(limit=-1)
+    with pytest.raises(ValueError, match="'asleep' is not a valid JobState"):
+        store.list_jobs(state="asleep")  # type: ignore[arg-type]
 
 
 def test_queue_is_fifo_with_positions(store: SqlStore) -> None:

@@ -284,6 +284,7 @@ class Database:
         with self._errors(), self._migrate_lock() as connection:
             command.upgrade(self._alembic_config(connection), "head")
             connection.commit()
+        log.info("database %s is at migration %s", self.display_url, self.current_revision())
 
     def current_revision(self) -> str | None:
         """The schema's migration revision, or None before the first :meth:`migrate`."""

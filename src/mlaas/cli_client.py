@@ -34,8 +34,8 @@ def _client(server: str) -> Client:
 
 
 def _when(value: Any) -> str:
-    """An ISO timestamp as ``YYYY-MM-DD HH:MM:SS`` (UTC as the server sent it)."""
-    return str(value or "").replace("T", " ")[:19]
+    """An ISO timestamp as ``YYYY-MM-DD HH:MM`` (UTC as the server sent it)."""
+    return str(value or "").replace("T", " ")[:16]
 
 
 def _progress(job: dict[str, Any]) -> str:
@@ -122,7 +122,7 @@ def jobs(
         return
     table = Table(title=f"{len(found)} job{'s' if len(found) != 1 else ''}", title_justify="left")
     for col in ("id", "name", "owner", "state", "model", "created", "progress", "note"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "state", "created"))
     for j in found:
         note = f"queue #{j['position']}" if j.get("position") is not None else (j.get("reason") or "")
         table.add_row(str(j.get("id")), str(j.get("name") or ""), str(j.get("owner") or ""),

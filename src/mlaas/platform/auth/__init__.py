@@ -10,6 +10,56 @@ Layer: platform. Each module has one job and none decides access (that is
 - :mod:`mlaas.platform.auth.authenticator`  the request -> Principal entry point
 - :mod:`mlaas.platform.auth.jobtoken`       the user's token handed to XRootD in a job
 
-``tokens`` (and so ``authenticator``) import the SQL layer; import them from
-their modules. This package itself imports nothing.
+The one entry point here, :func:`authenticator_from_config`, is what
+:func:`mlaas.platform.app.create_platform_app` calls when the ``auth``
+settings ask for logins; it imports the modules above only when called, so
+importing this package costs nothing (``tokens`` pulls in the SQL layer).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlaas.platform.auth.authenticator import PlatformAuthenticator
+    from mlaas.platform.config import PlatformConfig
+
+__all__ = ["authenticator_from_config"]
+
+
+def authenticator_from_config(config: PlatformConfig) -> PlatformAuthenticator:
+    """The multi-user authenticator for ``config.auth``.
+
+    Args:
+        config (PlatformConfig): ``auth.oidc_issuers`` / ``auth.audience``
+            enable OIDC bearer tokens, ``auth.trusted_proxies`` the proxy
+            headers, ``auth.admin_group`` the admin role. Personal API tokens
+            are always on in multi-user mode; they live in the platform
+            database (``config.database_url``), which the app migrates at
+            start-up before any request arrives.
+
+    Raises :class:`mlaas.errors.ConfigError` for issuers without an audience,
+    a non-https issuer, or a malformed CIDR.
+    """
+    from mlaas.errors import ConfigError
+    from mlaas.platform.auth.authenticator import PlatformAuthenticator
+    from mlaas.platform.auth.oidc import OidcValidator
+    from mlaas.platform.auth.proxy import TrustedProxies
+    from mlaas.platform.auth.tokens import TokenStore
+    from mlaas.platform.db import Database
+
+    auth = config.auth
+    TrustedProxies(auth.trusted_proxies)  # every setting is checked before anything opens
+    if auth.oidc_issuers and not auth.audience:
+        raise ConfigError("OIDC issuers are configured but no audience: set "
+                          "--oidc-audience (auth.audience)", field_path="auth.audience")
+    if auth.audience and not auth.oidc_issuers:
+        raise ConfigError("auth.audience is set but no OIDC issuer: add --oidc-issuer",
+                          field_path="auth.oidc_issuers")
+    validator = None
+    if auth.oidc_issuers and auth.audience:
+        validator = OidcValidator(list(auth.oidc_issuers), auth.audience)
+    return PlatformAuthenticator(validator=validator,
+                                 tokens=TokenStore(Database(config.database_url)),
+                                 trusted_proxies=list(auth.trusted_proxies),
+                                 admin_group=auth.admin_group)

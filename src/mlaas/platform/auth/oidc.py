@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import jwt
 
-from mlaas.errors import SpecError, Unauthorized
+from mlaas.errors import ConfigError, Unauthorized
 from mlaas.platform.principal import ADMIN_ROLE, Principal
 
 __all__ = ["OidcValidator", "claims_to_principal", "user_id", "DEFAULT_ALGORITHMS",
@@ -84,20 +84,21 @@ class OidcValidator:
                  jwks_max_age_s: float = 3600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not issuers:
-            raise SpecError("OIDC needs at least one issuer", field_path="oidc_issuer")
+            raise ConfigError("OIDC needs at least one issuer", field_path="auth.oidc_issuers")
         for url in issuers:
             _check_issuer_url(url)
         if len(set(issuers)) != len(issuers):
-            raise SpecError(f"OIDC issuer listed twice in {issuers!r}", field_path="oidc_issuer")
+            raise ConfigError(f"OIDC issuer listed twice in {issuers!r}",
+                              field_path="auth.oidc_issuers")
         if not audience:
-            raise SpecError("OIDC needs an audience (the value tokens' 'aud' must carry)",
-                            field_path="oidc_audience")
+            raise ConfigError("OIDC needs an audience (the value tokens' 'aud' must carry)",
+                              field_path="auth.audience")
         algs = tuple(algorithms)
         bad = [a for a in algs if a not in SUPPORTED_ALGORITHMS]
         if bad or not algs:
-            raise SpecError(f"OIDC algorithms {bad or algs!r} not allowed; use asymmetric "
-                            f"ones from {sorted(SUPPORTED_ALGORITHMS)}",
-                            field_path="oidc_algorithms")
+            raise ConfigError(f"OIDC algorithms {bad or algs!r} not allowed; use asymmetric "
+                              f"ones from {sorted(SUPPORTED_ALGORITHMS)}",
+                              field_path="auth.algorithms")
         self.issuers = list(issuers)
         self.audience = audience
         self.algorithms = algs
@@ -313,11 +314,11 @@ def _check_issuer_url(url: str, *, what: str = "issuer") -> None:
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     if parts.scheme not in ("https", "http") or not host or "@" in parts.netloc:
-        raise SpecError(f"OIDC {what} {url!r} is not an http(s) URL without user info",
-                        field_path="oidc_issuer")
+        raise ConfigError(f"OIDC {what} {url!r} is not an http(s) URL without user info",
+                          field_path="auth.oidc_issuers")
     if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
-        raise SpecError(f"OIDC {what} {url!r} must use https (plain http is only "
-                        f"accepted on a loopback address)", field_path="oidc_issuer")
+        raise ConfigError(f"OIDC {what} {url!r} must use https (plain http is only "
+                          f"accepted on a loopback address)", field_path="auth.oidc_issuers")
 
 
 def _short(value: Any, limit: int = 80) -> Any:

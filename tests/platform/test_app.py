@@ -222,3 +222,13 @@ def trained_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     spec = pipeline(files=(str(files["signal"]), str(files["background"])))
     run(spec, tmp / "run", progress=False)
     return (tmp / "run" / "bundle.tar.gz").read_bytes()
+
+
+def test_every_setting_is_documented() -> None:
+    from mlaas.platform.config import AuthConfig, JobDefaults
+
+    doc = (Path(__file__).parents[2] / "docs" / "platform-api.md").read_text()
+    names = [*PlatformConfig.model_fields, *(f"jobs.{k}" for k in JobDefaults.model_fields),
+             *(f"auth.{k}" for k in AuthConfig.model_fields)]
+    missing = [n for n in names if f"`{n}`" not in doc and n not in ("jobs", "auth")]
+    assert not missing, f"settings missing from docs/platform-api.md: {missing}"

@@ -328,15 +328,18 @@ def _models_router() -> APIRouter:
         return {"model": name, "aliases": aliases}
 
     async def predict(name: str, request: Request, version: int | None = None,
-                      alias: str | None = None) -> dict[str, Any]:
+                      alias: str | None = None) -> Response:
         await hooks.check(request, "read", name)
         events = await _json(request)
         runtime = getattr(request.app.state, "runtime", None)
         if runtime is not None:  # the full server: batched with concurrent requests
             v, scores = await runtime.predict_events(name, version, alias, events)
-            return {"model": name, "version": v, "outputs": _outputs(scores)}
-        return await run_in_threadpool(_predict, _registry(request), name, version, alias,
-                                       events)
+            answer = {"model": name, "version": v, "outputs": _outputs(scores)}
+        else:
+            answer = await run_in_threadpool(_predict, _registry(request), name, version,
+                                             alias, events)
+        # plain JSON types already: skip FastAPI's jsonable_encoder on the hot path
+        return JSONResponse(answer)
 
     router.add_api_route("", list_models, methods=["GET"])
     router.add_api_route("/{name}", upload, methods=["POST"], status_code=201)

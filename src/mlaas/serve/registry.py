@@ -60,6 +60,7 @@ MAX_MEMBER_BYTES = 512 * 1024**2
 MAX_TOTAL_BYTES = 2 * 1024**3
 _META_FILE = ".registry.json"
 _ALIASES_FILE = "aliases.json"
+_SETTLE_NS = 200_000_000  # state younger than this is not trusted by state_token
 
 
 def _check_name(value: str, what: str) -> str:
@@ -152,6 +153,7 @@ class Registry:
         self.max_total_bytes = max_total_bytes
         self._cache: dict[tuple[str, int], tuple[tuple[int, int], Bundle]] = {}
         self._cache_lock = threading.Lock()
+        self._generation = 0  # bumped by every change made through this object
 
     # -- locking and paths
 
@@ -162,7 +164,38 @@ class Registry:
             try:
                 yield
             finally:
+                self._generation += 1
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def state_token(self, name: str) -> tuple[Any, ...] | None:
+        """A cheap fingerprint of model ``name`` (two ``stat`` calls, no reads), or None.
+
+        Equal tokens mean the model's versions and aliases are unchanged, so a
+        server may reuse what it resolved before (the serving hot path does).
+        Versions are added and removed by renames in the model directory (its
+        mtime changes) and aliases by replacing ``aliases.json`` (a new inode);
+        changes through this object also bump a counter. None (do not cache)
+        for unknown names and for state changed in the last
+        :data:`_SETTLE_NS`, since a file system's timestamps are coarser than
+        two quick changes by another process.
+        """
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            return None
+        model_dir = self.root / name
+        try:
+            d = os.stat(model_dir)
+        except OSError:
+            return None
+        newest = d.st_mtime_ns
+        try:
+            a = os.stat(model_dir / _ALIASES_FILE)
+            aliases: tuple[int, int] | None = (a.st_ino, a.st_mtime_ns)
+            newest = max(newest, a.st_mtime_ns)
+        except OSError:
+            aliases = None
+        if time.time_ns() - newest < _SETTLE_NS:
+            return None
+        return (self._generation, d.st_ino, d.st_mtime_ns, aliases)
 
     def _model_dir(self, name: str) -> Path:
         return self.root / _check_name(name, "model")

@@ -2,9 +2,11 @@
 
 Layer: serving, runtime only. No HTTP and no request decoding
 (:mod:`mlaas.serve.protocol` does that). :class:`Batcher` merges concurrent
-requests for one model into one ONNX Runtime call, off the event loop;
-:class:`Runtime` keeps one batcher per (model, version) of a registry and
-turns raw arrays or JSON-like events into scores.
+requests of raw arrays for one model into one ONNX Runtime call, off the
+event loop; :class:`EventBatcher` does the same for JSON-like events, with
+the preprocessing (whose fixed cost per call dominates small requests) run
+once per batch too. :class:`Runtime` keeps one of each per (model, version)
+of a registry.
 
 Errors raised by ONNX Runtime are re-raised as :class:`InferenceError`
 (a :class:`~mlaas.errors.ServeError`) at this boundary; a full queue is
@@ -27,6 +29,7 @@ from mlaas.errors import InferenceError, MlaasError, Overloaded, ProtocolError
 
 __all__ = [
     "Batcher",
+    "EventBatcher",
     "Runtime",
     "Overloaded",
     "InferenceError",
@@ -44,14 +47,134 @@ RunFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 @dataclass
 class _Waiting:
-    x: np.ndarray
-    mask: np.ndarray | None
-    future: asyncio.Future[np.ndarray]
+    payload: Any
+    rows: int
+    future: asyncio.Future[Any]
     since: float
 
 
-class Batcher:
-    """Merge concurrent requests for one model into batches run off the event loop.
+class _BatchQueue:
+    """Requests waiting for one model, merged into batches that run off the event loop.
+
+    Subclasses say how a batch runs (:meth:`_run_batch`, called in the
+    executor with the waiting payloads in order, returning one result or
+    exception per payload) and how one request runs alone (:meth:`_run_alone`).
+    The worker task waits for ``max_batch_size`` rows or ``max_delay_ms`` after
+    the first waiting request, runs one batch, and loops while requests wait;
+    a batch running in the executor lets the next one fill up meanwhile.
+
+    Under load the wait is counted from the end of the previous batch when
+    that is later: the callers just answered send their next requests within
+    a millisecond or so, and letting them join the requests that queued
+    during the batch makes one full batch instead of two half ones. Each
+    call has a large fixed cost (preprocessing above all), so this is most of
+    the throughput at a fixed number of connections. A request still waits
+    at most one running batch plus ``max_delay_ms``.
+    """
+
+    def __init__(self, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS, executor: Executor,
+                 max_queue: int = DEFAULT_MAX_QUEUE,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, not {max_batch_size!r}")
+        self.max_batch_size = int(max_batch_size)
+        self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
+        self.executor = executor
+        self.max_queue = int(max_queue)
+        self.on_batch = on_batch
+        self._queue: deque[_Waiting] = deque()
+        self._rows = 0
+        self._worker: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._free_since = 0.0  # loop time the previous batch finished
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting to be batched."""
+        return len(self._queue)
+
+    def _run_batch(self, payloads: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _run_alone(self, payload: Any) -> Any:
+        raise NotImplementedError
+
+    async def _alone(self, payload: Any, rows: int) -> Any:
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self.executor, self._run_alone, payload)
+        if self.on_batch is not None:
+            self.on_batch(rows)
+        return out
+
+    async def _enqueue(self, payload: Any, rows: int) -> Any:
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"{len(self._queue)} requests are already waiting for this model "
+                             f"(limit {self.max_queue}); retry later")
+        loop = asyncio.get_running_loop()
+        item = _Waiting(payload, rows, loop.create_future(), loop.time())
+        self._queue.append(item)
+        self._rows += rows
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
+        elif self._rows >= self.max_batch_size:
+            self._wake()
+        return await item.future
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            # 1. wait for a full batch or the deadline (see the class docstring)
+            deadline = max(self._queue[0].since, self._free_since) + self.max_delay
+            while self._rows < self.max_batch_size:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                self._wakeup = loop.create_future()
+                try:
+                    await asyncio.wait({self._wakeup}, timeout=left)
+                finally:
+                    self._wakeup = None
+            # 2. take requests in order while they fit
+            batch: list[_Waiting] = []
+            rows = 0
+            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+                item = self._queue.popleft()
+                self._rows -= item.rows
+                if item.future.done():  # the caller went away
+                    continue
+                batch.append(item)
+                rows += item.rows
+            if not batch:
+                continue
+            # 3. run once off the loop, hand each caller its result
+            try:
+                results = await loop.run_in_executor(self.executor, self._run_batch,
+                                                     [b.payload for b in batch])
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+                for b in batch:
+                    if not b.future.done():
+                        b.future.set_exception(exc)
+                continue
+            finally:
+                self._free_since = loop.time()
+            if self.on_batch is not None:
+                self.on_batch(rows)
+            for b, result in zip(batch, results):
+                if b.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    b.future.set_exception(result)
+                else:
+                    b.future.set_result(result)
+
+
+class Batcher(_BatchQueue):
+    """Merge concurrent requests of raw model inputs into batches run off the event loop.
 
     Args:
         run: ``run(x, mask) -> scores`` on whole batches (rows along axis 0).
@@ -66,23 +189,9 @@ class Batcher:
                  max_delay_ms: float = DEFAULT_MAX_DELAY_MS, executor: Executor,
                  max_queue: int = DEFAULT_MAX_QUEUE,
                  on_batch: Callable[[int], None] | None = None) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, not {max_batch_size!r}")
+        super().__init__(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                         executor=executor, max_queue=max_queue, on_batch=on_batch)
         self.run = run
-        self.max_batch_size = int(max_batch_size)
-        self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
-        self.executor = executor
-        self.max_queue = int(max_queue)
-        self.on_batch = on_batch
-        self._queue: deque[_Waiting] = deque()
-        self._rows = 0
-        self._worker: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.Future[None] | None = None
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting to be batched."""
-        return len(self._queue)
 
     async def submit(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         """Score ``x`` (and ``mask``) as part of a batch; returns this request's rows.
@@ -92,83 +201,120 @@ class Batcher:
             mask: float32 ``[n, n_mask]`` or None when the model takes no mask.
         """
         n = len(x)
-        if n == 0:
-            return await self._call(x, mask)
-        if n > self.max_batch_size:
-            return await self._call(x, mask)
-        if len(self._queue) >= self.max_queue:
-            raise Overloaded(f"{len(self._queue)} requests are already waiting for this model "
-                             f"(limit {self.max_queue}); retry later")
-        loop = asyncio.get_running_loop()
-        item = _Waiting(x, mask, loop.create_future(), loop.time())
-        self._queue.append(item)
-        self._rows += n
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work())
-        elif self._rows >= self.max_batch_size:
-            self._wake()
-        return await item.future
-
-    async def _call(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self.executor, self.run, x, mask)
-        if self.on_batch is not None:
-            self.on_batch(len(x))
+        if n == 0 or n > self.max_batch_size:
+            out: np.ndarray = await self._alone((x, mask), n)
+            return out
+        out = await self._enqueue((x, mask), n)
         return out
 
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+    def _run_alone(self, payload: Any) -> np.ndarray:
+        return self.run(*payload)
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue:
-            # 1. wait for a full batch or the first waiting request's deadline
-            deadline = self._queue[0].since + self.max_delay
-            while self._rows < self.max_batch_size:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                self._wakeup = loop.create_future()
-                try:
-                    await asyncio.wait({self._wakeup}, timeout=left)
-                finally:
-                    self._wakeup = None
-            # 2. take requests in order while they fit
-            batch: list[_Waiting] = []
-            rows = 0
-            while self._queue and rows + len(self._queue[0].x) <= self.max_batch_size:
-                item = self._queue.popleft()
-                self._rows -= len(item.x)
-                if item.future.done():  # the caller went away
-                    continue
-                batch.append(item)
-                rows += len(item.x)
-            if not batch:
-                continue
-            # 3. run once off the loop, split the result back
-            x = batch[0].x if len(batch) == 1 else np.concatenate([b.x for b in batch])
-            masks = [b.mask for b in batch]
-            mask: np.ndarray | None
-            if any(m is None for m in masks):
-                mask = None
-            else:
-                mask = masks[0] if len(masks) == 1 else np.concatenate(masks)  # type: ignore[arg-type]
+    def _run_batch(self, payloads: list[Any]) -> list[Any]:
+        xs = [p[0] for p in payloads]
+        masks = [p[1] for p in payloads]
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        mask: np.ndarray | None
+        if any(m is None for m in masks):
+            mask = None
+        else:
+            mask = masks[0] if len(masks) == 1 else np.concatenate(masks)
+        out = self.run(x, mask)
+        results = []
+        start = 0
+        for part in xs:
+            results.append(out[start:start + len(part)])
+            start += len(part)
+        return results
+
+
+def _as_rows(events: Any, branch_types: Mapping[str, Any]) -> list[Any] | None:
+    """``events`` as a list of rows that can join other requests' rows, or None when the
+    request is better run alone (an unusual shape: its own errors then name its events)."""
+    if isinstance(events, Mapping) and set(events) == {"events"} and "events" not in branch_types:
+        events = events["events"]
+    if isinstance(events, list):
+        return events if all(isinstance(row, Mapping) for row in events) else None
+    if isinstance(events, Mapping) and branch_types:
+        names = list(branch_types)
+        columns = [events.get(name) for name in names]
+        if not all(isinstance(c, list) for c in columns):
+            return None
+        if len({len(c) for c in columns}) != 1:  # type: ignore[arg-type]
+            return None
+        return [dict(zip(names, values)) for values in zip(*columns)]  # type: ignore[call-overload]
+    return None
+
+
+class EventBatcher(_BatchQueue):
+    """Merge concurrent raw-event requests (JSON-like events) for one bundle.
+
+    Preprocessing (events to arrays, derived names, cut, padding) has a large
+    fixed cost per call, so it runs once per batch, with the ONNX Runtime call,
+    in the executor. If the merged batch fails on an event (a missing field,
+    a non-numeric value, NaN under ``nan: error``), each request of the batch
+    is run again alone, so every error names its own request's event index
+    and only the faulty request fails.
+
+    Args:
+        bundle: the :class:`~mlaas.bundle.Bundle` (``preprocessor``,
+            ``branch_types``, ``input_names``, ``n_outputs``).
+        run: ``run(x, mask) -> scores`` (ONNX Runtime errors already mapped).
+        other arguments: as :class:`Batcher`; ``max_batch_size`` counts events.
+    """
+
+    def __init__(self, bundle: Any, run: RunFn, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS, executor: Executor,
+                 max_queue: int = DEFAULT_MAX_QUEUE,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                         executor=executor, max_queue=max_queue, on_batch=on_batch)
+        self.bundle = bundle
+        self.run = run
+
+    async def submit(self, events: Any) -> np.ndarray:
+        """Scores of ``events`` (see :meth:`mlaas.bundle.Bundle.predict_events`): float32
+        ``[n, n_outputs]``, NaN for events failing the cut."""
+        rows = _as_rows(events, self.bundle.branch_types)
+        if rows is None or not rows or len(rows) > self.max_batch_size:
+            out: np.ndarray = await self._alone(events, len(rows) if rows else 0)
+            return out
+        out = await self._enqueue((events, rows), len(rows))
+        return out
+
+    def _score(self, events: Any) -> np.ndarray:
+        bundle = self.bundle
+        prep = bundle.preprocessor(events_to_arrays(events, bundle.branch_types))
+        scores = np.full((prep.n, bundle.n_outputs), np.nan, dtype=np.float32)
+        if len(prep.index):
+            mask = prep.mask if "mask" in bundle.input_names else None
+            scores[prep.index] = self.run(prep.x, mask)
+        return scores
+
+    def _run_alone(self, payload: Any) -> np.ndarray:
+        return self._score(payload)
+
+    def _run_batch(self, payloads: list[Any]) -> list[Any]:
+        if len(payloads) > 1:
+            merged = [row for _, rows in payloads for row in rows]
             try:
-                out = await loop.run_in_executor(self.executor, self.run, x, mask)
-            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-                for b in batch:
-                    if not b.future.done():
-                        b.future.set_exception(exc)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(rows)
-            start = 0
-            for b in batch:
-                stop = start + len(b.x)
-                if not b.future.done():
-                    b.future.set_result(out[start:stop])
-                start = stop
+                scores = self._score(merged)
+            except MlaasError:
+                pass  # some request is faulty: run each alone so errors name their own events
+            else:
+                results = []
+                start = 0
+                for _, rows in payloads:
+                    results.append(scores[start:start + len(rows)])
+                    start += len(rows)
+                return results
+        results = []
+        for events, _ in payloads:
+            try:
+                results.append(self._score(events))
+            except Exception as exc:  # noqa: BLE001 - handed to that request's caller
+                results.append(exc)
+        return results
 
 
 # -- the runtime over a registry --------------------------------------------------------------
@@ -216,11 +362,14 @@ def _check(bundle: Any, x: np.ndarray, mask: np.ndarray | None) -> None:
 
 
 class Runtime:
-    """Score requests against a registry's bundles with one :class:`Batcher` per version.
+    """Score requests against a registry's bundles with batchers per model version.
 
     Args:
         registry: has ``resolve(name, version=None, alias=None) -> (version, path)`` and
-            ``bundle(name, version) -> Bundle`` (raising ``KeyError`` for unknowns).
+            ``bundle(name, version) -> Bundle`` (raising ``KeyError`` for unknowns);
+            optionally ``state_token(name)`` (see :meth:`Registry.state_token
+            <mlaas.serve.registry.Registry.state_token>`), which lets a request for
+            an unchanged model skip the registry (and the thread hop) entirely.
         max_batch_size, max_delay_ms: defaults, overridden per bundle by spec.json's
             ``serving`` object (``max_batch_size``, ``max_delay_ms``).
         threads: executor threads for ONNX Runtime calls (each batch uses one).
@@ -238,11 +387,15 @@ class Runtime:
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=max(1, threads),
                                            thread_name_prefix="mlaas-ort")
-        self._batchers: dict[tuple[str, int], tuple[Any, Batcher]] = {}
+        self._batchers: dict[tuple[str, int], tuple[Any, Batcher, EventBatcher]] = {}
+        # (name, version, alias) -> (registry state token, version, bundle, batchers)
+        self._resolved: dict[tuple[str, int | None, str | None],
+                             tuple[Any, int, Any, Batcher, EventBatcher]] = {}
 
     def close(self) -> None:
         """Stop the executor (waits for running batches)."""
         self._batchers.clear()
+        self._resolved.clear()
         self.executor.shutdown(wait=True)
 
     def lookup(self, name: str, version: int | None, alias: str | None) -> tuple[int, Any]:
@@ -254,29 +407,52 @@ class Runtime:
         got = self.registry.bundle(name, resolved)
         return resolved, (got[1] if isinstance(got, tuple) else got)
 
-    async def batcher(self, name: str, version: int | None = None, alias: str | None = None
-                      ) -> tuple[int, Any, Batcher]:
-        """``(version, bundle, batcher)`` for a model; a new batcher when the registry's
-        bundle object changed. The registry is asked in a worker thread, since a
-        bundle not yet in its cache is loaded from disk."""
+    def _token(self, name: str) -> Any:
+        state_token = getattr(self.registry, "state_token", None)
+        return state_token(name) if callable(state_token) else None
+
+    async def _batchers_for(self, name: str, version: int | None, alias: str | None
+                            ) -> tuple[int, Any, Batcher, EventBatcher]:
+        key = (name, version, alias)
+        token = self._token(name)
+        if token is not None:
+            hit = self._resolved.get(key)
+            if hit is not None and hit[0] == token:
+                return hit[1], hit[2], hit[3], hit[4]
         resolved, bundle = await asyncio.to_thread(self.lookup, name, version, alias)
-        key = (name, resolved)
-        cached = self._batchers.get(key)
+        cached = self._batchers.get((name, resolved))
         if cached is not None and cached[0] is bundle:
-            return resolved, bundle, cached[1]
+            batcher, events = cached[1], cached[2]
+        else:
+            batcher, events = self._new_batchers(name, resolved, bundle)
+            self._batchers[(name, resolved)] = (bundle, batcher, events)
+        if token is not None:
+            self._resolved[key] = (token, resolved, bundle, batcher, events)
+        return resolved, bundle, batcher, events
+
+    def _new_batchers(self, name: str, version: int, bundle: Any) -> tuple[Batcher, EventBatcher]:
         serving = (bundle.spec.get("serving") or {}) if isinstance(bundle.spec, dict) else {}
         on_batch = None
         if self.metrics is not None:
             metrics = self.metrics
 
             def on_batch(n: int) -> None:
-                metrics.observe_batch(name, resolved, n)
+                metrics.observe_batch(name, version, n)
 
-        batcher = Batcher(_runner(bundle),
-                          max_batch_size=int(serving.get("max_batch_size", self.max_batch_size)),
-                          max_delay_ms=float(serving.get("max_delay_ms", self.max_delay_ms)),
-                          executor=self.executor, max_queue=self.max_queue, on_batch=on_batch)
-        self._batchers[key] = (bundle, batcher)
+        options: dict[str, Any] = dict(
+            max_batch_size=int(serving.get("max_batch_size", self.max_batch_size)),
+            max_delay_ms=float(serving.get("max_delay_ms", self.max_delay_ms)),
+            executor=self.executor, max_queue=self.max_queue, on_batch=on_batch)
+        run = _runner(bundle)
+        return Batcher(run, **options), EventBatcher(bundle, run, **options)
+
+    async def batcher(self, name: str, version: int | None = None, alias: str | None = None
+                      ) -> tuple[int, Any, Batcher]:
+        """``(version, bundle, batcher)`` for a model; a new batcher when the registry's
+        bundle object changed. The registry is asked in a worker thread (a bundle
+        not yet in its cache is loaded from disk), unless its state token shows the
+        model unchanged since the last request for the same (name, version, alias)."""
+        resolved, bundle, batcher, _ = await self._batchers_for(name, version, alias)
         return resolved, bundle, batcher
 
     async def infer(self, name: str, version: int | None, alias: str | None,
@@ -311,18 +487,10 @@ class Runtime:
                              events: Any) -> tuple[int, np.ndarray]:
         """Scores of JSON-like events (see :meth:`mlaas.bundle.Bundle.predict_events`).
 
-        Preprocessing runs in a worker thread; the model call goes through the
-        batcher, so concurrent event requests are batched too. Events failing
-        the cut get NaN scores. Returns ``(version, scores)``.
+        Concurrent event requests for one model version are merged by an
+        :class:`EventBatcher`: preprocessing and the model call run once per
+        batch in a worker thread. Events failing the cut get NaN scores.
+        Returns ``(version, scores)``.
         """
-        resolved, bundle, batcher = await self.batcher(name, version, alias)
-
-        def prepare() -> Any:
-            return bundle.preprocessor(events_to_arrays(events, bundle.branch_types))
-
-        prep = await asyncio.to_thread(prepare)
-        scores = np.full((prep.n, bundle.n_outputs), np.nan, dtype=np.float32)
-        if len(prep.index):
-            mask = prep.mask if "mask" in bundle.input_names else None
-            scores[prep.index] = await batcher.submit(prep.x, mask)
-        return resolved, scores
+        resolved, _, _, events_batcher = await self._batchers_for(name, version, alias)
+        return resolved, await events_batcher.submit(events)

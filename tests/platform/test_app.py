@@ -78,16 +78,18 @@ def test_config_file_problems(tmp_path: Path) -> None:
     assert info.value.problems[0][0] == "cpus"
 
 
-def test_auth_settings_without_an_authenticator_are_refused(tmp_path: Path) -> None:
+def test_auth_settings_choose_the_multi_user_authenticator(tmp_path: Path) -> None:
+    from mlaas.platform.auth.authenticator import PlatformAuthenticator
+
     config = PlatformConfig(data_dir=tmp_path, auth={"oidc_issuers": ["https://sso.example"]})
     assert not config.auth.single_user
-    try:
-        from mlaas.platform.auth import authenticator_from_config  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="oidc_issuers"):
-            create_platform_app(config)
-    else:  # the auth issue has landed: then the app builds with its authenticator
+    with pytest.raises(ConfigError) as info:  # issuers without an audience
         create_platform_app(config)
+    assert info.value.context["field_path"] == "auth.audience"
+    config = PlatformConfig(data_dir=tmp_path, auth={"trusted_proxies": ["127.0.0.1/32"]})
+    app = create_platform_app(config)
+    assert isinstance(app.state.authenticator, PlatformAuthenticator)
+    app.state.authenticator.close()
 
 
 # -- the error map -------------------------------------------------------------------------
@@ -232,3 +234,33 @@ def test_every_setting_is_documented() -> None:
              *(f"auth.{k}" for k in AuthConfig.model_fields)]
     missing = [n for n in names if f"`{n}`" not in doc and n not in ("jobs", "auth")]
     assert not missing, f"settings missing from docs/platform-api.md: {missing}"
+
+
+class _Gate:
+    """Authenticator policy: ``X-User: slow`` is rate limited, no header is a bearer challenge
+    with the exact header the authenticator chose, anyone else is alice."""
+
+    def authenticate(self, request: Any) -> Any:
+        from platform_support import ALICE
+
+        user = request.headers.get("x-user")
+        if user == "slow":
+            raise RateLimited("too many requests from 'slow'", retry_after=2.5)
+        if not user:
+            exc = Unauthorized("no credentials")
+            exc.headers = {"WWW-Authenticate": 'Bearer realm="mlaas"'}  # type: ignore[attr-defined]
+            raise exc
+        return ALICE
+
+
+def test_401_and_429_carry_their_headers(tmp_path: Path) -> None:
+    app = create_platform_app(PlatformConfig(data_dir=tmp_path, cpus=1), authenticator=_Gate())
+    with TestClient(app) as c:
+        r = c.get("/api/jobs", headers={"X-User": "slow"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
+        assert r.json()["error"] == "RateLimited" and r.json()["retry_after"] == 2.5
+        r = c.get("/api/files")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="mlaas"'
+        r = c.get("/api/models", headers={"X-User": "slow"})  # the model routes too
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
+        assert c.get("/api/jobs", headers={"X-User": "alice"}).json() == {"jobs": []}

@@ -72,7 +72,14 @@ async def _mlaas_error(request: Request, exc: Exception) -> JSONResponse:
     status = _status_of(exc)
     if status >= 500:
         log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
-    return JSONResponse(_error_body(exc), status_code=status, headers=headers_of(exc))
+    return JSONResponse(_error_body(exc), status_code=status, headers=_headers(exc))
+
+
+def _headers(exc: MlaasError) -> dict[str, str]:
+    """The status's headers (``WWW-Authenticate``, ``Retry-After``), then any the raiser set
+    on ``exc.headers`` (an authenticator's exact bearer challenge)."""
+    extra = getattr(exc, "headers", None)
+    return {**headers_of(exc), **(extra if isinstance(extra, dict) else {})}
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -134,16 +141,9 @@ def _job_counts(store: Any) -> dict[str, int]:
 def _default_authenticator(config: PlatformConfig) -> Authenticator:
     if config.auth.single_user:
         return SingleUser()
-    from mlaas.platform import auth  # the multi-user modes (OIDC, tokens, proxy)
+    from mlaas.platform.auth import authenticator_from_config  # OIDC, tokens, proxy
 
-    build = getattr(auth, "authenticator_from_config", None)
-    if build is None:
-        from mlaas.errors import ConfigError
-
-        raise ConfigError("the auth settings ask for logins (oidc_issuers or trusted_proxies), "
-                          "but this mlaas has no authenticator for them",
-                          [("auth", "leave empty for single-user mode")])
-    return build(config)  # type: ignore[no-any-return]
+    return authenticator_from_config(config)
 
 
 def _open(config: PlatformConfig, storage: Any, registry: Any) -> PlatformContext:
@@ -222,6 +222,9 @@ def create_platform_app(config: PlatformConfig, *,
             runtime = getattr(serving.state, "runtime", None)
             if runtime is not None:
                 runtime.close()
+            close = getattr(auth, "close", None)
+            if authenticator is None and callable(close):
+                close()  # ours to close: built here from the config
 
     app = FastAPI(title="mlaas platform", lifespan=lifespan, exception_handlers=_handlers())
     app.state.authenticator = auth

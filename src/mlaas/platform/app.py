@@ -146,15 +146,20 @@ def _default_authenticator(config: PlatformConfig) -> Authenticator:
     return authenticator_from_config(config)
 
 
-def _open(config: PlatformConfig, storage: Any, registry: Any) -> PlatformContext:
-    """Database (migrated), store, executor and job manager (recovered and started)."""
+def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[PlatformContext, Any]:
+    """Database (migrated), store, executor and job manager (recovered and started);
+    returns the context and the database (to dispose of when the lifespan ends)."""
     from mlaas.platform.db import Database
     from mlaas.platform.executors.local import LocalExecutor
     from mlaas.platform.manager import JobManager
     from mlaas.platform.store import SqlStore
 
     db = Database(config.database_url)
-    db.migrate()
+    try:
+        db.migrate()
+    except BaseException:
+        db.dispose()
+        raise
     store = SqlStore(db)
     executor = LocalExecutor(cpus=config.cpus, gpu_devices=list(config.gpu_devices))
     defaults = {"memory_bytes": config.jobs.memory_bytes, "max_time_s": config.jobs.max_time_s}
@@ -164,17 +169,14 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> PlatformContex
     manager.start()
     ctx = PlatformContext(store=store, storage=storage, manager=manager, registry=registry,
                           config=config)
-    ctx.db = db  # type: ignore[attr-defined]  (closed with the lifespan)
-    return ctx
+    return ctx, db
 
 
-def _close(ctx: PlatformContext) -> None:
+def _close(ctx: PlatformContext, db: Any) -> None:
     try:
         ctx.manager.stop(terminate_jobs=True)  # they checkpoint, exit 75 and resume later
     finally:
-        db = getattr(ctx, "db", None)
-        if db is not None:
-            db.dispose()
+        db.dispose()
 
 
 def create_platform_app(config: PlatformConfig, *,
@@ -208,16 +210,16 @@ def create_platform_app(config: PlatformConfig, *,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if isinstance(auth, SingleUser):
             log.warning(SINGLE_USER_NOTICE)
-        ctx = await run_in_threadpool(_open, config, storage, registry)
+        ctx, db = await run_in_threadpool(_open, config, storage, registry)
         app.state.platform = ctx
         log.info("platform ready: data in %s, database %s, %d CPU slot(s)%s",
-                 storage.root, ctx.db.display_url, config.cpus,  # type: ignore[attr-defined]
+                 storage.root, db.display_url, config.cpus,
                  f", GPUs {','.join(config.gpu_devices)}" if config.gpu_devices else "")
         try:
             async with serving.router.lifespan_context(serving):
                 yield
         finally:
-            await run_in_threadpool(_close, ctx)
+            await run_in_threadpool(_close, ctx, db)
             del app.state.platform
             runtime = getattr(serving.state, "runtime", None)
             if runtime is not None:

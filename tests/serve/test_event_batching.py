@@ -1,0 +1,155 @@
+"""Raw-event requests batched with their preprocessing, and the registry's state token.
+
+Uses the real bundle of ``conftest.trained`` and a real :class:`Registry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mlaas.bundle import Bundle, InvalidEvent
+from mlaas.serve import registry as registry_module
+from mlaas.serve.registry import Registry
+from mlaas.serve.runtime import Runtime, _as_rows
+
+
+@pytest.fixture
+def served(tmp_path: Path, trained: dict[str, Any], request: pytest.FixtureRequest) -> Any:
+    """A registry with model ``m`` and a Runtime whose batches fire only when full
+    (``max_batch_size`` is the indirect parameter, the delay is a minute)."""
+    reg = Registry(tmp_path / "models")
+    reg.upload("m", trained["bytes"])
+    size = getattr(request, "param", 64)
+    rt = Runtime(reg, max_batch_size=size, max_delay_ms=60_000.0, threads=1)
+    yield reg, rt
+    rt.close()
+
+
+def _same(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], atol=1e-6)
+
+
+@pytest.mark.parametrize("served", [12], indirect=True)  # 5 + 5 + 2 events: full at once
+def test_concurrent_event_requests_share_one_preprocessing(served: Any,
+                                                          trained: dict[str, Any]) -> None:
+    reg, rt = served
+    bundle = Bundle.load(trained["dir"])
+    rows = trained["rows"]
+    requests: list[Any] = [[r] for r in rows] + [trained["columns"], {"events": rows[:2]}]
+    calls: list[int] = []
+
+    async def main() -> list[tuple[int, np.ndarray]]:
+        _, _, _, events = await rt._batchers_for("m", None, None)
+        score = events._score
+
+        def counting(ev: Any) -> np.ndarray:
+            calls.append(len(ev))
+            return score(ev)
+
+        events._score = counting  # type: ignore[method-assign]
+        return await asyncio.gather(*(rt.predict_events("m", None, None, r) for r in requests))
+
+    results = asyncio.run(main())
+    assert calls == [len(rows) * 2 + 2]  # one preprocessing + ONNX call for all requests
+    for req, (v, got) in zip(requests, results):
+        assert v == 1
+        _same(got, bundle.predict_events(req))
+
+
+@pytest.mark.parametrize("served", [7], indirect=True)  # 2 + 3 + 2 events
+def test_a_bad_request_fails_alone_naming_its_own_event(served: Any,
+                                                        trained: dict[str, Any]) -> None:
+    reg, rt = served
+    rows = trained["rows"]
+    bad = copy.deepcopy(rows[:3])
+    bad[2]["MET_pt"] = "high"
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(rt.predict_events("m", None, None, rows[:2]),
+                                    rt.predict_events("m", None, None, bad),
+                                    rt.predict_events("m", None, None, rows[3:]),
+                                    return_exceptions=True)
+
+    good1, err, good2 = asyncio.run(main())
+    assert isinstance(err, InvalidEvent)
+    assert "event 2" in str(err) and err.field == "MET_pt"  # type: ignore[attr-defined]
+    bundle = Bundle.load(trained["dir"])
+    _same(good1[1], bundle.predict_events(rows[:2]))
+    _same(good2[1], bundle.predict_events(rows[3:]))
+
+
+def test_unusual_shapes_run_alone_with_their_own_errors(served: Any) -> None:
+    _, rt = served
+    assert _as_rows([1, 2], {"MET_pt": {}}) is None
+    assert _as_rows({"MET_pt": [1.0], "Jet_pt": [[1.0], [2.0]]}, {"MET_pt": {}, "Jet_pt": {}}) \
+        is None
+    assert _as_rows({"MET_pt": [1.0], "Jet_pt": [[2.0]]}, {"MET_pt": {}, "Jet_pt": {}}) == [
+        {"MET_pt": 1.0, "Jet_pt": [2.0]}]
+    with pytest.raises(InvalidEvent, match="column 'MET_pt' has 2 values but column 'Jet_pt' has 1"):
+        asyncio.run(rt.predict_events("m", None, None,
+                                      {"MET_pt": [1.0, 2.0], "Jet_pt": [[3.0]]}))
+    with pytest.raises(InvalidEvent, match="event 1 is a int"):
+        asyncio.run(rt.predict_events("m", None, None, [{"MET_pt": 1.0, "Jet_pt": []}, 3]))
+    v, empty = asyncio.run(rt.predict_events("m", None, None, []))
+    assert v == 1 and empty.shape[0] == 0
+
+
+def test_state_token_follows_every_change(tmp_path: Path, trained: dict[str, Any],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "_SETTLE_NS", 0)
+    reg = Registry(tmp_path / "r")
+    other = Registry(tmp_path / "r")  # another process's view of the same root
+    assert reg.state_token("m") is None and reg.state_token("../x") is None
+    other.upload("m", trained["bytes"])
+    tokens = [reg.state_token("m")]
+    other.upload("m", trained["bytes"])
+    tokens.append(reg.state_token("m"))
+    other.set_alias("m", "production", 1)
+    tokens.append(reg.state_token("m"))
+    other.set_alias("m", "production", 2)
+    tokens.append(reg.state_token("m"))
+    reg.delete_alias("m", "production")  # through this object: the counter moves too
+    tokens.append(reg.state_token("m"))
+    assert None not in tokens
+    assert len(set(tokens)) == len(tokens), tokens
+
+
+def test_state_token_distrusts_fresh_changes(tmp_path: Path, trained: dict[str, Any]) -> None:
+    reg = Registry(tmp_path / "r")
+    reg.upload("m", trained["bytes"])
+    model_dir = tmp_path / "r" / "m"
+    old = time.time_ns() - 10 * registry_module._SETTLE_NS
+    os.utime(model_dir, ns=(old, old))
+    assert reg.state_token("m") is not None
+    now = time.time_ns()
+    os.utime(model_dir, ns=(now, now))
+    assert reg.state_token("m") is None
+
+
+def test_runtime_sees_alias_changes_by_another_registry(tmp_path: Path, trained: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "_SETTLE_NS", 0)
+    reg = Registry(tmp_path / "r")
+    other = Registry(tmp_path / "r")
+    reg.upload("m", trained["bytes"])
+    reg.upload("m", trained["bytes"])
+    rt = Runtime(reg, max_delay_ms=0.0, threads=1)
+    rows = trained["rows"][:1]
+    try:
+        assert asyncio.run(rt.predict_events("m", None, None, rows))[0] == 2
+        other.set_alias("m", "production", 1)
+        assert asyncio.run(rt.predict_events("m", None, None, rows))[0] == 1
+        other.delete_version("m", 1)
+        assert asyncio.run(rt.predict_events("m", None, None, rows))[0] == 2
+    finally:
+        rt.close()

@@ -120,6 +120,20 @@ def test_idle_full_buckets_are_pruned_without_changing_answers() -> None:
     assert limiter.remaining("user3") == 2
 
 
+def test_per_minute_from_the_setting() -> None:
+    clock = FakeClock()
+    assert RateLimiter.per_minute(None) is None
+    limiter = RateLimiter.per_minute(6, name="submissions", clock=clock)
+    assert limiter is not None
+    for _ in range(6):
+        limiter.check("alice")
+    with pytest.raises(RateLimited, match="submissions") as info:
+        limiter.check("alice")
+    assert info.value.retry_after == 10  # one more every 10 s
+    with pytest.raises(ConfigError):
+        RateLimiter.per_minute(0)
+
+
 @pytest.mark.parametrize("rate, burst, match", [
     (0, 1, "positive"), (-1, 1, "positive"), (float("inf"), 1, "positive"),
     (float("nan"), 1, "positive"), (1, 0, "at least 1"), (1, float("inf"), "at least 1"),

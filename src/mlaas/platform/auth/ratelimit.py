@@ -41,7 +41,8 @@ class RateLimiter:
                  clock: Callable[[], float] = time.monotonic, max_keys: int = 10_000) -> None:
         if not (rate_per_s > 0 and math.isfinite(rate_per_s)):
             raise ConfigError(f"{name} rate limit must be a positive number of requests per "
-                              f"second, got {rate_per_s!r}", field_path="auth.rate_limit_per_minute")
+                              f"second, got {rate_per_s!r}",
+                              field_path="auth.rate_limit_per_minute")
         if not (burst >= 1 and math.isfinite(burst)):
             raise ConfigError(f"{name} burst must be at least 1, got {burst!r}",
                               field_path="auth.rate_limit_burst")
@@ -52,6 +53,18 @@ class RateLimiter:
         self._max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
         self._lock = threading.Lock()
+
+    @classmethod
+    def per_minute(cls, limit: int | None, *, name: str = "requests",
+                   clock: Callable[[], float] = time.monotonic) -> RateLimiter | None:
+        """``limit`` requests per minute, all of which may come at once.
+
+        For the ``auth.rate_limit_per_minute`` setting: None (left empty)
+        means no limiter at all.
+        """
+        if limit is None:
+            return None
+        return cls(rate_per_s=limit / 60.0, burst=limit, name=name, clock=clock)
 
     def _level(self, key: str, now: float) -> float:
         tokens, at = self._buckets.get(key, (self.burst, now))

@@ -54,6 +54,7 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     ("executor: ray\n", "executor"),
     ("prot: 80\n", "prot"),
     ("auth: {oidc_issuer: x}\n", "auth.oidc_issuer"),
+    ("gpu_devices: [0, 1, 0]\n", "gpu_devices"),
 ])
 def test_config_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
     path = tmp_path / "bad.yaml"
@@ -264,3 +265,21 @@ def test_401_and_429_carry_their_headers(tmp_path: Path) -> None:
         r = c.get("/api/models", headers={"X-User": "slow"})  # the model routes too
         assert r.status_code == 429 and r.headers["retry-after"] == "3"
         assert c.get("/api/jobs", headers={"X-User": "alice"}).json() == {"jobs": []}
+
+
+def test_server_command_reports_bad_settings(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mlaas.cli import app as cli
+
+    runner = CliRunner()
+    bad = tmp_path / "server.toml"
+    bad.write_text("cpus = 0\n")
+    result = runner.invoke(cli, ["server", "--config", str(bad), "--data-dir", str(tmp_path)])
+    assert isinstance(result.exception, ConfigError)
+    assert "cpus" in str(result.exception) and str(bad) in str(result.exception)
+    result = runner.invoke(cli, ["server", "--data-dir", str(tmp_path), "--gpu-devices", "0,0"])
+    assert isinstance(result.exception, ConfigError) and "gpu_devices" in str(result.exception)
+    result = runner.invoke(cli, ["server", "--port", "99999"])
+    assert isinstance(result.exception, ConfigError) and "port" in str(result.exception)
+    assert not (tmp_path / "mlaas.db").exists()  # nothing started

@@ -104,6 +104,14 @@ class PlatformConfig(_Model):
             return [str(d) for d in value]
         return value
 
+    @field_validator("gpu_devices", mode="after")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        repeated = sorted({d for d in value if value.count(d) > 1})
+        if repeated:
+            raise ValueError(f"device(s) {', '.join(repeated)} listed more than once")
+        return value
+
     @field_validator("data_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -36,9 +36,11 @@ from support.oidc_issuer import OidcIssuer
 from mlaas.platform.app import create_platform_app
 from mlaas.platform.auth.authenticator import PlatformAuthenticator, www_authenticate
 from mlaas.platform.auth.oidc import OidcValidator
+from mlaas.platform.auth.routes import tokens_router
 from mlaas.platform.auth.tokens import TokenStore
 from mlaas.platform.config import PlatformConfig
 from mlaas.platform.db import Database
+from mlaas.platform.principal import Principal
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
@@ -63,6 +65,7 @@ class World:
     client: TestClient
     headers: dict[str, dict[str, str]]
     job_id: str
+    token_ids: dict[str, str]
     bundle: bytes
     v2_body: dict[str, Any]
     store: Any
@@ -97,6 +100,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         auth = PlatformAuthenticator(validator=validator, tokens=TokenStore(tokens_db),
                                      trusted_proxies=[], admin_group="/admins")
         app = create_platform_app(config, authenticator=auth)
+        if not any(getattr(r, "path", None) == "/api/tokens" for r in app.routes):
+            app.include_router(tokens_router())  # as the app is to wire it (docs/auth.md)
         try:
             with TestClient(app, raise_server_exceptions=False) as client:
                 yield _populate(client, headers, make_data(tmp / "data"),
@@ -133,7 +138,11 @@ def _populate(client: TestClient, headers: dict[str, dict[str, str]],
     store.set_model_visibility(MODEL, "group")
     bundle = _ok(client.get(f"/api/jobs/{job['id']}/artifacts/bundle.tar.gz",
                             headers=alice)).content
+    token_ids = {}
+    alice_principal = Principal(user="sub-alice", groups=("/cms",))
     for role in ROLES:  # one target per caller for every destructive call
+        token_ids[role] = tokens.create(alice_principal, name=f"revoke {role}",
+                                        scopes=["read"]).info.id
         _ok(client.put(f"/api/files/del/{role}.txt", content=b"x", headers=alice), 201)
         for prefix in ("delver", "delall"):
             _ok(client.post(f"/api/models/{prefix}-{role}", content=bundle, headers=alice), 201)
@@ -149,7 +158,8 @@ def _populate(client: TestClient, headers: dict[str, dict[str, str]],
             size *= d
         inputs.append({"name": tensor["name"], "shape": shape, "datatype": tensor["datatype"],
                        "data": [0] * size})
-    return World(client=client, headers=headers, job_id=job["id"], bundle=bundle,
+    return World(client=client, headers=headers, job_id=job["id"], token_ids=token_ids,
+                 bundle=bundle,
                  v2_body={"inputs": inputs}, store=store, tokens=tokens)
 
 
@@ -238,6 +248,12 @@ MATRIX: dict[tuple[str, str], Row] = {
                                       body=_of_alice),
     ("DELETE", "/api/files/{path}"): Row(private(), params=lambda r, w: {"path": f"del/{r}.txt"},
                                          body=_of_alice),
+    # personal API tokens (never visible to anyone but their owner and admins)
+    ("POST", "/api/tokens"): Row(signed_in(201), body=lambda r, w: {
+        "json": {"name": f"by {r}", "scopes": ["read"]}}),
+    ("GET", "/api/tokens"): Row(signed_in(200)),
+    ("DELETE", "/api/tokens/{token_id}"): Row(
+        private(), params=lambda r, w: {"token_id": w.token_ids[r]}),
     # jobs (alice's, group-visible)
     ("POST", "/api/jobs"): Row(signed_in(201), body=_dead_job_spec, after=_cancel_own),
     ("GET", "/api/jobs"): Row(signed_in(200)),
@@ -359,8 +375,6 @@ def _scoped(method: str, path: str, scope: str, want: int, *, unchecked: bool = 
 def test_personal_token_scopes(world: World, method: str, path: str, scope: str,
                                want: int) -> None:
     """A personal token of the owner may do only what its scopes say."""
-    from mlaas.platform.principal import Principal
-
     alice = Principal(user="sub-alice", groups=("/cms",))
     new = world.tokens.create(alice, name=f"scoped {scope}", scopes=[scope])
     secret = new.secret

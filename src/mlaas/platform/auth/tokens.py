@@ -145,17 +145,20 @@ class TokenStore:
             raise Forbidden("a personal API token cannot create tokens; log in (OIDC) to "
                             "create one")
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise SpecError(f"token name {name!r} must be 1-100 letters, digits, spaces or "
-                            "._:@/+-", field_path="name")
+            raise SpecError(f"token name {name!r} is not valid",
+                            [("name", "use 1-100 letters, digits, spaces or ._:@/+-")],
+                            field_path="name")
         wanted = sorted(set(scopes))
         unknown = [s for s in wanted if s not in SCOPES]
         if unknown or not wanted:
-            raise SpecError(f"token scopes {unknown or wanted!r} are not allowed; choose one "
-                            f"or more of {sorted(SCOPES)}", field_path="scopes")
+            raise SpecError(f"token scopes {unknown or wanted!r} are not allowed",
+                            [("scopes", f"choose one or more of {sorted(SCOPES)}")],
+                            field_path="scopes")
         lifetime = self.default_lifetime if expires_in is None else expires_in
         if lifetime <= timedelta(0) or lifetime > self.max_lifetime:
-            raise SpecError(f"token lifetime {lifetime} must be positive and at most "
-                            f"{self.max_lifetime}", field_path="expires_in")
+            raise SpecError(f"token lifetime {lifetime} is not allowed",
+                            [("expires_in", f"must be positive and at most {self.max_lifetime}")],
+                            field_path="expires_in")
         secret = TOKEN_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         now = self._clock()
         row = ApiTokenRow(id=secrets.token_hex(8), token_hash=hash_token(secret),

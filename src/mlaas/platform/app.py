@@ -50,6 +50,9 @@ log = logging.getLogger("mlaas.platform")
 
 SINGLE_USER_NOTICE = "single-user mode: every request is the local admin user"
 
+_FASTAPI_OWN = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+"""Routes every FastAPI app adds itself; the platform app has its own."""
+
 ERROR_STATUS: dict[type[MlaasError], int] = {**SERVE_ERROR_STATUS, SpecError: 422}
 """The model server's table (platform families included), with invalid specs as 422."""
 
@@ -236,10 +239,13 @@ def create_platform_app(config: PlatformConfig, *,
     serving.state.metrics.registry.register(_JobGauges(app))
 
     # The model server's routes, /healthz and /metrics included (its metrics registry
-    # carries the job gauges too), then the platform's own groups.
-    app.include_router(serving.router)
-    app.include_router(files_router())
-    app.include_router(jobs_router())
+    # carries the job gauges too), then the platform's own groups. The routes are
+    # added as they are, not with include_router, which re-walks an included router on
+    # every request; the routers have no router-level dependencies to lose.
+    routes = [r for r in serving.router.routes if getattr(r, "path", None) not in _FASTAPI_OWN]
+    for router in (files_router(), jobs_router()):
+        routes.extend(router.routes)
+    app.router.routes.extend(routes)
     app.user_middleware.extend(serving.user_middleware)  # the request-body limit
     return app
 

@@ -86,8 +86,11 @@ class PlatformAuthenticator:
         if authorization:
             scheme, _, credentials = authorization.strip().partition(" ")
             if scheme.lower() != "bearer":
-                raise challenge(f"authorization scheme {scheme[:20]!r} is not supported; "
-                                "send 'Authorization: Bearer <token>'", token_given=False)
+                named = (f"authorization scheme {scheme!r} is not supported"
+                         if scheme.isalpha() and len(scheme) <= 20  # never echo a bare token
+                         else "the Authorization header is malformed")
+                raise challenge(f"{named}; send 'Authorization: Bearer <token>'",
+                                token_given=False)
             return self._bearer(request, credentials.strip())
         peer = request.client.host if request.client is not None else None
         forwarded = self.proxies.identity(peer, headers)

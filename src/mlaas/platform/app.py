@@ -23,6 +23,7 @@ status from :data:`ERROR_STATUS`; ``SpecError`` answers 422 with
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -138,7 +139,7 @@ def _job_counts(store: Any) -> dict[str, int]:
     counter = getattr(store, "count_jobs", None)
     if callable(counter):
         return {getattr(k, "value", k): int(v) for k, v in counter().items()}
-    return {s.value: len(store.list_jobs(state=s)) for s in JobState}
+    return dict(Counter(job.state.value for job in store.list_jobs()))
 
 
 def _default_authenticator(config: PlatformConfig) -> Authenticator:

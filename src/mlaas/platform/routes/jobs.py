@@ -50,6 +50,8 @@ __all__ = ["jobs_router", "JobOut", "JobList", "job_out", "YAML_TYPES", "FOLLOW_
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 FOLLOW_POLL_S = 0.25
 """How often a followed log is polled for new bytes and the job for a final state."""
+FOLLOW_CHUNK = 1 << 20
+"""Largest piece of a followed log sent at once."""
 
 MAX_JOB_NAME = 128
 _NAME = re.compile(NAME_PATTERN)
@@ -228,11 +230,12 @@ def _list(ctx: PlatformContext, principal: Principal, state: JobState | None,
     return [_with_position(ctx, j) for j in jobs]
 
 
-def _read_log(path: Path, offset: int) -> bytes:
+def _read_log(path: Path, offset: int, limit: int = -1) -> bytes:
+    """Bytes of the log from ``offset`` (at most ``limit``; -1: all); none before it exists."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            return f.read()
+            return f.read(limit)
     except FileNotFoundError:
         return b""
 
@@ -347,22 +350,22 @@ def jobs_router() -> APIRouter:
         path = Path(ctx.storage.log_path(job.id))
         if not follow:
             data = await run_in_threadpool(_read_log, path, offset)
-            return PlainTextResponse(data.decode("utf-8", errors="replace"))
+            return PlainTextResponse(data)  # the bytes as written: offsets stay byte offsets
 
         async def stream() -> AsyncIterator[bytes]:
-            pos = offset
+            pos, final = offset, False
             while True:
-                chunk = await run_in_threadpool(_read_log, path, pos)
+                chunk = await run_in_threadpool(_read_log, path, pos, FOLLOW_CHUNK)
                 if chunk:
                     pos += len(chunk)
                     yield chunk
                     continue
+                if final:
+                    return
                 current = await run_in_threadpool(ctx.store.get_job, job.id)
                 if current.final:
-                    rest = await run_in_threadpool(_read_log, path, pos)
-                    if rest:
-                        yield rest
-                    return
+                    final = True  # send what was written before it ended, then stop
+                    continue
                 await asyncio.sleep(FOLLOW_POLL_S)
 
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")

@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mlaas import cli
-from mlaas._local_server import LocalServer, free_port, mlaas_command
+from mlaas._local_server import LocalServer, free_port, mlaas_command, port_is_free
 from mlaas.client import Client
 from mlaas.data import synth
 from mlaas.errors import NotFound, SpecError
@@ -240,3 +240,17 @@ def test_client_commands_have_help() -> None:
         assert result.exit_code == 0, result.output
         for word in words:
             assert word in result.stdout, f"{word!r} not in help of {command}"
+
+
+def test_demo_submits_over_http_and_stops_its_server(tmp_path: Path) -> None:
+    port = free_port()
+    result = CliRunner().invoke(cli.app, ["demo", "--workdir", str(tmp_path), "-n", "1000",
+                                          "--port", str(port)], env=WIDE)
+    assert result.exit_code == 0, result.output + (tmp_path / "server.log").read_text()
+    summary = json.loads(result.stdout[:result.stdout.rindex("}") + 1])
+    assert summary["state"] == "succeeded" and summary["model_version"] == 1
+    assert 0.5 < summary["test_roc_auc"] <= 1.0 and len(summary["predict_example"]) == 2
+    assert summary["curl"].startswith(f"curl -s -X POST 'http://127.0.0.1:{port}/api/models/"
+                                      "datagen-demo/predict?version=1'")
+    assert (tmp_path / "job" / "metrics.json").exists()
+    assert port_is_free(port)  # the server was stopped

@@ -147,7 +147,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where data, spec, server data and downloads are written.")] = Path("build/run"),
     events: Annotated[int, typer.Option("--events", "-n", min=1000, help="Events per class.")] = 100_000,
     port: Annotated[Optional[int], typer.Option(help="Port of the demo server on 127.0.0.1 (default: 8080 if free, else a free one).")] = None,
-    follow: Annotated[bool, typer.Option(help="Stream the job's log while it runs.")] = True,
+    follow: Annotated[bool, typer.Option(help="Stream the job's log instead of a status line.")] = False,
 ) -> None:
     """The README's main job: start `mlaas server`, submit a pipeline over HTTP, wait, predict.
 
@@ -160,6 +160,7 @@ def demo(
     the server.
     """
     from mlaas._local_server import LocalServer, free_port, port_is_free
+    from mlaas.cli_client import wait_with_status
     from mlaas.client import Client
     from mlaas.data import synth
     from mlaas.errors import PlatformError
@@ -183,7 +184,9 @@ def demo(
             for text in client.logs(job["id"], follow=True):
                 sys.stderr.write(text)
                 sys.stderr.flush()
-        final = client.wait(job["id"])
+            final = client.wait(job["id"])
+        else:
+            final = wait_with_status(client, job["id"])
         if final["state"] != "succeeded":
             raise PlatformError(f"demo job {final['id']!r} ended {final['state']}: "
                                 f"{final.get('reason') or 'see its log'} (log: mlaas logs "

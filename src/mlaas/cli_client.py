@@ -21,7 +21,7 @@ from rich.table import Table
 from mlaas._progress import console, err_console
 from mlaas.client import DEFAULT_SERVER, Client
 
-__all__ = ["register", "Server", "print_job_result"]
+__all__ = ["register", "Server", "print_job_result", "wait_with_status"]
 
 Server = Annotated[str, typer.Option(
     "--server", envvar="MLAAS_SERVER", show_envvar=True,
@@ -69,6 +69,23 @@ def print_job_result(job: dict[str, Any]) -> None:
                       markup=False, highlight=False)
 
 
+def wait_with_status(client: Client, job_id: str, poll: float = 1.0) -> dict[str, Any]:
+    """Wait for the job, showing its state and progress on one stderr status line."""
+    import time
+
+    from mlaas.client import FINAL_STATES
+
+    with err_console.status(f"job {job_id}: submitted") as shown:
+        while True:
+            job = client.job(job_id)
+            if job.get("state") in FINAL_STATES:
+                return job
+            where = f" (queue position {job['position']})" if job.get("position") is not None else ""
+            detail = _progress(job)
+            shown.update(f"job {job_id}: {job.get('state')}{where}" + (f", {detail}" if detail else ""))
+            time.sleep(poll)
+
+
 def _stream_logs(client: Client, job_id: str) -> None:
     for text in client.logs(job_id, follow=True):
         sys.stdout.write(text)
@@ -76,8 +93,8 @@ def _stream_logs(client: Client, job_id: str) -> None:
 
 
 def submit(
-    spec: Annotated[Path, typer.Argument(help="Pipeline spec, YAML or JSON.", exists=True,
-                                         dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(metavar="PIPELINE", help="Pipeline spec, YAML or JSON.",
+                                         exists=True, dir_okay=False)],
     name: Annotated[Optional[str], typer.Option(help="Job name (default: the spec's name, "
                                                 "else the file name).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the job is final; exit 1 "
@@ -99,7 +116,9 @@ def submit(
             return
         if follow:
             _stream_logs(client, job["id"])
-        final = client.wait(job["id"])
+            final = client.wait(job["id"])
+        else:
+            final = wait_with_status(client, job["id"])
     print_job_result(final)
     if final.get("state") != "succeeded":
         raise typer.Exit(1)

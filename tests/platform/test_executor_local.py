@@ -100,6 +100,8 @@ def test_environment_is_built_from_an_allow_list(tmp_path: Path) -> None:
     assert env["CUDA_VISIBLE_DEVICES"] == "fake-gpu-1"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MLAAS_JOB_CPUS"):
         assert env[name] == "3"
+    threaded = Launch("j2", tmp_path, cpus=2, threads=1)
+    assert job_environment(threaded, [], server_env={})["OMP_NUM_THREADS"] == "1"
     assert "PYTHONPATH" not in job_environment(launch, [], server_env={"PATH": "/bin"})
     assert job_environment(launch, [], server_env={})["CUDA_VISIBLE_DEVICES"] == ""
 

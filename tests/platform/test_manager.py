@@ -138,6 +138,7 @@ def test_requests_that_can_never_run_fail_at_admission(sqlite_store: object,
     gpu = manager.submit(principal=ALICE, name="gpu", spec={}, resources={"gpus": 1})
     bad = manager.submit(principal=ALICE, name="bad", spec={}, resources={"cpus": "many"})
     neg = manager.submit(principal=ALICE, name="neg", spec={}, resources={"max_time_s": -1})
+    threads = manager.submit(principal=ALICE, name="threads", spec={}, resources={"threads": 0})
     manager.tick()
     get = sqlite_store.get_job  # type: ignore[attr-defined]
     assert get(big.id).state is JobState.FAILED
@@ -146,6 +147,7 @@ def test_requests_that_can_never_run_fail_at_admission(sqlite_store: object,
     assert "1 GPU(s)" in get(gpu.id).reason and get(gpu.id).state is JobState.FAILED
     assert get(bad.id).state is JobState.FAILED and "invalid resources" in get(bad.id).reason
     assert get(neg.id).state is JobState.FAILED and "max_time_s" in get(neg.id).reason
+    assert get(threads.id).state is JobState.FAILED and "threads" in get(threads.id).reason
     assert manager.executor.running() == set()
 
 
@@ -324,3 +326,23 @@ def test_recover_registers_a_job_that_succeeded_while_the_server_was_down(
     assert changed.state is JobState.SUCCEEDED and changed.model_version == 1
     assert changed.progress["phase"] == "done"
     assert Registry(storage.models_dir).version("offline", 1)["metadata"]["job_id"] == job.id
+
+
+def test_defaults_fill_missing_resources_and_a_bad_spec_fails_with_its_message(
+        sqlite_store: object, storage: Storage) -> None:
+    manager = JobManager(sqlite_store, storage, LocalExecutor(cpus=1),
+                         Registry(storage.models_dir), poll_interval=0.1,
+                         defaults={"cpus": 3, "threads": 2, "queue_name": "ignored"})
+    try:
+        wide = manager.submit(principal=ALICE, name="wide", spec={})
+        narrow = manager.submit(principal=ALICE, name="narrow", spec={"data": {"sources": []}},
+                                resources={"cpus": 1})
+        manager.tick()
+        assert manager.store.get_job(wide.id).reason.startswith("cannot run: asks for 3 CPU(s)")
+        assert manager.executor.running() == {narrow.id}
+        done = manager.wait(narrow.id, timeout=120)
+        assert done.state is JobState.FAILED and done.exit_code == 1
+        assert done.reason.startswith("exited with code 1\n--- last lines of job.log ---")
+        assert "SpecError" in done.reason and "data.sources" in done.reason
+    finally:
+        manager.stop(terminate_jobs=True)

@@ -67,7 +67,7 @@ log = logging.getLogger("mlaas.platform.manager")
 BUNDLE_NAME = "bundle.tar.gz"
 
 DEFAULT_RESOURCES: dict[str, Any] = {"cpus": 1, "gpus": 0, "memory_bytes": None,
-                                     "max_time_s": None}
+                                     "max_time_s": None, "threads": None}
 """What a job gets when neither its ``resources`` nor the manager's ``defaults`` say."""
 
 AdmitPolicy = Callable[[Sequence[Launch], Mapping[str, Any]], list[str]]
@@ -116,7 +116,8 @@ class JobManager:
         on_success (callable or None): called with the final record of each
             succeeded job, after registration (errors are logged, not raised).
         defaults (mapping or None): resources for jobs whose ``resources`` lack
-            a key: ``cpus``, ``gpus``, ``memory_bytes``, ``max_time_s``.
+            a key: ``cpus``, ``gpus``, ``memory_bytes``, ``max_time_s``, ``threads``
+            (other keys are ignored, so ``config.jobs.model_dump()`` can be passed).
         admit (AdmitPolicy): the admission policy (default :func:`fifo_admit`).
     """
 
@@ -163,7 +164,8 @@ class JobManager:
             model_name: where the bundle is registered (default ``spec["name"]``,
                 else ``name``). An existing model must be writable by the principal
                 (checked now, not when the job has run for hours).
-            resources: ``cpus``, ``gpus``, ``memory_bytes``, ``max_time_s``.
+            resources: ``cpus``, ``gpus``, ``memory_bytes``, ``max_time_s``,
+                ``threads`` (missing keys come from the manager's ``defaults``).
         """
         model = model_name or spec.get("name") or name
         try:
@@ -424,14 +426,16 @@ class JobManager:
             cpus, gpus = int(res["cpus"]), int(res["gpus"])
             memory = None if res["memory_bytes"] is None else int(res["memory_bytes"])
             max_time = None if res["max_time_s"] is None else float(res["max_time_s"])
+            threads = None if res["threads"] is None else int(res["threads"])
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid resources {record.resources!r}: {exc}") from exc
         if cpus < 1 or gpus < 0 or (memory is not None and memory <= 0) \
-                or (max_time is not None and max_time <= 0):
-            raise ValueError(f"invalid resources {record.resources!r}: cpus must be >= 1, "
-                             "gpus >= 0, memory_bytes and max_time_s > 0")
+                or (max_time is not None and max_time <= 0) or (threads is not None
+                                                                and threads < 1):
+            raise ValueError(f"invalid resources {record.resources!r}: cpus and threads must "
+                             "be >= 1, gpus >= 0, memory_bytes and max_time_s > 0")
         return Launch(job_id=record.id, job_dir=self.job_dir(record.id), cpus=cpus,
-                      memory_bytes=memory, gpus=gpus, max_time_s=max_time,
+                      memory_bytes=memory, gpus=gpus, max_time_s=max_time, threads=threads,
                       env={"MLAAS_JOB_ID": record.id,
                            "MLAAS_JOB_ATTEMPT": str(record.attempts + 1)})
 

@@ -44,6 +44,8 @@ class Launch:
         max_time_s (float or None): wall-time limit from the start (None: no limit).
         env (dict): extra environment for the job (``MLAAS_JOB_ID``, ...); secrets
             are filtered out here too.
+        threads (int or None): size of the job's thread pools (OMP, MKL, torch);
+            None: one per CPU slot.
     """
 
     job_id: str
@@ -53,6 +55,7 @@ class Launch:
     gpus: int = 0
     max_time_s: float | None = None
     env: dict[str, str] = field(default_factory=dict)
+    threads: int | None = None
 
 
 @dataclass

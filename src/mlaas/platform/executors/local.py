@@ -12,8 +12,8 @@ own process group), with ``cwd = JOB_DIR`` and stdout and stderr appended to
   has one;
 - ``HOME = JOB_DIR``, ``TMPDIR = JOB_DIR/tmp``, ``PYTHONUNBUFFERED = 1``;
 - ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
-  ``NUMEXPR_NUM_THREADS``, ``MLAAS_JOB_CPUS`` = the job's CPU slots (the job
-  process also calls ``torch.set_num_threads``);
+  ``NUMEXPR_NUM_THREADS``, ``MLAAS_JOB_CPUS`` = ``Launch.threads``, by default
+  the job's CPU slots (the job process also calls ``torch.set_num_threads``);
 - ``CUDA_VISIBLE_DEVICES`` = the devices assigned, the empty string when none,
   so a job never sees a GPU it was not given;
 - every name matching :data:`SECRET_ENV` (``*TOKEN*``, ``*SECRET*``,
@@ -119,8 +119,9 @@ def job_environment(launch: Launch, devices: Sequence[str], *,
                 "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": ",".join(devices),
                 "MLAAS_JOB_ID": launch.job_id,
                 "MLAAS_JOB_PARENT_PID": str(os.getpid())})
+    threads = launch.threads if launch.threads is not None else launch.cpus
     for name in THREAD_ENV:
-        env[name] = str(max(1, launch.cpus))
+        env[name] = str(max(1, threads))
     env.update(launch.env)
     return {k: v for k, v in env.items() if not SECRET_ENV.search(k)}
 

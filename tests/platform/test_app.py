@@ -283,3 +283,20 @@ def test_server_command_reports_bad_settings(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["server", "--port", "99999"])
     assert isinstance(result.exception, ConfigError) and "port" in str(result.exception)
     assert not (tmp_path / "mlaas.db").exists()  # nothing started
+
+
+def test_job_out_survives_odd_progress_reports() -> None:
+    from datetime import datetime, timezone
+
+    from mlaas.platform.records import JobRecord, JobState
+    from mlaas.platform.routes.jobs import JobOut, job_out
+
+    now = datetime.now(timezone.utc)
+    job = JobRecord(id="abc", name="n", owner="o", group="g", state=JobState.RUNNING, spec={},
+                    model_name="n", created_at=now, updated_at=now,
+                    progress={"epoch": 2.0, "epochs": "five", "events_per_s": 10,
+                              "phase": 3, "metrics": [1]})
+    out = JobOut.model_validate(job_out(job, None)).model_dump()
+    assert out["progress"] == {"phase": None, "epoch": 2, "epochs": None, "events_per_s": 10.0,
+                               "metrics": {}}
+    assert out["state"] == "running" and out["created_at"] == now.isoformat()

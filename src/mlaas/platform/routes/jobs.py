@@ -119,6 +119,18 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` when it is one (ints for floats that are whole), else None:
+    progress comes from the job process and must not break the answer."""
+    if isinstance(value, bool):
+        return None
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int):
+        return float(value)
+    return value if isinstance(value, kind) else None
+
+
 def job_out(job: JobRecord, position: int | None = None) -> dict[str, Any]:
     """The public JSON form of a job (``JobOut`` in docs/platform-api.md)."""
     progress = job.progress if isinstance(job.progress, dict) else {}
@@ -130,9 +142,10 @@ def job_out(job: JobRecord, position: int | None = None) -> dict[str, Any]:
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
         "attempts": job.attempts, "exit_code": job.exit_code, "reason": job.reason,
         "position": position,
-        "progress": {"phase": progress.get("phase"), "epoch": progress.get("epoch"),
-                     "epochs": progress.get("epochs"),
-                     "events_per_s": progress.get("events_per_s"),
+        "progress": {"phase": _typed(progress.get("phase"), str),
+                     "epoch": _typed(progress.get("epoch"), int),
+                     "epochs": _typed(progress.get("epochs"), int),
+                     "events_per_s": _typed(progress.get("events_per_s"), float),
                      "metrics": metrics if isinstance(metrics, dict) else {}},
         "resources": dict(job.resources), "priority": job.priority, "queue": job.queue,
     }

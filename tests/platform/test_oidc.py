@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -322,6 +323,30 @@ def test_flood_of_unknown_kids_is_bounded(issuer: OidcIssuer, validator: OidcVal
         _rejected(validator, forged(), "not among the keys")
     assert issuer.hits["/jwks"] == 2
     assert issuer.hits["/.well-known/openid-configuration"] == 1
+
+
+def test_concurrent_requests_after_rotation_refetch_once(issuer: OidcIssuer,
+                                                         validator: OidcValidator,
+                                                         clock: FakeClock) -> None:
+    """Many request threads meeting the new kid at once: one JWKS fetch, all succeed."""
+    validator.validate(issuer.client_token("ci", "ci-secret"))
+    clock.advance(60)
+    issuer.rotate()
+    token = issuer.client_token("ci", "ci-secret")
+    barrier = threading.Barrier(8)
+    users: list[str] = []
+
+    def request() -> None:
+        barrier.wait()
+        users.append(validator.principal(token).user)
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert users == ["sub-ci"] * 8
+    assert issuer.hits["/jwks"] == 2
 
 
 def test_unreachable_issuer(clock: FakeClock) -> None:

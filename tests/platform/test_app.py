@@ -186,6 +186,7 @@ def test_nothing_opens_before_the_lifespan(tmp_path: Path) -> None:
     assert not hasattr(app.state, "platform")
 
 
+@pytest.mark.slow
 def test_uploaded_models_are_claimed_by_their_first_uploader(
         tmp_path: Path, trained_archive: Any) -> None:
     from platform_support import AS_ALICE, AS_BOB, AS_ROOT, USERS, HeaderUsers

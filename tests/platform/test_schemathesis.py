@@ -50,6 +50,7 @@ def _send(client: TestClient, kwargs: dict[str, Any]) -> Any:
                           headers=headers, cookies=kwargs.get("cookies") or None, **body)
 
 
+@pytest.mark.slow
 def test_no_operation_answers_5xx(client: TestClient) -> None:
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -346,3 +346,32 @@ def test_defaults_fill_missing_resources_and_a_bad_spec_fails_with_its_message(
         assert "SpecError" in done.reason and "data.sources" in done.reason
     finally:
         manager.stop(terminate_jobs=True)
+
+
+def test_an_exit_is_not_lost_when_the_store_fails_once(sqlite_store: object,
+                                                       storage: Storage,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database hiccup while recording an exit: the next cycle records it."""
+    manager = JobManager(sqlite_store, storage, LocalExecutor(cpus=1),
+                         Registry(storage.models_dir), poll_interval=0.1)
+    try:
+        job = manager.submit(principal=ALICE, name="bad", spec={"data": {"sources": []}})
+        manager.tick()
+        assert manager.executor.running() == {job.id}
+        real = manager.store.transition
+        calls = {"n": 0}
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            if args[2] is JobState.FAILED and calls["n"] == 0:
+                calls["n"] += 1
+                raise OSError("database went away")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(manager.store, "transition", flaky)
+        wait_for(lambda: (manager.tick() or True) and calls["n"] == 1, 120,
+                 "the failed attempt to record the exit")
+        assert manager.store.get_job(job.id).state is JobState.RUNNING
+        manager.tick()
+        assert manager.store.get_job(job.id).state is JobState.FAILED
+    finally:
+        manager.stop(terminate_jobs=True)

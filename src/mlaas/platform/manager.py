@@ -141,6 +141,7 @@ class JobManager:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen_progress: dict[str, tuple[int, int]] = {}
+        self._unfinished: list[Exited] = []  # ended jobs whose new state is not stored yet
 
     # -- paths -----------------------------------------------------------------------
 
@@ -229,8 +230,14 @@ class JobManager:
     def tick(self) -> None:
         """One cycle: finish ended jobs, record progress, admit queued jobs."""
         with self._lock:
-            for exited in self.executor.poll():
-                self._finish(exited)
+            ended, self._unfinished = self._unfinished + self.executor.poll(), []
+            for exited in ended:
+                try:
+                    self._finish(exited)
+                except Exception:  # noqa: BLE001 - the executor reports an exit only once
+                    log.exception("recording the end of job %s failed; retrying next cycle",
+                                  exited.job_id)
+                    self._unfinished.append(exited)
             self._record_progress()
             self._admit()
 

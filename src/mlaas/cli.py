@@ -351,11 +351,11 @@ def import_mlaas4hep(
 @app.command()
 def server(
     config: Annotated[Optional[Path], typer.Option("--config", help="Settings file: YAML, TOML or JSON.", exists=True, dir_okay=False)] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Platform storage and SQLite file [default: ~/.local/share/mlaas].")] = None,
-    db: Annotated[Optional[str], typer.Option("--db", help="Database URL (postgresql://...) [default: SQLite in the data dir].")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on [default: 8080].")] = None,
-    cpus: Annotated[Optional[int], typer.Option(help="CPU slots: jobs running at once [default: all CPUs].")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Platform storage and SQLite file (default: ~/.local/share/mlaas).")] = None,
+    db: Annotated[Optional[str], typer.Option("--db", help="Database URL, e.g. postgresql://user@host/db (default: SQLite in the data dir).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default: 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on (default: 8080).")] = None,
+    cpus: Annotated[Optional[int], typer.Option(help="CPU slots: jobs running at once (default: all CPUs).")] = None,
     gpu_devices: Annotated[Optional[str], typer.Option("--gpu-devices", help="GPU ids for jobs, e.g. 0,1.")] = None,
 ) -> None:
     """Run the platform: jobs and files over HTTP, the model server, /metrics.

@@ -208,6 +208,22 @@ def test_an_invalid_spec_is_a_spec_error_with_field_paths(server: LocalServer,
     assert "train.epochs" in paths and "data" in " ".join(paths)
 
 
+def test_workspace_files_round_trip(server: LocalServer, tmp_path: Path) -> None:
+    local = tmp_path / "net.py"
+    local.write_text("def build(n, spec): ...\n")
+    with server.client() as c:
+        put = c.upload_file("mine/net.py", local)
+        c.upload_file("mine/raw.bin", b"\x00\x01")
+        assert put["path"] == "mine/net.py" and put["size"] == local.stat().st_size
+        listed = {f["path"]: f for f in c.list_files()}
+        assert listed["mine/raw.bin"]["size"] == 2
+        assert c.download_file("mine/net.py") == local.read_bytes()
+        c.delete_file("mine/raw.bin")
+        with pytest.raises(NotFound):
+            c.download_file("mine/raw.bin")
+        assert "mine/raw.bin" not in {f["path"] for f in c.list_files()}
+
+
 # ----------------------------------------------------------- errors, as a user sees them
 
 
@@ -229,6 +245,23 @@ def test_an_unreachable_server_names_the_url() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("ServerUnreachable: cannot reach the mlaas server at " + url)
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_command_lines_are_usage_errors(tmp_path: Path) -> None:
+    events = tmp_path / "events.json"
+    events.write_text("[]")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    cases = {
+        ("predict", "some-model", "--input", str(tmp_path / "missing.json")): "does not exist",
+        ("predict", str(bundle), "--input", str(events), "--version", "2"): "local bundle",
+        ("submit", str(tmp_path / "missing.yaml")): "does not exist",
+        ("jobs", "--limit", "0"): "--limit",
+    }
+    for args, words in cases.items():
+        result = CliRunner().invoke(cli.app, list(args), env=WIDE)
+        assert result.exit_code == 2, (args, result.output)
+        assert words in result.output, (args, result.output)
 
 
 def test_client_commands_have_help() -> None:

@@ -134,6 +134,21 @@ def test_connection_refused_names_the_url() -> None:
     assert url in str(info.value) and "mlaas server" in str(info.value)
 
 
+@pytest.mark.parametrize("exc", [
+    httpx.ConnectError("refused"), httpx.ConnectTimeout("slow"), httpx.ReadTimeout("slow"),
+    httpx.RemoteProtocolError("closed"), httpx.ReadError("reset"), httpx.WriteError("pipe"),
+])
+def test_every_transport_failure_becomes_server_unreachable(exc: httpx.TransportError) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+    with client_with(handler) as c:
+        for call in (c.jobs, lambda: list(c.logs("j1", follow=True)),
+                     lambda: c.upload_file("a.txt", b"x")):
+            with pytest.raises(ServerUnreachable) as info:
+                call()
+            assert URL in str(info.value) and info.value.__cause__ is exc
+
+
 def test_a_server_url_without_scheme_is_refused() -> None:
     with pytest.raises(PathError, match="must start with http"):
         Client("127.0.0.1:8080")

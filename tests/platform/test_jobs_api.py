@@ -79,7 +79,9 @@ def test_submit_succeeds_registers_and_serves(api: TestClient, finished: dict[st
     job = finished["job"]
     assert job["model_version"] == 1 and job["exit_code"] == 0 and job["attempts"] == 1
     assert job["position"] is None and job["finished_at"] and job["started_at"]
-    assert job["progress"]["epoch"] == 2 and job["progress"]["epochs"] == 2
+    progress = job["progress"]
+    assert progress["epoch"] == 2 and progress["epochs"] == 2 and progress["phase"] == "done"
+    assert progress["events_per_s"] > 0 and "train_loss" in progress["metrics"]
     model = api.get("/api/models/higgs-api", headers=AS_ALICE).json()
     version = model["versions"][0] if "versions" in model else model
     assert version["metadata"]["job_id"] == job["id"]

@@ -270,3 +270,29 @@ def test_shutdown_stops_every_job(data: Path, tmp_path: Path) -> None:
     assert [e.job_id for e in ended] == ["last"]
     assert ended[0].exit_code == 75, ended[0].log_tail
     assert ex.running() == set() and pid is not None and not psutil.pid_exists(pid)
+
+
+def test_jobs_outlive_the_thread_that_started_them(data: Path, tmp_path: Path,
+                                                   executor: LocalExecutor) -> None:
+    """Jobs die with their parent *thread* (PR_SET_PDEATHSIG); a short-lived caller must not
+    take them along: the executor starts every process from its own long-lived thread.
+
+    (Checked by hand: with Popen called in the caller's thread, this job exits 75 as soon
+    as the caller ends.)
+    """
+    import threading
+
+    job = _slow_job(tmp_path, data, "job")
+
+    def caller() -> None:  # lives until the job has surely set PR_SET_PDEATHSIG
+        executor.start(Launch("orphan", job))
+        wait_for(lambda: progress_epoch(job) >= 1, 120, "the first epoch")
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    thread.join()
+    ended_at = progress_epoch(job)
+    wait_for(lambda: progress_epoch(job) >= ended_at + 2, 120,
+             "two more epochs after the caller thread ended")
+    assert executor.poll() == [] and executor.running() == {"orphan"}
+    assert "Preempted" not in (job / "job.log").read_text()

@@ -41,10 +41,10 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     assert config.auth.rate_limit_per_minute == 100 and config.auth.single_user
 
     toml = tmp_path / "server.toml"
-    toml.write_text('db_url = "postgresql://postgres@127.0.0.1:5432/x"\n[jobs]\nmemory_bytes = 2000000000\n')
+    toml.write_text('db_url = "postgresql://postgres@127.0.0.1:5432/x"\n[jobs]\nmemory_bytes = 2000000000\nthreads = 2\n')
     config = load_config(toml)
     assert config.database_url == "postgresql://postgres@127.0.0.1:5432/x"
-    assert config.jobs.memory_bytes == 2_000_000_000
+    assert config.jobs.memory_bytes == 2_000_000_000 and config.jobs.threads == 2
 
 
 @pytest.mark.parametrize("text, field", [
@@ -301,3 +301,14 @@ def test_job_out_survives_odd_progress_reports() -> None:
     assert out["progress"] == {"phase": None, "epoch": 2, "epochs": None, "events_per_s": 10.0,
                                "metrics": {}}
     assert out["state"] == "running" and out["created_at"] == now.isoformat()
+
+
+def test_job_defaults_reach_the_manager(tmp_path: Path) -> None:
+    config = PlatformConfig(data_dir=tmp_path, cpus=2, gpu_devices="3",
+                            jobs={"max_time_s": 60, "threads": 1})
+    app = create_platform_app(config)
+    with TestClient(app):
+        manager = app.state.platform.manager
+        assert manager.defaults["max_time_s"] == 60 and manager.defaults["threads"] == 1
+        assert manager.defaults["memory_bytes"] is None
+        assert manager.executor.capacity() == {"cpus": 2, "gpus": 1, "devices": ["3"]}

@@ -166,7 +166,7 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[Platform
         raise
     store = SqlStore(db)
     executor = LocalExecutor(cpus=config.cpus, gpu_devices=list(config.gpu_devices))
-    defaults = {"memory_bytes": config.jobs.memory_bytes, "max_time_s": config.jobs.max_time_s}
+    defaults = {k: v for k, v in config.jobs.model_dump().items() if v is not None}
     manager = JobManager(store, storage, executor, registry, poll_interval=config.poll_interval,
                          grace_s=config.grace_s, defaults=defaults)
     manager.recover()

@@ -45,6 +45,8 @@ class JobDefaults(_Model):
     max_time_s: float | None = Field(default=None, gt=0, description=(
         "Wall-clock limit of one job attempt in seconds; the job is stopped (SIGTERM, "
         "then SIGKILL) when it passes. None: no limit."))
+    threads: int | None = Field(default=None, ge=1, description=(
+        "CPU threads of a job's thread pools (torch, BLAS); default: its CPU slots."))
 
 
 class AuthConfig(_Model):

@@ -38,6 +38,7 @@ test: setup system-deps
 bench: setup
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -19,7 +19,8 @@ HTTP implementation):
 (b) the same load on ``bench/naive_serve.py`` (FastAPI, pydantic request
     model, one ``InferenceSession.run`` per request, no batching).
 (c) ``mlaas serve``: KServe v2 binary requests (binary tensor extension in
-    and out) of 1024 events each: events/s.
+    and out) of 1024 events each: events/s, at 1 connection (one stream, as
+    (d); the ratio c/d uses this) and at ``--v2-connections`` (default 4).
 (d) ONNX Runtime alone, in this process, on the same 1024-event batch with
     the bundle's session (``bundle.session.run``): events/s.
 
@@ -304,11 +305,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             wrk(predict, single, json_headers, **{**load, "duration": 2})  # warm-up
             results["a"] = wrk(predict, single, json_headers, **load, pid=proc.pid)
             results["a"]["rss_mb"] = rss_mb(proc.pid)
-            results["c"] = wrk(f"{base}/v2/models/{MODEL}/infer", v2_file, v2_headers,
-                               **{**load, "connections": args.v2_connections}, pid=proc.pid)
+            infer = f"{base}/v2/models/{MODEL}/infer"
+            results["c"] = wrk(infer, v2_file, v2_headers,
+                               **{**load, "connections": 1, "threads": 1}, pid=proc.pid)
             results["c"]["events_per_s"] = results["c"]["req_per_s"] * BATCH
+            results["c_parallel"] = wrk(infer, v2_file, v2_headers,
+                                        **{**load, "connections": args.v2_connections},
+                                        pid=proc.pid)
+            results["c_parallel"]["events_per_s"] = results["c_parallel"]["req_per_s"] * BATCH
             results["c"]["rss_mb"] = rss_mb(proc.pid)
             results["server_rss_mb"] = rss_mb(proc.pid)
+            # (d): ONNX Runtime alone, right after (c) so both see the same machine
+            results["d"] = ort_alone(bundle, x, args.duration)
 
         # (b): the naive reference
         port = free_port()
@@ -322,15 +330,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             results["b"]["rss_mb"] = rss_mb(proc.pid)
         if not np.isclose(first["outputs"][0], naive_first["outputs"][0], atol=1e-5):
             raise RuntimeError(f"the two servers disagree: {first} vs {naive_first}")
-
-        # (d): ONNX Runtime alone
-        results["d"] = ort_alone(bundle, x, args.duration)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["loadavg_after"] = os.getloadavg()
     a, b, c, d = results["a"], results["b"], results["c"], results["d"]
     results["ratios"] = {"a_over_b": a["req_per_s"] / b["req_per_s"],
-                         "c_over_d": c["events_per_s"] / d["events_per_s"]}
+                         "c_over_d": c["events_per_s"] / d["events_per_s"],
+                         "cpu_per_request_b_over_a": (b["server_cpu_ms_per_request"]
+                                                      / a["server_cpu_ms_per_request"])}
     results["targets"] = {
         "a >= 2 b": results["ratios"]["a_over_b"] >= 2,
         "a >= 3000 req/s": a["req_per_s"] >= 3000,
@@ -342,6 +349,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     a, b, c, d = r["a"], r["b"], r["c"], r["d"]
+    cp = r["c_parallel"]
     rss = r["server_rss_mb"]
     lines = [
         f"serve benchmark, {r['when']}, {r['cpus']} CPUs, load average before "
@@ -355,13 +363,17 @@ def report(r: dict[str, Any]) -> str:
         f"{b['req_per_s']:.0f} req/s, p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms "
         f"(errors: {b['status_errors']:.0f} status, {b['socket_errors']:.0f} socket); "
         f"server CPU {b['server_cpu_ms_per_request']:.3f} ms/request",
-        f"(c) mlaas serve, v2 binary, {BATCH} events/request, {r['v2_connections']} conn: "
+        f"(c) mlaas serve, v2 binary, {BATCH} events/request, 1 conn: "
         f"{c['events_per_s']:.0f} events/s ({c['req_per_s']:.1f} req/s, "
         f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms; server CPU "
         f"{c['server_cpu_ms_per_request']:.3f} ms/request)",
+        f"    same, {r['v2_connections']} conn: {cp['events_per_s']:.0f} events/s "
+        f"(p50 {cp['p50_ms']:.2f} ms, p99 {cp['p99_ms']:.2f} ms; server CPU "
+        f"{cp['server_cpu_ms_per_request']:.3f} ms/request)",
         f"(d) ONNX Runtime alone, same batch:           {d['events_per_s']:.0f} events/s "
         f"({d['ms_per_batch']:.3f} ms per batch)",
-        f"a/b = {r['ratios']['a_over_b']:.2f}   c/d = {r['ratios']['c_over_d']:.2f}",
+        f"a/b = {r['ratios']['a_over_b']:.2f}   c/d = {r['ratios']['c_over_d']:.2f}   "
+        f"server CPU per request b/a = {r['ratios']['cpu_per_request_b_over_a']:.2f}",
         f"server RSS {rss['VmRSS']:.0f} MB (peak {rss['VmHWM']:.0f} MB); naive server RSS "
         f"{b['rss_mb']['VmRSS']:.0f} MB",
         "targets: " + ", ".join(f"{k}: {'met' if ok else 'MISSED'}"
@@ -379,9 +391,10 @@ def serve_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench/serve.py _serve")
     parser.add_argument("--models", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--event-workers", type=int, default=0)
     args = parser.parse_args(argv)
-    uvicorn.run(create_server(args.models), host="127.0.0.1", port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(create_server(args.models, event_workers=args.event_workers), host="127.0.0.1",
+                port=args.port, log_level="warning", access_log=False)
 
 
 def main() -> None:
@@ -392,7 +405,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--v2-connections", type=int, default=4,
-                        help="connections for the 1024-event v2 load (c)")
+                        help="connections for the parallel 1024-event v2 load (c)")
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--train-events", type=int, default=20000, help="events per file")
     parser.add_argument("--workdir", default=str(HERE / "out" / "serve"))

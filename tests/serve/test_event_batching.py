@@ -17,6 +17,7 @@ import pytest
 
 from mlaas.bundle import Bundle, InvalidEvent
 from mlaas.serve import registry as registry_module
+from mlaas.serve import runtime
 from mlaas.serve.registry import Registry
 from mlaas.serve.runtime import Runtime, _as_rows
 
@@ -24,11 +25,11 @@ from mlaas.serve.runtime import Runtime, _as_rows
 @pytest.fixture
 def served(tmp_path: Path, trained: dict[str, Any], request: pytest.FixtureRequest) -> Any:
     """A registry with model ``m`` and a Runtime whose batches fire only when full
-    (``max_batch_size`` is the indirect parameter, the delay is a minute)."""
+    (``max_batch_size`` is the indirect parameter, the delay is 5 s)."""
     reg = Registry(tmp_path / "models")
     reg.upload("m", trained["bytes"])
     size = getattr(request, "param", 64)
-    rt = Runtime(reg, max_batch_size=size, max_delay_ms=60_000.0, threads=1)
+    rt = Runtime(reg, max_batch_size=size, max_delay_ms=5_000.0, threads=1)
     yield reg, rt
     rt.close()
 
@@ -40,23 +41,22 @@ def _same(got: np.ndarray, want: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("served", [12], indirect=True)  # 5 + 5 + 2 events: full at once
-def test_concurrent_event_requests_share_one_preprocessing(served: Any,
-                                                          trained: dict[str, Any]) -> None:
+def test_concurrent_event_requests_share_one_preprocessing(
+        served: Any, trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     reg, rt = served
     bundle = Bundle.load(trained["dir"])
     rows = trained["rows"]
     requests: list[Any] = [[r] for r in rows] + [trained["columns"], {"events": rows[:2]}]
     calls: list[int] = []
+    score = runtime.score_events
+
+    def counting(b: Any, run: Any, ev: Any) -> np.ndarray:
+        calls.append(len(ev))
+        return score(b, run, ev)
+
+    monkeypatch.setattr(runtime, "score_events", counting)
 
     async def main() -> list[tuple[int, np.ndarray]]:
-        _, _, _, events = await rt._batchers_for("m", None, None)
-        score = events._score
-
-        def counting(ev: Any) -> np.ndarray:
-            calls.append(len(ev))
-            return score(ev)
-
-        events._score = counting  # type: ignore[method-assign]
         return await asyncio.gather(*(rt.predict_events("m", None, None, r) for r in requests))
 
     results = asyncio.run(main())
@@ -153,3 +153,53 @@ def test_runtime_sees_alias_changes_by_another_registry(tmp_path: Path, trained:
         assert asyncio.run(rt.predict_events("m", None, None, rows))[0] == 2
     finally:
         rt.close()
+
+
+def test_event_worker_process_scores_and_reports_errors(tmp_path: Path,
+                                                       trained: dict[str, Any]) -> None:
+    """A real spawned worker process: same scores, same error classes and context."""
+    reg = Registry(tmp_path / "r")
+    reg.upload("m", trained["bytes"])
+    rt = Runtime(reg, max_batch_size=7, max_delay_ms=5_000.0, threads=1, event_workers=1)
+    rows = trained["rows"]
+    bad = copy.deepcopy(rows[:3])
+    bad[1]["Jet_pt"] = 4.0
+    try:
+        async def main() -> list[Any]:
+            return await asyncio.gather(rt.predict_events("m", None, None, rows[:2]),
+                                        rt.predict_events("m", None, None, bad),
+                                        rt.predict_events("m", None, None, rows[3:]),
+                                        return_exceptions=True)
+
+        good1, err, good2 = asyncio.run(main())
+        bundle = Bundle.load(trained["dir"])
+        _same(good1[1], bundle.predict_events(rows[:2]))
+        _same(good2[1], bundle.predict_events(rows[3:]))
+        assert isinstance(err, InvalidEvent), err
+        assert err.event == 1 and err.field == "Jet_pt"  # type: ignore[attr-defined]
+        with pytest.raises(InvalidEvent, match="event 0 is a int"):  # alone, in the worker
+            asyncio.run(rt.predict_events("m", None, None, [3]))
+    finally:
+        rt.close()
+
+
+def test_server_with_an_event_worker(tmp_path: Path, trained: dict[str, Any]) -> None:
+    import warnings
+
+    from mlaas.serve.server import create_server
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+    app = create_server(tmp_path / "models", event_workers=1)
+    with TestClient(app) as client:
+        assert client.post("/api/models/m", content=trained["bytes"]).status_code == 201
+        r = client.post("/api/models/m/predict", json=trained["rows"])
+        assert r.status_code == 200, r.text
+        got = np.array([np.nan if v is None else v for v in r.json()["outputs"]])
+        _same(got.astype(np.float32), Bundle.load(trained["dir"]).predict_events(
+            trained["rows"])[:, 0])
+        r = client.post("/api/models/m/predict", json=[{"MET_pt": "x", "Jet_pt": []}])
+        assert r.status_code == 400 and r.json()["event"] == 0 and r.json()["field"] == "MET_pt"
+    assert app.state.runtime.workers._pool is None  # the lifespan stopped the worker

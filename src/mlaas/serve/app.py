@@ -431,6 +431,9 @@ def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         reg.clear_cache()
+        workers = getattr(getattr(app.state, "runtime", None), "workers", None)
+        if workers is not None:  # worker processes of the full server; restarted on use
+            workers.close()
 
     Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
     handlers: dict[int | type[Exception], Handler] = {cls: _mlaas_error for cls in ERROR_STATUS}

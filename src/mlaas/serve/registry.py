@@ -153,6 +153,7 @@ class Registry:
         self.max_total_bytes = max_total_bytes
         self._cache: dict[tuple[str, int], tuple[tuple[int, int], Bundle]] = {}
         self._cache_lock = threading.Lock()
+        self._loading: dict[tuple[str, int], threading.Lock] = {}
         self._generation = 0  # bumped by every change made through this object
 
     # -- locking and paths
@@ -325,19 +326,27 @@ class Registry:
             hit = self._cache.get(key)
             if hit is not None and hit[0] == ident:
                 return v, hit[1]
-        try:
-            loaded = Bundle.load(path)
-        except BundleError:
-            if not path.exists():
-                raise ModelNotFound(f"model {name!r} has no version {v}", model=name,
-                                    version=v) from None
-            raise
-        with self._cache_lock:
-            self._cache[key] = (ident, loaded)
-            # drop versions that are gone from disk
-            for k in [k for k in self._cache if k[0] == name and k != key]:
-                if not (self.root / k[0] / str(k[1])).is_dir():
-                    del self._cache[k]
+            loading = self._loading.setdefault(key, threading.Lock())
+        # one load per version at a time: concurrent first requests share one Bundle
+        # (and so one batcher in the server) instead of each loading their own
+        with loading:
+            with self._cache_lock:
+                hit = self._cache.get(key)
+                if hit is not None and hit[0] == ident:
+                    return v, hit[1]
+            try:
+                loaded = Bundle.load(path)
+            except BundleError:
+                if not path.exists():
+                    raise ModelNotFound(f"model {name!r} has no version {v}", model=name,
+                                        version=v) from None
+                raise
+            with self._cache_lock:
+                self._cache[key] = (ident, loaded)
+                # drop versions that are gone from disk
+                for k in [k for k in self._cache if k[0] == name and k != key]:
+                    if not (self.root / k[0] / str(k[1])).is_dir():
+                        del self._cache[k]
         return v, loaded
 
     def clear_cache(self) -> None:

@@ -16,6 +16,7 @@ Errors raised by ONNX Runtime are re-raised as :class:`InferenceError`
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -31,6 +32,8 @@ __all__ = [
     "Batcher",
     "EventBatcher",
     "Runtime",
+    "score_events",
+    "score_event_batch",
     "Overloaded",
     "InferenceError",
     "DEFAULT_MAX_BATCH_SIZE",
@@ -100,9 +103,19 @@ class _BatchQueue:
     def _run_alone(self, payload: Any) -> Any:
         raise NotImplementedError
 
-    async def _alone(self, payload: Any, rows: int) -> Any:
+    async def _call_batch(self, payloads: list[Any]) -> list[Any]:
+        """Run one batch off the loop (in ``executor``); one result or exception each."""
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self.executor, self._run_alone, payload)
+        results: list[Any] = await loop.run_in_executor(self.executor, self._run_batch,
+                                                        payloads)
+        return results
+
+    async def _call_alone(self, payload: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._run_alone, payload)
+
+    async def _alone(self, payload: Any, rows: int) -> Any:
+        out = await self._call_alone(payload)
         if self.on_batch is not None:
             self.on_batch(rows)
         return out
@@ -153,8 +166,7 @@ class _BatchQueue:
                 continue
             # 3. run once off the loop, hand each caller its result
             try:
-                results = await loop.run_in_executor(self.executor, self._run_batch,
-                                                     [b.payload for b in batch])
+                results = await self._call_batch([b.payload for b in batch])
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
                 for b in batch:
                     if not b.future.done():
@@ -246,31 +258,83 @@ def _as_rows(events: Any, branch_types: Mapping[str, Any]) -> list[Any] | None:
     return None
 
 
+def score_events(bundle: Any, run: RunFn, events: Any) -> np.ndarray:
+    """Scores of JSON-like ``events`` with ``bundle``'s preprocessing and ``run``;
+    NaN for events failing the cut (as :meth:`mlaas.bundle.Bundle.predict_events`)."""
+    prep = bundle.preprocessor(events_to_arrays(events, bundle.branch_types))
+    scores = np.full((prep.n, bundle.n_outputs), np.nan, dtype=np.float32)
+    if len(prep.index):
+        mask = prep.mask if "mask" in bundle.input_names else None
+        scores[prep.index] = run(prep.x, mask)
+    return scores
+
+
+def score_event_batch(bundle: Any, run: RunFn, payloads: list[tuple[Any, list[Any] | None]]
+                      ) -> list[Any]:
+    """Score several requests' events with one preprocessing and one model call.
+
+    ``payloads`` are ``(events, rows)``: the request as sent and its events as
+    rows (:func:`_as_rows`). Returns one score array or exception per request;
+    if the merged batch fails, each request is scored alone so its error names
+    its own events.
+    """
+    if len(payloads) > 1:
+        merged = [row for _, rows in payloads for row in (rows or ())]
+        try:
+            scores = score_events(bundle, run, merged)
+        except MlaasError:
+            pass  # some request is faulty: run each alone so errors name their own events
+        else:
+            results: list[Any] = []
+            start = 0
+            for _, rows in payloads:
+                n = len(rows or ())
+                results.append(scores[start:start + n])
+                start += n
+            return results
+    results = []
+    for events, _ in payloads:
+        try:
+            results.append(score_events(bundle, run, events))
+        except Exception as exc:  # noqa: BLE001 - handed to that request's caller
+            results.append(exc)
+    return results
+
+
 class EventBatcher(_BatchQueue):
     """Merge concurrent raw-event requests (JSON-like events) for one bundle.
 
     Preprocessing (events to arrays, derived names, cut, padding) has a large
     fixed cost per call, so it runs once per batch, with the ONNX Runtime call,
-    in the executor. If the merged batch fails on an event (a missing field,
-    a non-numeric value, NaN under ``nan: error``), each request of the batch
-    is run again alone, so every error names its own request's event index
-    and only the faulty request fails.
+    off the event loop (:func:`score_event_batch`). If the merged batch fails
+    on an event (a missing field, a non-numeric value, NaN under
+    ``nan: error``), each request of the batch is run again alone, so every
+    error names its own request's event index and only the faulty request fails.
 
     Args:
         bundle: the :class:`~mlaas.bundle.Bundle` (``preprocessor``,
-            ``branch_types``, ``input_names``, ``n_outputs``).
+            ``branch_types``, ``input_names``, ``n_outputs``, ``path``).
         run: ``run(x, mask) -> scores`` (ONNX Runtime errors already mapped).
+        workers: a :class:`~mlaas.serve.workers.ProcessScorer` to run batches in a
+            worker process (the bundle loaded there from ``bundle.path``) instead
+            of a thread of this one; None for a thread.
         other arguments: as :class:`Batcher`; ``max_batch_size`` counts events.
     """
 
     def __init__(self, bundle: Any, run: RunFn, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_delay_ms: float = DEFAULT_MAX_DELAY_MS, executor: Executor,
                  max_queue: int = DEFAULT_MAX_QUEUE,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, workers: Any = None) -> None:
         super().__init__(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                          executor=executor, max_queue=max_queue, on_batch=on_batch)
         self.bundle = bundle
         self.run = run
+        self.workers = workers if getattr(bundle, "path", None) is not None else None
+        self._where: tuple[str, Any] | None = None
+        if self.workers is not None:
+            path = str(bundle.path)
+            st = os.stat(path)
+            self._where = (path, (st.st_ino, st.st_mtime_ns))
 
     async def submit(self, events: Any) -> np.ndarray:
         """Scores of ``events`` (see :meth:`mlaas.bundle.Bundle.predict_events`): float32
@@ -282,39 +346,25 @@ class EventBatcher(_BatchQueue):
         out = await self._enqueue((events, rows), len(rows))
         return out
 
-    def _score(self, events: Any) -> np.ndarray:
-        bundle = self.bundle
-        prep = bundle.preprocessor(events_to_arrays(events, bundle.branch_types))
-        scores = np.full((prep.n, bundle.n_outputs), np.nan, dtype=np.float32)
-        if len(prep.index):
-            mask = prep.mask if "mask" in bundle.input_names else None
-            scores[prep.index] = self.run(prep.x, mask)
-        return scores
-
     def _run_alone(self, payload: Any) -> np.ndarray:
-        return self._score(payload)
+        return score_events(self.bundle, self.run, payload)
 
     def _run_batch(self, payloads: list[Any]) -> list[Any]:
-        if len(payloads) > 1:
-            merged = [row for _, rows in payloads for row in rows]
-            try:
-                scores = self._score(merged)
-            except MlaasError:
-                pass  # some request is faulty: run each alone so errors name their own events
-            else:
-                results = []
-                start = 0
-                for _, rows in payloads:
-                    results.append(scores[start:start + len(rows)])
-                    start += len(rows)
-                return results
-        results = []
-        for events, _ in payloads:
-            try:
-                results.append(self._score(events))
-            except Exception as exc:  # noqa: BLE001 - handed to that request's caller
-                results.append(exc)
+        return score_event_batch(self.bundle, self.run, payloads)
+
+    async def _call_batch(self, payloads: list[Any]) -> list[Any]:
+        if self.workers is None or self._where is None:
+            return await super()._call_batch(payloads)
+        results: list[Any] = await self.workers.score(*self._where, payloads)
         return results
+
+    async def _call_alone(self, payload: Any) -> Any:
+        if self.workers is None:
+            return await super()._call_alone(payload)
+        (result,) = await self._call_batch([(payload, None)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
 
 # -- the runtime over a registry --------------------------------------------------------------
@@ -375,11 +425,15 @@ class Runtime:
         threads: executor threads for ONNX Runtime calls (each batch uses one).
         max_queue: requests allowed to wait per model version.
         metrics: an optional :class:`mlaas.serve.metrics.Metrics` (batch sizes).
+        event_workers: worker processes that preprocess and score raw-event batches
+            (:mod:`mlaas.serve.workers`); 0 (the default) does it in ``threads``.
+            One worker lets the event loop and the preprocessing use two cores.
     """
 
     def __init__(self, registry: _Registry, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_delay_ms: float = DEFAULT_MAX_DELAY_MS, threads: int = 2,
-                 max_queue: int = DEFAULT_MAX_QUEUE, metrics: Any = None) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, metrics: Any = None,
+                 event_workers: int = 0) -> None:
         self.registry = registry
         self.max_batch_size = max_batch_size
         self.max_delay_ms = max_delay_ms
@@ -387,6 +441,11 @@ class Runtime:
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=max(1, threads),
                                            thread_name_prefix="mlaas-ort")
+        self.workers: Any = None
+        if event_workers > 0:
+            from mlaas.serve.workers import ProcessScorer
+
+            self.workers = ProcessScorer(event_workers)
         self._batchers: dict[tuple[str, int], tuple[Any, Batcher, EventBatcher]] = {}
         # (name, version, alias) -> (registry state token, version, bundle, batchers)
         self._resolved: dict[tuple[str, int | None, str | None],
@@ -397,6 +456,8 @@ class Runtime:
         self._batchers.clear()
         self._resolved.clear()
         self.executor.shutdown(wait=True)
+        if self.workers is not None:
+            self.workers.close()
 
     def lookup(self, name: str, version: int | None, alias: str | None) -> tuple[int, Any]:
         """``(version, bundle)`` from the registry (blocking: it may load the bundle).
@@ -444,7 +505,8 @@ class Runtime:
             max_delay_ms=float(serving.get("max_delay_ms", self.max_delay_ms)),
             executor=self.executor, max_queue=self.max_queue, on_batch=on_batch)
         run = _runner(bundle)
-        return Batcher(run, **options), EventBatcher(bundle, run, **options)
+        return (Batcher(run, **options),
+                EventBatcher(bundle, run, workers=self.workers, **options))
 
     async def batcher(self, name: str, version: int | None = None, alias: str | None = None
                       ) -> tuple[int, Any, Batcher]:

@@ -25,7 +25,7 @@ __all__ = ["create_server"]
 def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
                   max_delay_ms: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
                   access: ModelAccess | None = None,
-                  registry: Registry | None = None) -> FastAPI:
+                  registry: Registry | None = None, event_workers: int = 0) -> FastAPI:
     """The whole serving app over the registry at ``models_dir``.
 
     Args:
@@ -38,6 +38,8 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
             :mod:`mlaas.serve.access`). Default: everything allowed.
         registry: an existing :class:`Registry` to share (the platform's), used
             instead of opening ``models_dir``.
+        event_workers: worker processes for raw-event preprocessing (see
+            :class:`~mlaas.serve.runtime.Runtime`); 0 keeps it in threads.
     """
     if registry is None:
         if models_dir is None:
@@ -47,7 +49,7 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
         registry = Registry(root)
     metrics = Metrics()
     runtime = Runtime(registry, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
-                      metrics=metrics)
+                      metrics=metrics, event_workers=event_workers)
     app = create_app(registry.root, registry=registry, max_body_bytes=max_body_bytes,
                      access=access, extra_routers=[v2_router(runtime, registry, metrics)])
     app.state.runtime = runtime

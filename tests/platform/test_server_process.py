@@ -174,6 +174,8 @@ def test_end_to_end_and_bad_model_file(server: ServerProcess, tmp_path: Path) ->
         # the user's exception, with the file and the line it came from
         assert "RuntimeError: boom from the user's forward" in log
         assert "line 10 of bad.py" in log and job["reason"]
+        assert "Traceback (most recent call last)" in log  # the user's own traceback
+        assert 'bad.py", line 10, in forward' in log
         assert c.get("/api/models/bad-model").status_code == 404  # nothing registered
 
 

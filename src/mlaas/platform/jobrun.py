@@ -190,6 +190,10 @@ def _run(job_dir: Path) -> tuple[int, str | None]:
             print(f"Preempted: {exc}", file=sys.stderr)
             return EXIT_PREEMPTED, str(exc)
         if isinstance(exc, MlaasError):
+            if exc.__cause__ is not None:
+                # user code failed underneath (a model file that raises): its
+                # traceback is what the physicist needs to fix it
+                traceback.print_exception(exc.__cause__, file=sys.stderr)
             print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
             return EXIT_ERROR, f"{type(exc).__name__}: {exc}"
         traceback.print_exc()

@@ -187,16 +187,28 @@ def rss_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: int | list[int]) -> float:
+    """User + system CPU time of processes so far (all their threads), from /proc."""
+    total = 0
+    for pid in [pids] if isinstance(pids, int) else pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (the server's worker processes)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(p) for p in (task / "children").read_text().split()]
+    return out
 
 
 def wrk(url: str, body: Path, headers: dict[str, str], *, connections: int, threads: int,
-        duration: float, tmp: Path, pid: int | None = None) -> dict[str, float]:
+        duration: float, tmp: Path, pid: int | list[int] | None = None) -> dict[str, float]:
     """One wrk run; req/s, p50/p99/mean latency (ms), error counts and, given the server's
-    ``pid``, its CPU time per request (ms; robust to other load on the machine)."""
+    ``pid`` (or pids), its CPU time per request (ms; robust to other load on the machine)."""
     lua = tmp / f"load-{body.stem}.lua"
     header_lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
     lua.write_text(LUA.format(body=str(body), headers=header_lines))
@@ -293,6 +305,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         load = dict(connections=args.connections, threads=args.wrk_threads,
                     duration=args.duration, tmp=tmp)
 
+        # (a') mlaas serve with raw-event preprocessing in worker processes
+        if args.event_workers > 0:
+            port = free_port()
+            argv = [sys.executable, str(Path(__file__).resolve()), "_serve", "--models",
+                    str(models), "--port", str(port), "--event-workers", str(args.event_workers)]
+            with server(argv, port, "/v2/health/ready") as proc:
+                predict = f"http://127.0.0.1:{port}/api/models/{MODEL}/predict"
+                check_answer(predict, single.read_bytes(), json_headers)  # starts the worker
+                pids = [proc.pid, *children(proc.pid)]
+                wrk(predict, single, json_headers, **{**load, "duration": 2})  # warm-up
+                results["a_workers"] = wrk(predict, single, json_headers, **load, pid=pids)
+                results["a_workers"]["event_workers"] = args.event_workers
+                results["a_workers"]["rss_mb"] = {str(p): rss_mb(p) for p in pids}
+
         # (a) and (c): mlaas serve
         port = free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "_serve", "--models",
@@ -338,6 +364,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                          "c_over_d": c["events_per_s"] / d["events_per_s"],
                          "cpu_per_request_b_over_a": (b["server_cpu_ms_per_request"]
                                                       / a["server_cpu_ms_per_request"])}
+    if "a_workers" in results:
+        results["ratios"]["a_workers_over_b"] = results["a_workers"]["req_per_s"] / b["req_per_s"]
     results["targets"] = {
         "a >= 2 b": results["ratios"]["a_over_b"] >= 2,
         "a >= 3000 req/s": a["req_per_s"] >= 3000,
@@ -351,6 +379,13 @@ def report(r: dict[str, Any]) -> str:
     a, b, c, d = r["a"], r["b"], r["c"], r["d"]
     cp = r["c_parallel"]
     rss = r["server_rss_mb"]
+    aw = r.get("a_workers")
+    workers_line = [] if aw is None else [
+        f"(a') same as (a), {aw['event_workers']} event worker process(es): "
+        f"{aw['req_per_s']:.0f} req/s, p50 {aw['p50_ms']:.2f} ms, p99 {aw['p99_ms']:.2f} ms "
+        f"(errors: {aw['status_errors']:.0f} status, {aw['socket_errors']:.0f} socket); "
+        f"server+workers CPU {aw['server_cpu_ms_per_request']:.3f} ms/request; a'/b = "
+        f"{r['ratios']['a_workers_over_b']:.2f}"]
     lines = [
         f"serve benchmark, {r['when']}, {r['cpus']} CPUs, load average before "
         f"{r['loadavg_before'][0]:.2f}, after {r['loadavg_after'][0]:.2f}",
@@ -359,6 +394,7 @@ def report(r: dict[str, Any]) -> str:
         f"{a['req_per_s']:.0f} req/s, p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms "
         f"(errors: {a['status_errors']:.0f} status, {a['socket_errors']:.0f} socket); "
         f"server CPU {a['server_cpu_ms_per_request']:.3f} ms/request",
+        *workers_line,
         f"(b) naive FastAPI, same load:                  "
         f"{b['req_per_s']:.0f} req/s, p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms "
         f"(errors: {b['status_errors']:.0f} status, {b['socket_errors']:.0f} socket); "
@@ -407,6 +443,8 @@ def main() -> None:
     parser.add_argument("--v2-connections", type=int, default=4,
                         help="connections for the parallel 1024-event v2 load (c)")
     parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--event-workers", type=int, default=1,
+                        help="also run (a) with this many event worker processes (0: skip)")
     parser.add_argument("--train-events", type=int, default=20000, help="events per file")
     parser.add_argument("--workdir", default=str(HERE / "out" / "serve"))
     parser.add_argument("--json", help="also write the results here")

@@ -14,6 +14,11 @@ in the server as the same :mod:`mlaas.errors` class with the same context
 becomes :class:`~mlaas.errors.InferenceError`. A worker that dies is
 replaced on the next batch, and the batch it was running fails with
 :class:`~mlaas.errors.InferenceError`.
+
+Workers are started with ``spawn`` (forking a process that runs ONNX
+Runtime and event-loop threads is unsafe), so, as for any ``spawn`` pool,
+the program's main module must not start a server when merely imported
+(``if __name__ == "__main__":``); ``mlaas serve`` and uvicorn's CLI are fine.
 """
 
 from __future__ import annotations

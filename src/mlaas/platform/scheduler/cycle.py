@@ -84,7 +84,8 @@ def run_cycle(snapshot: Snapshot, *, now: float, config: PolicyConfig) -> CycleR
             if qs.pending_count and state.queue_may_start(name):
                 orders[name] = QueueOrder(
                     qs, snapshot, now, config, work.user_extra.__getitem__,
-                    feasible=lambda shape, prio, q=name: state.shape_may_start(q, shape, prio))
+                    feasible=(lambda shape, prio: True) if state.strict(name) else
+                    (lambda shape, prio, q=name: state.shape_may_start(q, shape, prio)))
 
         while orders:
             # 3. order the candidates across queues; each queue offers its first

@@ -93,7 +93,7 @@ def _table(results: list) -> Table:
         ("lost GPU-hours", lambda r: f"{r.lost_gpu_hours:,.1f} ({r.lost_gpu_hours_failures:,.1f} failures)"),
         ("makespan (h)", lambda r: f"{r.makespan_s / 3600:,.1f}"),
         ("jobs finished", lambda r: f"{r.finished:,}/{r.jobs:,}"),
-        ("sim seconds", lambda r: f"{r.sim_seconds:.2f}"),
+        ("sim seconds (wall / CPU)", lambda r: f"{r.sim_seconds:.2f} / {r.cpu_seconds:.2f}"),
     ]
     t.add_column("metric")
     for r in results:
@@ -113,3 +113,14 @@ def _group_table(results: list) -> Table:
         t.add_row(g, *[f"{r.per_group[g]['wait_p50_s']:,.0f} / {r.per_group[g]['wait_p95_s']:,.0f}"
                        f"  x{r.per_group[g]['ratio']:.2f}" for r in results])
     return t
+
+
+if __name__ == "__main__":  # ``python -m mlaas.cli_simulate simulate ...`` before registration
+    _app = typer.Typer(add_completion=False)
+
+    @_app.callback()
+    def _root() -> None:
+        """The farm simulator alone."""
+
+    register(_app)
+    _app()

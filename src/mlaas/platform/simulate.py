@@ -21,8 +21,9 @@ Metrics (docs/scheduler.md defines each precisely):
 - ``wait_p50_s`` / ``wait_p95_s``: submission to first start, all jobs and per group.
 - ``quota_violations``: admissions that put a queue above nominal + borrowing
   limit, plus episodes where a queue had a request fitting its unused
-  nominal quota pending for longer than ``reclaim_window_s`` while another
-  queue of its cohort borrowed a flavor it asked for.
+  nominal quota pending for longer than ``reclaim_window_s`` while other
+  queues of its cohort borrowed every flavor it asked for, enough (with the
+  free devices) to cover it.
 - ``preemptions``, ``lost_gpu_hours`` (preemption and failure), ``sim_seconds``.
 """
 
@@ -363,8 +364,10 @@ class SimResult:
     cycles: int
     events: int
     sim_seconds: float
+    cpu_seconds: float
     series: dict[str, list[float]] = field(default_factory=dict)
     queue_series: dict[str, list[int]] = field(default_factory=dict)
+    violations: list[dict[str, Any]] = field(default_factory=list)  # the first 50
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -382,6 +385,7 @@ class SimResult:
             "lost_gpu_hours_failures": round(self.lost_gpu_hours_failures, 2),
             "node_failures": self.node_failures, "cycles": self.cycles, "events": self.events,
             "sim_seconds": round(self.sim_seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
         }
 
 
@@ -393,10 +397,13 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
              clock: Callable[[], float] = time.perf_counter) -> SimResult:
     """Run ``scenario`` under the named policy; ``seed`` overrides the scenario's.
 
-    ``clock`` only measures ``sim_seconds`` (the wall time the run took); the
-    simulation itself runs on virtual time and is deterministic for a seed.
+    ``clock`` only measures ``sim_seconds`` (the wall time the run took;
+    ``cpu_seconds`` is this process's CPU time, which a busy shared machine
+    does not inflate); the simulation itself runs on virtual time and is
+    deterministic for a seed.
     """
     t_wall = clock()
+    t_cpu = time.process_time()
     seed = scenario.seed if seed is None else seed
     rng = np.random.default_rng(seed)
     fail_rng = np.random.default_rng([seed, 1])
@@ -452,6 +459,7 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
     finished = 0
     guar_since: dict[str, float | None] = {g: None for g in groups}
     guar_counted: dict[str, bool] = {g: False for g in groups}
+    violation_log: list[dict[str, Any]] = []
     series: dict[str, list[float]] = {"t_h": [], "busy": [], "ideal": [], "capacity": []}
     qseries: dict[str, list[int]] = {g: [] for g in groups}
     next_sample = 0.0
@@ -483,11 +491,16 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
             cond = False
             if qs.pending_count and qs.queue.cohort is not None:
                 members = snap.cohorts[qs.queue.cohort].members
+                borrowed = {f: sum(max(0, snap.queues[o].usage[f]
+                                       - snap.queues[o].queue.nominal(f))
+                                   for o in members if o != g) for f in flavors}
                 for shape in qs.shapes:
                     gpus = shape[0]
-                    if all(qs.usage[f] + n <= qs.queue.nominal(f) for f, n in gpus) and any(
-                            snap.queues[o].usage[f] > snap.queues[o].queue.nominal(f)
-                            for o in members if o != g for f, _ in gpus):
+                    # inside its unused nominal quota, and what others borrow
+                    # (plus what is free) would cover it
+                    if all(qs.usage[f] + n <= qs.queue.nominal(f)
+                           and borrowed.get(f, 0) > 0
+                           and n <= borrowed.get(f, 0) + snap.free_total[f] for f, n in gpus):
                         cond = True
                         break
             since = guar_since[g]
@@ -499,8 +512,11 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
             elif not guar_counted[g] and t_now - since > scenario.reclaim_window_s:
                 guar_viol += 1
                 guar_counted[g] = True
+                if len(violation_log) < 50:
+                    violation_log.append({"kind": "guarantee", "queue": g, "since_s": since,
+                                          "at_s": t_now})
 
-    def requeue(job: _Job, r_lost: float, t_now: float) -> None:
+    def requeue(job: _Job, t_now: float) -> None:
         job.token += 1
         job.w = replace(job.w, queued_at=t_now)
         snap.add_pending(job.w)
@@ -556,16 +572,13 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
                 if token != job.token or jid not in snap.running:
                     continue
                 lost_pre += stop_running(jid, t, at=sigterm_at)
-                useful += 0.0
                 snap.stop(jid, t)
-                requeue(job, 0.0, t)
+                requeue(job, t)
                 dirty = True
             elif kind in (DOWN, FAIL):
                 name = payload[0] if kind == DOWN else payload
                 if name in down or name not in snap.nodes:
-                    if kind == FAIL and finished < len(jobs):
-                        pass  # a node that is away cannot fail; its next failure is drawn on UP
-                    continue
+                    continue  # away already; a failure's next one is drawn when it is back
                 for jid in sorted(snap.nodes[name].running):
                     lost = stop_running(jid, t, at=t)
                     if kind == FAIL:
@@ -574,7 +587,7 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
                         lost_pre += lost
                 lost_runs = snap.remove_node(name)
                 for r in lost_runs:
-                    requeue(by_id[r.workload.id], 0.0, t)
+                    requeue(by_id[r.workload.id], t)
                 down.add(name)
                 if kind == FAIL:
                     failures += 1
@@ -614,16 +627,14 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
                 job.token += 1
                 push(t + (job.duration - job.done), FINISH, (jid, job.token))
                 lim = limits[job.group]
-                for f in d.workload.gpus:
-                    cap = lim.get(f)
-                    if (cap is not None and snap.queues[job.group].usage[f] > cap) or (
-                            f not in lim and cfg.quotas):
-                        limit_viol += 1
-                        break
-                    if f not in lim:
-                        limit_viol += 1
-                        break
-        # the sim's own event: a preempted job that finished work in grace still exits
+                usage = snap.queues[job.group].usage
+                over = [f for f in d.workload.gpus
+                        if f not in lim or (lim[f] is not None and usage[f] > lim[f])]
+                if over:
+                    limit_viol += 1
+                    if len(violation_log) < 50:
+                        violation_log.append({"kind": "limit", "queue": job.group, "job": jid,
+                                              "flavors": over, "at_s": t})
 
     makespan = t_prev
     waits = {g: [] for g in groups}
@@ -648,7 +659,8 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
         guarantee_violations=guar_viol, preemptions=preemptions,
         lost_gpu_hours=(lost_pre + lost_fail) / 3600, lost_gpu_hours_failures=lost_fail / 3600,
         node_failures=failures, cycles=cycles, events=n_events,
-        sim_seconds=clock() - t_wall, series=series, queue_series=qseries)
+        sim_seconds=clock() - t_wall, cpu_seconds=time.process_time() - t_cpu, series=series, queue_series=qseries,
+        violations=violation_log)
 
 
 def scenario_yaml(sc: Scenario) -> str:

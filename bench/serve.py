@@ -21,8 +21,9 @@ HTTP implementation):
 (c) ``mlaas serve``: KServe v2 binary requests (binary tensor extension in
     and out) of 1024 events each: events/s, at 1 connection (one stream, as
     (d); the ratio c/d uses this) and at ``--v2-connections`` (default 4).
-(d) ONNX Runtime alone, in this process, on the same 1024-event batch with
-    the bundle's session (``bundle.session.run``): events/s.
+(d) ONNX Runtime alone, in a fresh Python process (as the server is), on
+    the same 1024-event batch with the bundle's session (``bundle.session.run``,
+    the bundle's thread settings): events/s.
 
 Prints the ratios a/b and c/d and the server's RSS (VmRSS and the peak
 VmHWM, from /proc). Targets (issue 4): a >= 2 b; a >= 3000 req/s; p99 < 25 ms
@@ -341,8 +342,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             results["c_parallel"]["events_per_s"] = results["c_parallel"]["req_per_s"] * BATCH
             results["c"]["rss_mb"] = rss_mb(proc.pid)
             results["server_rss_mb"] = rss_mb(proc.pid)
-            # (d): ONNX Runtime alone, right after (c) so both see the same machine
-            results["d"] = ort_alone(bundle, x, args.duration)
+            # (d): ONNX Runtime alone, right after (c) so both see the same machine, in a
+            # fresh process like the server's (this one has torch and awkward loaded)
+            np.save(tmp / "x.npy", x)
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_ort",
+                                  str(bundle_dir), str(tmp / "x.npy"), str(args.duration)],
+                                 capture_output=True, text=True, check=True,
+                                 timeout=args.duration + 120)
+            results["d"] = json.loads(out.stdout.strip().splitlines()[-1])
 
         # (b): the naive reference
         port = free_port()
@@ -433,9 +440,20 @@ def serve_main(argv: list[str]) -> None:
                 port=args.port, log_level="warning", access_log=False)
 
 
+def ort_main(argv: list[str]) -> None:
+    """``bench/serve.py _ort BUNDLE X.npy SECONDS``: (d) in a fresh process, JSON on stdout."""
+    from mlaas.bundle import Bundle
+
+    bundle_dir, x_path, seconds = argv
+    print(json.dumps(ort_alone(Bundle.load(bundle_dir), np.load(x_path), float(seconds))))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["_serve"]:
         serve_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["_ort"]:
+        ort_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load")

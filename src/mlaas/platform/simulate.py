@@ -486,21 +486,25 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
 
     def check_guarantees(t_now: float) -> None:
         nonlocal guar_viol
+        over = {g: {f: max(0, snap.queues[g].usage[f] - snap.queues[g].queue.nominal(f))
+                    for f in flavors} for g in groups}
+        by_cohort: dict[str, Counter[str]] = {}
+        for g in groups:
+            c = snap.queues[g].queue.cohort
+            if c is not None:
+                by_cohort.setdefault(c, Counter()).update(over[g])
         for g in groups:
             qs = snap.queues[g]
             cond = False
             if qs.pending_count and qs.queue.cohort is not None:
-                members = snap.cohorts[qs.queue.cohort].members
-                borrowed = {f: sum(max(0, snap.queues[o].usage[f]
-                                       - snap.queues[o].queue.nominal(f))
-                                   for o in members if o != g) for f in flavors}
+                total = by_cohort[qs.queue.cohort]
                 for shape in qs.shapes:
-                    gpus = shape[0]
-                    # inside its unused nominal quota, and what others borrow
+                    # inside its unused nominal quota, and what the others borrow
                     # (plus what is free) would cover it
                     if all(qs.usage[f] + n <= qs.queue.nominal(f)
-                           and borrowed.get(f, 0) > 0
-                           and n <= borrowed.get(f, 0) + snap.free_total[f] for f, n in gpus):
+                           and 0 < total[f] - over[g][f]
+                           and n <= total[f] - over[g][f] + snap.free_total[f]
+                           for f, n in shape[0]):
                         cond = True
                         break
             since = guar_since[g]

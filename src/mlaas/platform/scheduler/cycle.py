@@ -13,6 +13,7 @@ walked lazily in policy order, at most ``config.max_scan`` entries each.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ def run_cycle(snapshot: Snapshot, *, now: float, config: PolicyConfig) -> CycleR
         # 2. heads (first pass: only requests inside their queue's nominal
         #    quota, so borrowers never take room a guaranteed request needs)
         state.phase = phase
+        work.version += 1
         state.remaining = {q: Counter(qs.shapes) for q, qs in snapshot.queues.items()
                            if qs.pending_count}
         orders: dict[str, QueueOrder] = {}
@@ -84,8 +86,8 @@ def run_cycle(snapshot: Snapshot, *, now: float, config: PolicyConfig) -> CycleR
             if qs.pending_count and state.queue_may_start(name):
                 orders[name] = QueueOrder(
                     qs, snapshot, now, config, work.user_extra.__getitem__,
-                    feasible=(lambda shape, prio: True) if state.strict(name) else
-                    (lambda shape, prio, q=name: state.shape_may_start(q, shape, prio)))
+                    feasible=_always if state.strict(name) else
+                    functools.partial(state.shape_may_start, name))
 
         while orders:
             # 3. order the candidates across queues; each queue offers its first
@@ -137,8 +139,10 @@ class _CycleState:
         self.entries: dict[str, Entry] = {}
         self.decided: set[str] = set()
         self._fit_cache: dict[Shape, tuple[int, bool]] = {}
-        self._may_cache: dict[tuple[str, Shape, int | None],
-                              tuple[tuple[int, str, int], bool]] = {}
+        # answers valid while work.version stands (bumped by every charge, a
+        # new phase and every no_preempt entry)
+        self._may_cache: dict[tuple[str, Shape, int | None], bool] = {}
+        self._may_version = -1
         self._term: dict[str, Counter[str]] | None = None
         self._term_queue: dict[str, Counter[str]] = {}
         self.chosen: set[str] = set()
@@ -226,13 +230,14 @@ class _CycleState:
         Start means admitted, or preempting so it can be: reclaim inside
         nominal quota, or priority preemption above a running priority.
         """
-        stamp = (self.work.version, self.phase, len(self.no_preempt))
-        hit = self._may_cache.get((qname, shape, priority))
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        ok = self._shape_may_start(qname, shape, priority)
-        self._may_cache[(qname, shape, priority)] = (stamp, ok)
-        return ok
+        if self._may_version != self.work.version:
+            self._may_cache.clear()
+            self._may_version = self.work.version
+        key = (qname, shape, priority)
+        hit = self._may_cache.get(key)
+        if hit is None:
+            hit = self._may_cache[key] = self._shape_may_start(qname, shape, priority)
+        return hit
 
     def _shape_may_start(self, qname: str, shape: Shape, priority: int | None) -> bool:
         if self.phase == "nominal" and not self.quota_room(qname, shape, nominal_only=True):
@@ -347,7 +352,7 @@ class _CycleState:
                 # still borrowing, not counting workloads already on their way out
                 rq = snap.queues[r.workload.queue].queue
                 usage = work.queue_usage[r.workload.queue]
-                gone = leaving.get(rq.name, Counter())
+                gone = leaving.get(rq.name, _EMPTY)
                 return any(usage[f] - gone[f] - released[f"{rq.name}/{f}"] > rq.nominal(f)
                            for f in r.devices if f in w.gpus)
         else:
@@ -358,6 +363,7 @@ class _CycleState:
         plan = plan_preemption(w, work, self._terminating(), self.now, cands, eligible)
         if plan is None:
             self.no_preempt.add((w.queue, w.shape))
+            work.version += 1
             return None
         if kind == "priority":
             # only inside nominal quota once the victims are gone: room freed
@@ -370,6 +376,7 @@ class _CycleState:
                 work.charge(v.workload, None, None, user=False)
             if not (verdict.ok and verdict.within_nominal):
                 self.no_preempt.add((w.queue, w.shape))
+                work.version += 1
                 return None
         self._reserve(w, plan)
         for v in plan.victims:
@@ -403,6 +410,13 @@ class _CycleState:
         work.node_memory[plan.node] -= max(0.0, min(work.node_memory[plan.node], w.memory))
         work.charge(w, None, None)
         work.version += 1
+
+
+_EMPTY: Counter[str] = Counter()
+
+
+def _always(shape: Shape, priority: int) -> bool:
+    return True
 
 
 def _describe(w: Workload) -> str:

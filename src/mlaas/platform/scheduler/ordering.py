@@ -18,15 +18,15 @@ The ``quota`` policy uses 1 then 4 (Kueue's priority then creation time);
 ``fifo`` uses the time a workload entered the queue alone.
 
 :class:`QueueOrder` is lazy and only walks request shapes that could start
-now (``feasible(shape)``, asked again whenever a head is taken, since room
-only shrinks during a cycle): the snapshot keeps each user's pending work per
-shape, so a backlog of 4-GPU requests is never walked while only one device
-is free. Cost per workload offered: O(log users + shapes of that user).
+now (``feasible(shape, priority)``, asked again whenever a head is taken,
+since room only shrinks during a cycle): the snapshot keeps pending work per
+(priority, shape) in queue order and per (priority, user, shape) in
+submission order, so a backlog of 4-GPU requests is never walked while only
+one device is free. Cost per workload offered: O(log users + shapes).
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections.abc import Callable
 
@@ -36,7 +36,6 @@ from .snapshot import QueueState, Snapshot
 
 __all__ = ["QueueOrder", "user_key"]
 
-_MAX_ID = "\U0010ffff"
 _Key = tuple[float, str]
 
 
@@ -68,31 +67,30 @@ class QueueOrder:
         self.feasible = feasible
         self.scanned = 0
         self._head: tuple[Workload, bool] | None = None
-        self._pos: dict[tuple[str, Shape], int] = {}  # (user or "", shape) -> next index
+        self._pending_push: tuple[str, _Key] | None = None
+        # next index per list: (priority, user, shape) or (priority, shape)
+        self._pos: dict[tuple, int] = {}
         self.cutoff = (now - config.age_boost_s) if config.age_boost_s is not None else None
-        self._boosted_all: set[str] = set()
-        self._boosted: dict[int, list[str]] = {}
-        if self.cutoff is not None and not config.global_fifo:
-            end = bisect.bisect_right(qs.by_queued, (self.cutoff, _MAX_ID))
-            for _, jid in qs.by_queued[:end]:
-                self._boosted.setdefault(snap.pending[jid].priority, []).append(jid)
-                self._boosted_all.add(jid)
-        self._boost_list: list[str] = []
-        self._boost_i = 0
         self._prios = sorted(qs.by_prio_user, reverse=True)
         self._cur_prio = 0
+        self._boosting = False
         self._heap: list[tuple[float, _Key, str]] = []
         self._fifo = config.global_fifo
         if not self._fifo:
             self._load_next_prio()
 
-    # per-(user, shape) lists -------------------------------------------
-    def _next_in(self, owner: str, shape: Shape, lst: list[_Key]) -> _Key | None:
-        i = self._pos.get((owner, shape), 0)
-        if self._boosted_all:
-            while i < len(lst) and lst[i][1] in self._boosted_all:
+    # helpers -------------------------------------------------------------
+    def _boosted(self, jid: str) -> bool:
+        return self.cutoff is not None and self.snap.pending[jid].enqueued <= self.cutoff
+
+    def _next_in(self, user: str, shape: Shape, lst: list[_Key]) -> _Key | None:
+        """The next entry of a user's list, skipping boosted ones (offered before)."""
+        pos = (self._cur_prio, user, shape)
+        i = self._pos.get(pos, 0)
+        if self.cutoff is not None:
+            while i < len(lst) and self._boosted(lst[i][1]):
                 i += 1
-        self._pos[(owner, shape)] = i
+            self._pos[pos] = i
         return lst[i] if i < len(lst) else None
 
     def _user_head(self, user: str) -> tuple[_Key, Shape] | None:
@@ -107,35 +105,62 @@ class QueueOrder:
                 best = (key, shape)
         return best
 
+    def _merged_head(self, prio: int | None, *, boosted: bool) -> tuple[_Key, tuple] | None:
+        """The earliest entry over the (priority, shape) lists of feasible shapes.
+
+        These lists are in queue-entry order, so the boosted entries of one
+        are a prefix of it.
+        """
+        best: tuple[_Key, tuple] | None = None
+        for pkey, lst in self.qs.by_shape.items():
+            p, shape = pkey
+            if (prio is not None and p != prio) or not self.feasible(shape, p):
+                continue
+            i = self._pos.get(pkey, 0)
+            if i >= len(lst):
+                continue
+            key = lst[i]
+            if boosted and (self.cutoff is None or key[0] > self.cutoff):
+                continue
+            if best is None or key < best[0]:
+                best = (key, pkey)
+        return best
+
     def _ukey(self, user: str) -> float:
         if not self.config.fair_share:
             return 0.0
         return user_key(self.snap, user, self.now, self.extra_of(user), self.config)
 
     def _load_next_prio(self) -> None:
-        while self._prios and not self._heap and self._boost_i >= len(self._boost_list):
+        while self._prios and not self._heap and not self._boosting:
             self._cur_prio = self._prios.pop(0)
-            self._boost_list = self._boosted.get(self._cur_prio, [])
-            self._boost_i = 0
+            self._boosting = self.cutoff is not None
             for user in self.qs.by_prio_user[self._cur_prio]:
                 head = self._user_head(user)
                 if head is not None:
                     self._heap.append((self._ukey(user), head[0], user))
             heapq.heapify(self._heap)
 
+    # the walk --------------------------------------------------------------
     def _advance(self) -> tuple[Workload, bool] | None:
         if self._fifo:
-            return self._advance_fifo()
+            found = self._merged_head(None, boosted=False)
+            if found is None:
+                return None
+            key, pkey = found
+            self._pos[pkey] = self._pos.get(pkey, 0) + 1
+            return self.snap.pending[key[1]], False
         while True:
-            while self._boost_i < len(self._boost_list):  # boosted of this priority first
-                jid = self._boost_list[self._boost_i]
-                self._boost_i += 1
-                w = self.snap.pending[jid]
-                if self.feasible(w.shape, w.priority):
-                    return w, True
+            if self._boosting:  # boosted of this priority first, longest waiting first
+                found = self._merged_head(self._cur_prio, boosted=True)
+                if found is not None:
+                    key, pkey = found
+                    self._pos[pkey] = self._pos.get(pkey, 0) + 1
+                    return self.snap.pending[key[1]], True
+                self._boosting = False
             if not self._heap:
                 self._load_next_prio()
-                if self._boost_i < len(self._boost_list):
+                if self._boosting:
                     continue
                 if not self._heap:
                     return None
@@ -146,35 +171,18 @@ class QueueOrder:
             if head[0] != key:
                 heapq.heappush(self._heap, (self._ukey(user), head[0], user))
                 continue
-            w = self.snap.pending[key[1]]
-            self._pos[(user, head[1])] += 1
+            pos = (self._cur_prio, user, head[1])
+            self._pos[pos] = self._pos.get(pos, 0) + 1
             nxt = self._user_head(user)
-            if nxt is not None:  # pushed with the key it will have after this one
+            if nxt is not None:  # pushed back with its key read after the caller charged
                 self._pending_push = (user, nxt[0])
-            return w, False
-
-    def _advance_fifo(self) -> tuple[Workload, bool] | None:
-        best: tuple[_Key, Shape] | None = None
-        for shape, lst in self.qs.by_shape.items():
-            if not self.feasible(shape, 0):
-                continue
-            key = self._next_in("", shape, lst)
-            if key is not None and (best is None or key < best[0]):
-                best = (key, shape)
-        if best is None:
-            return None
-        self._pos[("", best[1])] += 1
-        return self.snap.pending[best[0][1]], False
+            return self.snap.pending[key[1]], False
 
     # public ------------------------------------------------------------
-    _pending_push: tuple[str, _Key] | None = None
-
     def peek(self) -> tuple[Workload, bool] | None:
         """The next workload and whether it is age-boosted, without taking it."""
         if self._head is None:
             if self._pending_push is not None:
-                # the previous user goes back with its key read now, after the
-                # caller charged (or not) what it was given
                 user, key = self._pending_push
                 self._pending_push = None
                 heapq.heappush(self._heap, (self._ukey(user), key, user))

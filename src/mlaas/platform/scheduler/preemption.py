@@ -36,6 +36,9 @@ __all__ = ["Plan", "terminating_free", "plan_preemption", "reclaim_candidates",
            "priority_candidates"]
 
 
+_EMPTY: Counter[str] = Counter()
+
+
 @dataclass(frozen=True)
 class Plan:
     """Stop ``victims`` on ``node`` (none: only wait for terminating ones)."""
@@ -97,7 +100,7 @@ def plan_preemption(w: Workload, work: Work, term: dict[str, Counter[str]], now:
     nodes: Iterable[str] = work.node_free
     for node in nodes:
         free = work.node_free[node]
-        coming = term.get(node, Counter())
+        coming = term.get(node, _EMPTY)
         total = work.snap.nodes[node].node.gpus
         if any(total.get(f, 0) < n for f, n in w.gpus.items()):
             continue

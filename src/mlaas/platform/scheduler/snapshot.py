@@ -60,7 +60,8 @@ class QueueState:
     usage: Counter[str] = field(default_factory=Counter)
     by_queued: list[_Key] = field(default_factory=list)
     by_prio_user: dict[int, dict[str, dict[Shape, list[_Key]]]] = field(default_factory=dict)
-    by_shape: dict[Shape, list[_Key]] = field(default_factory=dict)  # (enqueued, id)
+    # (priority, shape) -> [(enqueued, id)], for FIFO and the age boost
+    by_shape: dict[tuple[int, Shape], list[_Key]] = field(default_factory=dict)
     shapes: Counter[Shape] = field(default_factory=Counter)
 
     @property
@@ -161,7 +162,7 @@ class Snapshot:
         key = (w.submitted_at, w.id)
         bisect.insort(qs.by_queued, (w.enqueued, w.id))
         shape = w.shape
-        bisect.insort(qs.by_shape.setdefault(shape, []), (w.enqueued, w.id))
+        bisect.insort(qs.by_shape.setdefault((w.priority, shape), []), (w.enqueued, w.id))
         bisect.insort(qs.by_prio_user.setdefault(w.priority, {}).setdefault(w.user, {})
                       .setdefault(shape, []), key)
         qs.shapes[w.shape] += 1
@@ -175,10 +176,10 @@ class Snapshot:
         key = (w.submitted_at, w.id)
         _remove_sorted(qs.by_queued, (w.enqueued, w.id))
         shape = w.shape
-        lst = qs.by_shape[shape]
+        lst = qs.by_shape[(w.priority, shape)]
         _remove_sorted(lst, (w.enqueued, w.id))
         if not lst:
-            del qs.by_shape[shape]
+            del qs.by_shape[(w.priority, shape)]
         users = qs.by_prio_user[w.priority]
         shapes = users[w.user]
         lst = shapes[shape]

@@ -95,7 +95,8 @@ def test_unusual_shapes_run_alone_with_their_own_errors(served: Any) -> None:
         is None
     assert _as_rows({"MET_pt": [1.0], "Jet_pt": [[2.0]]}, {"MET_pt": {}, "Jet_pt": {}}) == [
         {"MET_pt": 1.0, "Jet_pt": [2.0]}]
-    with pytest.raises(InvalidEvent, match="column 'MET_pt' has 2 values but column 'Jet_pt' has 1"):
+    with pytest.raises(InvalidEvent,
+                       match="column 'MET_pt' has 2 values but column 'Jet_pt' has 1"):
         asyncio.run(rt.predict_events("m", None, None,
                                       {"MET_pt": [1.0, 2.0], "Jet_pt": [[3.0]]}))
     with pytest.raises(InvalidEvent, match="event 1 is a int"):

@@ -14,10 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mlaas.serve.access import AllowAll, ModelAccess
     from mlaas.serve.app import create_app
     from mlaas.serve.registry import ModelNotFound, Registry
+    from mlaas.serve.server import create_server
 
-__all__ = ["create_app", "Registry", "ModelNotFound"]
+__all__ = ["create_app", "create_server", "Registry", "ModelNotFound", "ModelAccess",
+           "AllowAll"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,8 +28,16 @@ def __getattr__(name: str) -> Any:
         from mlaas.serve.app import create_app
 
         return create_app
+    if name == "create_server":
+        from mlaas.serve.server import create_server
+
+        return create_server
     if name in ("Registry", "ModelNotFound"):
         from mlaas.serve import registry
 
         return getattr(registry, name)
+    if name in ("ModelAccess", "AllowAll"):
+        from mlaas.serve import access
+
+        return getattr(access, name)
     raise AttributeError(f"module 'mlaas.serve' has no attribute {name!r}")

@@ -75,26 +75,26 @@ class NodePool(_Model):
     name: str = Field(min_length=1)
     count: int = Field(ge=1)
     gpus: dict[str, int]
-    cpus: float = Field(64.0, gt=0)
-    memory: float = Field(512.0, gt=0)
+    cpus: float = Field(default=64.0, gt=0)
+    memory: float = Field(default=512.0, gt=0)
     absent: list[Window] = []
 
 
 class QuotaSpec(_Model):
     nominal: int = Field(ge=0)
-    borrowing_limit: int | None = Field(None, ge=0)
+    borrowing_limit: int | None = Field(default=None, ge=0)
 
 
 class GroupSpec(_Model):
     """A group: its queue (same name), users, quotas, and its share of the jobs."""
 
     name: str = Field(min_length=1)
-    users: int = Field(8, ge=1)
+    users: int = Field(default=8, ge=1)
     quotas: dict[str, QuotaSpec]
     cohort: str | None = "farm"
     strategy: Literal["StrictFIFO", "BestEffortFIFO"] = "BestEffortFIFO"
     preempt_within_queue: bool = False
-    load: float = Field(1.0, gt=0)
+    load: float = Field(default=1.0, gt=0)
 
 
 class FlavorMix(_Model):
@@ -111,31 +111,31 @@ class FlavorMix(_Model):
 
 
 class JobsSpec(_Model):
-    count: int = Field(10_000, ge=1)
-    span_s: float = Field(7 * 86_400.0, gt=0)
-    duration_median_s: float = Field(2_400.0, gt=0)
-    duration_sigma: float = Field(1.0, ge=0)
-    max_duration_s: float = Field(86_400.0, gt=0)
-    burst_fraction: float = Field(0.5, ge=0, le=1)
-    burst_size_mean: float = Field(40.0, ge=1)
-    burst_spread_s: float = Field(120.0, ge=0)
+    count: int = Field(default=10_000, ge=1)
+    span_s: float = Field(default=7 * 86_400.0, gt=0)
+    duration_median_s: float = Field(default=2_400.0, gt=0)
+    duration_sigma: float = Field(default=1.0, ge=0)
+    max_duration_s: float = Field(default=86_400.0, gt=0)
+    burst_fraction: float = Field(default=0.5, ge=0, le=1)
+    burst_size_mean: float = Field(default=40.0, ge=1)
+    burst_spread_s: float = Field(default=120.0, ge=0)
     flavors: dict[str, FlavorMix] = {
         "nvidia-a100": FlavorMix(weight=0.34, gpus={1: 0.5, 2: 0.25, 4: 0.25}),
         "nvidia-a100-mig-1g.10gb": FlavorMix(weight=0.40, gpus={1: 1.0}),
         "nvidia-t4": FlavorMix(weight=0.26, gpus={1: 0.7, 2: 0.3}),
     }
     checkpoint_intervals_s: list[float] = [600.0, 1_200.0, 1_800.0, 3_600.0]
-    high_priority_fraction: float = Field(0.05, ge=0, le=1)
+    high_priority_fraction: float = Field(default=0.05, ge=0, le=1)
     high_priority: int = 100
-    cpus_per_gpu: float = Field(4.0, ge=0)
-    memory_per_gpu: float = Field(16.0, ge=0)
+    cpus_per_gpu: float = Field(default=4.0, ge=0)
+    memory_per_gpu: float = Field(default=16.0, ge=0)
 
 
 class FailureSpec(_Model):
     """Random node failures: exponential time between failures per node, fixed repair time."""
 
-    mtbf_s: float | None = Field(10 * 86_400.0, gt=0)
-    repair_s: float = Field(4 * 3_600.0, gt=0)
+    mtbf_s: float | None = Field(default=10 * 86_400.0, gt=0)
+    repair_s: float = Field(default=4 * 3_600.0, gt=0)
 
 
 def _default_nodes() -> list[NodePool]:
@@ -168,9 +168,9 @@ class Scenario(_Model):
     groups: list[GroupSpec] = Field(default_factory=_default_groups, min_length=1)
     jobs: JobsSpec = JobsSpec()
     failures: FailureSpec = FailureSpec()
-    preemption_grace_s: float = Field(30.0, ge=0)
-    reclaim_window_s: float = Field(900.0, gt=0)
-    sample_s: float = Field(1_800.0, gt=0)
+    preemption_grace_s: float = Field(default=30.0, ge=0)
+    reclaim_window_s: float = Field(default=900.0, gt=0)
+    sample_s: float = Field(default=1_800.0, gt=0)
     policy: dict[str, float | int | None] = {}
 
     @model_validator(mode="after")
@@ -331,6 +331,10 @@ def jain(xs: list[float]) -> float:
     return (sum(xs) ** 2) / (len(xs) * s2) if s2 > 0 else 1.0
 
 
+def _cap(limit: int | None) -> float:
+    return float("inf") if limit is None else float(limit)
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else 0.0
 
@@ -451,8 +455,8 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
                 push(float(fail_rng.exponential(scenario.failures.mtbf_s)), FAIL, node.name)
 
     demand: dict[str, Counter[str]] = {g: Counter() for g in groups}
-    alloc_int: Counter[str] = Counter()
-    fair_int: Counter[str] = Counter()
+    alloc_int: dict[str, float] = {g: 0.0 for g in groups}
+    fair_int: dict[str, float] = {g: 0.0 for g in groups}
     busy_int = ideal_int = useful = 0.0
     lost_pre = lost_fail = 0.0
     preemptions = limit_viol = guar_viol = failures = cycles = n_events = 0
@@ -632,8 +636,7 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
                 push(t + (job.duration - job.done), FINISH, (jid, job.token))
                 lim = limits[job.group]
                 usage = snap.queues[job.group].usage
-                over = [f for f in d.workload.gpus
-                        if f not in lim or (lim[f] is not None and usage[f] > lim[f])]
+                over = [f for f in d.workload.gpus if f not in lim or usage[f] > _cap(lim[f])]
                 if over:
                     limit_viol += 1
                     if len(violation_log) < 50:
@@ -641,7 +644,7 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
                                               "flavors": over, "at_s": t})
 
     makespan = t_prev
-    waits = {g: [] for g in groups}
+    waits: dict[str, list[float]] = {g: [] for g in groups}
     for j in jobs:
         if j.first_start is not None:
             waits[j.group].append(j.first_start - j.w.submitted_at)

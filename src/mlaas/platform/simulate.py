@@ -172,6 +172,7 @@ class Scenario(_Model):
     reclaim_window_s: float = Field(default=900.0, gt=0)
     sample_s: float = Field(default=1_800.0, gt=0)
     policy: dict[str, float | int | None] = {}
+    max_time_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -195,7 +196,22 @@ class Scenario(_Model):
         for key in self.policy:
             if key not in allowed:
                 raise ValueError(f"policy override {key!r} is not one of {sorted(allowed)}")
+        # every job must be able to start somewhere, or the run could never end
+        for f, mix in self.jobs.flavors.items():
+            biggest = max(p.gpus.get(f, 0) for p in self.nodes)
+            if max(mix.gpus) > biggest:
+                raise ValueError(f"jobs.flavors.{f} asks for {max(mix.gpus)} devices, but the "
+                                 f"largest node has {biggest}")
+            for g in self.groups:
+                if f not in g.quotas:
+                    raise ValueError(f"groups[{g.name}].quotas has no {f!r}, which jobs ask "
+                                     f"for: its jobs could never start")
         return self
+
+    @property
+    def horizon_s(self) -> float:
+        """When the run stops even with jobs left: ``max_time_s``, or 4 spans + 10 days."""
+        return self.max_time_s or 4 * self.jobs.span_s + 10 * 86_400.0
 
 
 def default_scenario() -> Scenario:
@@ -537,8 +553,11 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
         job.done += ck - r.started_at
         return (at - ck) * job.w.gpu_count
 
+    horizon = scenario.horizon_s
     while events:
         t = events[0][0]
+        if t > horizon:  # jobs left that could not finish: reported as finished < jobs
+            break
         accumulate(t)
         t_prev = t
         check_guarantees(t)

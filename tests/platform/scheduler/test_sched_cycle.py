@@ -21,7 +21,13 @@ def test_queueing_strategy(case: str) -> None:
     c = STRATEGY[case]
     s = snap([Node("n1", {A100: 2})], [queue("a", None, strategy=c["strategy"], a100=8)],
              [wl("big", "a", t=0, a100=4), wl("small", "a", t=1, a100=1)])
-    assert admitted(run_cycle(s, now=5.0, config=policy("quota")).decisions) == c["want"]
+    result = run_cycle(s, now=5.0, config=policy("quota"))
+    assert admitted(result.decisions) == c["want"]
+    big = {e.workload.id: e for e in result.entries}.get("big")
+    if c["strategy"] == "StrictFIFO":
+        assert big is not None and "blocks queue 'a'" in big.reason
+    else:  # a shape that cannot start is skipped unexamined
+        assert big is None
 
 
 def test_schedule_returns_only_admit_and_preempt() -> None:

@@ -74,6 +74,13 @@ def test_fifo_ignores_quotas_and_the_quota_policy_does_not_reclaim(small: Scenar
     assert fifo.preemptions == quota.preemptions == 0
 
 
+def test_the_horizon_stops_a_run_that_cannot_finish(small: Scenario) -> None:
+    short = small.model_copy(update={"max_time_s": 5_000.0})
+    result = simulate(short, "fair")
+    assert 0 < result.finished < result.jobs
+    assert result.makespan_s <= 5_000.0
+
+
 def test_preempted_and_failed_work_is_lost_only_since_the_last_checkpoint(fair) -> None:
     # every lost second is below the longest checkpoint interval, per run stopped
     assert fair.lost_gpu_hours >= fair.lost_gpu_hours_failures >= 0
@@ -121,6 +128,12 @@ SCENARIO_ERRORS = {
     "an unknown policy override": ({"policy": {"half_lfe_s": 10}}, "half_lfe_s"),
     "duplicate group names": ({"groups": [{"name": "g", "quotas": {}},
                                           {"name": "g", "quotas": {}}]}, "unique"),
+    "a job larger than every node": (
+        {"jobs": {"flavors": {"nvidia-t4": {"weight": 1, "gpus": {8: 1.0}}}}},
+        "jobs.flavors.nvidia-t4 asks for 8 devices, but the largest node has 4"),
+    "a group without quota for a flavor its jobs use": (
+        {"groups": [{"name": "g", "quotas": {"nvidia-t4": {"nominal": 1}}}]},
+        "no 'nvidia-a100'"),
 }
 
 

@@ -117,6 +117,8 @@ def run_cycle(snapshot: Snapshot, *, now: float, config: PolicyConfig) -> CycleR
             if entry.status is EntryStatus.ADMITTED:
                 continue
             if state.strict(qname):
+                state.entries[w.id] = Entry(w, entry.status,
+                                            entry.reason + f" (StrictFIFO: blocks queue {qname!r})")
                 del orders[qname]
                 continue
             # 6. drop exhausted queues

@@ -217,7 +217,6 @@ class EntryStatus(str, enum.Enum):
     PREEMPTING = "preempting"  # victims told to stop; admitted when they have exited
     WAITING = "waiting"  # fits its quota, but no node has room now
     INADMISSIBLE = "inadmissible"  # quota or flavor says no
-    BLOCKED = "blocked"  # behind a StrictFIFO head that could not be admitted
 
 
 @dataclass(frozen=True)

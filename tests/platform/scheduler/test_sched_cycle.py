@@ -6,8 +6,9 @@ import pytest
 from sched_builders import A100, T4, admitted, queue, snap, wl
 
 from mlaas.errors import Conflict, NotFound, SpecError
-from mlaas.platform.scheduler import (Admit, EntryStatus, Node, PolicyConfig, Preempt, explain,
-                                      policy, run_cycle, schedule)
+from mlaas.platform.scheduler import (Admit, EntryStatus, Flavor, Node, PolicyConfig, Preempt,
+                                      Queue, Quota, Snapshot, Workload, explain, policy,
+                                      run_cycle, schedule)
 
 STRATEGY = {
     "StrictFIFO: a head that does not fit blocks the queue": dict(strategy="StrictFIFO", want={}),
@@ -98,3 +99,16 @@ def test_a_backlog_that_cannot_start_costs_no_entries_but_can_be_explained() -> 
     assert entry.status is EntryStatus.INADMISSIBLE and "nominal quota 1" in entry.reason
     with pytest.raises(NotFound, match="'r' is not pending"):
         explain(s, "r", config=policy("fair"))
+
+
+def test_known_flavors_refuse_a_typo_with_a_hint() -> None:
+    flavors = [Flavor(A100), Flavor("nvidia-a100-mig-1g.10gb", parent=A100), Flavor(T4)]
+    s = Snapshot([Node("n1", {A100: 2})], [queue("a", a100=2)], flavors=flavors)
+    with pytest.raises(SpecError, match="unknown flavor 'nvidia-a10'; did you mean 'nvidia-a100'") as exc:
+        s.add_node(Node("n2", {"nvidia-a10": 1}))
+    assert exc.value.field_path == "nodes.n2.gpus"
+    with pytest.raises(SpecError, match="queue 'b' names unknown flavor"):
+        s.add_queue(Queue("b", "b", {"nvidia-t5": Quota(1)}))
+    with pytest.raises(SpecError, match="workload 'x' names unknown flavor") as exc:
+        s.add_pending(Workload("x", "a", "u", {"h100": 1}, 0.0))
+    assert exc.value.field_path == "resources.gpus"

@@ -27,9 +27,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-from mlaas.errors import Conflict, NotFound, SpecError
+from mlaas.errors import Conflict, NotFound, SpecError, close_names
 
-from .model import Node, Queue, Running, Shape, Workload
+from .model import Flavor, Node, Queue, Running, Shape, Workload
 from .usage import DecayedUsage
 
 __all__ = ["Snapshot", "NodeState", "QueueState", "CohortState"]
@@ -88,7 +88,8 @@ class Snapshot:
     """
 
     def __init__(self, nodes: Iterable[Node] = (), queues: Iterable[Queue] = (),
-                 *, usage: DecayedUsage | None = None, half_life: float = 86_400.0) -> None:
+                 *, flavors: Iterable[Flavor] | None = None, usage: DecayedUsage | None = None,
+                 half_life: float = 86_400.0) -> None:
         self.nodes: dict[str, NodeState] = {}
         self.queues: dict[str, QueueState] = {}
         self.cohorts: dict[str, CohortState] = {}
@@ -97,15 +98,30 @@ class Snapshot:
         self.usage = usage if usage is not None else DecayedUsage(half_life)
         self.capacity: Counter[str] = Counter()  # devices per flavor on nodes that are up
         self.free_total: Counter[str] = Counter()
+        # the known flavors; None: any name goes (the simulator); the manager
+        # passes the configured ones so a typo in a queue or node is refused
+        self.flavors: dict[str, Flavor] | None = (
+            None if flavors is None else {f.name: f for f in flavors})
         for q in queues:
             self.add_queue(q)
         for n in nodes:
             self.add_node(n)
 
     # -- queues ---------------------------------------------------------
+    def _check_flavors(self, names: Iterable[str], where: str, field_path: str) -> None:
+        if self.flavors is None:
+            return
+        for name in names:
+            if name not in self.flavors:
+                near = close_names(name, self.flavors)
+                hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+                raise SpecError(f"{where} names unknown flavor {name!r}{hint}",
+                                field_path=field_path)
+
     def add_queue(self, queue: Queue) -> None:
         if queue.name in self.queues:
             raise Conflict(f"queue {queue.name!r} is already in the snapshot")
+        self._check_flavors(queue.quotas, f"queue {queue.name!r}", f"queues.{queue.name}.quotas")
         self.queues[queue.name] = QueueState(queue)
         if queue.cohort is not None:
             c = self.cohorts.setdefault(queue.cohort, CohortState(queue.cohort))
@@ -122,6 +138,7 @@ class Snapshot:
         """A node joins with everything free."""
         if node.name in self.nodes:
             raise Conflict(f"node {node.name!r} is already in the pool")
+        self._check_flavors(node.gpus, f"node {node.name!r}", f"nodes.{node.name}.gpus")
         self.nodes[node.name] = NodeState(
             node, {f: list(range(n)) for f, n in node.gpus.items() if n > 0},
             node.cpus, node.memory)
@@ -158,6 +175,7 @@ class Snapshot:
                             field_path="resources.queue", job_id=w.id)
         if w.id in self.pending or w.id in self.running:
             raise Conflict(f"workload {w.id!r} is already pending or running", job_id=w.id)
+        self._check_flavors(w.gpus, f"workload {w.id!r}", "resources.gpus")
         self.pending[w.id] = w
         key = (w.submitted_at, w.id)
         bisect.insort(qs.by_queued, (w.enqueued, w.id))

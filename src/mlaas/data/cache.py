@@ -78,13 +78,24 @@ class DiskCache(ChunkCache):
         except OSError as exc:
             raise CacheError(f"cannot create the cache directory: {exc.strerror}",
                              file_path=str(directory)) from exc
+        self._open: dict[str, Columns] = {}
 
     def get(self, name: str) -> Columns | None:
+        """The entry's arrays, memory-mapped; each entry is opened once per process.
+
+        Keeping the maps open lets later epochs find the pages already
+        mapped (and, memory permitting, in the page cache) instead of paying
+        six opens and fresh mappings per chunk and epoch.
+        """
+        found = self._open.get(name)
+        if found is not None:
+            return found
         path = self.directory / name
         if not (path / "complete").exists():
             return None
-        arrays = [np.load(path / f"{k}.npy", mmap_mode="r") for k in _FIELDS]
-        return Columns(*arrays)
+        found = Columns(*(np.load(path / f"{k}.npy", mmap_mode="r") for k in _FIELDS))
+        self._open[name] = found
+        return found
 
     def put(self, name: str, columns: Columns) -> None:
         final = self.directory / name

@@ -293,3 +293,18 @@ def test_https_reads_equal_local_reads(http_server) -> None:  # type: ignore[no-
     remote = RootDataset({"data": {"sources": [{"files": [url]}], **base}}, split="test")
     local = RootDataset({"data": {"sources": [{"files": [HZZ]}], **base}}, split="test")
     np.testing.assert_array_equal(collect(remote).x, collect(local).x)
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_background_threads_give_the_same_batches_in_the_same_order(synth_pair: Path,
+                                                                     cache: str) -> None:
+    spec = synth_spec(synth_pair, cache=cache)
+    alone = RootDataset(spec, split="train", batch_size=300, seed=5, prefetch=False)
+    threaded = RootDataset(spec, split="train", batch_size=300, seed=5, prefetch=True)
+    for epoch in (0, 1):  # with the memory cache, epoch 1 reads it back
+        want, got = list(alone.iter_epoch(epoch)), list(threaded.iter_epoch(epoch))
+        assert len(want) == len(got) > 1
+        for a, b in zip(want, got, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])

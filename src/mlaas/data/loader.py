@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,8 @@ from mlaas import spec as spec_module
 from mlaas.data import chunks as chunking
 from mlaas.data import sources
 from mlaas.data import stats as pass1
-from mlaas.data.cache import ChunkCache, dataset_key, make_cache
+from mlaas.data.background import in_background
+from mlaas.data.cache import ChunkCache, MemoryCache, dataset_key, make_cache
 from mlaas.data.layout import Layout, resolve_layout
 from mlaas.data.transform import COLUMN_FIELDS, SPLITS, Chunk, Columns, Transform, uniform_hash
 from mlaas.errors import SpecError
@@ -63,7 +65,8 @@ class RootDataset:
         shuffle_chunks (int): chunks mixed in one shuffle buffer; default: the
             number of sources (at least 2), so every batch mixes classes.
         drop_last (bool): drop a final partial batch.
-        prefetch (bool): read the next chunk in a background thread.
+        prefetch (bool): read the next chunk in a background thread, and
+            preprocess and batch in another (``False``: all on the caller's).
         progress (callable): ``(events, bytes)`` per chunk read in pass 1.
         prepared (tuple): the result of :func:`prepare`, shared by the splits of
             one run so files are opened and planned once.
@@ -112,6 +115,19 @@ class RootDataset:
         self.epoch = 0
         self._keep_fraction = self._balance_fractions()
         self.cache: ChunkCache = self._cache(shift, scale)
+        # x/mask buffers of one chunk's size, kept between passes (see _Outputs)
+        self._spare: list[tuple[np.ndarray, np.ndarray]] = []
+        self._spare_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For DataLoader workers started by spawn: spare buffers and locks stay behind."""
+        state = self.__dict__.copy()
+        state["_spare"], state["_spare_lock"] = [], None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._spare_lock = threading.Lock()
 
     # -- construction helpers -------------------------------------------------
 
@@ -170,15 +186,46 @@ class RootDataset:
         return self.iter_epoch(epoch)
 
     def iter_epoch(self, epoch: int, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
-        """The batches of one epoch for worker ``worker`` of ``num_workers``."""
+        """The batches of one epoch for worker ``worker`` of ``num_workers``.
+
+        With ``prefetch``, a thread preprocesses and builds the batches (and a
+        second one reads ahead) while the caller uses the previous ones; it
+        may run one shuffle buffer ahead, so the caller rarely waits.
+        """
+        batches = self._epoch_batches(epoch, worker, num_workers)
+        if not self.prefetch:
+            return batches
+        return in_background(batches, self._queue_depth(), "mlaas-batches")
+
+    def _queue_depth(self) -> int:
+        """Batches the background thread may hold: one shuffle buffer's worth."""
+        largest = max((c.entries for c in self.chunks), default=0)
+        return max(2, -(-self.shuffle_chunks * largest // self.batch_size))
+
+    def _epoch_batches(self, epoch: int, worker: int, num_workers: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         mine = self._chunk_order(rng)[worker::num_workers]
+        outputs = self._outputs()
         pending: list[Columns] = []
-        for i, cols in enumerate(self._prefetched(mine)):
-            pending.append(self._balanced(cols, epoch))
-            if (i + 1) % self.shuffle_chunks == 0:
-                pending = yield from self._flush(pending, rng, final=False)
-        yield from self._flush(pending, rng, final=True)
+        try:
+            for i, cols in enumerate(self._prefetched(mine, outputs)):
+                pending.append(self._balanced(cols, epoch))
+                if (i + 1) % self.shuffle_chunks == 0:
+                    pending = yield from self._flush(pending, rng, final=False)
+                    if outputs is not None:
+                        outputs.reclaim()  # batches and the rest are copies: reuse the parts
+            yield from self._flush(pending, rng, final=True)
+        finally:
+            if outputs is not None:
+                outputs.give_back()
+
+    def _outputs(self) -> _Outputs | None:
+        """Reused x/mask buffers for this pass, unless a memory cache keeps every chunk."""
+        if isinstance(self.cache, MemoryCache):
+            return None
+        rows = max((c.entries for c in self.chunks), default=0)
+        return _Outputs(self._spare, self._spare_lock,
+                        (rows, len(self.feature_names)), (rows, len(self.mask_names)))
 
     def torch(self) -> Any:
         """A torch ``IterableDataset`` yielding batches of tensors (use ``batch_size=None``)."""
@@ -204,15 +251,17 @@ class RootDataset:
             shuffled.extend(items[i] for i in rng.permutation(len(items)))
         return chunking.interleave(shuffled)
 
-    def _prefetched(self, chunks: list[chunking.ChunkRange]) -> Iterator[Columns]:
+    def _prefetched(self, chunks: list[chunking.ChunkRange],
+                    outputs: _Outputs | None = None) -> Iterator[Columns]:
         """Each chunk's columns; the next chunk is read in a thread meanwhile.
 
-        Only reading runs in the thread: decompression releases the GIL, so it
-        overlaps the preprocessing of the current chunk on the main thread.
-        One chunk in flight bounds the extra memory.
+        Only reading runs in that thread: decompression releases the GIL, so it
+        overlaps the preprocessing of the current chunk (on the batch thread,
+        see :meth:`iter_epoch`). One chunk in flight bounds the extra memory.
         """
         if not self.prefetch or len(chunks) < 2:
-            yield from map(self._columns, chunks)
+            for chunk in chunks:
+                yield self._finish(chunk, self._fetch(chunk), outputs)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="mlaas-prefetch") as pool:
             future = pool.submit(self._fetch, chunks[0])
@@ -220,7 +269,7 @@ class RootDataset:
                 fetched = future.result()
                 if i + 1 < len(chunks):
                     future = pool.submit(self._fetch, chunks[i + 1])
-                yield self._finish(chunk, fetched)
+                yield self._finish(chunk, fetched, outputs)
 
     def _fetch(self, chunk: chunking.ChunkRange) -> Columns | Chunk:
         """The cached columns of ``chunk``, or its arrays read from the file."""
@@ -229,10 +278,12 @@ class RootDataset:
             return cached
         return chunking.read(self.pipeline, self.layout, chunk)
 
-    def _finish(self, chunk: chunking.ChunkRange, fetched: Columns | Chunk) -> Columns:
+    def _finish(self, chunk: chunking.ChunkRange, fetched: Columns | Chunk,
+                outputs: _Outputs | None = None) -> Columns:
         if isinstance(fetched, Columns):
             return fetched
-        cols = self.transform(fetched, None if self.split == "all" else self.split)
+        cols = self.transform(fetched, None if self.split == "all" else self.split,
+                              outputs.lend if outputs is not None else None)
         if self.cache.enabled:
             self.cache.put(chunk.name, cols)
         return cols
@@ -297,6 +348,54 @@ class _Parts:
             local = rows[sel] - self.bounds[p]
             part = self.parts[int(p)]
             for k in COLUMN_FIELDS:
-                getattr(out, k)[sel] = getattr(part, k)[local]
+                getattr(out, k)[sel] = np.take(getattr(part, k), local, axis=0)
         return out
 
+
+
+class _Outputs:
+    """The x/mask buffers one pass writes chunks into, lent per chunk and reused.
+
+    On a VM whose freed memory goes back to the host, every fresh chunk-sized
+    array pays its page faults again (a second transform of the same chunk ran
+    4-6x faster than the first); a chunk's ``x`` alone is ~200 MB at the
+    default step. A pass borrows at most ``shuffle_chunks`` pairs (the parts
+    of one shuffle buffer), takes them back once the buffer's batches are
+    copied out, and returns them to the dataset's spares when it ends, so the
+    next pass finds them already mapped. Extra memory: the spares, that is one
+    shuffle buffer of x and mask, kept while the dataset lives.
+    """
+
+    def __init__(self, spare: list[tuple[np.ndarray, np.ndarray]], lock: threading.Lock,
+                 x_shape: tuple[int, int], mask_shape: tuple[int, int]) -> None:
+        self.spare, self.lock = spare, lock
+        self.x_shape, self.mask_shape = x_shape, mask_shape
+        self.free: list[tuple[np.ndarray, np.ndarray]] = []
+        self.lent: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def lend(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the first ``m`` rows of a free pair (a new pair if none is free)."""
+        pair = self.free.pop() if self.free else self._take_spare()
+        self.lent.append(pair)
+        return pair[0][:m], pair[1][:m]
+
+    def _take_spare(self) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            while self.spare:
+                x, mask = self.spare.pop()
+                if x.shape == self.x_shape and mask.shape == self.mask_shape:
+                    return x, mask
+        return (np.empty(self.x_shape, dtype=np.float32),
+                np.empty(self.mask_shape, dtype=np.float32))
+
+    def reclaim(self) -> None:
+        """Every lent pair is free again (their rows were copied into batches)."""
+        self.free.extend(self.lent)
+        self.lent.clear()
+
+    def give_back(self) -> None:
+        """At the end of a pass: the pairs go back to the dataset for the next one."""
+        self.reclaim()
+        with self.lock:
+            self.spare.extend(self.free)
+        self.free.clear()

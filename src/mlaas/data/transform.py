@@ -12,7 +12,7 @@ truncated and padded with numpy offsets), NaN policy, normalisation.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +66,16 @@ class Columns:
         return int(self.y.shape[0])
 
     def take(self, index: np.ndarray | slice) -> Columns:
-        return Columns(self.x[index], self.y[index], self.w[index], self.mask[index],
-                       self.file[index], self.entry[index])
+        """The rows ``index`` (a slice gives views; an index array, copies).
+
+        ``np.take(..., axis=0)`` copies each row as one block: for the
+        shuffle's random gathers of 2-D ``x`` it ran 2.3x faster than
+        ``x[index]`` (numpy 2.4, 600k rows of 81 float32).
+        """
+        if isinstance(index, slice):
+            return Columns(self.x[index], self.y[index], self.w[index], self.mask[index],
+                           self.file[index], self.entry[index])
+        return Columns(*(np.take(getattr(self, k), index, axis=0) for k in COLUMN_FIELDS))
 
     @staticmethod
     def concat(parts: list[Columns]) -> Columns:
@@ -107,6 +115,10 @@ def split_codes(key: str, entries: np.ndarray, validation: float, test: float,
     return codes
 
 
+#: ``out(m)`` -> (x, mask): preallocated float32 outputs for ``m`` events (see Transform).
+Outputs = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
 class SlotIndex:
     """Where each slot of a collection's padded [n, max_len] block comes from.
 
@@ -121,7 +133,11 @@ class SlotIndex:
         slot = np.arange(max_len)
         self.valid = slot[None, :] < counts[:, None]
         self.kept = (starts[:, None] + slot[None, :])[self.valid]  # row-major, like valid
-        self.mask = self.valid.astype(np.float32)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """1.0 for a real object, 0.0 for padding, float32 [n, max_len]."""
+        return self.valid.astype(np.float32)
 
     def fill(self, content: np.ndarray, pad: float) -> np.ndarray:
         """Raw padded values [n, max_len], float64."""
@@ -260,8 +276,13 @@ class Transform:
         entries = np.arange(chunk.entry_start, chunk.entry_start + n, dtype=np.int64)
         return split_codes(chunk.file_key, entries, s.validation, s.test, s.seed)
 
-    def __call__(self, chunk: Chunk, split: str | None) -> Columns:
-        """Preprocess one chunk, keeping events of ``split`` (None: every split)."""
+    def __call__(self, chunk: Chunk, split: str | None, out: Outputs | None = None) -> Columns:
+        """Preprocess one chunk, keeping events of ``split`` (None: every split).
+
+        ``out(m)`` may hand over ``x`` [m, n_columns] and ``mask`` [m, n_mask]
+        float32 arrays to write into (views of reused buffers): fresh arrays of
+        a chunk's size cost their page faults on every chunk.
+        """
         n = len(next(iter(chunk.arrays.values()))) if chunk.arrays else 0
         keep = np.ones(n, dtype=bool)
         if split is not None:
@@ -273,7 +294,7 @@ class Transform:
         w = self._weight(env, chunk, n)[index]
         self._finite(y, "the label", "data.label", chunk)
         self._finite(w, "the weight", "data.weight", chunk)
-        x, mask = self._features(env, chunk, keep, index)
+        x, mask = self._features(env, chunk, keep, index, out)
         m = len(index)
         return Columns(
             x=x, y=y, w=w, mask=mask,
@@ -301,7 +322,7 @@ class Transform:
                             file_path=chunk.url, field_path=path)
 
     def _features(self, env: Mapping[str, Any], chunk: Chunk, keep: np.ndarray,
-                  index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  index: np.ndarray, out: Outputs | None) -> tuple[np.ndarray, np.ndarray]:
         """Write each feature straight into float32 ``x``, normalised on the way.
 
         Arithmetic stays float64 per feature (a jagged branch has one shift
@@ -310,7 +331,11 @@ class Transform:
         layout = self.layout
         jagged = jagged_values(layout, env, keep, chunk.url)
         m = len(index)
-        x = np.empty((m, self.n_columns), dtype=np.float32)
+        if out is not None:
+            x, mask = out(m)
+        else:
+            x = np.empty((m, self.n_columns), dtype=np.float32)
+            mask = np.empty((m, self.n_mask), dtype=np.float32)
         slots: dict[str, SlotIndex] = {}
         col = 0
         for f in layout.features:
@@ -331,8 +356,11 @@ class Transform:
                 width = 1
                 x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
             col += width
-        masks = [slots[c].mask for c in layout.collections]
-        mask = np.concatenate(masks, axis=1) if masks else np.zeros((m, 0), dtype=np.float32)
+        start = 0
+        for c in layout.collections:
+            width = slots[c].valid.shape[1]
+            mask[:, start:start + width] = slots[c].valid
+            start += width
         return x, mask
 
     def _clean(self, values: np.ndarray, name: str, chunk: Chunk) -> np.ndarray:

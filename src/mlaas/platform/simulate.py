@@ -467,7 +467,7 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
                 if win.from_s > 0:
                     push(win.from_s, DOWN, (node.name, "leave"))
                 push(win.to_s, UP, node.name)
-            if scenario.failures.mtbf_s:
+            if scenario.failures.mtbf_s and not starts_absent:  # else drawn when it joins
                 push(float(fail_rng.exponential(scenario.failures.mtbf_s)), FAIL, node.name)
 
     demand: dict[str, Counter[str]] = {g: Counter() for g in groups}

@@ -22,8 +22,9 @@ HTTP implementation):
     and out) of 1024 events each: events/s, at 1 connection (one stream, as
     (d); the ratio c/d uses this) and at ``--v2-connections`` (default 4).
 (d) ONNX Runtime alone, in a fresh Python process (as the server is), on
-    the same 1024-event batch with the bundle's session (``bundle.session.run``,
-    the bundle's thread settings): events/s.
+    the same 1024-event batch with the bundle's session (``bundle.session.run``)
+    and the server's settings (1 intra-op thread, ``create_server``'s default):
+    events/s; also with the bundle's default (2 threads) for reference.
 
 Prints the ratios a/b and c/d and the server's RSS (VmRSS and the peak
 VmHWM, from /proc). Targets (issue 4): a >= 2 b; a >= 3000 req/s; p99 < 25 ms
@@ -60,6 +61,7 @@ MODEL = "mlp42"
 HIDDEN = [128, 128, 128, 64, 64]
 BATCH = 1024
 HEADER = "Inference-Header-Content-Length"
+ORT_THREADS = 1  # create_server's default ort_threads; (d) uses the same session settings
 
 FEATURES: list[Any] = [
     "MET_pt", "MET_phi", "PV_npvs", "nJet", "nMuon", "nElectron", "HT", "nBJet",
@@ -197,6 +199,25 @@ def cpu_seconds(pids: int | list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pids: int | list[int]) -> dict[str, float]:
+    """CPU seconds so far per thread name (``comm``: MainThread is the process name,
+    ``mlaas-ort_0``...), summed over ``pids``: which thread does the work."""
+    out: dict[str, float] = {}
+    for pid in [pids] if isinstance(pids, int) else pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            key = "main" if task.name == str(pid) else name
+            if pid != (pids if isinstance(pids, int) else pids[0]):
+                key = f"worker process {key}"
+            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf(
+                "SC_CLK_TCK")
+    return out
+
+
 def children(pid: int) -> list[int]:
     """Child processes of ``pid`` (the server's worker processes)."""
     out: list[int] = []
@@ -216,8 +237,10 @@ def wrk(url: str, body: Path, headers: dict[str, str], *, connections: int, thre
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
            "--timeout", "10s", "-s", str(lua), url]
     cpu_before = cpu_seconds(pid) if pid is not None else 0.0
+    threads_before = thread_cpu(pid) if pid is not None else {}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     cpu = cpu_seconds(pid) - cpu_before if pid is not None else float("nan")
+    threads_after = thread_cpu(pid) if pid is not None else {}
     match = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
@@ -227,7 +250,11 @@ def wrk(url: str, body: Path, headers: dict[str, str], *, connections: int, thre
             "req_per_s": got["requests"] / seconds, "p50_ms": got["p50_us"] / 1e3,
             "p99_ms": got["p99_us"] / 1e3, "mean_ms": got["mean_us"] / 1e3,
             "status_errors": got["status_errors"], "socket_errors": got["socket_errors"],
-            "server_cpu_s": cpu, "server_cpu_ms_per_request": 1e3 * cpu / max(1, got["requests"])}
+            "server_cpu_s": cpu, "server_cpu_ms_per_request": 1e3 * cpu / max(1, got["requests"]),
+            "thread_cpu_ms_per_request": {
+                k: round(1e3 * (v - threads_before.get(k, 0.0)) / max(1, got["requests"]), 4)
+                for k, v in sorted(threads_after.items())
+                if v - threads_before.get(k, 0.0) > 0}}
 
 
 def check_answer(url: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -345,11 +372,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             # (d): ONNX Runtime alone, right after (c) so both see the same machine, in a
             # fresh process like the server's (this one has torch and awkward loaded)
             np.save(tmp / "x.npy", x)
-            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_ort",
-                                  str(bundle_dir), str(tmp / "x.npy"), str(args.duration)],
-                                 capture_output=True, text=True, check=True,
-                                 timeout=args.duration + 120)
-            results["d"] = json.loads(out.stdout.strip().splitlines()[-1])
+            for key, threads in (("d", ORT_THREADS), ("d_default_threads", 0)):
+                out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_ort",
+                                      str(bundle_dir), str(tmp / "x.npy"), str(args.duration),
+                                      str(threads)],
+                                     capture_output=True, text=True, check=True,
+                                     timeout=args.duration + 120)
+                results[key] = json.loads(out.stdout.strip().splitlines()[-1])
 
         # (b): the naive reference
         port = free_port()
@@ -413,10 +442,16 @@ def report(r: dict[str, Any]) -> str:
         f"    same, {r['v2_connections']} conn: {cp['events_per_s']:.0f} events/s "
         f"(p50 {cp['p50_ms']:.2f} ms, p99 {cp['p99_ms']:.2f} ms; server CPU "
         f"{cp['server_cpu_ms_per_request']:.3f} ms/request)",
-        f"(d) ONNX Runtime alone, same batch:           {d['events_per_s']:.0f} events/s "
-        f"({d['ms_per_batch']:.3f} ms per batch)",
+        f"(d) ONNX Runtime alone, same batch, 1 thread: {d['events_per_s']:.0f} events/s "
+        f"({d['ms_per_batch']:.3f} ms per batch); bundle default (2 threads): "
+        f"{r['d_default_threads']['events_per_s']:.0f} events/s",
         f"a/b = {r['ratios']['a_over_b']:.2f}   c/d = {r['ratios']['c_over_d']:.2f}   "
         f"server CPU per request b/a = {r['ratios']['cpu_per_request_b_over_a']:.2f}",
+        "server CPU ms/request by thread: (a) " + ", ".join(
+            f"{k} {v:.3f}" for k, v in a["thread_cpu_ms_per_request"].items())
+        + ("" if aw is None else "; (a') " + ", ".join(
+            f"{k} {v:.3f}" for k, v in aw["thread_cpu_ms_per_request"].items()))
+        + "; (b) " + ", ".join(f"{k} {v:.3f}" for k, v in b["thread_cpu_ms_per_request"].items()),
         f"server RSS {rss['VmRSS']:.0f} MB (peak {rss['VmHWM']:.0f} MB); naive server RSS "
         f"{b['rss_mb']['VmRSS']:.0f} MB",
         "targets: " + ", ".join(f"{k}: {'met' if ok else 'MISSED'}"
@@ -435,17 +470,21 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--models", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--event-workers", type=int, default=0)
+    parser.add_argument("--ort-threads", type=int, default=None)
     args = parser.parse_args(argv)
-    uvicorn.run(create_server(args.models, event_workers=args.event_workers), host="127.0.0.1",
-                port=args.port, log_level="warning", access_log=False)
+    app = create_server(args.models, event_workers=args.event_workers,
+                        ort_threads=args.ort_threads)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
 def ort_main(argv: list[str]) -> None:
-    """``bench/serve.py _ort BUNDLE X.npy SECONDS``: (d) in a fresh process, JSON on stdout."""
+    """``bench/serve.py _ort BUNDLE X.npy SECONDS THREADS``: (d) in a fresh process (THREADS
+    0: the bundle's default), JSON on stdout."""
     from mlaas.bundle import Bundle
 
-    bundle_dir, x_path, seconds = argv
-    print(json.dumps(ort_alone(Bundle.load(bundle_dir), np.load(x_path), float(seconds))))
+    bundle_dir, x_path, seconds, threads = argv
+    bundle = Bundle.load(bundle_dir, threads=int(threads) or None)
+    print(json.dumps(ort_alone(bundle, np.load(x_path), float(seconds))))
 
 
 def main() -> None:

@@ -204,3 +204,16 @@ def test_server_with_an_event_worker(tmp_path: Path, trained: dict[str, Any]) ->
         r = client.post("/api/models/m/predict", json=[{"MET_pt": "x", "Jet_pt": []}])
         assert r.status_code == 400 and r.json()["event"] == 0 and r.json()["field"] == "MET_pt"
     assert app.state.runtime.workers._pool is None  # the lifespan stopped the worker
+
+
+def test_server_bundles_use_one_ort_thread(tmp_path: Path, trained: dict[str, Any]) -> None:
+    from mlaas.serve.server import create_server
+
+    app = create_server(tmp_path / "a")
+    app.state.registry.upload("m", trained["bytes"])
+    _, bundle = app.state.registry.bundle("m")
+    assert bundle.session.get_session_options().intra_op_num_threads == 1
+    other = create_server(tmp_path / "b", ort_threads=None)
+    other.state.registry.upload("m", trained["bytes"])
+    _, bundle = other.state.registry.bundle("m")
+    assert bundle.session.get_session_options().intra_op_num_threads == min(2, os.cpu_count() or 1)

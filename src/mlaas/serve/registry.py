@@ -137,6 +137,8 @@ class Registry:
         max_archive_bytes: the largest archive :meth:`upload` accepts.
         max_member_bytes: the largest single file inside an archive.
         max_total_bytes: the largest unpacked size of an archive.
+        threads: ONNX Runtime intra-op threads of the bundles it loads (default: the
+            bundle's, min(2, CPUs)); a server batching small requests wants 1.
 
     Thread-safe; several processes may share one root (changes take an fcntl
     lock on ``root/.lock``).
@@ -145,8 +147,9 @@ class Registry:
     def __init__(self, root: str | os.PathLike[str], *,
                  max_archive_bytes: int = MAX_ARCHIVE_BYTES,
                  max_member_bytes: int = MAX_MEMBER_BYTES,
-                 max_total_bytes: int = MAX_TOTAL_BYTES) -> None:
+                 max_total_bytes: int = MAX_TOTAL_BYTES, threads: int | None = None) -> None:
         self.root = Path(root)
+        self.threads = threads
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_archive_bytes = max_archive_bytes
         self.max_member_bytes = max_member_bytes
@@ -335,7 +338,7 @@ class Registry:
                 if hit is not None and hit[0] == ident:
                     return v, hit[1]
             try:
-                loaded = Bundle.load(path)
+                loaded = Bundle.load(path, threads=self.threads)
             except BundleError:
                 if not path.exists():
                     raise ModelNotFound(f"model {name!r} has no version {v}", model=name,

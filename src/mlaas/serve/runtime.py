@@ -318,23 +318,26 @@ class EventBatcher(_BatchQueue):
         workers: a :class:`~mlaas.serve.workers.ProcessScorer` to run batches in a
             worker process (the bundle loaded there from ``bundle.path``) instead
             of a thread of this one; None for a thread.
+        worker_threads: ONNX Runtime intra-op threads of the worker's copy (None:
+            the bundle's default).
         other arguments: as :class:`Batcher`; ``max_batch_size`` counts events.
     """
 
     def __init__(self, bundle: Any, run: RunFn, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_delay_ms: float = DEFAULT_MAX_DELAY_MS, executor: Executor,
                  max_queue: int = DEFAULT_MAX_QUEUE,
-                 on_batch: Callable[[int], None] | None = None, workers: Any = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, workers: Any = None,
+                 worker_threads: int | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                          executor=executor, max_queue=max_queue, on_batch=on_batch)
         self.bundle = bundle
         self.run = run
         self.workers = workers if getattr(bundle, "path", None) is not None else None
-        self._where: tuple[str, Any] | None = None
+        self._where: tuple[str, Any, int | None] | None = None
         if self.workers is not None:
             path = str(bundle.path)
             st = os.stat(path)
-            self._where = (path, (st.st_ino, st.st_mtime_ns))
+            self._where = (path, (st.st_ino, st.st_mtime_ns), worker_threads)
 
     async def submit(self, events: Any) -> np.ndarray:
         """Scores of ``events`` (see :meth:`mlaas.bundle.Bundle.predict_events`): float32
@@ -506,7 +509,8 @@ class Runtime:
             executor=self.executor, max_queue=self.max_queue, on_batch=on_batch)
         run = _runner(bundle)
         return (Batcher(run, **options),
-                EventBatcher(bundle, run, workers=self.workers, **options))
+                EventBatcher(bundle, run, workers=self.workers,
+                             worker_threads=getattr(self.registry, "threads", None), **options))
 
     async def batcher(self, name: str, version: int | None = None, alias: str | None = None
                       ) -> tuple[int, Any, Batcher]:

@@ -25,7 +25,8 @@ __all__ = ["create_server"]
 def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
                   max_delay_ms: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
                   access: ModelAccess | None = None,
-                  registry: Registry | None = None, event_workers: int = 0) -> FastAPI:
+                  registry: Registry | None = None, event_workers: int = 0,
+                  ort_threads: int | None = 1) -> FastAPI:
     """The whole serving app over the registry at ``models_dir``.
 
     Args:
@@ -40,13 +41,20 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
             instead of opening ``models_dir``.
         event_workers: worker processes for raw-event preprocessing (see
             :class:`~mlaas.serve.runtime.Runtime`); 0 keeps it in threads.
+        ort_threads: ONNX Runtime intra-op threads per loaded bundle when the
+            registry is opened here (see :class:`Registry`); None for the bundle's
+            default (min(2, CPUs)). Default 1: the server already runs batches on
+            two executor threads, and ORT's intra-op pool spin-waits after every
+            call, which on small batches burned ~0.4 ms of CPU per single-event
+            request (40% of the server's CPU) and was no faster on 1024 events
+            (BENCHMARKS.md, "Serving").
     """
     if registry is None:
         if models_dir is None:
             raise TypeError("create_server needs models_dir or registry")
         root = Path(models_dir)
         root.mkdir(parents=True, exist_ok=True)
-        registry = Registry(root)
+        registry = Registry(root, threads=ort_threads)
     metrics = Metrics()
     runtime = Runtime(registry, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                       metrics=metrics, event_workers=event_workers)

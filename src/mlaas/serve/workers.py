@@ -37,13 +37,13 @@ __all__ = ["ProcessScorer", "score_in_worker"]
 _BUNDLES: dict[str, tuple[Any, Any]] = {}  # in a worker: bundle dir -> (ident, Bundle)
 
 
-def _bundle(path: str, ident: Any) -> Any:
+def _bundle(path: str, ident: Any, threads: int | None) -> Any:
     hit = _BUNDLES.get(path)
     if hit is not None and hit[0] == ident:
         return hit[1]
     from mlaas.bundle import Bundle
 
-    loaded = Bundle.load(path)
+    loaded = Bundle.load(path, threads=threads)
     _BUNDLES[path] = (ident, loaded)
     return loaded
 
@@ -66,13 +66,14 @@ def _rebuild(desc: tuple[str | None, str | None, str, dict[str, Any]]) -> Except
     return InferenceError(f"scoring failed in a worker process: {message}", **context)
 
 
-def score_in_worker(path: str, ident: Any, payloads: list[Any]) -> list[tuple[bool, Any]]:
-    """In a worker: score one batch with the bundle at ``path``; ``(True, scores)`` or
-    ``(False, portable error)`` per request."""
+def score_in_worker(path: str, ident: Any, threads: int | None, payloads: list[Any]
+                    ) -> list[tuple[bool, Any]]:
+    """In a worker: score one batch with the bundle at ``path`` (``threads``: ONNX Runtime
+    intra-op threads); ``(True, scores)`` or ``(False, portable error)`` per request."""
     from mlaas.serve.runtime import _runner, score_event_batch
 
     try:
-        bundle = _bundle(path, ident)
+        bundle = _bundle(path, ident, threads)
     except Exception as exc:  # noqa: BLE001 - every request of the batch gets it
         return [(False, _portable(exc))] * len(payloads)
     results = score_event_batch(bundle, _runner(bundle), payloads)
@@ -98,13 +99,16 @@ class ProcessScorer:
                                              mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
-    async def score(self, path: str, ident: Any, payloads: list[Any]) -> list[Any]:
-        """One batch (see :func:`mlaas.serve.runtime.score_event_batch`): scores or
-        exceptions, one per request."""
+    async def score(self, path: str, ident: Any, threads: int | None, payloads: list[Any]
+                    ) -> list[Any]:
+        """One batch (see :func:`mlaas.serve.runtime.score_event_batch`) with the bundle at
+        ``path`` (directory ``ident``: inode and mtime): scores or exceptions, one per
+        request."""
         loop = asyncio.get_running_loop()
         pool = self._executor()
         try:
-            results = await loop.run_in_executor(pool, score_in_worker, path, ident, payloads)
+            results = await loop.run_in_executor(pool, score_in_worker, path, ident, threads,
+                                                 payloads)
         except BrokenProcessPool as exc:
             self._pool = None
             pool.shutdown(wait=False, cancel_futures=True)

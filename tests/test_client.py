@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import httpx
@@ -142,7 +143,7 @@ def test_every_transport_failure_becomes_server_unreachable(exc: httpx.Transport
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
     with client_with(handler) as c:
-        for call in (c.jobs, lambda: list(c.logs("j1", follow=True)),
+        for call in (c.jobs, lambda: list(c.logs("j1", follow=True, reconnect=0)),
                      lambda: c.upload_file("a.txt", b"x")):
             with pytest.raises(ServerUnreachable) as info:
                 call()
@@ -216,6 +217,8 @@ def test_logs_follow_streams_text_across_split_characters() -> None:
     cut = text.index("✓".encode()) + 1  # inside the 3-byte character
 
     def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/jobs/j1":
+            return httpx.Response(200, json={"id": "j1", "state": "succeeded"})
         seen.append(request)
         return httpx.Response(200, content=iter([text[:cut], text[cut:]]),
                               headers={"Content-Type": "text/plain"})
@@ -224,6 +227,43 @@ def test_logs_follow_streams_text_across_split_characters() -> None:
         pieces = list(c.logs("j1", follow=True, offset=10))
     assert "".join(pieces) == text.decode()
     assert dict(seen[0].url.params) == {"follow": "true", "offset": "10"}
+
+
+def test_logs_follow_resumes_after_a_dropped_connection_and_a_restart() -> None:
+    parts = [b"line one\n", b"line two\n", b"line three\n"]
+    offsets: list[int] = []
+    states = iter(["running", "succeeded"])
+
+    def broken(first: bytes) -> Iterator[bytes]:
+        yield first
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/jobs/j1":
+            return httpx.Response(200, json={"id": "j1", "state": next(states)})
+        offsets.append(int(request.url.params["offset"]))
+        if len(offsets) == 1:   # the server dies mid-stream
+            return httpx.Response(200, content=broken(parts[0]))
+        if len(offsets) == 2:   # a clean end while the job still runs (graceful restart)
+            return httpx.Response(200, content=iter([parts[1]]))
+        return httpx.Response(200, content=iter([parts[2]]))
+
+    with client_with(handler) as c:
+        text = "".join(c.logs("j1", follow=True, reconnect=5))
+    assert text == b"".join(parts).decode()
+    assert offsets == [0, len(parts[0]), len(parts[0]) + len(parts[1])]
+
+
+def test_logs_without_follow_do_not_retry() -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise httpx.ReadError("reset")
+
+    with client_with(handler) as c, pytest.raises(ServerUnreachable):
+        list(c.logs("j1"))
+    assert len(calls) == 1
 
 
 def test_wait_returns_the_final_job_and_times_out() -> None:

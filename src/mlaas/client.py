@@ -440,32 +440,49 @@ class Client:
         """One job's ``JobOut``: state, timestamps, queue position, progress."""
         return self._json("GET", self._job_url(job_id))  # type: ignore[no-any-return]
 
-    def logs(self, job_id: str, *, follow: bool = False, offset: int = 0) -> Iterator[str]:
+    def logs(self, job_id: str, *, follow: bool = False, offset: int = 0,
+             reconnect: float = 60.0) -> Iterator[str]:
         """The job's log as text pieces; with ``follow``, pieces arrive until the job ends.
 
         Args:
             offset (int): start after this many bytes of the log.
+            reconnect (float): with ``follow``, a connection that drops or a
+                stream that ends while the job is not final (a server restart)
+                is resumed from the last byte received, retrying for up to this
+                many seconds before :class:`ServerUnreachable`.
 
         Join the pieces for the whole log; they are not split at lines.
         """
-        params: dict[str, Any] = {"offset": offset}
-        if follow:
-            params["follow"] = "true"
-        timeout = httpx.Timeout(self.timeout, read=None) if follow else None
         url = self._job_url(job_id, "/logs")
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
-            with self._http.stream("GET", url, params=params,
-                                   **({"timeout": timeout} if timeout else {})) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise error_from_response(response)
-                for block in response.iter_bytes():
-                    text = decoder.decode(block)
-                    if text:
-                        yield text
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
+        position, down_since = offset, None
+        while True:
+            params: dict[str, Any] = {"offset": position}
+            if follow:
+                params["follow"] = "true"
+            try:
+                with self._http.stream("GET", url, params=params, **(
+                        {"timeout": httpx.Timeout(self.timeout, read=None)} if follow else {})
+                        ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise error_from_response(response)
+                    for block in response.iter_bytes():
+                        position += len(block)
+                        down_since = None
+                        text = decoder.decode(block)
+                        if text:
+                            yield text
+                if not follow or self.job(job_id).get("state") in FINAL_STATES:
+                    break
+            except (httpx.TransportError, ServerUnreachable) as exc:
+                now = time.monotonic()
+                down_since = down_since or now
+                if not follow or now - down_since > reconnect:
+                    if isinstance(exc, ServerUnreachable):
+                        raise
+                    raise self._unreachable(exc) from exc
+                time.sleep(min(1.0, max(0.05, reconnect / 60)))
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
@@ -578,6 +595,34 @@ class Client:
         answer = self._json("POST", f"/api/models/{quote(model, safe='')}/predict",
                             params=params, json=events)
         return answer["outputs"]  # type: ignore[no-any-return]
+
+    # -- personal API tokens ------------------------------------------------------------
+
+    def create_token(self, name: str, scopes: list[str] | tuple[str, ...], *,
+                     expires_in_days: float | None = None) -> dict[str, Any]:
+        """Create a personal API token (``POST /api/tokens``; needs a login, not a token).
+
+        Args:
+            name (str): a label for the token (``ci``, ``laptop``).
+            scopes (list of str): a non-empty subset of ``read``, ``submit``, ``predict``.
+            expires_in_days (float or None): lifetime; the server's default (30) if None.
+
+        Returns the token's description with the secret in ``"token"``: the only
+        time the server shows it.
+        """
+        body: dict[str, Any] = {"name": name, "scopes": list(scopes)}
+        if expires_in_days is not None:
+            body["expires_in_days"] = expires_in_days
+        return self._json("POST", "/api/tokens", json=body)  # type: ignore[no-any-return]
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """The caller's personal API tokens, newest first (never their secrets)."""
+        return self._json("GET", "/api/tokens")["tokens"]  # type: ignore[no-any-return]
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        """Revoke one of the caller's tokens by id: ``{"revoked": id}``."""
+        return self._json(  # type: ignore[no-any-return]
+            "DELETE", f"/api/tokens/{quote(token_id, safe='')}")
 
 
 def _read_spec(path: Path) -> dict[str, Any]:

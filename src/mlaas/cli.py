@@ -327,7 +327,7 @@ def serve(
         raise typer.Exit(0 if response.status_code == 200 else 1)
     import uvicorn
 
-    uvicorn.run(server, host=host, port=port, log_level="info")
+    uvicorn.run(server, host=host, port=port, log_level="info", proxy_headers=False)
 
 
 @app.command("import-mlaas4hep")
@@ -357,25 +357,39 @@ def server(
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (default: 8080).")] = None,
     cpus: Annotated[Optional[int], typer.Option(help="CPU slots: jobs running at once (default: all CPUs).")] = None,
     gpu_devices: Annotated[Optional[str], typer.Option("--gpu-devices", help="GPU ids for jobs, e.g. 0,1.")] = None,
+    oidc_issuer: Annotated[Optional[list[str]], typer.Option("--oidc-issuer", help="Accepted OIDC issuer URL, as tokens' iss spells it (repeatable); turns on multi-user mode.")] = None,
+    oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", help="Required aud of OIDC tokens.")] = None,
+    admin_group: Annotated[Optional[str], typer.Option("--admin-group", help="Members of this group are admins, e.g. /mlaas/admins.")] = None,
+    trust_proxy_from: Annotated[Optional[list[str]], typer.Option("--trust-proxy-from", help="CIDR of a reverse proxy whose X-Forwarded-User/-Groups/-Access-Token are trusted (repeatable).")] = None,
+    rate_limit: Annotated[Optional[int], typer.Option("--rate-limit", help="Job submissions, and separately inference requests, per user per minute (default: unlimited).")] = None,
+    pass_token_to_jobs: Annotated[Optional[bool], typer.Option("--pass-token-to-jobs/--no-pass-token-to-jobs", help="Hand the submitter's OIDC token to jobs as BEARER_TOKEN_FILE (see docs/auth.md).")] = None,
 ) -> None:
     """Run the platform: jobs and files over HTTP, the model server, /metrics.
 
     Users submit pipelines (POST /api/jobs) that run as queued jobs; finished
     bundles are registered and served (POST /api/models/NAME/predict). State
     is durable: restart on the same data dir and queued jobs stay queued,
-    interrupted ones resume from their checkpoint.
+    interrupted ones resume from their checkpoint. Without --oidc-issuer or
+    --trust-proxy-from it is single-user (every request is the local admin).
     """
     from mlaas.platform.config import load_config
     from mlaas.platform.server import run_server
 
+    auth = {"oidc_issuers": oidc_issuer or None, "audience": oidc_audience,
+            "admin_group": admin_group, "trusted_proxies": trust_proxy_from or None,
+            "rate_limit_per_minute": rate_limit, "pass_token_to_jobs": pass_token_to_jobs}
     settings = load_config(config, data_dir=data_dir, db_url=db, host=host, port=port,
-                           cpus=cpus, gpu_devices=gpu_devices)
+                           cpus=cpus, gpu_devices=gpu_devices, auth=auth)
     run_server(settings)
 
 
 from mlaas import cli_client  # noqa: E402  (submit, jobs, status, logs, ... against a server)
 
 cli_client.register(app)
+
+from mlaas import cli_token  # noqa: E402  (mlaas token create|list|revoke)
+
+cli_token.register(app)
 
 
 def main() -> None:

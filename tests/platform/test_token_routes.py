@@ -1,8 +1,9 @@
 """/api/tokens on the real platform app, with OIDC logins from the test issuer.
 
-The router is included here the way the app is meant to include it
-(``app.include_router(tokens_router())``); tokens made through it are then
-used as bearer credentials on the app's own routes.
+The app is built from its settings (``auth.oidc_issuers``), as ``mlaas
+server`` builds it: the router is part of the app, and the token store is
+attached in the lifespan on the platform's own database. Tokens made through
+the routes are then used as bearer credentials on the app's own routes.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ import pytest
 from support.oidc_issuer import OidcIssuer
 
 from mlaas.platform.app import create_platform_app
-from mlaas.platform.auth.authenticator import PlatformAuthenticator
-from mlaas.platform.auth.oidc import OidcValidator
-from mlaas.platform.auth.routes import tokens_router
-from mlaas.platform.auth.tokens import TokenStore, hash_token
+from mlaas.platform.auth.tokens import hash_token
 from mlaas.platform.config import PlatformConfig
-from mlaas.platform.db import Database
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
@@ -42,19 +39,13 @@ def issuer() -> Iterator[OidcIssuer]:
 
 @pytest.fixture
 def client(tmp_path: Path, issuer: OidcIssuer) -> Iterator[TestClient]:
-    config = PlatformConfig(data_dir=tmp_path, cpus=1)
-    validator = OidcValidator([issuer.url], AUD)
-    db = Database(config.database_url)
-    auth = PlatformAuthenticator(validator=validator, tokens=TokenStore(db),
-                                 trusted_proxies=[], admin_group="/admins")
-    app = create_platform_app(config, authenticator=auth)
-    app.include_router(tokens_router())
-    try:
-        with TestClient(app, raise_server_exceptions=False) as c:
-            yield c
-    finally:
-        validator.close()
-        db.dispose()
+    config = PlatformConfig(data_dir=tmp_path, cpus=1, auth={
+        "oidc_issuers": [issuer.url], "audience": AUD, "admin_group": "/admins"})
+    app = create_platform_app(config)
+    assert app.state.authenticator.tokens is None  # nothing opens before the lifespan
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+    assert app.state.authenticator.tokens is None  # detached with the platform database
 
 
 def login(issuer: OidcIssuer, user: str) -> dict[str, str]:
@@ -136,7 +127,6 @@ def test_anonymous_gets_a_challenge(client: TestClient) -> None:
 
 def test_single_user_mode_has_no_tokens(tmp_path: Path) -> None:
     app = create_platform_app(PlatformConfig(data_dir=tmp_path, cpus=1))
-    app.include_router(tokens_router())
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/api/tokens", json={"name": "x", "scopes": ["read"]})
         assert r.status_code == 409 and "single-user" in r.json()["message"]

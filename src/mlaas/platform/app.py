@@ -11,6 +11,11 @@ when it ends; nothing happens at import. The app state holds:
 - ``app.state.platform``: the :class:`~mlaas.platform.deps.PlatformContext`
   (while the lifespan runs);
 - ``app.state.authenticator``: who the caller is (single-user by default);
+  in multi-user mode its personal-token store is attached, on the
+  platform's own database, while the lifespan runs;
+- ``app.state.route_policy``: what each route asks of the caller beyond who
+  they are (a personal token's scope, the per-user rate limits), checked by
+  :func:`mlaas.platform.deps.get_principal`;
 - ``app.state.registry``, ``runtime``, ``metrics``, ``access``: the model
   server's, shared with its routes.
 
@@ -45,11 +50,12 @@ from mlaas.platform.records import JobState
 from mlaas.serve.http_errors import ERROR_STATUS as SERVE_ERROR_STATUS
 from mlaas.serve.http_errors import headers_of
 
-__all__ = ["create_platform_app", "ERROR_STATUS", "SINGLE_USER_NOTICE"]
+__all__ = ["create_platform_app", "ERROR_STATUS", "SINGLE_USER_NOTICE", "MULTI_USER_NOTICE"]
 
 log = logging.getLogger("mlaas.platform")
 
 SINGLE_USER_NOTICE = "single-user mode: every request is the local admin user"
+MULTI_USER_NOTICE = "multi-user mode"
 
 _FASTAPI_OWN = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 """Routes every FastAPI app adds itself; the platform app has its own."""
@@ -147,12 +153,14 @@ def _default_authenticator(config: PlatformConfig) -> Authenticator:
         return SingleUser()
     from mlaas.platform.auth import authenticator_from_config  # OIDC, tokens, proxy
 
-    return authenticator_from_config(config)
+    # the token store opens with the platform's database, in the lifespan
+    return authenticator_from_config(config, open_tokens=False)
 
 
 def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[PlatformContext, Any]:
     """Database (migrated), store, executor and job manager (recovered and started);
     returns the context and the database (to dispose of when the lifespan ends)."""
+    from mlaas.platform.auth.jobtoken import RemovesJobTokens
     from mlaas.platform.db import Database
     from mlaas.platform.executors.local import LocalExecutor
     from mlaas.platform.manager import JobManager
@@ -167,8 +175,10 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[Platform
     store = SqlStore(db)
     executor = LocalExecutor(cpus=config.cpus, gpu_devices=list(config.gpu_devices))
     defaults = {k: v for k, v in config.jobs.model_dump().items() if v is not None}
-    manager = JobManager(store, storage, executor, registry, poll_interval=config.poll_interval,
-                         grace_s=config.grace_s, defaults=defaults)
+    # the manager's store deletes a job's token file when the job becomes final
+    manager = JobManager(RemovesJobTokens(store, storage.job_dir), storage, executor, registry,
+                         poll_interval=config.poll_interval, grace_s=config.grace_s,
+                         defaults=defaults)
     manager.recover()
     manager.start()
     ctx = PlatformContext(store=store, storage=storage, manager=manager, registry=registry,
@@ -197,6 +207,8 @@ def create_platform_app(config: PlatformConfig, *,
     database, executor and job manager open when the lifespan starts (run the
     app under uvicorn, or ``with TestClient(app)``).
     """
+    from mlaas.platform.auth.policy import policy_from_config
+    from mlaas.platform.auth.routes import tokens_router
     from mlaas.platform.routes.files import files_router
     from mlaas.platform.routes.jobs import jobs_router
     from mlaas.platform.storage import Storage
@@ -204,6 +216,8 @@ def create_platform_app(config: PlatformConfig, *,
     from mlaas.serve.server import create_server
 
     auth = authenticator if authenticator is not None else _default_authenticator(config)
+    attach_tokens = authenticator is None and not config.auth.single_user
+    policy = policy_from_config(config.auth.rate_limit_per_minute)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     storage = Storage(config.data_dir)
     registry = Registry(storage.models_dir)
@@ -214,7 +228,13 @@ def create_platform_app(config: PlatformConfig, *,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if isinstance(auth, SingleUser):
             log.warning(SINGLE_USER_NOTICE)
+        else:
+            log.info("%s: %r; %r", MULTI_USER_NOTICE, auth, policy)
         ctx, db = await run_in_threadpool(_open, config, storage, registry)
+        if attach_tokens:
+            from mlaas.platform.auth.tokens import TokenStore
+
+            auth.tokens = TokenStore(db)  # type: ignore[attr-defined]
         app.state.platform = ctx
         log.info("platform ready: data in %s, database %s, %d CPU slot(s)%s",
                  storage.root, db.display_url, config.cpus,
@@ -223,6 +243,8 @@ def create_platform_app(config: PlatformConfig, *,
             async with serving.router.lifespan_context(serving):
                 yield
         finally:
+            if attach_tokens:
+                auth.tokens = None  # type: ignore[attr-defined]  # its database closes now
             await run_in_threadpool(_close, ctx, db)
             del app.state.platform
             runtime = getattr(serving.state, "runtime", None)
@@ -234,6 +256,7 @@ def create_platform_app(config: PlatformConfig, *,
 
     app = FastAPI(title="mlaas platform", lifespan=lifespan, exception_handlers=_handlers())
     app.state.authenticator = auth
+    app.state.route_policy = policy
     for key in ("registry", "runtime", "metrics", "access", "max_body_bytes"):
         if hasattr(serving.state, key):
             setattr(app.state, key, getattr(serving.state, key))
@@ -244,7 +267,7 @@ def create_platform_app(config: PlatformConfig, *,
     # added as they are, not with include_router, which re-walks an included router on
     # every request; the routers have no router-level dependencies to lose.
     routes = [r for r in serving.router.routes if getattr(r, "path", None) not in _FASTAPI_OWN]
-    for router in (files_router(), jobs_router()):
+    for router in (files_router(), jobs_router(), tokens_router()):
         routes.extend(router.routes)
     app.router.routes.extend(routes)
     app.user_middleware.extend(serving.user_middleware)  # the request-body limit

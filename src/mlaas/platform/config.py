@@ -60,7 +60,11 @@ class AuthConfig(_Model):
     trusted_proxies: list[str] = Field(default_factory=list, description=(
         "Addresses of reverse proxies whose identity headers are trusted."))
     rate_limit_per_minute: int | None = Field(default=None, ge=1, description=(
-        "Requests per user per minute before 429; none: unlimited."))
+        "Job submissions, and separately inference requests, per user per minute "
+        "before 429; none: unlimited."))
+    pass_token_to_jobs: bool = Field(default=False, description=(
+        "Hand the submitter's OIDC access token to the job (BEARER_TOKEN_FILE, for "
+        "XRootD); see docs/auth.md for the trade-offs."))
 
     @property
     def single_user(self) -> bool:
@@ -169,12 +173,20 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         path (str, PathLike or None): a YAML (``.yaml``/``.yml``), TOML (``.toml``) or
             JSON (``.json``) file with the fields of :class:`PlatformConfig`.
         overrides: field values from command-line flags; ``None`` values are ignored
-            (a flag that was not given).
+            (a flag that was not given). ``auth`` is a mapping merged into the
+            file's ``auth`` section field by field (a list given on the command
+            line replaces the file's list).
 
     Raises :class:`mlaas.errors.ConfigError` naming every bad field (and the file).
     """
     data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    auth = overrides.pop("auth", None) or {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    auth = {k: v for k, v in auth.items() if v is not None}
+    if auth:
+        section = data.get("auth")
+        if section is None or isinstance(section, dict):
+            data["auth"] = {**(section or {}), **auth}  # else: reported as invalid below
     try:
         return PlatformConfig.model_validate(data)
     except ValidationError as exc:

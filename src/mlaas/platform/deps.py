@@ -13,6 +13,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
+from mlaas.platform.auth.policy import RoutePolicy
 from mlaas.platform.principal import LOCAL_USER, Principal
 
 __all__ = ["PlatformContext", "Authenticator", "SingleUser", "Ctx", "CurrentPrincipal",
@@ -43,16 +44,27 @@ class SingleUser:
         return LOCAL_USER
 
 
+_SCOPES_ONLY = RoutePolicy()
+
+
 def get_context(request: Request) -> PlatformContext:
     return request.app.state.platform  # type: ignore[no-any-return]
 
 
 def get_principal(request: Request) -> Principal:
-    """The caller, resolved once per request and cached on ``request.state``."""
+    """The caller, resolved once per request and cached on ``request.state``.
+
+    Also the one place where the route's demands on the caller are checked
+    (``app.state.route_policy``: a personal token's scope, the rate limits).
+    """
     cached = getattr(request.state, "principal", None)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     principal = request.app.state.authenticator.authenticate(request)
+    # token scopes and rate limits (mlaas.platform.auth.policy); an app without a
+    # policy of its own (a bare router in a test app) still gets the scopes checked
+    policy = getattr(request.app.state, "route_policy", None) or _SCOPES_ONLY
+    policy.admit(request, principal)
     request.state.principal = principal
     return principal
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from mlaas.errors import Conflict, MlaasError, NotFound
+from mlaas.platform.auth.jobtoken import existing_token_env
 from mlaas.platform.authz import authorize
 from mlaas.platform.executors.base import Executor, Exited, Launch, read_log_tail
 from mlaas.platform.jobrun import (
@@ -154,7 +155,8 @@ class JobManager:
     def submit(self, *, principal: Principal, name: str, spec: dict[str, Any],
                model_name: str | None = None, resources: Mapping[str, Any] | None = None,
                priority: int = 0, queue: str | None = None,
-               visibility: str = "private") -> JobRecord:
+               visibility: str = "private",
+               prepare: Callable[[Path], Any] | None = None) -> JobRecord:
         """Queue ``spec`` as a job of ``principal``; returns the queued record.
 
         Args:
@@ -167,6 +169,9 @@ class JobManager:
                 (checked now, not when the job has run for hours).
             resources: ``cpus``, ``gpus``, ``memory_bytes``, ``max_time_s``,
                 ``threads`` (missing keys come from the manager's ``defaults``).
+            prepare: called with the job directory before the job can be admitted
+                (the API writes the user's token file there, see
+                :mod:`mlaas.platform.auth.jobtoken`).
         """
         model = model_name or spec.get("name") or name
         try:
@@ -180,6 +185,8 @@ class JobManager:
                                        model_name=model, resources=dict(resources or {}),
                                        priority=priority, queue=queue, visibility=visibility)
         try:
+            if prepare is not None:
+                prepare(self.job_dir(record.id))
             # admission waits for this file, so the loop never starts a half-written job
             write_json_atomic(self.job_dir(record.id) / PIPELINE_FILE, spec)
         except (OSError, MlaasError, TypeError, ValueError) as exc:
@@ -444,7 +451,8 @@ class JobManager:
         return Launch(job_id=record.id, job_dir=self.job_dir(record.id), cpus=cpus,
                       memory_bytes=memory, gpus=gpus, max_time_s=max_time, threads=threads,
                       env={"MLAAS_JOB_ID": record.id,
-                           "MLAAS_JOB_ATTEMPT": str(record.attempts + 1)})
+                           "MLAAS_JOB_ATTEMPT": str(record.attempts + 1),
+                           **existing_token_env(self.job_dir(record.id))})
 
     def _admit(self) -> None:
         queued = self.store.queued_jobs()

@@ -41,5 +41,8 @@ def run_server(config: PlatformConfig) -> None:
 
     configure_logging()
     app = create_platform_app(config)
+    # proxy_headers=False: the peer address is the socket's. With uvicorn's default, a
+    # client on 127.0.0.1 could set X-Forwarded-For and pose as a --trust-proxy-from
+    # proxy (tests/platform/test_proxy_auth.py, test_server_auth.py).
     uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, proxy_headers=False)

@@ -9,6 +9,7 @@ Layer: platform. Each module has one job and none decides access (that is
 - :mod:`mlaas.platform.auth.ratelimit`      per-principal token buckets
 - :mod:`mlaas.platform.auth.authenticator`  the request -> Principal entry point
 - :mod:`mlaas.platform.auth.jobtoken`       the user's token handed to XRootD in a job
+- :mod:`mlaas.platform.auth.policy`         token scopes and rate limits per route
 
 The one entry point here, :func:`authenticator_from_config`, is what
 :func:`mlaas.platform.app.create_platform_app` calls when the ``auth``
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["authenticator_from_config"]
 
 
-def authenticator_from_config(config: PlatformConfig) -> PlatformAuthenticator:
+def authenticator_from_config(config: PlatformConfig, *,
+                              open_tokens: bool = True) -> PlatformAuthenticator:
     """The multi-user authenticator for ``config.auth``.
 
     Args:
@@ -35,8 +37,13 @@ def authenticator_from_config(config: PlatformConfig) -> PlatformAuthenticator:
             enable OIDC bearer tokens, ``auth.trusted_proxies`` the proxy
             headers, ``auth.admin_group`` the admin role. Personal API tokens
             are always on in multi-user mode; they live in the platform
-            database (``config.database_url``), which the app migrates at
-            start-up before any request arrives.
+            database (``config.database_url``), which must be migrated.
+        open_tokens (bool): open that database for the token store now (its
+            own engine, disposed by ``close()``). False leaves ``tokens`` None
+            for the caller to attach a :class:`TokenStore` on a database it
+            opens later: :func:`mlaas.platform.app.create_platform_app` does so
+            in its lifespan, on the platform's own database, and detaches it
+            when the lifespan ends.
 
     Raises :class:`mlaas.errors.ConfigError` for issuers without an audience,
     a non-https issuer, or a malformed CIDR.
@@ -60,6 +67,7 @@ def authenticator_from_config(config: PlatformConfig) -> PlatformAuthenticator:
     if auth.oidc_issuers and auth.audience:
         validator = OidcValidator(list(auth.oidc_issuers), auth.audience)
     return PlatformAuthenticator(validator=validator,
-                                 tokens=TokenStore(Database(config.database_url)),
+                                 tokens=TokenStore(Database(config.database_url))
+                                 if open_tokens else None,
                                  trusted_proxies=list(auth.trusted_proxies),
                                  admin_group=auth.admin_group)

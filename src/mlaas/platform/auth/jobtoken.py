@@ -12,20 +12,30 @@ in ``docs/auth.md``.
 
 The file lives in ``<job_dir>/.secrets/``, a 0700 directory; whatever
 serves job artifacts must serve the run directory, not ``job_dir`` itself.
+
+How it is wired (``auth.pass_token_to_jobs``): ``POST /api/jobs`` writes the
+token with :func:`job_token_env` before the job can be admitted; the job
+manager adds :func:`existing_token_env` to each start's environment; and
+:class:`RemovesJobTokens`, the store the manager sees, deletes the file when
+the job's state becomes final.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mlaas.errors import PathError, Unauthorized
 
-__all__ = ["job_token_env", "remove_job_token", "TOKEN_DIR", "TOKEN_FILE"]
+__all__ = ["job_token_env", "remove_job_token", "existing_token_env", "RemovesJobTokens",
+           "TOKEN_DIR", "TOKEN_FILE", "TOKEN_ENV"]
 
 TOKEN_DIR = ".secrets"
 TOKEN_FILE = "bearer_token"
+TOKEN_ENV = "BEARER_TOKEN_FILE"
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 
 
@@ -67,9 +77,45 @@ def job_token_env(token: str | None, job_dir: Path) -> dict[str, str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return {"BEARER_TOKEN_FILE": str((secrets_dir / TOKEN_FILE).resolve())}
+    return {TOKEN_ENV: str((secrets_dir / TOKEN_FILE).resolve())}
 
 
 def remove_job_token(job_dir: Path) -> None:
     """Delete the job's token file (call when the job reaches a final state)."""
     (Path(job_dir) / TOKEN_DIR / TOKEN_FILE).unlink(missing_ok=True)
+
+
+def existing_token_env(job_dir: Path) -> dict[str, str]:
+    """``{"BEARER_TOKEN_FILE": path}`` if the job has a token file (a regular file, not a
+    symlink), else ``{}``: what a start of the job adds to its environment."""
+    path = Path(job_dir) / TOKEN_DIR / TOKEN_FILE
+    if path.is_file() and not path.is_symlink() and not path.parent.is_symlink():
+        return {TOKEN_ENV: str(path.resolve())}
+    return {}
+
+
+class RemovesJobTokens:
+    """The job store as the job manager sees it: a transition to a final state also
+    deletes the job's token file.
+
+    Args:
+        store: the platform store (every other method is passed through).
+        job_dir (callable): job id -> the job's directory.
+
+    Every state change of a job is a ``store.transition``, so this is the one
+    place that sees a job become final, whichever path got it there (success,
+    failure, cancel, a rejected start, recovery after a restart).
+    """
+
+    def __init__(self, store: Any, job_dir: Callable[[str], Path]) -> None:
+        self._store = store
+        self._job_dir = job_dir
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def transition(self, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        record = self._store.transition(job_id, *args, **kwargs)
+        if record is not None and getattr(record, "final", False):
+            remove_job_token(self._job_dir(job_id))
+        return record

@@ -17,7 +17,9 @@ own process group), with ``cwd = JOB_DIR`` and stdout and stderr appended to
 - ``CUDA_VISIBLE_DEVICES`` = the devices assigned, the empty string when none,
   so a job never sees a GPU it was not given;
 - every name matching :data:`SECRET_ENV` (``*TOKEN*``, ``*SECRET*``,
-  ``*PASSWORD*``, ``MLAAS_DB*``, ``AWS_*``, ...) is dropped, even when listed.
+  ``*PASSWORD*``, ``MLAAS_DB*``, ``AWS_*``, ...) is dropped, even when listed;
+  the one exception is ``BEARER_TOKEN_FILE`` from ``Launch.env`` (the path of
+  the job's own token file, see :mod:`mlaas.platform.auth.jobtoken`).
 
 Limits:
 
@@ -123,7 +125,10 @@ def job_environment(launch: Launch, devices: Sequence[str], *,
     for name in THREAD_ENV:
         env[name] = str(max(1, threads))
     env.update(launch.env)
-    return {k: v for k, v in env.items() if not SECRET_ENV.search(k)}
+    kept = {k: v for k, v in env.items() if not SECRET_ENV.search(k)}
+    if "BEARER_TOKEN_FILE" in launch.env:  # a path to the job's 0600 token file, not a secret
+        kept["BEARER_TOKEN_FILE"] = launch.env["BEARER_TOKEN_FILE"]
+    return kept
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -2,7 +2,9 @@
 
 Layer: platform (HTTP wiring only). Bytes go through
 :class:`mlaas.platform.storage.Storage`, metadata through the store, and
-every access through :func:`mlaas.platform.authz.authorize`. Files are
+every access through :func:`mlaas.platform.authz.authorize` (a personal
+token's scope, ``read`` or ``submit``, is checked for every route in one place,
+:mod:`mlaas.platform.auth.policy`). Files are
 private to their owner; admins may read (and, as authz allows, delete) any
 user's file by adding ``?owner=<user>``. Anyone else asking for another
 user's file gets 404, exactly as for a file that does not exist.
@@ -36,10 +38,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from mlaas.errors import Forbidden, NotFound, QuotaExceeded
+from mlaas.errors import NotFound, QuotaExceeded
 from mlaas.platform.authz import authorize, can_read
 from mlaas.platform.deps import Ctx, CurrentPrincipal
-from mlaas.platform.principal import Principal
 from mlaas.platform.records import FileRecord
 from mlaas.platform.storage import check_relpath
 
@@ -77,11 +78,6 @@ def _quota(ctx: Any) -> int:
     return int(getattr(ctx.config, "workspace_quota_bytes", DEFAULT_QUOTA_BYTES))
 
 
-def _need_scope(principal: Principal, scope: str) -> None:
-    if not principal.has_scope(scope):
-        raise Forbidden(f"this token lacks the {scope!r} scope needed here")
-
-
 def _existing(store: Any, owner: str, path: str) -> FileRecord | None:
     try:
         return store.get_file(owner, path)  # type: ignore[no-any-return]
@@ -96,7 +92,6 @@ def files_router() -> APIRouter:
     @router.get("", response_model=FileList)
     def list_files(ctx: Ctx, principal: CurrentPrincipal, owner: str | None = None) -> FileList:
         """The caller's files (or ``owner``'s, as far as the caller may read them)."""
-        _need_scope(principal, "read")
         records = ctx.store.list_files(owner or principal.user)
         return FileList(files=[FileOut.of(r) for r in records if can_read(principal, r)])
 
@@ -104,7 +99,6 @@ def files_router() -> APIRouter:
     async def put_file(path: str, request: Request, ctx: Ctx,
                        principal: CurrentPrincipal) -> FileOut:
         """Upload the raw body as workspace file ``path`` of the caller (replacing it)."""
-        _need_scope(principal, "submit")
         check_relpath(path)
         owner = principal.user
         existing = await run_in_threadpool(_existing, ctx.store, owner, path)
@@ -141,7 +135,6 @@ def files_router() -> APIRouter:
     def get_file(path: str, ctx: Ctx, principal: CurrentPrincipal,
                  owner: str | None = None) -> FileResponse:
         """The bytes of workspace file ``path``."""
-        _need_scope(principal, "read")
         check_relpath(path)
         who = owner or principal.user
         record = ctx.store.get_file(who, path)
@@ -156,7 +149,6 @@ def files_router() -> APIRouter:
     def delete_file(path: str, ctx: Ctx, principal: CurrentPrincipal,
                     owner: str | None = None) -> Deleted:
         """Remove workspace file ``path`` (bytes and metadata)."""
-        _need_scope(principal, "submit")
         check_relpath(path)
         who = owner or principal.user
         record = ctx.store.get_file(who, path)

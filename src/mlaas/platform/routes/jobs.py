@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mlaas import spec as spec_module
 from mlaas.errors import Conflict, NotFound, PathError, SpecError
+from mlaas.platform.auth.jobtoken import job_token_env
 from mlaas.platform.authz import authorize, can_read
 from mlaas.platform.deps import Ctx, CurrentPrincipal, PlatformContext
 from mlaas.platform.principal import Principal
@@ -223,13 +224,27 @@ def _model_name(name: str, pipeline: spec_module.Pipeline) -> str:
 
 
 def _submit(ctx: PlatformContext, principal: Principal, name: str,
-            raw: dict[str, Any]) -> dict[str, Any]:
+            raw: dict[str, Any], access_token: str | None = None) -> dict[str, Any]:
     pipeline = spec_module.load(raw)  # SpecError (422) with every field path
     model_name = _model_name(name, pipeline)
     resolved = resolve_spec_paths(raw, ctx.storage, principal.user)  # PathError (400)
+    prepare = None
+    if access_token is not None:  # written before the job can be admitted
+        def prepare(job_dir: Path) -> None:
+            job_token_env(access_token, job_dir)
     job = ctx.manager.submit(principal=principal, name=name, spec=resolved,
-                             model_name=model_name)
+                             model_name=model_name, prepare=prepare)
     return _with_position(ctx, job)
+
+
+def _job_token(ctx: PlatformContext, request: Request) -> str | None:
+    """The caller's OIDC access token, when the server hands it to jobs
+    (``auth.pass_token_to_jobs``); personal tokens and proxy users have none."""
+    auth = getattr(ctx.config, "auth", None)
+    if not getattr(auth, "pass_token_to_jobs", False):
+        return None
+    token = getattr(request.state, "access_token", None)
+    return token if isinstance(token, str) and token else None
 
 
 def _list(ctx: PlatformContext, principal: Principal, state: JobState | None,
@@ -334,10 +349,15 @@ def jobs_router() -> APIRouter:
     async def submit(request: Request, ctx: Ctx, principal: CurrentPrincipal,
                      name: Annotated[str | None, Query(max_length=MAX_JOB_NAME)] = None
                      ) -> JSONResponse:
-        """Submit a pipeline; the answer is the queued job."""
+        """Submit a pipeline; the answer is the queued job.
+
+        With ``auth.pass_token_to_jobs`` the caller's OIDC access token goes to
+        the job as ``BEARER_TOKEN_FILE`` (:mod:`mlaas.platform.auth.jobtoken`).
+        """
         body = await request.body()
         job_name, raw = _parse_submission(body, request.headers.get("content-type", ""), name)
-        out = await run_in_threadpool(_submit, ctx, principal, job_name, raw)
+        out = await run_in_threadpool(_submit, ctx, principal, job_name, raw,
+                                      _job_token(ctx, request))
         return JSONResponse(out, status_code=201)
 
     @router.get("", response_model=JobList)

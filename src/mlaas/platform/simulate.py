@@ -320,22 +320,25 @@ def water_fill(capacity: float, demand: dict[str, float], weight: dict[str, floa
     Keys whose demand is below their weighted level get their demand; the
     rest split what remains in proportion to their weights (weight 0 counts
     as a tiny weight, so a group without quota still gets leftovers).
+    Progressive filling in order of demand per weight: O(n log n).
     """
     out = {k: 0.0 for k in demand}
-    active = {k for k, d in demand.items() if d > 0}
-    left = capacity
-    while active and left > 1e-12:
-        wsum = sum(max(weight.get(k, 0.0), 1e-6) for k in active)
-        level = left / wsum
-        sated = {k for k in active if demand[k] - out[k] <= level * max(weight.get(k, 0.0), 1e-6)}
-        if not sated:
-            for k in active:
-                out[k] += level * max(weight.get(k, 0.0), 1e-6)
+    items = sorted(((d / max(weight.get(k, 0.0), 1e-6), k) for k, d in demand.items() if d > 0))
+    wsum = sum(max(weight.get(k, 0.0), 1e-6) for _, k in items)
+    left = float(capacity)
+    for i, (ratio, k) in enumerate(items):
+        if wsum <= 0 or left <= 1e-12:
             break
-        for k in sated:
-            left -= demand[k] - out[k]
+        level = left / wsum
+        w = max(weight.get(k, 0.0), 1e-6)
+        if ratio <= level:  # sated: gets its whole demand
             out[k] = demand[k]
-        active -= sated
+            left -= demand[k]
+            wsum -= w
+            continue
+        for _, rest in items[i:]:  # everyone left shares at the same level
+            out[rest] = level * max(weight.get(rest, 0.0), 1e-6)
+        break
     return out
 
 
@@ -506,25 +509,32 @@ def simulate(scenario: Scenario, policy_name: str = "fair", *, seed: int | None 
 
     def check_guarantees(t_now: float) -> None:
         nonlocal guar_viol
-        over = {g: {f: max(0, snap.queues[g].usage[f] - snap.queues[g].queue.nominal(f))
-                    for f in flavors} for g in groups}
-        by_cohort: dict[str, Counter[str]] = {}
-        for g in groups:
-            c = snap.queues[g].queue.cohort
-            if c is not None:
-                by_cohort.setdefault(c, Counter()).update(over[g])
+        # first the queues with a pending request inside their unused nominal quota
+        inside: dict[str, list[tuple[tuple[str, int], ...]]] = {}
         for g in groups:
             qs = snap.queues[g]
-            cond = False
             if qs.pending_count and qs.queue.cohort is not None:
-                total = by_cohort[qs.queue.cohort]
-                for shape in qs.shapes:
-                    # inside its unused nominal quota, and what the others borrow
-                    # (plus what is free) would cover it
-                    if all(qs.usage[f] + n <= qs.queue.nominal(f)
-                           and 0 < total[f] - over[g][f]
+                fits = [shape[0] for shape in qs.shapes
+                        if all(qs.usage[f] + n <= qs.queue.nominal(f) for f, n in shape[0])]
+                if fits:
+                    inside[g] = fits
+        over: dict[str, dict[str, int]] = {}
+        by_cohort: dict[str, Counter[str]] = {}
+        if inside:
+            for g in groups:
+                q = snap.queues[g]
+                over[g] = {f: max(0, q.usage[f] - q.queue.nominal(f)) for f in flavors}
+                if q.queue.cohort is not None:
+                    by_cohort.setdefault(q.queue.cohort, Counter()).update(over[g])
+        for g in groups:
+            cond = False
+            if g in inside:
+                total = by_cohort[snap.queues[g].queue.cohort]  # type: ignore[index]
+                for gpus in inside[g]:
+                    # what the others borrow (plus what is free) would cover it
+                    if all(0 < total[f] - over[g][f]
                            and n <= total[f] - over[g][f] + snap.free_total[f]
-                           for f, n in shape[0]):
+                           for f, n in gpus):
                         cond = True
                         break
             since = guar_since[g]

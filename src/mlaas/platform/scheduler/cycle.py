@@ -151,6 +151,7 @@ class _CycleState:
         self.skipped: Counter[str] = Counter()
         self.no_preempt: set[tuple[str, Shape]] = set()
         self._min_running_prio: dict[str, int] | None = None  # "queue/flavor" -> priority
+        self._prio_cache: dict[tuple[str, Shape, int | None], bool] = {}
 
     # feasibility ----------------------------------------------------------
     def fits(self, shape: Shape) -> bool:
@@ -200,6 +201,13 @@ class _CycleState:
         if not (self.config.priority_preemption
                 and self.snap.queues[qname].queue.preempt_within_queue):
             return False
+        key = (qname, shape, priority)
+        hit = self._prio_cache.get(key)  # the running set does not change in a cycle
+        if hit is None:
+            hit = self._prio_cache[key] = self._priority_possible(qname, shape, priority)
+        return hit
+
+    def _priority_possible(self, qname: str, shape: Shape, priority: int | None) -> bool:
         if self._min_running_prio is None:
             self._min_running_prio = {}
             for r in self.snap.running.values():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,42 @@ def test_workspace_files_round_trip(server: LocalServer, tmp_path: Path) -> None
         with pytest.raises(NotFound):
             c.download_file("mine/raw.bin")
         assert "mine/raw.bin" not in {f["path"] for f in c.list_files()}
+
+
+def test_following_a_log_survives_a_server_kill_and_restart(workdir: Path, tmp_path: Path) -> None:
+    """SIGKILL the server while a client follows a job's log; restart it on the same data
+    dir and port: the follow resumes from its last byte and ends when the job does."""
+    spec = tmp_path / "restart.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(epochs=400, name="cli-restart")))
+    (tmp_path / "data").symlink_to(workdir / "data")
+    first = LocalServer(tmp_path / "server", log=tmp_path / "server.log", args=["--cpus", "1"])
+    pieces: list[str] = []
+    with first:
+        with first.client() as c:
+            job_id = c.submit(spec)["id"]
+
+        def follow() -> None:
+            with Client(first.url) as cc:
+                pieces.extend(cc.logs(job_id, follow=True, reconnect=90))
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not pieces and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pieces, "no log within 60 s\n" + first.log_tail()
+        first.kill()
+        before = "".join(pieces)
+    second = LocalServer(tmp_path / "server", port=first.port, log=tmp_path / "server.log",
+                         args=["--cpus", "1"])
+    with second, second.client() as c:
+        c.cancel(job_id)
+        reader.join(90)
+        assert not reader.is_alive(), "the follow did not end with the job"
+        final = c.job(job_id)
+        full = "".join(c.logs(job_id))
+    assert final["state"] == "cancelled"
+    assert "".join(pieces) == full and full.startswith(before)
 
 
 # ----------------------------------------------------------- errors, as a user sees them

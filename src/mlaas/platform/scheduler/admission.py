@@ -37,12 +37,12 @@ class Work:
     """
 
     snap: Snapshot
-    node_free: dict[str, Counter[str]]
+    node_free: dict[str, Zero]
     node_cpus: dict[str, float]
     node_memory: dict[str, float]
-    queue_usage: dict[str, Counter[str]]
-    cohort_usage: dict[str, Counter[str]]
-    free_total: Counter[str]
+    queue_usage: dict[str, Zero]
+    cohort_usage: dict[str, Zero]
+    free_total: Zero
     taken: dict[str, dict[str, set[int]]] = field(default_factory=dict)
     user_extra: Counter[str] = field(default_factory=Counter)
     version: int = 0
@@ -51,12 +51,12 @@ class Work:
     def of(cls, snap: Snapshot) -> Work:
         return cls(
             snap,
-            {n: _counter(ns.free_count) for n, ns in snap.nodes.items()},
+            {n: Zero(ns.free_count) for n, ns in snap.nodes.items()},
             {n: ns.free_cpus for n, ns in snap.nodes.items()},
             {n: ns.free_memory for n, ns in snap.nodes.items()},
-            {q: _counter(qs.usage) for q, qs in snap.queues.items()},
-            {c: _counter(cs.usage) for c, cs in snap.cohorts.items()},
-            _counter(snap.free_total),
+            {q: Zero(qs.usage) for q, qs in snap.queues.items()},
+            {c: Zero(cs.usage) for c, cs in snap.cohorts.items()},
+            Zero(snap.free_total),
         )
 
     def charge(self, w: Workload, node: str | None, devices: dict[str, tuple[int, ...]] | None,
@@ -93,18 +93,13 @@ class Work:
                 self.cohort_usage[cohort][f] += sign * n
 
 
-class Zero(dict):  # type: ignore[type-arg]
+class Zero(dict[str, int]):
     """A dict whose missing keys read as 0: a Counter without its slow constructor."""
 
     __slots__ = ()
 
     def __missing__(self, key: str) -> int:
         return 0
-
-
-def _counter(src: dict[str, int]) -> Counter[str]:
-    """A working copy whose missing keys read as 0."""
-    return Zero(src)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

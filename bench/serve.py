@@ -470,10 +470,11 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--models", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--event-workers", type=int, default=0)
-    parser.add_argument("--ort-threads", type=int, default=None)
+    parser.add_argument("--ort-threads", type=int, default=ORT_THREADS,
+                        help="0: the bundle's default")
     args = parser.parse_args(argv)
     app = create_server(args.models, event_workers=args.event_workers,
-                        ort_threads=args.ort_threads)
+                        ort_threads=args.ort_threads or None)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

@@ -115,8 +115,8 @@ class RootDataset:
         self.epoch = 0
         self._keep_fraction = self._balance_fractions()
         self.cache: ChunkCache = self._cache(shift, scale)
-        # x/mask buffers of one chunk's size, kept between passes (see _Outputs)
-        self._spare: list[tuple[np.ndarray, np.ndarray]] = []
+        # shuffle-buffer blocks kept between passes (see _ShuffleBuffer)
+        self._spare: list[Columns] = []
         self._spare_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -205,27 +205,23 @@ class RootDataset:
     def _epoch_batches(self, epoch: int, worker: int, num_workers: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         mine = self._chunk_order(rng)[worker::num_workers]
-        outputs = self._outputs()
-        pending: list[Columns] = []
+        buffer = self._shuffle_buffer()
+        in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
         try:
-            for i, cols in enumerate(self._prefetched(mine, outputs)):
-                pending.append(self._balanced(cols, epoch))
+            for i, cols in enumerate(self._prefetched(mine, buffer if in_place else None)):
+                buffer.add(self._balanced(cols, epoch))
                 if (i + 1) % self.shuffle_chunks == 0:
-                    pending = yield from self._flush(pending, rng, final=False)
-                    if outputs is not None:
-                        outputs.reclaim()  # batches and the rest are copies: reuse the parts
-            yield from self._flush(pending, rng, final=True)
+                    rest = yield from self._flush(buffer.filled(), rng, final=False)
+                    buffer.restart(rest)
+            yield from self._flush(buffer.filled(), rng, final=True)
         finally:
-            if outputs is not None:
-                outputs.give_back()
+            buffer.give_back()
 
-    def _outputs(self) -> _Outputs | None:
-        """Reused x/mask buffers for this pass, unless a memory cache keeps every chunk."""
-        if isinstance(self.cache, MemoryCache):
-            return None
-        rows = max((c.entries for c in self.chunks), default=0)
-        return _Outputs(self._spare, self._spare_lock,
-                        (rows, len(self.feature_names)), (rows, len(self.mask_names)))
+    def _shuffle_buffer(self) -> _ShuffleBuffer:
+        largest = max((c.entries for c in self.chunks), default=0)
+        rows = self.shuffle_chunks * largest + self.batch_size  # + the rest of the last one
+        return _ShuffleBuffer(self._spare, self._spare_lock, rows, len(self.feature_names),
+                              len(self.mask_names))
 
     def torch(self) -> Any:
         """A torch ``IterableDataset`` yielding batches of tensors (use ``batch_size=None``)."""
@@ -252,7 +248,7 @@ class RootDataset:
         return chunking.interleave(shuffled)
 
     def _prefetched(self, chunks: list[chunking.ChunkRange],
-                    outputs: _Outputs | None = None) -> Iterator[Columns]:
+                    outputs: _ShuffleBuffer | None = None) -> Iterator[Columns]:
         """Each chunk's columns; the next chunk is read in a thread meanwhile.
 
         Only reading runs in that thread: decompression releases the GIL, so it
@@ -279,7 +275,7 @@ class RootDataset:
         return chunking.read(self.pipeline, self.layout, chunk)
 
     def _finish(self, chunk: chunking.ChunkRange, fetched: Columns | Chunk,
-                outputs: _Outputs | None = None) -> Columns:
+                outputs: _ShuffleBuffer | None = None) -> Columns:
         if isinstance(fetched, Columns):
             return fetched
         cols = self.transform(fetched, None if self.split == "all" else self.split,
@@ -303,99 +299,100 @@ class RootDataset:
             keep[rows] = u < self._keep_fraction[info.ref.source]
         return cols.take(np.flatnonzero(keep))
 
-    def _flush(self, pending: list[Columns], rng: np.random.Generator,
+    def _flush(self, buf: Columns, rng: np.random.Generator,
                final: bool) -> Iterator[Batch]:
-        """Shuffle the buffer, yield full batches, return the rest for the next buffer.
-
-        The buffer's chunks are never concatenated: each batch is gathered from
-        them by a permutation of global row numbers, one copy per event.
-        """
-        if not pending:
-            return []
-        buf = _Parts(pending)
+        """Shuffle the buffer, yield full batches, return the rest (a copy) for the next one."""
         n, b = len(buf), self.batch_size
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         full = n // b
         for i in range(full):
             yield buf.take(order[i * b:(i + 1) * b]).as_dict()
         rest = buf.take(order[full * b:])
-        if final:
-            if len(rest) and not self.drop_last:
-                yield rest.as_dict()
-            return []
-        return [rest] if len(rest) else []
+        if final and len(rest) and not self.drop_last:
+            yield rest.as_dict()
+        return rest
 
 
-class _Parts:
-    """Several Columns seen as one, gathered by global row number without concatenating."""
+class _ShuffleBuffer:
+    """One contiguous block that the chunks of a shuffle buffer are written into.
 
-    def __init__(self, parts: list[Columns]) -> None:
-        self.parts = parts
-        self.bounds = np.cumsum([0] + [len(p) for p in parts])
+    The transform writes each chunk's ``x`` and ``mask`` straight into the
+    next free rows (``lend``); ``y``, ``w`` and the ids, and chunks that come
+    from a cache, are copied in (``add``). Batches are then gathered from one
+    array per field with ``np.take``: 2.3x faster than gathering from several
+    parts (0.06 against 0.14 s CPU per 600k events). The block is reused for
+    every buffer of the pass and kept by the dataset for the next pass, so its
+    pages are touched once: on this VM fresh chunk-sized arrays pay their page
+    faults every time (a transform into reused memory took 0.105 s CPU per
+    200k events against 0.12-0.33 s into fresh arrays).
 
-    def __len__(self) -> int:
-        return int(self.bounds[-1])
-
-    def take(self, rows: np.ndarray) -> Columns:
-        if len(self.parts) == 1:
-            return self.parts[0].take(rows)
-        which = np.searchsorted(self.bounds, rows, side="right") - 1
-        first = self.parts[0]
-        out = Columns(*(np.empty((len(rows), *getattr(first, k).shape[1:]),
-                                 dtype=getattr(first, k).dtype) for k in COLUMN_FIELDS))
-        for p in np.unique(which):
-            sel = which == p
-            local = rows[sel] - self.bounds[p]
-            part = self.parts[int(p)]
-            for k in COLUMN_FIELDS:
-                getattr(out, k)[sel] = np.take(getattr(part, k), local, axis=0)
-        return out
-
-
-
-class _Outputs:
-    """The x/mask buffers one pass writes chunks into, lent per chunk and reused.
-
-    On a VM whose freed memory goes back to the host, every fresh chunk-sized
-    array pays its page faults again (a second transform of the same chunk ran
-    4-6x faster than the first); a chunk's ``x`` alone is ~200 MB at the
-    default step. A pass borrows at most ``shuffle_chunks`` pairs (the parts
-    of one shuffle buffer), takes them back once the buffer's batches are
-    copied out, and returns them to the dataset's spares when it ends, so the
-    next pass finds them already mapped. Extra memory: the spares, that is one
-    shuffle buffer of x and mask, kept while the dataset lives.
+    Memory: ``shuffle_chunks`` chunks plus one batch of rows of every field,
+    kept while the dataset lives (one block per pass running at once).
     """
 
-    def __init__(self, spare: list[tuple[np.ndarray, np.ndarray]], lock: threading.Lock,
-                 x_shape: tuple[int, int], mask_shape: tuple[int, int]) -> None:
+    def __init__(self, spare: list[Columns], lock: threading.Lock, rows: int,
+                 n_features: int, n_mask: int) -> None:
         self.spare, self.lock = spare, lock
-        self.x_shape, self.mask_shape = x_shape, mask_shape
-        self.free: list[tuple[np.ndarray, np.ndarray]] = []
-        self.lent: list[tuple[np.ndarray, np.ndarray]] = []
+        self.shapes = {"x": (rows, n_features), "y": (rows,), "w": (rows,),
+                       "mask": (rows, n_mask), "file": (rows,), "entry": (rows,)}
+        self.block: Columns | None = None
+        self.fill = 0
+        self.lent: np.ndarray | None = None
+
+    def _ensure(self) -> Columns:
+        if self.block is None:
+            with self.lock:
+                while self.spare and self.block is None:
+                    old = self.spare.pop()
+                    if all(getattr(old, k).shape == v for k, v in self.shapes.items()):
+                        self.block = old
+            if self.block is None:
+                dtypes = {"file": np.int32, "entry": np.int64}
+                self.block = Columns(*(np.empty(self.shapes[k], dtype=dtypes.get(k, np.float32))
+                                       for k in COLUMN_FIELDS))
+        return self.block
 
     def lend(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of the first ``m`` rows of a free pair (a new pair if none is free)."""
-        pair = self.free.pop() if self.free else self._take_spare()
-        self.lent.append(pair)
-        return pair[0][:m], pair[1][:m]
+        """The next ``m`` free rows of ``x`` and ``mask``, for the transform to write into."""
+        block = self._ensure()
+        stop = self.fill + m
+        if stop > len(block):
+            raise AssertionError(f"shuffle buffer of {len(block)} rows overflows at {stop}")
+        x, mask = block.x[self.fill:stop], block.mask[self.fill:stop]
+        self.lent = x
+        return x, mask
 
-    def _take_spare(self) -> tuple[np.ndarray, np.ndarray]:
-        with self.lock:
-            while self.spare:
-                x, mask = self.spare.pop()
-                if x.shape == self.x_shape and mask.shape == self.mask_shape:
-                    return x, mask
-        return (np.empty(self.x_shape, dtype=np.float32),
-                np.empty(self.mask_shape, dtype=np.float32))
+    def add(self, cols: Columns) -> None:
+        """Append ``cols``; the rows lent for it are already written, the rest is copied."""
+        block = self._ensure()
+        m = len(cols)
+        stop = self.fill + m
+        if stop > len(block):
+            raise AssertionError(f"shuffle buffer of {len(block)} rows overflows at {stop}")
+        written = self.lent is not None and cols.x is self.lent
+        for k in COLUMN_FIELDS:
+            if written and k in ("x", "mask"):
+                continue
+            getattr(block, k)[self.fill:stop] = getattr(cols, k)
+        self.fill, self.lent = stop, None
 
-    def reclaim(self) -> None:
-        """Every lent pair is free again (their rows were copied into batches)."""
-        self.free.extend(self.lent)
-        self.lent.clear()
+    def filled(self) -> Columns:
+        """Views of the rows written so far."""
+        if self.block is None:
+            return Columns(*(np.empty((0, *self.shapes[k][1:]),
+                                      dtype={"file": np.int32, "entry": np.int64}.get(k, np.float32))
+                             for k in COLUMN_FIELDS))
+        return self.block.take(slice(0, self.fill))
+
+    def restart(self, rest: Columns) -> None:
+        """Start the next buffer with ``rest`` (a copy, so overwriting the block is safe)."""
+        self.fill, self.lent = 0, None
+        if len(rest):
+            self.add(rest)
 
     def give_back(self) -> None:
-        """At the end of a pass: the pairs go back to the dataset for the next one."""
-        self.reclaim()
-        with self.lock:
-            self.spare.extend(self.free)
-        self.free.clear()
+        """At the end of a pass the block goes back to the dataset for the next one."""
+        if self.block is not None:
+            with self.lock:
+                self.spare.append(self.block)
+            self.block = None

@@ -357,11 +357,11 @@ def server(
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (default: 8080).")] = None,
     cpus: Annotated[Optional[int], typer.Option(help="CPU slots: jobs running at once (default: all CPUs).")] = None,
     gpu_devices: Annotated[Optional[str], typer.Option("--gpu-devices", help="GPU ids for jobs, e.g. 0,1.")] = None,
-    oidc_issuer: Annotated[Optional[list[str]], typer.Option("--oidc-issuer", help="Accepted OIDC issuer URL, as tokens' iss spells it (repeatable); turns on multi-user mode.")] = None,
-    oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", help="Required aud of OIDC tokens.")] = None,
-    admin_group: Annotated[Optional[str], typer.Option("--admin-group", help="Members of this group are admins, e.g. /mlaas/admins.")] = None,
-    trust_proxy_from: Annotated[Optional[list[str]], typer.Option("--trust-proxy-from", help="CIDR of a reverse proxy whose X-Forwarded-User/-Groups/-Access-Token are trusted (repeatable).")] = None,
-    rate_limit: Annotated[Optional[int], typer.Option("--rate-limit", help="Job submissions, and separately inference requests, per user per minute (default: unlimited).")] = None,
+    oidc_issuer: Annotated[Optional[list[str]], typer.Option("--oidc-issuer", metavar="URL", help="Accepted OIDC issuer URL, as tokens' iss spells it (repeatable); turns on multi-user mode.")] = None,
+    oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", metavar="AUD", help="Required aud of OIDC tokens.")] = None,
+    admin_group: Annotated[Optional[str], typer.Option("--admin-group", metavar="GROUP", help="Members of this group are admins, e.g. /mlaas/admins.")] = None,
+    trust_proxy_from: Annotated[Optional[list[str]], typer.Option("--trust-proxy-from", metavar="CIDR", help="CIDR of a reverse proxy whose X-Forwarded-User/-Groups/-Access-Token are trusted (repeatable).")] = None,
+    rate_limit: Annotated[Optional[int], typer.Option("--rate-limit", metavar="N", help="Job submissions, and separately inference requests, per user per minute (default: unlimited).")] = None,
     pass_token_to_jobs: Annotated[Optional[bool], typer.Option("--pass-token-to-jobs/--no-pass-token-to-jobs", help="Hand the submitter's OIDC token to jobs as BEARER_TOKEN_FILE (see docs/auth.md).")] = None,
 ) -> None:
     """Run the platform: jobs and files over HTTP, the model server, /metrics.

@@ -219,3 +219,38 @@ def test_final_transition_removes_the_token_file(tmp_path: Path) -> None:
         assert existing_token_env(job_dir) == {}
     finally:
         db.dispose()
+
+
+# -- settings: the auth flags of mlaas server ---------------------------------------------
+
+
+def test_auth_flags_merge_into_the_files_auth_section(tmp_path: Path) -> None:
+    from mlaas.platform.config import load_config
+
+    path = tmp_path / "server.yaml"
+    path.write_text("auth:\n  oidc_issuers: [https://iam.example/]\n  audience: mlaas\n"
+                    "  trusted_proxies: [10.0.0.0/8]\n")
+    config = load_config(path, auth={"admin_group": "/ops", "trusted_proxies": ["10.1.0.0/16"],
+                                     "rate_limit_per_minute": None, "pass_token_to_jobs": True})
+    assert config.auth.oidc_issuers == ["https://iam.example/"] and config.auth.audience == "mlaas"
+    assert config.auth.admin_group == "/ops" and config.auth.pass_token_to_jobs
+    assert config.auth.trusted_proxies == ["10.1.0.0/16"]  # a flag's list replaces the file's
+    assert config.auth.rate_limit_per_minute is None
+    assert load_config(None, auth={}).auth.single_user
+
+
+def test_server_command_reports_bad_auth_flags(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mlaas.cli import app as cli
+    from mlaas.errors import ConfigError
+
+    runner = CliRunner()
+    for args, field in ((["--trust-proxy-from", "10.0.0.1/8"], "auth.trusted_proxies"),
+                        (["--oidc-issuer", "https://iam.example/"], "auth.audience"),
+                        (["--rate-limit", "0"], "auth.rate_limit_per_minute")):
+        result = runner.invoke(cli, ["server", "--data-dir", str(tmp_path), *args])
+        assert isinstance(result.exception, ConfigError), (args, result.output)
+        assert field in str(result.exception) or result.exception.context.get(
+            "field_path") == field, (args, str(result.exception))
+    assert not (tmp_path / "mlaas.db").exists()  # nothing started

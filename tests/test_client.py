@@ -280,6 +280,26 @@ def test_wait_returns_the_final_job_and_times_out() -> None:
     assert info.value.job_id == "j2" and isinstance(info.value, TimeoutError)  # type: ignore[attr-defined]
 
 
+def test_wait_polls_through_a_restart_but_not_forever() -> None:
+    answers = iter([httpx.ConnectError("refused"), "running", httpx.ConnectError("refused"),
+                    "succeeded"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        item = next(answers)
+        if isinstance(item, Exception):
+            raise item
+        return httpx.Response(200, json={"id": "j1", "state": item})
+
+    with client_with(handler) as c:
+        assert c.wait("j1", poll=0.0, reconnect=5)["state"] == "succeeded"
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    with client_with(down) as c, pytest.raises(ServerUnreachable):
+        c.wait("j1", poll=0.01, reconnect=0.05)
+
+
 # ------------------------------------------------------------------ submit: upload and rewrite
 
 

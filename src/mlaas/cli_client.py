@@ -69,15 +69,30 @@ def print_job_result(job: dict[str, Any]) -> None:
                       markup=False, highlight=False)
 
 
-def wait_with_status(client: Client, job_id: str, poll: float = 1.0) -> dict[str, Any]:
-    """Wait for the job, showing its state and progress on one stderr status line."""
+def wait_with_status(client: Client, job_id: str, poll: float = 1.0,
+                     reconnect: float = 60.0) -> dict[str, Any]:
+    """Wait for the job, showing its state and progress on one stderr status line.
+
+    A server that stops answering (a restart) is polled again for up to
+    ``reconnect`` seconds before :class:`~mlaas.client.ServerUnreachable`.
+    """
     import time
 
-    from mlaas.client import FINAL_STATES
+    from mlaas.client import FINAL_STATES, ServerUnreachable
 
+    down_since: float | None = None
     with err_console.status(f"job {job_id}: submitted") as shown:
         while True:
-            job = client.job(job_id)
+            try:
+                job = client.job(job_id)
+            except ServerUnreachable:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > reconnect:
+                    raise
+                shown.update(f"job {job_id}: the server does not answer; retrying")
+                time.sleep(poll)
+                continue
+            down_since = None
             if job.get("state") in FINAL_STATES:
                 return job
             where = f" (queue position {job['position']})" if job.get("position") is not None else ""

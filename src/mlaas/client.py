@@ -549,23 +549,37 @@ class Client:
             written.append(target)
         return written
 
-    def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0) -> dict[str, Any]:
+    def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0,
+             reconnect: float = 60.0) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or cancelled; returns the final ``JobOut``.
 
         Args:
             timeout (float or None): give up after this many seconds
                 (:class:`WaitTimeout`); ``None`` waits as long as it takes.
             poll (float): seconds between status requests.
+            reconnect (float): keep polling through a server that does not
+                answer (a restart) for up to this many seconds, then
+                :class:`ServerUnreachable`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        down_since: float | None = None
         while True:
-            job = self.job(job_id)
-            if job.get("state") in FINAL_STATES:
-                return job
+            try:
+                job = self.job(job_id)
+                down_since = None
+                if job.get("state") in FINAL_STATES:
+                    return job
+                state = job.get("state")
+            except ServerUnreachable:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > reconnect:
+                    raise
+                state = "unreachable"
             if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {job_id!r} is still {job.get('state')} after "
-                                  f"{timeout:g} s", job_id=job_id)
-            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+                raise WaitTimeout(f"job {job_id!r} is still {state} after {timeout:g} s",
+                                  job_id=job_id)
+            pause = poll if deadline is None else min(poll, deadline - time.monotonic())
+            time.sleep(max(0.0, pause))
 
     # -- models and predictions ---------------------------------------------------------
 

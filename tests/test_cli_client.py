@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -268,6 +269,33 @@ def test_following_a_log_survives_a_server_kill_and_restart(workdir: Path, tmp_p
 def console(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*mlaas_command(), *args], capture_output=True, text=True, timeout=60,
                           env={**WIDE, "PATH": "/usr/bin:/bin", **(env or {})})
+
+
+def test_tokens_from_mlaas_token_against_a_multi_user_server(workdir: Path,
+                                                             tmp_path: Path) -> None:
+    """A server trusting a proxy on 127.0.0.1 (so a test can log in as alice with a header),
+    personal tokens created through the API; the CLI sends MLAAS_TOKEN and never prints it."""
+    multi = LocalServer(tmp_path / "server", log=tmp_path / "server.log",
+                        args=["--cpus", "1", "--trust-proxy-from", "127.0.0.1/32"])
+    with multi, httpx.Client(base_url=multi.url, headers={"X-Forwarded-User": "alice"}) as login:
+        def token(scopes: list[str]) -> str:
+            made = login.post("/api/tokens", json={"name": "t", "scopes": scopes})
+            assert made.status_code == 201, made.text
+            return str(made.json()["token"])
+
+        reader, bogus = token(["read"]), "mlaas_" + "x" * 43
+        ok = console("jobs", "--json", env={"MLAAS_SERVER": multi.url, "MLAAS_TOKEN": reader})
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout) == []
+        refused = console("submit", str(workdir / "pipeline.yaml"),
+                          env={"MLAAS_SERVER": multi.url, "MLAAS_TOKEN": reader})
+        assert refused.returncode == 1 and refused.stderr.startswith("Forbidden: "), refused.stderr
+        for env in ({"MLAAS_SERVER": multi.url},
+                    {"MLAAS_SERVER": multi.url, "MLAAS_TOKEN": bogus}):
+            denied = console("jobs", env=env)
+            assert denied.returncode == 1 and denied.stderr.startswith("Unauthorized: "), denied.stderr
+            assert "Traceback" not in denied.stderr and "x" * 43 not in denied.stderr
+        assert reader not in ok.stdout + ok.stderr + refused.stdout + refused.stderr
 
 
 def test_a_server_error_is_one_readable_line(server: LocalServer) -> None:

@@ -194,7 +194,7 @@ def test_tokens_stay_home_unless_configured(tmp_path: Path, issuer: OidcIssuer) 
 def test_final_transition_removes_the_token_file(tmp_path: Path) -> None:
     """RemovesJobTokens: whichever way a job ends, its token file goes with the transition."""
     from mlaas.platform.auth.jobtoken import RemovesJobTokens, existing_token_env, \
-        job_token_env
+        job_token_env, remove_tokens_of_final_jobs
     from mlaas.platform.db import Database
     from mlaas.platform.records import JobState
     from mlaas.platform.store import SqlStore
@@ -217,6 +217,23 @@ def test_final_transition_removes_the_token_file(tmp_path: Path) -> None:
         assert existing_token_env(job_dir) == env  # still running: the token stays
         wrapped.transition(record.id, {JobState.RUNNING}, JobState.CANCELLED)
         assert existing_token_env(job_dir) == {}
+
+        # at start-up, files of jobs that ended without the wrapper (a killed server) go
+        jobs = {}
+        for name in ("ended", "queued"):
+            rec = store.create_job(name=name, owner="alice", group="/cms", spec={},
+                                   model_name="m")
+            jobs[name] = tmp_path / "jobs" / rec.id
+            jobs[name].mkdir()
+            job_token_env("header.payload.sig", jobs[name])
+            if name == "ended":
+                store.transition(rec.id, {JobState.QUEUED}, JobState.FAILED)
+        stray = tmp_path / "jobs" / "0123456789abcdef0123456789abcdef"  # in no store
+        stray.mkdir()
+        job_token_env("header.payload.sig", stray)
+        assert remove_tokens_of_final_jobs(store, tmp_path / "jobs") == 2
+        assert existing_token_env(jobs["ended"]) == {} and existing_token_env(stray) == {}
+        assert existing_token_env(jobs["queued"]) != {}
     finally:
         db.dispose()
 

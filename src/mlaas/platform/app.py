@@ -31,6 +31,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -160,7 +161,7 @@ def _default_authenticator(config: PlatformConfig) -> Authenticator:
 def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[PlatformContext, Any]:
     """Database (migrated), store, executor and job manager (recovered and started);
     returns the context and the database (to dispose of when the lifespan ends)."""
-    from mlaas.platform.auth.jobtoken import RemovesJobTokens
+    from mlaas.platform.auth.jobtoken import RemovesJobTokens, remove_tokens_of_final_jobs
     from mlaas.platform.db import Database
     from mlaas.platform.executors.local import LocalExecutor
     from mlaas.platform.manager import JobManager
@@ -180,6 +181,7 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[Platform
                          poll_interval=config.poll_interval, grace_s=config.grace_s,
                          defaults=defaults)
     manager.recover()
+    remove_tokens_of_final_jobs(store, Path(storage.root) / "jobs")  # left by a killed server
     manager.start()
     ctx = PlatformContext(store=store, storage=storage, manager=manager, registry=registry,
                           config=config)

@@ -28,9 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlaas.errors import PathError, Unauthorized
+from mlaas.errors import NotFound, PathError, Unauthorized
 
 __all__ = ["job_token_env", "remove_job_token", "existing_token_env", "RemovesJobTokens",
+           "remove_tokens_of_final_jobs",
            "TOKEN_DIR", "TOKEN_FILE", "TOKEN_ENV"]
 
 TOKEN_DIR = ".secrets"
@@ -119,3 +120,24 @@ class RemovesJobTokens:
         if record is not None and getattr(record, "final", False):
             remove_job_token(self._job_dir(job_id))
         return record
+
+
+def remove_tokens_of_final_jobs(store: Any, jobs_root: Path) -> int:
+    """Delete token files left behind by jobs that are final or unknown (at start-up).
+
+    A server killed between a job's final transition and the file's removal
+    would otherwise leave the token on disk; returns how many were removed.
+    """
+    removed = 0
+    root = Path(jobs_root)
+    if not root.is_dir():
+        return 0
+    for path in sorted(root.glob(f"*/{TOKEN_DIR}/{TOKEN_FILE}")):
+        try:
+            final = bool(store.get_job(path.parent.parent.name).final)
+        except (NotFound, PathError):
+            final = True
+        if final:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

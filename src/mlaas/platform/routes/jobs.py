@@ -172,6 +172,7 @@ def _parse_submission(body: bytes, content_type: str, query_name: str | None
                       ) -> tuple[str, dict[str, Any]]:
     """``(name, raw spec)`` from a JSON ``{"name", "spec"}`` or a YAML pipeline body."""
     media = content_type.split(";")[0].strip().lower()
+    spec: Any
     if media in YAML_TYPES:
         try:
             raw = yaml.safe_load(body.decode("utf-8")) if body else None

@@ -1,9 +1,11 @@
 """The personal API token routes: ``/api/tokens`` (create, list, revoke).
 
-Layer: platform (HTTP wiring for :mod:`mlaas.platform.auth.tokens`). Ready
-for ``app.include_router(tokens_router())``; the store is the
-authenticator's (``app.state.authenticator.tokens``), so tokens are created
-in the same table they are verified from. In single-user mode there is no
+Layer: platform (HTTP wiring for :mod:`mlaas.platform.auth.tokens`).
+:func:`mlaas.platform.app.create_platform_app` adds these routes; the store
+is the authenticator's (``app.state.authenticator.tokens``, attached on the
+platform database while the app's lifespan runs), so tokens are created in
+the same table they are verified from. Scopes a personal token needs here
+(``read`` to list, ``submit`` to revoke) are in :mod:`mlaas.platform.auth.policy`. In single-user mode there is no
 token store and these routes answer 409 (:class:`~mlaas.errors.Conflict`):
 every request is already the local user.
 

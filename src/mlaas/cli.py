@@ -391,6 +391,10 @@ from mlaas import cli_token  # noqa: E402  (mlaas token create|list|revoke)
 
 cli_token.register(app)
 
+from mlaas import cli_simulate  # noqa: E402  (mlaas simulate: the farm simulator)
+
+cli_simulate.register(app)
+
 
 def main() -> None:
     """Console-script entry point: MlaasError becomes a one-line message and exit code 1."""

@@ -160,3 +160,17 @@ def test_multi_user_server_process(tmp_path: Path, pg_url: str, issuer: OidcIssu
         assert value not in log, f"a secret ({value[:8]}...) is in the server log"
         for body in bodies:
             assert value not in body, f"a secret ({value[:8]}...) is in an error answer"
+
+
+def test_a_failed_start_does_not_print_the_database_password(tmp_path: Path) -> None:
+    """The database URL appears in start-up errors with its password as ``***``."""
+    port = free_port()  # nothing listens there: the connection is refused at once
+    url = f"postgresql://postgres:{DB_PASSWORD}@{HOST}:{port}/mlaas"
+    done = subprocess.run([sys.executable, "-m", "mlaas.cli", "server", "--data-dir",
+                           str(tmp_path), "--host", HOST, "--port", str(free_port()),
+                           "--db", url], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert f"postgres:***@{HOST}:{port}" in output and "Connection refused" in output
+    assert DB_PASSWORD not in output

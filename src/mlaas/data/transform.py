@@ -195,6 +195,34 @@ def descending_order(key: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.lexsort((-key, rows))
 
 
+def _descending_order_32(key: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """:func:`descending_order` for keys of at most 32 bits, as one sort of uint64.
+
+    Each element becomes ``(event << 32) | descending rank bits of its key``,
+    so one stable argsort of nearly sorted integers (events already in order)
+    replaces a two-key lexsort: about 3x less time for the jets of a chunk.
+    Same permutation as ``descending_order`` (ties keep their order, -0.0
+    equals 0.0); None for NaN keys or other types, which take the lexsort.
+    """
+    if key.dtype == np.float32:
+        if np.isnan(key).any():
+            return None
+        bits = (key + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0, as in a comparison
+        ascending = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
+    elif key.dtype.kind in "iub" and key.dtype.itemsize <= 4:
+        if key.dtype.kind == "i":
+            ascending = key.astype(np.int32).view(np.uint32) ^ np.uint32(0x80000000)
+        else:
+            ascending = key.astype(np.uint32)
+    else:
+        return None
+    if len(counts) >= 2**31:
+        return None
+    rows = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    packed = (rows << np.uint64(32)) | (~ascending).astype(np.uint64)
+    return np.argsort(packed, kind="stable")
+
+
 def flat_values(arr: Any) -> tuple[np.ndarray, np.ndarray]:
     """Content (float64) and counts of a jagged awkward array."""
     counts = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
@@ -240,6 +268,76 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray,
                 content = content[order]
             assert elements is not None
             out[name] = (content[elements], counts[keep])
+    return out
+
+
+class _SlotSource:
+    """For one collection and chunk: which flat element fills each slot of the kept events.
+
+    ``src[k]`` is the position, in a branch's flat content as read, of the
+    ``k``-th real slot (row-major over ``valid`` [m, max_len]): the sort by
+    the collection's key and the dropping of cut events are folded into it,
+    so each branch costs one gather of the values actually used.
+    """
+
+    def __init__(self, counts: np.ndarray, keep: np.ndarray, max_len: int,
+                 order: np.ndarray | None) -> None:
+        starts = (np.cumsum(counts) - counts)[keep]
+        kept_counts = counts[keep]
+        slot = np.arange(max_len)
+        self.valid = slot[None, :] < kept_counts[:, None]
+        src = (starts[:, None] + slot[None, :])[self.valid]
+        self.src = order[src] if order is not None else src
+        self.counts, self.keep, self.order = counts, keep, order
+        self.contents: dict[str, np.ndarray] = {}
+
+    def kept_content(self, raw: np.ndarray) -> np.ndarray:
+        """Every element of the kept events (float64, sorted): only for NaN reports."""
+        content = raw.astype(np.float64)
+        if self.order is not None:
+            content = content[self.order]
+        return content[np.repeat(self.keep, self.counts)]
+
+
+def _slot_sources(layout: Layout, env: Mapping[str, Any], keep: np.ndarray,
+                  url: str) -> dict[str, _SlotSource]:
+    """Per collection, its :class:`_SlotSource` and each branch's flat content as read.
+
+    Checks what :func:`jagged_values` checks, in the same order: one
+    multiplicity per collection, and a sort key from the same collection.
+    """
+    out: dict[str, _SlotSource] = {}
+    for cname, coll in layout.collections.items():
+        source: _SlotSource | None = None
+        for name in coll.features:
+            arr = env[name] if name in env else _feature(layout, name).expression.evaluate(env)
+            here = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
+            if source is None:
+                order = None
+                if coll.sort_by is not None:
+                    key_array = env[coll.sort_by]
+                    key_counts = ak.to_numpy(ak.num(key_array, axis=1)).astype(np.int64)
+                    if not np.array_equal(key_counts, here):
+                        raise DataError(
+                            f"jagged branch {name!r} and its sort key {coll.sort_by!r} have "
+                            "different multiplicities in some events; sort_by must be in the "
+                            "same collection", file_path=url, branch=name,
+                        )
+                    key = np.asarray(ak.to_numpy(ak.flatten(key_array, axis=1)))
+                    order = _descending_order_32(key, here)
+                    if order is None:
+                        order = descending_order(key.astype(np.float64, copy=False), here)
+                assert coll.max_len is not None
+                source = _SlotSource(here, keep, coll.max_len, order)
+            elif not np.array_equal(source.counts, here):
+                raise DataError(
+                    f"branches of collection {coll.name!r} ({', '.join(coll.features)}) have "
+                    "different multiplicities; name them so that one collection shares one "
+                    "length", file_path=url, branch=name,
+                )
+            source.contents[name] = np.asarray(ak.to_numpy(ak.flatten(arr, axis=1)))
+        if source is not None:
+            out[cname] = source
     return out
 
 
@@ -327,30 +425,36 @@ class Transform:
 
         Arithmetic stays float64 per feature (a jagged branch has one shift
         and scale for all its slots), so no chunk-sized float64 copy exists.
+        A jagged branch is read with one gather of the elements that land in
+        a slot (see :class:`_SlotSource`), not sorted, compacted and gathered
+        again as a whole.
         """
         layout = self.layout
-        jagged = jagged_values(layout, env, keep, chunk.url)
+        sources = _slot_sources(layout, env, keep, chunk.url)
         m = len(index)
         if out is not None:
             x, mask = out(m)
         else:
             x = np.empty((m, self.n_columns), dtype=np.float32)
             mask = np.empty((m, self.n_mask), dtype=np.float32)
-        slots: dict[str, SlotIndex] = {}
         col = 0
         for f in layout.features:
             shift, scale = float(self.shift[col]), float(self.scale[col])
             if f.jagged:
                 assert f.collection is not None
-                content, counts = jagged[f.name]
-                if f.collection not in slots:
-                    max_len = layout.collections[f.collection].max_len
-                    assert max_len is not None
-                    slots[f.collection] = SlotIndex(counts, max_len)
-                index_ = slots[f.collection]
-                width = index_.valid.shape[1]
-                x[:, col:col + width] = index_.fill_scaled(
-                    self._clean(content, f.name, chunk), f.pad, shift, scale)
+                source = sources[f.collection]
+                raw = source.contents[f.name]
+                values = np.take(raw, source.src).astype(np.float64)
+                if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+                    # as before: every element of a kept event counts, even a truncated one
+                    self._clean(source.kept_content(raw), f.name, chunk)
+                    values = self._clean(values, f.name, chunk)
+                values -= shift
+                values *= scale
+                width = source.valid.shape[1]
+                block = x[:, col:col + width]
+                block[...] = (f.pad - shift) * scale
+                block[source.valid] = values
             else:
                 value = as_float64(f.expression.evaluate(env), len(keep))[index]
                 width = 1
@@ -358,8 +462,8 @@ class Transform:
             col += width
         start = 0
         for c in layout.collections:
-            width = slots[c].valid.shape[1]
-            mask[:, start:start + width] = slots[c].valid
+            width = sources[c].valid.shape[1]
+            mask[:, start:start + width] = sources[c].valid
             start += width
         return x, mask
 

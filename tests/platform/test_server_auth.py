@@ -133,6 +133,10 @@ def test_multi_user_server_process(tmp_path: Path, pg_url: str, issuer: OidcIssu
         assert secret not in refused.stderr + refused.stdout
         revoked = _cli(srv.url, login, "revoke", token_id)
         assert revoked.returncode == 0, revoked.stderr
+        again = _cli(srv.url, login, "revoke", token_id)  # bad input: the server's errors
+        assert again.returncode == 1 and again.stderr.startswith("NotFound: no API token")
+        wrong = _cli(srv.url, login, "create", "--name", "x", "--scope", "admin")
+        assert wrong.returncode == 1 and wrong.stderr.startswith("SpecError: token scopes")
         r = c.get("/api/jobs", headers=as_token)
         assert r.status_code == 401 and "revoked" in r.json()["message"]
         bodies.append(r.text)
@@ -174,3 +178,14 @@ def test_a_failed_start_does_not_print_the_database_password(tmp_path: Path) -> 
     assert done.returncode != 0, output
     assert f"postgres:***@{HOST}:{port}" in output and "Connection refused" in output
     assert DB_PASSWORD not in output
+
+
+def test_token_create_needs_a_name_and_a_scope() -> None:
+    from typer.testing import CliRunner
+
+    from mlaas.cli import app as cli
+
+    runner = CliRunner()
+    for args, missing in ((["--name", "ci"], "--scope"), (["--scope", "read"], "--name")):
+        result = runner.invoke(cli, ["token", "create", *args, "--server", "http://127.0.0.1:9"])
+        assert result.exit_code == 2 and missing in result.output, result.output

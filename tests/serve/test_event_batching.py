@@ -217,3 +217,21 @@ def test_server_bundles_use_one_ort_thread(tmp_path: Path, trained: dict[str, An
     other.state.registry.upload("m", trained["bytes"])
     _, bundle = other.state.registry.bundle("m")
     assert bundle.session.get_session_options().intra_op_num_threads == min(2, os.cpu_count() or 1)
+
+
+def test_server_freezes_the_gc_for_its_lifespan(tmp_path: Path) -> None:
+    import gc
+    import warnings
+
+    from mlaas.serve.server import create_server
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_server(tmp_path / "a")):
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_server(tmp_path / "b", freeze_gc=False)):
+        assert gc.get_freeze_count() == 0

@@ -26,7 +26,7 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
                   max_delay_ms: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
                   access: ModelAccess | None = None,
                   registry: Registry | None = None, event_workers: int = 0,
-                  ort_threads: int | None = 1) -> FastAPI:
+                  ort_threads: int | None = 1, freeze_gc: bool = True) -> FastAPI:
     """The whole serving app over the registry at ``models_dir``.
 
     Args:
@@ -48,6 +48,8 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
             call, which on small batches burned ~0.4 ms of CPU per single-event
             request (40% of the server's CPU) and was no faster on 1024 events
             (BENCHMARKS.md, "Serving").
+        freeze_gc: ``gc.freeze()`` at startup (see :func:`~mlaas.serve.app.create_app`);
+            pass False when the app shares its process with other work.
     """
     if registry is None:
         if models_dir is None:
@@ -59,7 +61,8 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
     runtime = Runtime(registry, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                       metrics=metrics, event_workers=event_workers)
     app = create_app(registry.root, registry=registry, max_body_bytes=max_body_bytes,
-                     access=access, extra_routers=[v2_router(runtime, registry, metrics)])
+                     access=access, extra_routers=[v2_router(runtime, registry, metrics)],
+                     freeze_gc=freeze_gc)
     app.state.runtime = runtime
     app.state.metrics = metrics
 

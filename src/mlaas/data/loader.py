@@ -6,9 +6,10 @@ reads (``sources``) and preprocesses (``transform``). Memory is bounded by the
 step size times the chunks in the shuffle buffer, never by file size.
 
 Exactness across workers: the chunk plan is the same in every process, and
-worker k of K takes chunks k, k+K, ...; the split of an event is a hash of
-(file name, entry, seed). So every selected event of a split is yielded
-exactly once per epoch, whatever the worker count.
+worker k of K takes chunks k, k+K, ... of the interleaved plan (the same ones
+every epoch, so its caches stay useful), in an order shuffled per epoch; the
+split of an event is a hash of (file name, entry, seed). So every selected
+event of a split is yielded exactly once per epoch, whatever the worker count.
 """
 
 from __future__ import annotations
@@ -204,7 +205,12 @@ class RootDataset:
 
     def _epoch_batches(self, epoch: int, worker: int, num_workers: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
-        mine = self._chunk_order(rng)[worker::num_workers]
+        if num_workers > 1:
+            # the same chunks for a worker every epoch (in a new order), so a worker's
+            # memory cache and open disk-cache maps hold the chunks it will read again
+            mine = self._chunk_order(rng, chunking.interleave(self.chunks)[worker::num_workers])
+        else:
+            mine = self._chunk_order(rng, self.chunks)
         buffer = self._shuffle_buffer()
         in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
         try:
@@ -223,11 +229,15 @@ class RootDataset:
         return _ShuffleBuffer(self._spare, self._spare_lock, rows, len(self.feature_names),
                               len(self.mask_names))
 
-    def torch(self) -> Any:
-        """A torch ``IterableDataset`` yielding batches of tensors (use ``batch_size=None``)."""
+    def torch(self, advance: bool = True) -> Any:
+        """A torch ``IterableDataset`` yielding batches of tensors (use ``batch_size=None``).
+
+        ``advance=False``: every pass uses the same epoch (for a validation
+        loader with ``persistent_workers=True``).
+        """
         from mlaas.data.torch_dataset import TorchRootDataset
 
-        return TorchRootDataset(self)
+        return TorchRootDataset(self, advance)
 
     def columns(self) -> Columns:
         """The whole split in memory, unshuffled: for small data, evaluation and tests."""
@@ -236,11 +246,12 @@ class RootDataset:
 
     # -- internals ----------------------------------------------------------------
 
-    def _chunk_order(self, rng: np.random.Generator) -> list[chunking.ChunkRange]:
+    def _chunk_order(self, rng: np.random.Generator,
+                     chunks: list[chunking.ChunkRange]) -> list[chunking.ChunkRange]:
         if not self.shuffle:
-            return chunking.interleave(self.chunks)
+            return chunking.interleave(chunks)
         by_source: dict[int, list[chunking.ChunkRange]] = {}
-        for c in self.chunks:
+        for c in chunks:
             by_source.setdefault(c.source, []).append(c)
         shuffled = []
         for items in by_source.values():

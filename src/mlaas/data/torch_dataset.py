@@ -28,10 +28,11 @@ __all__ = ["TorchRootDataset"]
 class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
     """Every selected event of the split exactly once per epoch, across all workers."""
 
-    def __init__(self, dataset: RootDataset) -> None:
+    def __init__(self, dataset: RootDataset, advance: bool = True) -> None:
         super().__init__()
         self.dataset = dataset
         self.epoch = dataset.epoch
+        self.advance = advance  # False: every pass repeats the same epoch (validation)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -40,7 +41,8 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
-        self.epoch += 1
+        if self.advance:
+            self.epoch += 1
         as_tensors = _packed if info is not None else _plain
         for batch in self.dataset.iter_epoch(epoch, worker, workers):
             yield as_tensors(batch)

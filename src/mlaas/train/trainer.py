@@ -508,6 +508,8 @@ class _Trainer:
         self.started = time.monotonic()
         self.flag = _Flag()
         self.batches = 0
+        # with workers: split -> (persistent DataLoader, the epoch its next pass uses)
+        self.loaders: dict[str, tuple[DataLoader, int]] = {}  # type: ignore[type-arg]
 
     # -- checkpoint state ---------------------------------------------------------
 
@@ -613,11 +615,30 @@ class _Trainer:
             f"(now {self.t.lr:g}) or check the inputs for extreme or invalid values "
             "(normalisation, data.nan, data.weight)", field_path="train.lr")
 
+    def loader(self, which: str, ds: Any, epoch: int) -> DataLoader:  # type: ignore[type-arg]
+        """The DataLoader for one pass over ``ds`` with the shuffle of ``epoch`` (0-based).
+
+        With workers, one loader per split lives for the whole run
+        (``persistent_workers``), so each worker keeps its open files, its
+        buffers and a memory cache between epochs; each worker's dataset
+        advances its own epoch after every pass (validation always uses epoch
+        0). A loader whose next epoch is not ``epoch`` is replaced.
+        """
+        if self.t.num_workers == 0:
+            ds.set_epoch(epoch)
+            return DataLoader(ds.torch(), batch_size=None, num_workers=0)
+        held = self.loaders.get(which)
+        if held is None or held[1] != epoch:
+            ds.set_epoch(epoch)
+            advance = which == "train"
+            held = (DataLoader(ds.torch(advance=advance), batch_size=None,
+                               num_workers=self.t.num_workers, persistent_workers=True), epoch)
+        self.loaders[which] = (held[0], epoch + 1 if which == "train" else epoch)
+        return held[0]
+
     def train_epoch(self, epoch: int, bars: _Bars) -> tuple[float, int, float]:
         """One pass over the training split: (mean loss, events, seconds)."""
-        self.train_ds.set_epoch(epoch - 1)
-        loader = DataLoader(self.train_ds.torch(), batch_size=None,
-                            num_workers=self.t.num_workers, persistent_workers=False)
+        loader = self.loader("train", self.train_ds, epoch - 1)
         self.model.train()
         total = weight = 0.0
         events = 0
@@ -653,9 +674,7 @@ class _Trainer:
     def validate(self, epoch: int) -> float | None:
         if not self.has_val:
             return None
-        self.val_ds.set_epoch(0)
-        loader = DataLoader(self.val_ds.torch(), batch_size=None,
-                            num_workers=self.t.num_workers, persistent_workers=False)
+        loader = self.loader("validation", self.val_ds, 0)
         self.model.eval()
         total = weight = 0.0
         for index, batch in enumerate(loader, start=1):
@@ -737,6 +756,7 @@ class _Trainer:
                     reason = "max_time"
         finally:
             bars.close()
+            self.loaders.clear()  # persistent workers end with their loaders
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return TrainResult(model=self.model, history=self.history, stopped=reason,

@@ -235,3 +235,36 @@ def test_server_freezes_the_gc_for_its_lifespan(tmp_path: Path) -> None:
     assert gc.get_freeze_count() == 0
     with TestClient(create_server(tmp_path / "b", freeze_gc=False)):
         assert gc.get_freeze_count() == 0
+
+
+def test_the_wait_counts_from_the_end_of_the_previous_batch() -> None:
+    """A request that queued during a long batch waits (up to max_delay) after that batch
+    for the callers just answered, instead of running alone at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlaas.serve.runtime import Batcher
+
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def run(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        sizes.append(len(x))
+        if len(sizes) == 1:
+            gate.wait(30)
+        return x.sum(axis=1, keepdims=True)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as ex:
+            batcher = Batcher(run, max_batch_size=8, max_delay_ms=500.0, executor=ex)
+            first = asyncio.ensure_future(batcher.submit(np.ones((8, 2), np.float32), None))
+            await asyncio.sleep(0.05)  # the full first batch is running
+            a = asyncio.ensure_future(batcher.submit(np.ones((1, 2), np.float32), None))
+            await asyncio.sleep(0.6)  # A has now waited longer than max_delay
+            gate.set()
+            await first
+            b = await batcher.submit(np.ones((7, 2), np.float32), None)  # fills A's batch
+            assert len(await a) == 1 and len(b) == 7
+
+    asyncio.run(main())
+    assert sizes == [8, 8]

@@ -271,3 +271,21 @@ def test_error_statuses_and_headers() -> None:
     assert headers_of(Forbidden("x")) == {}
     assert status_of(KeyError("x")) == 404 and status_of(ValueError("x")) == 400
     assert status_of(RuntimeError("x")) == 500
+
+
+def test_404_does_not_suggest_hidden_model_names(served: Any) -> None:
+    client, policy, _ = served
+    policy.owners["pri"] = "bob"  # bob's own name, with no version in the registry
+    r = client.get("/api/models/pri", headers=BOB)
+    assert r.status_code == 404
+    assert "priv" not in r.text and "did_you_mean" not in r.json()
+    r = client.get("/v2/models/pri", headers=BOB)
+    assert r.status_code == 404 and "priv" not in r.text
+
+
+def test_allow_all_suggests_names(tmp_path: Path, trained: dict[str, Any]) -> None:
+    with TestClient(create_server(tmp_path / "m")) as client:
+        client.post("/api/models/higgs", content=trained["bytes"])
+        r = client.get("/api/models/higs")
+        assert r.status_code == 404 and r.json()["did_you_mean"] == ["higgs"]
+        assert "did you mean 'higgs'" in client.get("/v2/models/higs").json()["error"]

@@ -25,6 +25,10 @@ probed), :class:`~mlaas.errors.Forbidden` 403,
 :class:`~mlaas.errors.Unauthorized` 401 with ``WWW-Authenticate: Bearer``
 and :class:`~mlaas.errors.RateLimited` 429 with ``Retry-After``.
 
+A policy may also set ``reveal_names = True`` (AllowAll does): only then do
+404 answers for an unknown model suggest similar model names ("did you
+mean"), which are taken from the whole registry.
+
 Hooks are plain (blocking) functions, since a real policy asks a database:
 the app calls them in a worker thread. An implementation that never blocks
 may set the class attribute ``blocking = False``; it is then called on the
@@ -38,7 +42,7 @@ from typing import Any, Literal, Protocol
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-__all__ = ["ModelAccess", "AllowAll", "Action", "check", "on_upload", "visible"]
+__all__ = ["ModelAccess", "AllowAll", "Action", "access_of", "check", "on_upload", "visible"]
 
 Action = Literal["read", "write"]
 
@@ -47,8 +51,9 @@ class ModelAccess(Protocol):
     """The access policy of the model server (see the module docstring for where each
     hook is called).
 
-    An optional class attribute ``blocking`` (default True) says whether the
-    hooks may block; see the module docstring.
+    Optional class attributes: ``blocking`` (default True) says whether the
+    hooks may block, ``reveal_names`` (default False) whether a 404 may suggest
+    other model names; see the module docstring.
     """
 
     def check(self, request: Request, action: Action, name: str) -> None:
@@ -80,6 +85,7 @@ class AllowAll:
     """Everything allowed: the policy of a stand-alone ``mlaas serve``."""
 
     blocking = False
+    reveal_names = True
 
     def check(self, request: Request, action: Action, name: str) -> None:
         return None
@@ -94,7 +100,7 @@ class AllowAll:
 _ALLOW_ALL = AllowAll()
 
 
-def _access(request: Request) -> ModelAccess:
+def access_of(request: Request) -> ModelAccess:
     """The app's policy; an app built without one (a bare router in a test app) allows all,
     like :func:`~mlaas.serve.app.create_app`'s default."""
     access: ModelAccess | None = getattr(request.app.state, "access", None)
@@ -103,7 +109,7 @@ def _access(request: Request) -> ModelAccess:
 
 async def check(request: Request, action: Action, name: str) -> None:
     """Run the app's ``check`` hook for ``name`` (off the loop unless it never blocks)."""
-    access = _access(request)
+    access = access_of(request)
     if getattr(access, "blocking", True):
         await run_in_threadpool(access.check, request, action, name)
     else:
@@ -112,7 +118,7 @@ async def check(request: Request, action: Action, name: str) -> None:
 
 async def on_upload(request: Request, name: str) -> dict[str, Any]:
     """Run the app's ``on_upload`` hook; returns the metadata to store with the version."""
-    access = _access(request)
+    access = access_of(request)
     if getattr(access, "blocking", True):
         extra = await run_in_threadpool(access.on_upload, request, name)
     else:
@@ -122,7 +128,7 @@ async def on_upload(request: Request, name: str) -> dict[str, Any]:
 
 async def visible(request: Request, names: list[str]) -> list[str]:
     """Run the app's ``visible`` hook; keeps the order of ``names``."""
-    access = _access(request)
+    access = access_of(request)
     if getattr(access, "blocking", True):
         allowed = await run_in_threadpool(access.visible, request, list(names))
     else:

@@ -80,7 +80,7 @@ from mlaas.bundle import Bundle
 from mlaas.errors import BadRequest, MlaasError, RequestTooLarge
 from mlaas.serve import access as hooks
 from mlaas.serve.access import AllowAll, ModelAccess
-from mlaas.serve.http_errors import ERROR_STATUS, headers_of, status_of
+from mlaas.serve.http_errors import ERROR_STATUS, headers_of, redact, status_of
 from mlaas.serve.registry import Registry
 
 __all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
@@ -95,6 +95,8 @@ def _error_body(exc: MlaasError) -> dict[str, Any]:
 
 
 async def _mlaas_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, MlaasError)
+    exc = redact(exc, hooks.access_of(request))
     assert isinstance(exc, MlaasError)
     status = status_of(exc)
     if status >= 500:

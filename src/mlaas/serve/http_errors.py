@@ -34,7 +34,7 @@ from mlaas.errors import (
     Unauthorized,
 )
 
-__all__ = ["ERROR_STATUS", "status_of", "headers_of"]
+__all__ = ["ERROR_STATUS", "status_of", "headers_of", "redact"]
 
 ERROR_STATUS: dict[type[MlaasError], int] = {
     ModelNotFound: 404,
@@ -84,3 +84,15 @@ def headers_of(exc: BaseException) -> dict[str, str]:
             seconds = 1
         return {"Retry-After": str(seconds)}
     return {}
+
+
+def redact(exc: Exception, access: object) -> Exception:
+    """``exc`` as the caller may see it: without the registry's "did you mean" model
+    names unless the access policy says names may be shown (``reveal_names``, True
+    for :class:`~mlaas.serve.access.AllowAll`), since the suggestions come from every
+    model in the registry, including ones the caller may not see."""
+    if (isinstance(exc, ModelNotFound) and "did_you_mean" in exc.context
+            and not getattr(access, "reveal_names", False)):
+        return ModelNotFound(f"no model {exc.context.get('model')!r}",
+                             model=exc.context.get("model"))
+    return exc

@@ -220,12 +220,11 @@ class Registry:
     def _versions(self, name: str) -> list[int]:
         versions = self._versions_of(self._model_dir(name))
         if not versions:
-            raise ModelNotFound(f"no model {name!r}{self._hint(name)}", model=name)
+            near = close_names(name, self._names())
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            raise ModelNotFound(f"no model {name!r}{hint}", model=name,
+                                did_you_mean=near or None)
         return versions
-
-    def _hint(self, name: str) -> str:
-        near = close_names(name, self._names())
-        return f"; did you mean {', '.join(map(repr, near))}?" if near else ""
 
     def _aliases(self, name: str) -> dict[str, int]:
         data = _read_json(self._model_dir(name) / _ALIASES_FILE)

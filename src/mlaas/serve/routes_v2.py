@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from mlaas.errors import MlaasError
 from mlaas.serve import access as hooks
-from mlaas.serve.http_errors import headers_of, status_of
+from mlaas.serve.http_errors import headers_of, redact, status_of
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.protocol import (
     HEADER_LENGTH,
@@ -88,7 +88,7 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
             await hooks.check(request, "read", name)
             response = await handler(seen)
         except (KeyError, MlaasError) as exc:
-            response = _error(exc)
+            response = _error(redact(exc, hooks.access_of(request)))
         if metrics is not None:
             metrics.observe_request(route, seen["model"], seen["version"], response.status_code,
                                     time.perf_counter() - started)

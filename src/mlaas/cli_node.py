@@ -96,3 +96,30 @@ def register(app: typer.Typer) -> None:
             err=True))
 
     app.add_typer(node_app, name="node")
+
+
+def main() -> None:
+    """``python -m mlaas.cli_node node join ...``: the command without the main CLI.
+
+    The same as ``mlaas node join``; MlaasError becomes a one-line message and exit 1.
+    """
+    import sys
+
+    from mlaas.errors import MlaasError
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _root() -> None:
+        """mlaas node commands."""
+
+    register(app)
+    try:
+        app()
+    except MlaasError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

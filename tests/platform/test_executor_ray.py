@@ -65,12 +65,12 @@ def _free_port() -> int:
 class RayNode:
     """One node of the test cluster: a ``mlaas.platform.raynode`` process and its tree."""
 
-    def __init__(self, log: Path, args: list[str]) -> None:
+    def __init__(self, log: Path, argv: list[str]) -> None:
         self.log = log
         env = {**os.environ, **FAST_HEALTH_CHECKS}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlaas.platform.raynode", *args], stdout=out,
+                [sys.executable, "-m", *argv], stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
         wait_for(self._up, 90, f"the Ray node of {log.name} to start")
@@ -79,7 +79,8 @@ class RayNode:
         if self.proc.poll() is not None:
             raise AssertionError(f"Ray node exited with {self.proc.returncode}:\n"
                                  f"{self.log.read_text()[-3000:]}")
-        return "Ray node up" in self.log.read_text()
+        text = self.log.read_text()
+        return "Ray node up" in text or "is up in the Ray cluster" in text
 
     def tree(self) -> list[psutil.Process]:
         try:
@@ -127,7 +128,17 @@ class Cluster:
         role = ["--head", "--port", str(self.port)] if head else ["--address", self.address]
         args = [*role, "--num-cpus", str(cpus), "--temp-dir", str(self.root / "ray"),
                 "--resources", json.dumps(node_resources(name, flavors or {}))]
-        node = RayNode(self.root / f"{name}.log", args)
+        node = RayNode(self.root / f"{name}.log", ["mlaas.platform.raynode", *args])
+        self.nodes[name] = node
+        return node
+
+    def join(self, name: str, *, cpus: int, flavors: list[str]) -> RayNode:
+        """A worker joining through ``mlaas node join`` (as ``python -m mlaas.cli_node``)."""
+        args = ["node", "join", self.address, "--name", name, "--cpus", str(cpus),
+                "--temp-dir", str(self.root / "ray")]
+        for flavor in flavors:
+            args += ["--flavor", flavor]
+        node = RayNode(self.root / f"{name}.log", ["mlaas.cli_node", *args])
         self.nodes[name] = node
         return node
 
@@ -311,10 +322,12 @@ def test_terminate_preempts_and_bad_starts_are_refused(
 
 def test_a_lost_node_requeues_its_job_which_resumes_on_another_node(
         executor: RayExecutor, cluster: Cluster, storage: Path, data: Path) -> None:
-    # a node joining shows up in nodes()
-    victim = cluster.start("victim", cpus=1, flavors={"test-gpu": 1})
+    # a node joining (mlaas node join) shows up in nodes() and in the capacity
+    assert executor.capacity()["gpus"] == 2
+    victim = cluster.join("victim", cpus=1, flavors=["test-gpu=1"])
     wait_for(lambda: "victim" in {n.name for n in executor.nodes()}, 60, "the new node")
     assert dict({n.name: n for n in executor.nodes()}["victim"].flavors) == {"test-gpu": 1}
+    assert executor.capacity()["gpus"] == 3
 
     epochs = 12
     job = _slow_job(storage, data, "moved", epochs=epochs, sleep=0.04)

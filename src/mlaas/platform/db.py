@@ -57,7 +57,7 @@ log = logging.getLogger("mlaas.platform.db")
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 """The Alembic script directory shipped inside the package."""
 
-MODEL_MODULES = ("mlaas.platform.auth.tokens",)
+MODEL_MODULES = ("mlaas.platform.auth.tokens", "mlaas.platform.accounting")
 """Modules outside this one that declare tables on :data:`Base` (imported by :func:`load_models`)."""
 
 _SQLITE_BUSY_MS = 30_000

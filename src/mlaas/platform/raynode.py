@@ -121,7 +121,8 @@ def start_node(options: NodeOptions) -> Any:
         temp_dir=str(options.temp_dir) if options.temp_dir is not None else None,
         min_worker_port=0, max_worker_port=0)
     if options.head:
-        params.update(gcs_server_port=options.port, include_log_monitor=True)
+        params.update(gcs_server_port=options.port, include_log_monitor=True,
+                      no_monitor=True)  # no autoscaler: its fixed metrics port would clash
     else:
         params.update(gcs_address=options.address, node_manager_port=0,
                       include_log_monitor=False)

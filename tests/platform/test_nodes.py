@@ -235,3 +235,50 @@ def test_join_bad_input(args: list[str], error: type[Exception]) -> None:
 def test_join_refuses_a_zero_cpu_count() -> None:
     result = CliRunner().invoke(_app(), ["node", "join", "127.0.0.1:6379", "--cpus", "0"])
     assert result.exit_code == 2 and "--cpus" in result.output
+
+
+# -- the node launcher's input and the optional import ---------------------------------------
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("localhost", True), ("::1", True), ("10.0.0.5", False),
+    ("gpu-01.example.org", False)])
+def test_is_loopback(host: str, loopback: bool) -> None:
+    from mlaas.platform.raynode import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{", "is not JSON"),
+    ("[1]", "must be a JSON object"),
+    ('{"flavor:x": -1}', "must be a JSON object"),
+    ('{"flavor:x": true}', "must be a JSON object"),
+    ('{"flavor:x": "2"}', "must be a JSON object"),
+])
+def test_raynode_refuses_bad_resources(text: str, message: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from mlaas.platform.raynode import main
+
+    assert main(["--head", "--resources", text]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ConfigError: --resources ") and message in err
+
+
+def test_raynode_needs_a_role(capsys: pytest.CaptureFixture[str]) -> None:
+    from mlaas.platform.raynode import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--num-cpus", "1"])
+    assert info.value.code == 2 and "--head" in capsys.readouterr().err
+
+
+def test_missing_ray_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mlaas.extras import ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what Python does for a missing package
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'mlaas\[ray\]'") as info:
+        ray()
+    assert info.value.name == "ray"

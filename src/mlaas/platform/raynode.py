@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlaas.errors import ConfigError, PlatformError
+from mlaas.errors import ConfigError, MlaasError, PlatformError
 
 __all__ = ["NodeOptions", "LOOPBACK_SWITCH", "is_loopback", "keep_ray_on_loopback", "start_node",
            "run_node", "main"]
@@ -191,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-store-memory", type=int, default=100_000_000)
     parser.add_argument("--temp-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    options = NodeOptions(node_ip=args.node_ip_address, address=args.address, port=args.port,
-                          num_cpus=args.num_cpus, resources=_resources(args.resources),
-                          object_store_memory=args.object_store_memory, temp_dir=args.temp_dir)
     try:
+        options = NodeOptions(node_ip=args.node_ip_address, address=args.address,
+                              port=args.port, num_cpus=args.num_cpus,
+                              resources=_resources(args.resources),
+                              object_store_memory=args.object_store_memory,
+                              temp_dir=args.temp_dir)
         return run_node(options, ready=lambda gcs: print(f"[mlaas] Ray node up; cluster at {gcs}",
                                                          flush=True))
-    except PlatformError as exc:
+    except MlaasError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -24,13 +24,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from mlaas.errors import ConfigError
 
-__all__ = ["PlatformConfig", "JobDefaults", "AuthConfig", "load_config", "DEFAULT_DATA_DIR"]
+__all__ = ["PlatformConfig", "JobDefaults", "AuthConfig", "QuotaConfig", "QueueConfig",
+           "FlavorConfig", "SchedulerConfig", "check_queues", "load_config", "DEFAULT_DATA_DIR",
+           "CPU_FLAVOR", "EVERYONE"]
 
 DEFAULT_DATA_DIR = Path("~/.local/share/mlaas")
+
+CPU_FLAVOR = "cpu"
+"""The flavor of CPU slots: a job's ``cpus`` are charged to it like devices."""
+
+EVERYONE = "*"
+"""A queue ``group`` meaning every user (the default queue's)."""
+
+_NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 class _Model(BaseModel):
@@ -72,6 +83,95 @@ class AuthConfig(_Model):
         return not self.oidc_issuers and not self.trusted_proxies
 
 
+class _Problems(ValueError):
+    """Cross-field problems, each with its own field path (unpacked by :func:`_problems`)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
+        self.problems = problems
+
+
+class QuotaConfig(_Model):
+    """A queue's share of one flavor (Kueue's nominal quota and borrowing limit)."""
+
+    nominal: int = Field(ge=0, description="Devices (or CPU slots) guaranteed to the queue.")
+    borrowing_limit: int | None = Field(default=None, ge=0, description=(
+        "How many more it may borrow from its cohort's unused quota; none: no limit."))
+
+
+class QueueConfig(_Model):
+    """One group's queue; see docs/scheduler.md (Concepts) for the words."""
+
+    name: str = Field(pattern=_NAME_RE, description="The queue's name (resources.queue).")
+    group: str = Field(min_length=1, description=(
+        "Members of this group (as the identity provider spells it) may submit here; "
+        "'*': everybody."))
+    quotas: dict[str, QuotaConfig] = Field(default_factory=dict, description=(
+        "Per flavor. A request for a flavor not listed is refused, except 'cpu', which "
+        "is unlimited when not listed."))
+    cohort: str | None = Field(default=None, description=(
+        "Queues of one cohort lend each other unused nominal quota."))
+    strategy: Literal["BestEffortFIFO", "StrictFIFO"] = "BestEffortFIFO"
+    priority_classes: dict[str, int] = Field(default_factory=dict, description=(
+        "Named priorities (resources.priority may name one); higher goes first."))
+    preempt_within_queue: bool = Field(default=False, description=(
+        "A higher-priority job may evict lower-priority ones of this queue."))
+
+
+class FlavorConfig(_Model):
+    """A kind of device a node can offer (nvidia-a100, nvidia-a100-mig-1g.10gb, ...)."""
+
+    name: str = Field(pattern=_NAME_RE)
+    parent: str | None = Field(default=None, description="For a MIG slice: the whole-GPU flavor.")
+    description: str = ""
+
+
+class SchedulerConfig(_Model):
+    """The scheduling policy and its knobs (docs/scheduler.md, The policies)."""
+
+    policy: Literal["fifo", "quota", "fair"] = Field(default="fair", description=(
+        "fifo: one line, quotas ignored; quota: Kueue without fair sharing; fair: ours."))
+    half_life_s: float | None = Field(default=None, gt=0, description=(
+        "Half-life of users' decayed usage (fair share); default one day."))
+    fair_share_charge_s: float | None = Field(default=None, ge=0)
+    age_boost_s: float | None = Field(default=None, ge=0, description=(
+        "A job waiting longer goes first within its priority; default 6 h."))
+    no_age_boost: bool = Field(default=False, description="Turn the age boost off.")
+    reclaim: bool | None = Field(default=None, description=(
+        "A queue waiting inside its nominal quota evicts borrowers (default: on for fair)."))
+    priority_preemption: bool | None = Field(default=None, description=(
+        "Higher priority evicts lower in queues with preempt_within_queue."))
+
+    def policy_config(self) -> Any:
+        """The :class:`mlaas.platform.scheduler.PolicyConfig` these settings give."""
+        from mlaas.platform.scheduler import policy
+
+        changes: dict[str, Any] = {k: getattr(self, k) for k in (
+            "half_life_s", "fair_share_charge_s", "age_boost_s", "reclaim",
+            "priority_preemption") if getattr(self, k) is not None}
+        if self.no_age_boost:
+            changes["age_boost_s"] = None
+        return policy(self.policy, **changes)
+
+
+def check_queues(queues: list[QueueConfig], known_flavors: set[str],
+                 where: str = "queues") -> list[tuple[str, str]]:
+    """Problems ``(field path, message)`` of a queue list: repeated names, unknown
+    flavors. Empty when the list is fine (used for the file and for PUT /api/queues)."""
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, q in enumerate(queues):
+        if q.name in seen:
+            problems.append((f"{where}.{i}.name", f"queue {q.name!r} is defined twice"))
+        seen.add(q.name)
+        for flavor in q.quotas:
+            if flavor not in known_flavors:
+                problems.append((f"{where}.{i}.quotas.{flavor}",
+                                 f"unknown flavor {flavor!r}; known: "
+                                 f"{', '.join(sorted(known_flavors))}"))
+    return problems
+
+
 class PlatformConfig(_Model):
     """Everything ``mlaas server`` needs; see the module docstring for where it comes from."""
 
@@ -82,12 +182,24 @@ class PlatformConfig(_Model):
     host: str = Field(default="127.0.0.1", description=(
         "Address to bind; keep 127.0.0.1 behind a reverse proxy."))
     port: int = Field(default=8080, ge=0, le=65535, description="Port to listen on.")
-    executor: Literal["local"] = Field(default="local", description=(
-        "Where jobs run; only 'local' (processes on this machine) for now."))
+    executor: Literal["local", "ray"] = Field(default="local", description=(
+        "Where jobs run: 'local' (processes on this machine, one node) or 'ray' (the "
+        "nodes of the Ray cluster at ray_address)."))
+    ray_address: str | None = Field(default=None, description=(
+        "The Ray head's GCS address host:port, for executor 'ray'."))
     cpus: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
         "CPU slots of the local executor: jobs running at once, one slot each."))
     gpu_devices: list[str] = Field(default_factory=list, description=(
         "GPU device ids handed to jobs through CUDA_VISIBLE_DEVICES."))
+    gpu_flavor: str = Field(default="gpu", pattern=_NAME_RE, description=(
+        "The flavor of the local executor's gpu_devices (e.g. nvidia-t4)."))
+    flavors: list[FlavorConfig] = Field(default_factory=list, description=(
+        "Device flavors of the pool besides 'cpu' and gpu_flavor (for Ray nodes)."))
+    queues: list[QueueConfig] = Field(default_factory=list, description=(
+        "The queues; none: one queue 'default' for everybody with no quota limits. "
+        "Replaced at runtime by PUT /api/queues (kept in DATA_DIR/queues.json)."))
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description=(
+        "The scheduling policy."))
     jobs: JobDefaults = Field(default_factory=JobDefaults, description="Default job limits.")
     grace_s: float = Field(default=10.0, ge=0, description=(
         "Cancel: seconds between SIGTERM and SIGKILL."))
@@ -118,6 +230,33 @@ class PlatformConfig(_Model):
             raise ValueError(f"device(s) {', '.join(repeated)} listed more than once")
         return value
 
+    @field_validator("flavors", mode="before")
+    @classmethod
+    def _flavor_names(cls, value: Any) -> Any:
+        """Accept bare names (``[nvidia-t4]``) as well as ``{name, parent}`` mappings."""
+        if isinstance(value, (list, tuple)):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PlatformConfig:
+        problems = check_queues(self.queues, self.known_flavors)
+        names = [f.name for f in self.flavors]
+        for i, f in enumerate(self.flavors):
+            if names.count(f.name) > 1 or f.name == CPU_FLAVOR:
+                problems.append((f"flavors.{i}.name", f"flavor {f.name!r} is defined twice "
+                                 "(cpu is always there)"))
+        if self.executor == "ray" and not self.ray_address:
+            problems.append(("ray_address", "executor 'ray' needs ray_address (host:port)"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    @property
+    def known_flavors(self) -> set[str]:
+        """cpu, the local GPUs' flavor and the configured flavors."""
+        return {CPU_FLAVOR, self.gpu_flavor, *(f.name for f in self.flavors)}
+
     @field_validator("data_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -134,6 +273,10 @@ class PlatformConfig(_Model):
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     out = []
     for e in exc.errors():
+        inner = (e.get("ctx") or {}).get("error")
+        if isinstance(inner, _Problems):
+            out.extend(inner.problems)
+            continue
         path = ".".join(str(p) for p in e["loc"]) or "(top)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":

@@ -14,12 +14,21 @@ run every ``poll_interval`` seconds by a daemon thread:
    suffers) -> ``preempted`` -> ``queued`` (resumes from its checkpoint); anything
    else -> ``failed`` with the exit code and the log tail in ``reason``;
 2. copy each running job's ``progress.json`` into the store;
-3. admit queued jobs: :func:`fifo_admit` picks which, given the executor's
-   free slots; each goes ``queued -> running`` in the store, then to
-   ``executor.start``.
+3. schedule: the pure policy (:mod:`mlaas.platform.scheduler`) reads the
+   manager's one :class:`~mlaas.platform.scheduler.Snapshot` and returns
+   decisions; each ``Preempt`` is applied first (SIGTERM; the job checkpoints,
+   exits 75, goes ``preempted -> queued`` and resumes when admitted again),
+   then each ``Admit`` (``queued -> running`` in the store, then
+   ``executor.start`` on the node the policy chose).
 
-The admission policy is one pure function (``admit=``), so the scheduler of
-the quotas issue replaces it without touching the loop.
+The snapshot lives as long as the manager and follows every change as it
+happens: a job queued (the store's queued jobs, checked each tick, so jobs
+queued by :meth:`recover` or another path join too), started, ended,
+cancelled, its checkpoints (an epoch reported in ``progress.json`` is a
+checkpoint), nodes joining and leaving (the Ray executor's ``nodes()``, read
+each tick). Queues, flavors and the policy come from the configuration
+(:mod:`mlaas.platform.farm`); :meth:`JobManager.set_queues` replaces the
+queues at runtime.
 
 The job directory (``storage.job_dir(id)``) is the only channel to the job
 process, so a server that dies loses nothing: :meth:`JobManager.recover`, at
@@ -45,10 +54,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mlaas.errors import Conflict, MlaasError, NotFound
+from mlaas.errors import Conflict, MlaasError, NotFound, SpecError
 from mlaas.platform.auth.jobtoken import existing_token_env
 from mlaas.platform.authz import authorize
+from mlaas.platform.config import CPU_FLAVOR, FlavorConfig, QueueConfig
 from mlaas.platform.executors.base import Executor, Exited, Launch, read_log_tail
+from mlaas.platform.farm import (Request, check_admissible, choose_queue, local_node,
+                                 parse_request, resolve_priority, scheduler_flavors,
+                                 scheduler_queues)
 from mlaas.platform.jobrun import (
     EXIT_FILE,
     EXIT_OK,
@@ -60,6 +73,8 @@ from mlaas.platform.jobrun import (
 )
 from mlaas.platform.principal import Principal
 from mlaas.platform.records import JobRecord, JobState, Store
+from mlaas.platform.scheduler import (Admit, EntryStatus, Flavor, Node, PolicyConfig, Snapshot,
+                                      Workload, policy, run_cycle)
 
 __all__ = ["JobManager", "fifo_admit", "AdmitPolicy", "BUNDLE_NAME", "DEFAULT_RESOURCES"]
 
@@ -67,8 +82,8 @@ log = logging.getLogger("mlaas.platform.manager")
 
 BUNDLE_NAME = "bundle.tar.gz"
 
-DEFAULT_RESOURCES: dict[str, Any] = {"cpus": 1, "gpus": 0, "memory_bytes": None,
-                                     "max_time_s": None, "threads": None}
+DEFAULT_RESOURCES: dict[str, Any] = {"cpus": 1, "gpus": 0, "memory": None,
+                                     "memory_bytes": None, "max_time_s": None, "threads": None}
 """What a job gets when neither its ``resources`` nor the manager's ``defaults`` say."""
 
 AdmitPolicy = Callable[[Sequence[Launch], Mapping[str, Any]], list[str]]
@@ -76,7 +91,11 @@ AdmitPolicy = Callable[[Sequence[Launch], Mapping[str, Any]], list[str]]
 
 
 def fifo_admit(queued: Sequence[Launch], free: Mapping[str, Any]) -> list[str]:
-    """Strict FIFO: admit from the head of the queue while the head fits.
+    """Strict FIFO over launches: admit from the head while the head fits.
+
+    The manager's admission before the scheduler; kept as a small pure
+    reference (the scheduler's ``fifo`` policy with one StrictFIFO queue
+    decides the same).
 
     Args:
         queued: the queued jobs' launch requests, first come first.
@@ -94,6 +113,10 @@ def fifo_admit(queued: Sequence[Launch], free: Mapping[str, Any]) -> list[str]:
         cpus -= launch.cpus
         gpus -= launch.gpus
     return chosen
+
+
+def _default_policy() -> PolicyConfig:
+    return policy("fair")
 
 
 def _now() -> datetime:
@@ -119,14 +142,22 @@ class JobManager:
         defaults (mapping or None): resources for jobs whose ``resources`` lack
             a key: ``cpus``, ``gpus``, ``memory_bytes``, ``max_time_s``, ``threads``
             (other keys are ignored, so ``config.jobs.model_dump()`` can be passed).
-        admit (AdmitPolicy): the admission policy (default :func:`fifo_admit`).
+        queues (list of QueueConfig): the queues; none: one ``default`` queue for
+            everybody without limits (:func:`mlaas.platform.farm.scheduler_queues`).
+        flavors (list of FlavorConfig): device flavors besides ``cpu`` and ``gpu_flavor``.
+        gpu_flavor (str): the flavor of a local executor's GPUs (and of a plain
+            ``gpus: N`` request).
+        policy (PolicyConfig or None): the scheduling policy (default ``fair``).
+        node_name (str): the name of the local executor's one node.
     """
 
     def __init__(self, store: Store, storage: Any, executor: Executor, registry: Any, *,
                  poll_interval: float = 0.5, grace_s: float = 10.0,
                  on_success: Callable[[JobRecord], None] | None = None,
                  defaults: Mapping[str, Any] | None = None,
-                 admit: AdmitPolicy = fifo_admit) -> None:
+                 queues: Sequence[QueueConfig] = (), flavors: Sequence[FlavorConfig] = (),
+                 gpu_flavor: str = "gpu", policy: PolicyConfig | None = None,
+                 node_name: str = "local") -> None:
         self.store = store
         self.storage = storage
         self.executor = executor
@@ -136,7 +167,18 @@ class JobManager:
         self.on_success = on_success
         self.defaults = {**DEFAULT_RESOURCES,
                          **{k: v for k, v in (defaults or {}).items() if k in DEFAULT_RESOURCES}}
-        self.admit = admit
+        self.gpu_flavor = gpu_flavor
+        self.policy = policy if policy is not None else _default_policy()
+        self.node_name = node_name
+        self._flavor_cfg = list(flavors)
+        self._queue_cfg = list(queues)
+        self._flavors = scheduler_flavors(gpu_flavor, flavors)
+        self.snapshot = Snapshot((), scheduler_queues(self._queue_cfg,
+                                                      (f.name for f in self._flavors)),
+                                 flavors=self._flavors, half_life=self.policy.half_life_s)
+        self._requests: dict[str, Request] = {}  # job id -> its parsed request (pending/running)
+        self._seen_epoch: dict[str, Any] = {}
+        self._elastic = callable(getattr(executor, "nodes", None))
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -154,7 +196,7 @@ class JobManager:
 
     def submit(self, *, principal: Principal, name: str, spec: dict[str, Any],
                model_name: str | None = None, resources: Mapping[str, Any] | None = None,
-               priority: int = 0, queue: str | None = None,
+               priority: int | str | None = 0, queue: str | None = None,
                visibility: str = "private",
                prepare: Callable[[Path], Any] | None = None) -> JobRecord:
         """Queue ``spec`` as a job of ``principal``; returns the queued record.
@@ -167,8 +209,18 @@ class JobManager:
             model_name: where the bundle is registered (default ``spec["name"]``,
                 else ``name``). An existing model must be writable by the principal
                 (checked now, not when the job has run for hours).
-            resources: ``cpus``, ``gpus``, ``memory_bytes``, ``max_time_s``,
-                ``threads`` (missing keys come from the manager's ``defaults``).
+            resources: ``cpus``, ``gpus`` (a count of ``gpu_flavor``, or
+                ``{flavor: count}``), ``memory`` (GiB, for placement),
+                ``memory_bytes``, ``max_time_s``, ``threads`` (missing keys come
+                from the manager's ``defaults``).
+            priority: an integer, or a priority class name of the queue.
+            queue: the queue (one of the principal's groups'; admins may use
+                any); None: the first queue of the principal's groups.
+
+        Raises :class:`~mlaas.errors.SpecError` (``resources.queue``,
+        ``resources.priority``, ``resources.gpus``) for an unknown queue or
+        priority class, or a flavor the queue has no quota for, and
+        :class:`~mlaas.errors.Forbidden` for a queue of another group.
             prepare: called with the job directory before the job can be admitted
                 (the API writes the user's token file there, see
                 :mod:`mlaas.platform.auth.jobtoken`).
@@ -180,10 +232,19 @@ class JobManager:
             existing = None
         if existing is not None:
             authorize(principal, "write", existing, kind="model", name=model)
+        with self._lock:
+            chosen = choose_queue(principal, queue, self._queues())
+        rank = resolve_priority(priority, chosen)
+        try:
+            request = parse_request(self._merged(resources or {}), self.gpu_flavor)
+        except ValueError:
+            request = None  # refused at admission, with the reason on the job
+        if request is not None:
+            check_admissible(request, chosen)
         record = self.store.create_job(name=name, owner=principal.user,
                                        group=principal.primary_group, spec=spec,
                                        model_name=model, resources=dict(resources or {}),
-                                       priority=priority, queue=queue, visibility=visibility)
+                                       priority=rank, queue=chosen.name, visibility=visibility)
         try:
             if prepare is not None:
                 prepare(self.job_dir(record.id))
@@ -208,6 +269,10 @@ class JobManager:
                 raise Conflict(f"job {job_id!r} is already {record.state.value}; only queued "
                                "or running jobs can be cancelled", job_id=job_id)
             if record.state in (JobState.QUEUED, JobState.PREEMPTED):
+                with self._lock:
+                    if job_id in self.snapshot.pending:
+                        self.snapshot.remove_pending(job_id)
+                        self._requests.pop(job_id, None)
                 done = self.store.transition(job_id, {JobState.QUEUED, JobState.PREEMPTED},
                                              JobState.CANCELLED, finished_at=_now(),
                                              reason="cancelled before it ran"
@@ -239,6 +304,7 @@ class JobManager:
         with self._lock:
             ended, self._unfinished = self._unfinished + self.executor.poll(), []
             for exited in ended:
+                self._release(exited.job_id)  # the process is gone: its slots are free
                 try:
                     self._finish(exited)
                 except Exception:  # noqa: BLE001 - the executor reports an exit only once
@@ -246,7 +312,9 @@ class JobManager:
                                   exited.job_id)
                     self._unfinished.append(exited)
             self._record_progress()
-            self._admit()
+            self._sync_nodes()
+            self._sync_pending()
+            self._schedule()
 
     def start(self) -> None:
         """Run :meth:`tick` every ``poll_interval`` seconds in a daemon thread."""
@@ -276,6 +344,7 @@ class JobManager:
         if terminate_jobs:
             with self._lock:
                 for exited in self.executor.shutdown(self.grace_s):
+                    self._release(exited.job_id)
                     self._finish(exited)
 
     def _loop(self) -> None:
@@ -341,6 +410,11 @@ class JobManager:
                                                  JobState.QUEUED)
                 if requeued is not None:
                     changed.append(requeued)
+            self._sync_nodes()
+            for record in self.store.list_jobs(state=JobState.RUNNING):
+                if record.id in ours and record.id not in self.snapshot.running:
+                    self._adopt(record)
+            self._sync_pending()
         return changed
 
     # -- finishing ----------------------------------------------------------------------
@@ -429,79 +503,368 @@ class JobManager:
                 except NotFound:
                     continue
                 self._seen_progress[job_id] = key
+                epoch = data.get("epoch")  # an epoch's end is a checkpoint (checkpoint_every)
+                if epoch is not None and epoch != self._seen_epoch.get(job_id) \
+                        and job_id in self.snapshot.running:
+                    self._seen_epoch[job_id] = epoch
+                    self.snapshot.update_checkpoint(job_id, st.st_mtime)
+
+    # -- the scheduler's state ------------------------------------------------------------
+
+    def _queues(self) -> dict[str, Any]:
+        return {name: qs.queue for name, qs in self.snapshot.queues.items()}
+
+    def _merged(self, resources: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.defaults, **{k: v for k, v in resources.items() if v is not None}}
+
+    def _nodes_now(self) -> list[Node]:
+        """The pool: the Ray executor's live nodes, or this machine as one node."""
+        if self._elastic:
+            out = []
+            for info in self.executor.nodes():  # type: ignore[attr-defined]
+                out.append(Node(info.name, {CPU_FLAVOR: int(info.cpus), **info.flavors},
+                                cpus=float(info.cpus), memory=float(info.memory_gib)))
+            return out
+        cap = self.executor.capacity()
+        return [local_node(self.node_name, int(cap["cpus"]), self.gpu_flavor, int(cap["gpus"]))]
+
+    def _sync_nodes(self) -> None:
+        """Nodes that joined, left or changed since the last tick update the snapshot.
+
+        A node's running jobs are released when it leaves; the executor reports
+        them as ended (``node lost``) and they are requeued from there.
+        """
+        if self.snapshot.nodes and not self._elastic:
+            return  # the local node does not change
+        try:
+            nodes = {n.name: n for n in self._nodes_now()}
+        except MlaasError as exc:
+            log.warning("cannot list the executor's nodes (kept the last known): %s", exc)
+            return
+        snap = self.snapshot
+        for name in sorted(set(snap.nodes) - set(nodes)):
+            for lost in snap.remove_node(name):
+                self._requests.pop(lost.workload.id, None)
+            log.info("node %s left the pool", name)
+        for name, node in sorted(nodes.items()):
+            known = snap.nodes.get(name)
+            if known is not None and dict(known.node.gpus) == dict(node.gpus) \
+                    and known.node.cpus == node.cpus:
+                continue
+            if known is not None:
+                if known.running:
+                    continue  # changed under running jobs: wait until they are gone
+                snap.remove_node(name)
+            for flavor in node.gpus:
+                if snap.flavors is not None and flavor not in snap.flavors:
+                    log.warning("node %s offers flavor %r, which is not configured; queues "
+                                "need a quota for it to use it", name, flavor)
+                    snap.flavors[flavor] = Flavor(flavor)
+            snap.add_node(node)
+            log.info("node %s joined the pool: %s", name, dict(node.gpus))
+
+    def _workload(self, record: JobRecord, request: Request) -> Workload:
+        queued_at = time.time() if record.attempts > 0 else None
+        return Workload(record.id, record.queue or "", record.owner, request.flavors,
+                        submitted_at=record.created_at.timestamp(), cpus=float(request.cpus),
+                        memory=request.memory_gib, priority=int(record.priority or 0),
+                        queued_at=queued_at)
+
+    def _check(self, record: JobRecord) -> tuple[JobRecord, Request] | str:
+        """The job's queue and request, or why it can never run here."""
+        try:
+            request = parse_request(self._merged(record.resources or {}), self.gpu_flavor)
+        except ValueError as exc:
+            return str(exc)
+        queues = self._queues()
+        if record.queue is None:  # queued before queues existed: its owner's queue
+            try:
+                default = choose_queue(Principal(record.owner, (record.group,)), None, queues)
+            except MlaasError as exc:
+                return exc.message
+            record = self.store.update_job(record.id, queue=default.name)
+        queue = queues.get(record.queue or "")
+        if queue is None:
+            return f"queue {record.queue!r} is not configured (queues: {', '.join(queues)})"
+        try:
+            check_admissible(request, queue)
+        except SpecError as exc:
+            return exc.message
+        if not self._elastic:
+            cap = self.executor.capacity()
+            local = {CPU_FLAVOR: int(cap["cpus"])}
+            if cap["gpus"]:
+                local[self.gpu_flavor] = int(cap["gpus"])
+            if any(n > local.get(f, 0) for f, n in request.flavors.items()):
+                gpus = ", ".join(f"{n} {f}" for f, n in sorted(request.gpus.items()))
+                return (f"asks for {request.cpus} CPU(s) and {request.gpu_count} GPU(s)"
+                        f"{f' ({gpus})' if gpus and set(request.gpus) != {self.gpu_flavor} else ''}"
+                        f"; this executor has {cap['cpus']} CPU(s) and {cap['gpus']} GPU(s)"
+                        f"{f' ({self.gpu_flavor})' if cap['gpus'] else ''}")
+        return record, request
+
+    def _sync_pending(self) -> None:
+        """Queued jobs of the store join the snapshot; jobs no longer queued leave it."""
+        snap = self.snapshot
+        queued: set[str] = set()
+        for record in self.store.queued_jobs():
+            queued.add(record.id)
+            if record.id in snap.pending or record.id in snap.running:
+                continue
+            if not (self.job_dir(record.id) / PIPELINE_FILE).is_file():
+                continue  # submit() is still writing it
+            checked = self._check(record)
+            if isinstance(checked, str):
+                self._reject(record, checked)
+                continue
+            record, request = checked
+            self._requests[record.id] = request
+            snap.add_pending(self._workload(record, request))
+        for job_id in [j for j in snap.pending if j not in queued]:
+            snap.remove_pending(job_id)  # cancelled, or changed by another path
+            self._requests.pop(job_id, None)
+
+    def _release(self, job_id: str) -> None:
+        if job_id in self.snapshot.running:
+            self.snapshot.stop(job_id, time.time())
+        self._requests.pop(job_id, None)
+        self._seen_epoch.pop(job_id, None)
+
+    def _adopt(self, record: JobRecord) -> None:
+        """A job this executor still runs (a manager restarted in the same process):
+        it holds its slots in the snapshot again."""
+        checked = self._check(record)
+        if isinstance(checked, str):
+            return
+        record, request = checked
+        node = record.node if record.node in self.snapshot.nodes else None
+        if node is None:
+            node_of = getattr(self.executor, "node_of", None)
+            node = node_of(record.id) if callable(node_of) else self.node_name
+        ns = self.snapshot.nodes.get(node or "")
+        if ns is None or any(ns.free_count.get(f, 0) < n for f, n in request.flavors.items()):
+            log.warning("running job %s does not fit its node %s in the snapshot", record.id,
+                        node)
+            return
+        devices = {f: tuple(ns.free[f][:n]) for f, n in request.flavors.items()}
+        self._requests[record.id] = request
+        self.snapshot.add_pending(self._workload(record, request))
+        started = record.started_at.timestamp() if record.started_at else time.time()
+        self.snapshot.start(record.id, ns.node.name, devices, started)
 
     # -- admission --------------------------------------------------------------------------
 
-    def _launch(self, record: JobRecord) -> Launch:
-        """The executor request of a job: its resources over the manager's defaults."""
-        res = {**self.defaults, **{k: v for k, v in (record.resources or {}).items()
-                                   if v is not None}}
-        try:
-            cpus, gpus = int(res["cpus"]), int(res["gpus"])
-            memory = None if res["memory_bytes"] is None else int(res["memory_bytes"])
-            max_time = None if res["max_time_s"] is None else float(res["max_time_s"])
-            threads = None if res["threads"] is None else int(res["threads"])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid resources {record.resources!r}: {exc}") from exc
-        if cpus < 1 or gpus < 0 or (memory is not None and memory <= 0) \
-                or (max_time is not None and max_time <= 0) or (threads is not None
-                                                                and threads < 1):
-            raise ValueError(f"invalid resources {record.resources!r}: cpus and threads must "
-                             "be >= 1, gpus >= 0, memory_bytes and max_time_s > 0")
-        return Launch(job_id=record.id, job_dir=self.job_dir(record.id), cpus=cpus,
-                      memory_bytes=memory, gpus=gpus, max_time_s=max_time, threads=threads,
+    def _schedule(self) -> None:
+        """One scheduling cycle: apply its preemptions, then its admissions."""
+        snap = self.snapshot
+        if not snap.pending:
+            return
+        now = time.time()
+        result = run_cycle(snap, now=now, config=self.policy)
+        for d in result.preempted:
+            log.info("preempting job %s: %s", d.workload.id, d.reason)
+            snap.mark_terminating(d.workload.id)
+            self.preempt(d.workload.id)
+        for admit in result.admitted:
+            self._start(admit, now)
+
+    def waiting_reasons(self) -> dict[str, str]:
+        """Why each pending job looked at in a dry cycle is not running (for the API)."""
+        with self._lock:
+            result = run_cycle(self.snapshot, now=time.time(), config=self.policy)
+        return {e.workload.id: e.reason for e in result.entries
+                if e.status is not EntryStatus.ADMITTED}
+
+    def _launch(self, record: JobRecord, request: Request) -> Launch:
+        """The executor request of a job."""
+        return Launch(job_id=record.id, job_dir=self.job_dir(record.id), cpus=request.cpus,
+                      memory_bytes=request.memory_bytes, gpus=request.gpu_count,
+                      max_time_s=request.max_time_s, threads=request.threads,
                       env={"MLAAS_JOB_ID": record.id,
                            "MLAAS_JOB_ATTEMPT": str(record.attempts + 1),
                            **existing_token_env(self.job_dir(record.id))})
-
-    def _admit(self) -> None:
-        queued = self.store.queued_jobs()
-        if not queued:
-            return
-        capacity = self.executor.capacity()
-        launches: list[Launch] = []
-        records: dict[str, JobRecord] = {}
-        for record in queued:
-            if not (self.job_dir(record.id) / PIPELINE_FILE).is_file():
-                break  # submit() is still writing it; FIFO waits for the head
-            try:
-                launch = self._launch(record)
-            except ValueError as exc:
-                self._reject(record, str(exc))
-                continue
-            if launch.cpus > capacity["cpus"] or launch.gpus > capacity["gpus"]:
-                self._reject(record, f"asks for {launch.cpus} CPU(s) and {launch.gpus} GPU(s); "
-                                     f"this executor has {capacity['cpus']} CPU(s) and "
-                                     f"{capacity['gpus']} GPU(s)")
-                continue
-            launches.append(launch)
-            records[record.id] = record
-        by_id = {launch.job_id: launch for launch in launches}
-        for job_id in self.admit(launches, self.executor.free()):
-            self._start(records[job_id], by_id[job_id])
 
     def _reject(self, record: JobRecord, reason: str) -> None:
         self.store.transition(record.id, {JobState.QUEUED}, JobState.FAILED, finished_at=_now(),
                               reason=f"cannot run: {reason}")
 
-    def _start(self, record: JobRecord, launch: Launch) -> None:
-        running = self.store.transition(record.id, {JobState.QUEUED}, JobState.RUNNING,
+    def _start(self, admit: Admit, now: float) -> None:
+        snap = self.snapshot
+        job_id = admit.workload.id
+        request = self._requests.get(job_id)
+        record = self.store.get_job(job_id)
+        if request is None or record.state is not JobState.QUEUED:
+            if job_id in snap.pending:
+                snap.remove_pending(job_id)
+            return
+        running = self.store.transition(job_id, {JobState.QUEUED}, JobState.RUNNING,
                                         started_at=_now(), attempts=record.attempts + 1,
-                                        node=getattr(self.executor, "node", "local"), exit_code=None, cancel_requested=False)
-        if running is None:
-            return  # cancelled meanwhile
+                                        node=admit.node, exit_code=None,
+                                        cancel_requested=False)
+        if running is None:  # cancelled meanwhile
+            snap.remove_pending(job_id)
+            self._requests.pop(job_id, None)
+            return
+        snap.start(job_id, admit.node, dict(admit.devices), now)
+        launch = self._launch(record, request)
         (launch.job_dir / EXIT_FILE).unlink(missing_ok=True)
         try:
-            devices = self.executor.start(launch)
+            if self._elastic:
+                devices = self.executor.start(  # type: ignore[call-arg]
+                    launch, node=admit.node,
+                    devices={f: i for f, i in admit.devices.items() if f != CPU_FLAVOR})
+            else:
+                devices = self.executor.start(launch)
         except Exception as exc:  # noqa: BLE001 - any start failure fails this job only
-            log.warning("job %s could not be started: %s", record.id, exc)
+            log.warning("job %s could not be started: %s", job_id, exc)
+            self._release(job_id)
             self._fail(running, f"could not start the job process: {type(exc).__name__}: {exc}",
                        {})
             return
         if devices:
-            self.store.update_job(record.id, devices=tuple(devices))
-        if self.store.get_job(record.id).cancel_requested:  # cancelled while starting
-            self.executor.terminate(record.id, grace_s=self.grace_s, kill=True)
+            self.store.update_job(job_id, devices=tuple(devices))
+        if self.store.get_job(job_id).cancel_requested:  # cancelled while starting
+            self.executor.terminate(job_id, grace_s=self.grace_s, kill=True)
+
+    # -- queues and views (the API's) ---------------------------------------------------------
+
+    @property
+    def queue_config(self) -> list[QueueConfig]:
+        """The configured queues (empty: the one default queue)."""
+        return list(self._queue_cfg)
+
+    @property
+    def known_flavors(self) -> set[str]:
+        with self._lock:
+            return set(self.snapshot.flavors or ()) | {f.name for f in self._flavors}
+
+    def set_queues(self, queues: Sequence[QueueConfig]) -> None:
+        """Replace the queues at runtime (validated by the caller, see
+        :func:`mlaas.platform.farm.validate_queues`).
+
+        Raises :class:`~mlaas.errors.Conflict` naming a queue that would go
+        while jobs are pending or running in it.
+        """
+        with self._lock:
+            old = self.snapshot
+            new_queues = scheduler_queues(list(queues), old.flavors or ())
+            names = {q.name for q in new_queues}
+            busy: dict[str, int] = {}
+            for w in [*old.pending.values(), *(r.workload for r in old.running.values())]:
+                if w.queue not in names:
+                    busy[w.queue] = busy.get(w.queue, 0) + 1
+            if busy:
+                raise Conflict("queues with pending or running jobs cannot be removed: " +
+                               ", ".join(f"{q} ({n} job(s))" for q, n in sorted(busy.items())))
+            snap = Snapshot((), new_queues, flavors=list(old.flavors.values())
+                            if old.flavors is not None else None, usage=old.usage)
+            for ns in old.nodes.values():
+                snap.add_node(ns.node)
+            for w in old.pending.values():
+                snap.add_pending(w)
+            for r in old.running.values():
+                snap.add_pending(r.workload)
+                snap.start(r.workload.id, r.node, dict(r.devices), r.started_at,
+                           checkpoint_at=r.checkpoint_at)
+                if r.terminating:
+                    snap.mark_terminating(r.workload.id)
+            self.snapshot = snap
+            self._queue_cfg = list(queues)
+        self._wake.set()
+
+    def may_use(self, principal: Principal, queue: str) -> bool:
+        from mlaas.platform.farm import may_use
+
+        with self._lock:
+            q = self.snapshot.queues.get(queue)
+            return q is not None and may_use(principal, q.queue)
+
+    def queues_view(self, *, with_jobs: bool = False) -> list[dict[str, Any]]:
+        """Each queue: definition, quotas (``null`` nominal: unlimited), usage, counts;
+        ``with_jobs`` adds the ids of its pending and running jobs."""
+        from mlaas.platform.farm import UNLIMITED
+
+        with self._lock:
+            snap = self.snapshot
+            running: dict[str, list[str]] = {}
+            for r in snap.running.values():
+                running.setdefault(r.workload.queue, []).append(r.workload.id)
+            out = []
+            for name, qs in snap.queues.items():
+                q = qs.queue
+                entry: dict[str, Any] = {
+                    "name": name, "group": q.group, "cohort": q.cohort, "strategy": q.strategy,
+                    "priority_classes": dict(q.priority_classes),
+                    "preempt_within_queue": q.preempt_within_queue,
+                    "quotas": {f: {"nominal": None if c.nominal >= UNLIMITED else c.nominal,
+                                   "borrowing_limit": c.borrowing_limit}
+                               for f, c in sorted(q.quotas.items())},
+                    "usage": {f: n for f, n in sorted(qs.usage.items()) if n},
+                    "pending": qs.pending_count, "running": len(running.get(name, [])),
+                }
+                if with_jobs:
+                    entry["pending_jobs"] = [j for _, j in qs.by_queued]
+                    entry["running_jobs"] = sorted(running.get(name, []))
+                out.append(entry)
+            return out
+
+    def nodes_view(self, *, with_jobs: bool = False) -> list[dict[str, Any]]:
+        """Each node: its flavors (capacity, free), CPUs, memory and running jobs."""
+        with self._lock:
+            out = []
+            for name, ns in sorted(self.snapshot.nodes.items()):
+                entry: dict[str, Any] = {
+                    "name": name, "cpus": ns.node.cpus, "free_cpus": ns.free_cpus,
+                    "memory_gib": round(ns.node.memory, 3),
+                    "flavors": {f: {"capacity": n, "free": ns.free_count.get(f, 0)}
+                                for f, n in sorted(ns.node.gpus.items())},
+                    "running": len(ns.running),
+                }
+                if with_jobs:
+                    entry["running_jobs"] = sorted(ns.running)
+                out.append(entry)
+            return out
+
+    def scaling_view(self) -> dict[str, Any]:
+        """The signal for an external provisioner (docs/scheduler.md, Scaling).
+
+        ``pending``: devices per flavor wanted by jobs that fit their quota but
+        find no node with room now (more nodes would start them);
+        ``unplaceable``: jobs larger than any node of the pool; ``idle_nodes``:
+        nodes running nothing; ``drainable_nodes``: idle nodes none of whose
+        flavors are wanted by waiting jobs (safe to remove).
+        """
+        with self._lock:
+            snap = self.snapshot
+            result = run_cycle(snap, now=time.time(), config=self.policy)
+            demand: dict[str, int] = {}
+            waiting = 0
+            for e in result.entries:
+                if e.status in (EntryStatus.WAITING, EntryStatus.ADMITTED):
+                    # admitted in a dry cycle: about to start, no new node needed
+                    if e.status is EntryStatus.WAITING:
+                        waiting += 1
+                        for f, n in e.workload.gpus.items():
+                            demand[f] = demand.get(f, 0) + n
+            unplaceable = []
+            for w in snap.pending.values():
+                if not any(all(ns.node.gpus.get(f, 0) >= n for f, n in w.gpus.items())
+                           for ns in snap.nodes.values()):
+                    unplaceable.append({"job_id": w.id, "queue": w.queue, "wants": dict(w.gpus)})
+                    for f, n in w.gpus.items():
+                        demand[f] = demand.get(f, 0) + n
+            idle = sorted(n for n, ns in snap.nodes.items() if not ns.running)
+            wanted = {f for f, n in demand.items() if n and f != CPU_FLAVOR}
+            drainable = [n for n in idle if not wanted & {
+                f for f in snap.nodes[n].node.gpus if f != CPU_FLAVOR}]
+            if demand.get(CPU_FLAVOR) and not wanted:
+                drainable = []  # CPU work waits: any node would help
+            return {"pending": dict(sorted(demand.items())), "waiting_jobs": waiting,
+                    "unplaceable": sorted(unplaceable, key=lambda u: u["job_id"]),
+                    "pending_jobs": len(snap.pending), "running_jobs": len(snap.running),
+                    "capacity": {f: n for f, n in sorted(snap.capacity.items()) if n},
+                    "free": {f: n for f, n in sorted(snap.free_total.items()) if n},
+                    "idle_nodes": idle, "drainable_nodes": drainable}
 
     # -- files --------------------------------------------------------------------------------
 

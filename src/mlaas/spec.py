@@ -7,8 +7,8 @@ Expressions are parsed (never evaluated) here, so a typo in a cut fails at
 load time, before any file is opened. Whether a name is a real branch is
 checked later, against the tree (``mlaas.data.layout``).
 
-This issue defines the ``data`` part; ``model``, ``train`` and ``resources``
-come with later issues. Unknown keys are errors, so typos do not pass silently.
+Sections: ``data``, ``task``, ``model``, ``train`` and ``resources`` (what a
+platform job asks for; ``mlaas run`` ignores it). Unknown keys are errors, so typos do not pass silently.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "ModelSpec",
     "TrainSpec",
     "EarlyStopping",
+    "ResourcesSpec",
     "load",
     "collection_of",
     "parse_step_size",
@@ -375,8 +376,30 @@ class TrainSpec(_Model):
     )
 
 
+class ResourcesSpec(_Model):
+    """What a job asks of the platform (``mlaas submit``); ``mlaas run`` ignores it.
+
+    Read by the platform's job manager and scheduler (docs/scheduler.md): the
+    queue it waits in, the CPU slots, memory and devices per flavor it needs
+    on one node, its priority and a wall-time limit per attempt.
+    """
+
+    queue: str | None = Field(default=None, min_length=1, description=(
+        "The queue (one of your groups'); default: your group's first queue."))
+    cpus: int | None = Field(default=None, ge=1, description="CPU slots (default 1).")
+    memory: float | None = Field(default=None, gt=0.0, description=(
+        "GiB of memory the job needs on its node (placement only)."))
+    gpus: dict[str, Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Devices per flavor ({nvidia-a100: 1}), or a count of "
+        "the server's default GPU flavor.")
+    priority: int | str | None = Field(default=None, description=(
+        "An integer, or a priority class name of the queue; higher goes first."))
+    max_time: float | None = Field(default=None, gt=0.0, description=(
+        "Wall-clock limit of one attempt in seconds; then SIGTERM, SIGKILL after a grace."))
+
+
 class Pipeline(_Model):
-    """One pipeline: data, task, model and training (resources in a later version)."""
+    """One pipeline: data, task, model, training and the resources a platform job asks for."""
 
     version: Literal[1] = 1
     name: str | None = Field(default=None, description="A name for reports and the registry.")
@@ -387,6 +410,8 @@ class Pipeline(_Model):
     data: DataSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    resources: ResourcesSpec | None = Field(default=None, description=(
+        "What a platform job asks for (queue, cpus, memory, gpus, priority, max_time)."))
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -409,8 +434,10 @@ class Pipeline(_Model):
         return out
 
     def digest(self) -> str:
-        """A stable hash of the spec's content, for provenance."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable hash of the spec's content, for provenance (``resources`` left out:
+        where a job ran does not change what it trains)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"resources"}),
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def data_digest(self) -> str:
@@ -427,7 +454,8 @@ def _path_of(loc: tuple[Any, ...]) -> str:
             parts.append(f"[{item}]")
         elif isinstance(item, str) and (
             item in {"str", "int", "float", "JaggedFeature", "list[union[str,JaggedFeature]]"}
-            or item.startswith(("function-", "literal[", "list[", "union["))
+            or item.startswith(("function-", "literal[", "list[", "union[", "dict[",
+                                "constrained-"))
         ):
             continue
         else:

@@ -163,7 +163,7 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[Platform
     returns the context and the database (to dispose of when the lifespan ends)."""
     from mlaas.platform.auth.jobtoken import RemovesJobTokens, remove_tokens_of_final_jobs
     from mlaas.platform.db import Database
-    from mlaas.platform.executors.local import LocalExecutor
+    from mlaas.platform.farm import QUEUES_FILE, load_queue_file
     from mlaas.platform.manager import JobManager
     from mlaas.platform.store import SqlStore
 
@@ -174,18 +174,37 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[Platform
         db.dispose()
         raise
     store = SqlStore(db)
-    executor = LocalExecutor(cpus=config.cpus, gpu_devices=list(config.gpu_devices))
+    executor = _executor(config, storage)
     defaults = {k: v for k, v in config.jobs.model_dump().items() if v is not None}
+    # queues set through PUT /api/queues win over the config file's
+    queues = load_queue_file(config.data_dir, config.known_flavors)
+    if queues is not None:
+        log.info("queues from %s (set through the API)", config.data_dir / QUEUES_FILE)
     # the manager's store deletes a job's token file when the job becomes final
     manager = JobManager(RemovesJobTokens(store, storage.job_dir), storage, executor, registry,
                          poll_interval=config.poll_interval, grace_s=config.grace_s,
-                         defaults=defaults)
+                         defaults=defaults,
+                         queues=config.queues if queues is None else queues,
+                         flavors=config.flavors, gpu_flavor=config.gpu_flavor,
+                         policy=config.scheduler.policy_config())
     manager.recover()
     remove_tokens_of_final_jobs(store, Path(storage.root) / "jobs")  # left by a killed server
     manager.start()
     ctx = PlatformContext(store=store, storage=storage, manager=manager, registry=registry,
                           config=config)
     return ctx, db
+
+
+def _executor(config: PlatformConfig, storage: Any) -> Any:
+    """The local executor (this machine's slots), or the Ray cluster's nodes."""
+    if config.executor == "ray":
+        from mlaas.platform.executors.ray_executor import RayExecutor
+
+        return RayExecutor(address=str(config.ray_address), storage_root=Path(storage.root),
+                           limit_grace_s=config.grace_s)
+    from mlaas.platform.executors.local import LocalExecutor
+
+    return LocalExecutor(cpus=config.cpus, gpu_devices=list(config.gpu_devices))
 
 
 def _close(ctx: PlatformContext, db: Any) -> None:
@@ -213,6 +232,7 @@ def create_platform_app(config: PlatformConfig, *,
     from mlaas.platform.auth.routes import tokens_router
     from mlaas.platform.routes.files import files_router
     from mlaas.platform.routes.jobs import jobs_router
+    from mlaas.platform.routes.queues import queues_router
     from mlaas.platform.storage import Storage
     from mlaas.serve.registry import Registry
     from mlaas.serve.server import create_server
@@ -269,7 +289,7 @@ def create_platform_app(config: PlatformConfig, *,
     # added as they are, not with include_router, which re-walks an included router on
     # every request; the routers have no router-level dependencies to lose.
     routes = [r for r in serving.router.routes if getattr(r, "path", None) not in _FASTAPI_OWN]
-    for router in (files_router(), jobs_router(), tokens_router()):
+    for router in (files_router(), jobs_router(), tokens_router(), queues_router()):
         routes.extend(router.routes)
     app.router.routes.extend(routes)
     app.user_middleware.extend(serving.user_middleware)  # the request-body limit

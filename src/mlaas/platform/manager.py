@@ -72,7 +72,7 @@ from mlaas.platform.jobrun import (
     write_json_atomic,
 )
 from mlaas.platform.principal import Principal
-from mlaas.platform.records import JobRecord, JobState, Store
+from mlaas.platform.records import FINAL_STATES, JobRecord, JobState, Store
 from mlaas.platform.scheduler import (Admit, EntryStatus, Flavor, Node, PolicyConfig, Snapshot,
                                       Workload, policy, run_cycle)
 
@@ -420,6 +420,12 @@ class JobManager:
     # -- finishing ----------------------------------------------------------------------
 
     def _finish(self, exited: Exited, *, requeue_unknown: bool = False) -> JobRecord | None:
+        """Map one ended process to the job's next state and account the attempt's end."""
+        result = self._finish_job(exited, requeue_unknown=requeue_unknown)
+        self._account_end(exited, result)
+        return result
+
+    def _finish_job(self, exited: Exited, *, requeue_unknown: bool = False) -> JobRecord | None:
         """Map one ended process to the job's next state; returns the new record."""
         job_id = exited.job_id
         self._seen_progress.pop(job_id, None)
@@ -723,6 +729,7 @@ class JobManager:
             return
         if devices:
             self.store.update_job(job_id, devices=tuple(devices))
+        self._account_start(running, admit.node, admit.devices, launch.cpus)
         if self.store.get_job(job_id).cancel_requested:  # cancelled while starting
             self.executor.terminate(job_id, grace_s=self.grace_s, kill=True)
 
@@ -836,16 +843,24 @@ class JobManager:
         """
         with self._lock:
             snap = self.snapshot
-            result = run_cycle(snap, now=time.time(), config=self.policy)
+            from mlaas.platform.scheduler.admission import Work, check_quota
+
+            work = Work.of(snap)
             demand: dict[str, int] = {}
             waiting = 0
-            for e in result.entries:
-                if e.status in (EntryStatus.WAITING, EntryStatus.ADMITTED):
-                    # admitted in a dry cycle: about to start, no new node needed
-                    if e.status is EntryStatus.WAITING:
-                        waiting += 1
-                        for f, n in e.workload.gpus.items():
-                            demand[f] = demand.get(f, 0) + n
+            for w in snap.pending.values():
+                fits_now = any(all(ns.free_count.get(f, 0) >= n for f, n in w.gpus.items())
+                               for ns in snap.nodes.values())
+                fits_ever = any(all(ns.node.gpus.get(f, 0) >= n for f, n in w.gpus.items())
+                                for ns in snap.nodes.values())
+                if fits_now or not fits_ever:
+                    continue  # starts at the next tick, or counted as unplaceable below
+                if self.policy.quotas and not check_quota(snap.queues[w.queue].queue, w,
+                                                          work).ok:
+                    continue  # its quota says no: more nodes would not start it
+                waiting += 1
+                for f, n in w.gpus.items():
+                    demand[f] = demand.get(f, 0) + n
             unplaceable = []
             for w in snap.pending.values():
                 if not any(all(ns.node.gpus.get(f, 0) >= n for f, n in w.gpus.items())
@@ -865,6 +880,33 @@ class JobManager:
                     "capacity": {f: n for f, n in sorted(snap.capacity.items()) if n},
                     "free": {f: n for f, n in sorted(snap.free_total.items()) if n},
                     "idle_nodes": idle, "drainable_nodes": drainable}
+
+    # -- accounting (mlaas.platform.accounting): a failure is logged, never breaks a job -----
+
+    accounting: Any = None
+    """The :class:`~mlaas.platform.accounting.Accounting` told of each attempt (None: none)."""
+
+    def _account_start(self, running: JobRecord, node: str, devices: Mapping[str, Any],
+                       cpus: float) -> None:
+        if self.accounting is None:
+            return
+        try:
+            held = {f: len(ix) for f, ix in devices.items() if f != CPU_FLAVOR}
+            self.accounting.attempt_started(running, node=node, devices=held, cpus=cpus)
+        except Exception:  # noqa: BLE001 - accounting must not stop a started job
+            log.exception("accounting the start of job %s failed", running.id)
+
+    def _account_end(self, exited: Exited, result: JobRecord | None) -> None:
+        if self.accounting is None:
+            return
+        try:
+            state = result.state if result is not None else \
+                self.store.get_job(exited.job_id).state
+            outcome = state.value if state in FINAL_STATES else \
+                "lost" if exited.exit_code is None else "preempted"
+            self.accounting.attempt_ended(exited.job_id, outcome)
+        except Exception:  # noqa: BLE001 - nor the end of one
+            log.exception("accounting the end of job %s failed", exited.job_id)
 
     # -- files --------------------------------------------------------------------------------
 

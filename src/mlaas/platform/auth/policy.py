@@ -66,6 +66,11 @@ ROUTE_RULES: Mapping[tuple[str, str], RouteRule] = {
     ("POST", "/api/jobs/{job_id}/cancel"): SUBMIT,
     ("GET", "/api/jobs/{job_id}/artifacts"): READ,
     ("GET", "/api/jobs/{job_id}/artifacts/{path}"): READ,
+    # the farm (PUT /api/queues also checks the admin role itself)
+    ("GET", "/api/queues"): READ,
+    ("PUT", "/api/queues"): SUBMIT,
+    ("GET", "/api/nodes"): READ,
+    ("GET", "/api/scaling"): READ,
     # models
     ("GET", "/api/models"): READ,
     ("POST", "/api/models/{name}"): SUBMIT,

@@ -233,8 +233,14 @@ def _submit(ctx: PlatformContext, principal: Principal, name: str,
     if access_token is not None:  # written before the job can be admitted
         def prepare(job_dir: Path) -> None:
             job_token_env(access_token, job_dir)
+    res = pipeline.resources
+    resources = {} if res is None else {k: v for k, v in {
+        "cpus": res.cpus, "memory": res.memory, "gpus": res.gpus,
+        "max_time_s": res.max_time}.items() if v is not None}
     job = ctx.manager.submit(principal=principal, name=name, spec=resolved,
-                             model_name=model_name, prepare=prepare)
+                             model_name=model_name, prepare=prepare, resources=resources,
+                             queue=res.queue if res is not None else None,
+                             priority=res.priority if res is not None else None)
     return _with_position(ctx, job)
 
 

@@ -395,6 +395,10 @@ from mlaas import cli_simulate  # noqa: E402  (mlaas simulate: the farm simulato
 
 cli_simulate.register(app)
 
+from mlaas import cli_usage  # noqa: E402  (mlaas usage: accounting from a server)
+
+cli_usage.register(app)
+
 
 def main() -> None:
     """Console-script entry point: MlaasError becomes a one-line message and exit code 1."""

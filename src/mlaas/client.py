@@ -638,6 +638,26 @@ class Client:
         return self._json(  # type: ignore[no-any-return]
             "DELETE", f"/api/tokens/{quote(token_id, safe='')}")
 
+    # -- accounting -----------------------------------------------------------------------
+
+    def usage(self, *, since: str | None = None, until: str | None = None,
+              user: str | None = None, group: str | None = None) -> dict[str, Any]:
+        """GPU-hours, CPU-hours, jobs, preemptions and queue waits (``GET /api/usage``).
+
+        Args:
+            since, until (str or None): the window, ISO 8601 (``2026-11-01``) or a
+                duration back from now (``7d``, ``12h``); default all time to now.
+            user (str or None): one user (yourself unless you are an admin).
+            group (str or None): one group (one of yours unless you are an admin).
+
+        Without ``user`` and ``group``: your own usage (an admin's: everybody's).
+        Returns ``{"since", "until", "user", "group", "total", "users", "groups"}``
+        (see docs/accounting.md).
+        """
+        params = {k: v for k, v in (("since", since), ("until", until), ("user", user),
+                                    ("group", group)) if v is not None}
+        return self._json("GET", "/api/usage", params=params)  # type: ignore[no-any-return]
+
 
 def _read_spec(path: Path) -> dict[str, Any]:
     """A local spec file as a mapping (validation is the server's job)."""

@@ -262,6 +262,8 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/api/jobs/{job_id}/artifacts"): Row(group_read(), params=_job),
     ("GET", "/api/jobs/{job_id}/artifacts/{path}"): Row(
         group_read(), params=lambda r, w: {"job_id": w.job_id, "path": "metrics.json"}),
+    # accounting: everyone signed in reads their own usage
+    ("GET", "/api/usage"): Row(signed_in(200)),
     # models (alice's, group-visible)
     ("GET", "/api/models"): Row(signed_in(200)),
     ("POST", "/api/models/{name}"): Row(group_write(201), params=_model,
@@ -389,6 +391,8 @@ def _scoped(method: str, path: str, scope: str, want: int) -> Any:
     _scoped("PUT", "/api/models/{name}/aliases/{alias}", "predict", 403),
     _scoped("PUT", "/api/models/{name}/aliases/{alias}", "submit", 200),
     _scoped("DELETE", "/delete/{model}", "read", 403),
+    _scoped("GET", "/api/usage", "read", 200),
+    _scoped("GET", "/api/usage", "predict", 403),
     _scoped("GET", "/api/tokens", "read", 200),
     _scoped("GET", "/api/tokens", "predict", 403),
     _scoped("POST", "/api/tokens", "submit", 403),  # only a login mints tokens

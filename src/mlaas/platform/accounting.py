@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -41,7 +42,7 @@ from mlaas.platform.db import Base, Database, UTCDateTime, utcnow
 from mlaas.platform.records import JobRecord
 
 __all__ = ["Accounting", "JobAttemptRow", "OUTCOMES", "AttemptObserver", "DEFAULT_GPU_FLAVOR",
-           "gpu_request"]
+           "gpu_request", "parse_when"]
 
 log = logging.getLogger("mlaas.platform.accounting")
 
@@ -118,7 +119,7 @@ def gpu_request(resources: Mapping[str, Any] | None,
 class _Sum:
     """Running totals of one user, group or the whole selection."""
 
-    gpu_hours: Counter[str] = field(default_factory=Counter)
+    gpu_hours: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     cpu_hours: float = 0.0
     jobs: set[str] = field(default_factory=set)
     attempts: int = 0
@@ -154,6 +155,37 @@ def _quantile(ordered: Sequence[float], q: float) -> float | None:
     lo, hi = math.floor(pos), math.ceil(pos)
     value = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
     return round(value, 3)
+
+
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_when(value: str, now: datetime, *, field: str = "since") -> datetime:
+    """A window bound from text: an ISO 8601 time, or a duration before ``now``.
+
+    Args:
+        value (str): ``2026-11-01``, ``2026-11-01T12:00:00+01:00`` (a time without
+            a zone is UTC), or ``<number><unit>`` with unit ``s``, ``m``, ``h``,
+            ``d`` or ``w`` (``7d``: seven days ago).
+        now (datetime): timezone-aware; what durations count back from.
+        field (str): the parameter's name, for the error.
+
+    Raises ``ValueError`` naming the field and the value.
+    """
+    text = value.strip()
+    ago = _AGO.match(text)
+    try:
+        if ago:
+            return now - timedelta(seconds=float(ago.group(1)) * _UNIT_S[ago.group(2)])
+        when = datetime.fromisoformat(text)
+        return (when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when).astimezone(
+            timezone.utc)
+    except OverflowError:
+        raise ValueError(f"{field} {value!r} is out of range; give a time between the years 1 and 9999") from None
+    except ValueError:
+        raise ValueError(f"{field} {value!r} is neither an ISO 8601 time (2026-11-01, "
+                         "2026-11-01T12:00:00Z) nor a duration ago (30m, 12h, 7d, 2w)") from None
 
 
 def _aware(value: datetime | None, what: str) -> datetime | None:

@@ -158,9 +158,12 @@ def _default_authenticator(config: PlatformConfig) -> Authenticator:
     return authenticator_from_config(config, open_tokens=False)
 
 
-def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[PlatformContext, Any]:
-    """Database (migrated), store, executor and job manager (recovered and started);
-    returns the context and the database (to dispose of when the lifespan ends)."""
+def _open(config: PlatformConfig, storage: Any, registry: Any,
+          observer: Any = None) -> tuple[PlatformContext, Any]:
+    """Database (migrated), store, accounting, executor and job manager (recovered and
+    started); returns the context and the database (to dispose of when the lifespan ends).
+    ``observer`` hears of each job attempt (the farm's Prometheus metrics)."""
+    from mlaas.platform.accounting import Accounting
     from mlaas.platform.auth.jobtoken import RemovesJobTokens, remove_tokens_of_final_jobs
     from mlaas.platform.db import Database
     from mlaas.platform.farm import QUEUES_FILE, load_queue_file
@@ -174,6 +177,7 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[Platform
         db.dispose()
         raise
     store = SqlStore(db)
+    accounting = Accounting(db, observer=observer)  # on the platform's database and engine
     executor = _executor(config, storage)
     defaults = {k: v for k, v in config.jobs.model_dump().items() if v is not None}
     # queues set through PUT /api/queues win over the config file's
@@ -187,11 +191,12 @@ def _open(config: PlatformConfig, storage: Any, registry: Any) -> tuple[Platform
                          queues=config.queues if queues is None else queues,
                          flavors=config.flavors, gpu_flavor=config.gpu_flavor,
                          policy=config.scheduler.policy_config())
+    manager.accounting = accounting  # attempts recovered below are accounted too
     manager.recover()
     remove_tokens_of_final_jobs(store, Path(storage.root) / "jobs")  # left by a killed server
     manager.start()
     ctx = PlatformContext(store=store, storage=storage, manager=manager, registry=registry,
-                          config=config)
+                          config=config, accounting=accounting)
     return ctx, db
 
 
@@ -231,8 +236,10 @@ def create_platform_app(config: PlatformConfig, *,
     from mlaas.platform.auth.policy import policy_from_config
     from mlaas.platform.auth.routes import tokens_router
     from mlaas.platform.routes.files import files_router
+    from mlaas.platform.metrics import PlatformMetrics
     from mlaas.platform.routes.jobs import jobs_router
     from mlaas.platform.routes.queues import queues_router
+    from mlaas.platform.routes.usage import usage_router
     from mlaas.platform.storage import Storage
     from mlaas.serve.registry import Registry
     from mlaas.serve.server import create_server
@@ -252,7 +259,7 @@ def create_platform_app(config: PlatformConfig, *,
             log.warning(SINGLE_USER_NOTICE)
         else:
             log.info("%s: %r; %r", MULTI_USER_NOTICE, auth, policy)
-        ctx, db = await run_in_threadpool(_open, config, storage, registry)
+        ctx, db = await run_in_threadpool(_open, config, storage, registry, farm_metrics)
         if attach_tokens:
             from mlaas.platform.auth.tokens import TokenStore
 
@@ -283,13 +290,15 @@ def create_platform_app(config: PlatformConfig, *,
         if hasattr(serving.state, key):
             setattr(app.state, key, getattr(serving.state, key))
     serving.state.metrics.registry.register(_JobGauges(app))
+    farm_metrics = PlatformMetrics(serving.state.metrics.registry,
+                                   lambda: getattr(app.state, "platform", None))
 
     # The model server's routes, /healthz and /metrics included (its metrics registry
     # carries the job gauges too), then the platform's own groups. The routes are
     # added as they are, not with include_router, which re-walks an included router on
     # every request; the routers have no router-level dependencies to lose.
     routes = [r for r in serving.router.routes if getattr(r, "path", None) not in _FASTAPI_OWN]
-    for router in (files_router(), jobs_router(), tokens_router(), queues_router()):
+    for router in (files_router(), jobs_router(), tokens_router(), queues_router(), usage_router()):
         routes.extend(router.routes)
     app.router.routes.extend(routes)
     app.user_middleware.extend(serving.user_middleware)  # the request-body limit

@@ -29,6 +29,7 @@ class PlatformContext:
     manager: Any    # mlaas.platform.manager.JobManager
     registry: Any   # mlaas.serve.registry.Registry
     config: Any     # mlaas.platform.config.PlatformConfig
+    accounting: Any = None  # mlaas.platform.accounting.Accounting (on the same database)
 
 
 class Authenticator(Protocol):

@@ -66,6 +66,8 @@ ROUTE_RULES: Mapping[tuple[str, str], RouteRule] = {
     ("POST", "/api/jobs/{job_id}/cancel"): SUBMIT,
     ("GET", "/api/jobs/{job_id}/artifacts"): READ,
     ("GET", "/api/jobs/{job_id}/artifacts/{path}"): READ,
+    # accounting (own usage; a group's for its members; everybody's for admins)
+    ("GET", "/api/usage"): READ,
     # the farm (PUT /api/queues also checks the admin role itself)
     ("GET", "/api/queues"): READ,
     ("PUT", "/api/queues"): SUBMIT,

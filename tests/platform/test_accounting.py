@@ -1,20 +1,30 @@
 """Accounting (mlaas.platform.accounting) on a real database, SQLite and PostgreSQL.
 
 Attempts are recorded with explicit times (the clock is injected), so hours,
-wait times and windows are exact numbers.
+wait times and windows are exact numbers. The last tests drive the job
+manager's two call sites (attempt start, attempt end) with real job
+processes, and through a restart (``recover``).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
+from job_pipelines import SLOW_MODEL, make_data, model_file, pipeline, progress_epoch, wait_for
 
 from mlaas.platform.accounting import DEFAULT_GPU_FLAVOR, Accounting, gpu_request
 from mlaas.platform.db import Database
+from mlaas.platform.executors import LocalExecutor
+from mlaas.platform.manager import JobManager
+from mlaas.platform.principal import Principal
 from mlaas.platform.records import JobRecord, JobState
+from mlaas.platform.storage import Storage
 from mlaas.platform.store import SqlStore
+from mlaas.serve.registry import Registry
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -218,3 +228,90 @@ def test_bad_input_is_refused(database: Database, acct: Accounting, call: Any,
         "executor flavors", "bool is not a count"])
 def test_gpu_request(resources: dict[str, Any], devices: Any, want: dict[str, int]) -> None:
     assert gpu_request(resources, devices) == want
+
+
+# -- the job manager's two call sites, with real job processes ------------------------------
+
+ALICE = Principal(user="alice", groups=("cms",))
+
+
+def _manager(store: SqlStore, storage: Storage, accounting: Any) -> JobManager:
+    manager = JobManager(store, storage, LocalExecutor(cpus=2), Registry(storage.models_dir),
+                         poll_interval=0.1)
+    manager.accounting = accounting
+    return manager
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("accounting"))
+
+
+@pytest.mark.slow
+def test_manager_accounts_a_preempted_job_that_resumes(data: Path, tmp_path: Path,
+                                                       sqlite_store: SqlStore,
+                                                       storage: Storage) -> None:
+    recorder = Recorder()
+    acct = Accounting(sqlite_store.db, observer=recorder)
+    manager = _manager(sqlite_store, storage, acct)
+    manager.start()
+    try:
+        spec = pipeline(data, epochs=4, batch_size=128,
+                        model=model_file(tmp_path, SLOW_MODEL, "slow", SLEEP=0.02))
+        job = manager.submit(principal=ALICE, name="long", spec=spec)
+        wait_for(lambda: progress_epoch(storage.job_dir(job.id)) >= 1, 120, "the first epoch")
+        manager.preempt(job.id)
+        done = manager.wait(job.id, timeout=180)
+    finally:
+        manager.stop(terminate_jobs=True, timeout=30)
+    assert done.state is JobState.SUCCEEDED and done.attempts == 2, done.reason
+    rows = acct.attempts(job.id)
+    assert [(r["attempt"], r["outcome"], r["user"], r["group"], r["queue"]) for r in rows] == [
+        (1, "preempted", "alice", "cms", done.queue), (2, "succeeded", "alice", "cms", done.queue)]
+    assert all(r["node"] and r["cpus"] == 1 and r["gpus"] == {} for r in rows)
+    assert rows[1]["queued_at"] == rows[0]["ended_at"] <= rows[1]["started_at"]
+    usage = acct.usage(user="alice")["total"]
+    assert usage["preemptions"] == 1 and usage["jobs"] == 1 and usage["attempts"] == 2
+    assert [e for e, _ in recorder.events] == ["started", "ended", "started", "ended"]
+
+
+@pytest.mark.slow
+def test_a_failing_accounting_never_breaks_a_job(data: Path, sqlite_store: SqlStore,
+                                                 storage: Storage,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    class Down:
+        def attempt_started(self, *a: Any, **kw: Any) -> None:
+            raise RuntimeError("accounting database is down")
+
+        def attempt_ended(self, *a: Any, **kw: Any) -> None:
+            raise RuntimeError("accounting database is down")
+
+    manager = _manager(sqlite_store, storage, Down())
+    try:
+        job = manager.submit(principal=ALICE, name="quick", spec=pipeline(data, epochs=1))
+        done = manager.wait(job.id, timeout=180)
+    finally:
+        manager.stop(terminate_jobs=True, timeout=30)
+    assert done.state is JobState.SUCCEEDED, done.reason
+    assert f"accounting the start of job {job.id} failed" in caplog.text
+    assert f"accounting the end of job {job.id} failed" in caplog.text
+
+
+def test_recover_ends_attempts_of_a_dead_server(database: Database, storage: Storage) -> None:
+    """Jobs running when the server died: no exit.json is 'lost', 75 'preempted', 1 'failed'."""
+    store = SqlStore(database)
+    acct = Accounting(database)
+    manager = _manager(store, storage, acct)
+    jobs = {}
+    for name, code in (("vanished", None), ("preempted", 75), ("crashed", 1)):
+        job = manager.submit(principal=ALICE, name=name, spec={})
+        running = store.transition(job.id, {JobState.QUEUED}, JobState.RUNNING, attempts=1,
+                                   started_at=at(1), node="n1")
+        assert running is not None
+        acct.attempt_started(running, node="n1")
+        if code is not None:
+            (storage.job_dir(job.id) / "exit.json").write_text(json.dumps({"exit_code": code}))
+        jobs[name] = job.id
+    manager.recover()
+    outcomes = {name: acct.attempts(job_id)[0]["outcome"] for name, job_id in jobs.items()}
+    assert outcomes == {"vanished": "lost", "preempted": "preempted", "crashed": "failed"}

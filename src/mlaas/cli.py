@@ -357,6 +357,9 @@ def server(
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (default: 8080).")] = None,
     cpus: Annotated[Optional[int], typer.Option(help="CPU slots: jobs running at once (default: all CPUs).")] = None,
     gpu_devices: Annotated[Optional[str], typer.Option("--gpu-devices", help="GPU ids for jobs, e.g. 0,1.")] = None,
+    gpu_flavor: Annotated[Optional[str], typer.Option("--gpu-flavor", help="Flavor of the --gpu-devices, e.g. nvidia-t4 (default: gpu).")] = None,
+    executor: Annotated[Optional[str], typer.Option("--executor", help="Where jobs run: local (this machine) or ray (a Ray cluster's nodes).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray head's GCS address, for --executor ray.")] = None,
     oidc_issuer: Annotated[Optional[list[str]], typer.Option("--oidc-issuer", metavar="URL", help="Accepted OIDC issuer URL, as tokens' iss spells it (repeatable); turns on multi-user mode.")] = None,
     oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", metavar="AUD", help="Required aud of OIDC tokens.")] = None,
     admin_group: Annotated[Optional[str], typer.Option("--admin-group", metavar="GROUP", help="Members of this group are admins, e.g. /mlaas/admins.")] = None,
@@ -379,7 +382,8 @@ def server(
             "admin_group": admin_group, "trusted_proxies": trust_proxy_from or None,
             "rate_limit_per_minute": rate_limit, "pass_token_to_jobs": pass_token_to_jobs}
     settings = load_config(config, data_dir=data_dir, db_url=db, host=host, port=port,
-                           cpus=cpus, gpu_devices=gpu_devices, auth=auth)
+                           cpus=cpus, gpu_devices=gpu_devices, gpu_flavor=gpu_flavor,
+                           executor=executor, ray_address=ray_address, auth=auth)
     run_server(settings)
 
 
@@ -394,6 +398,10 @@ cli_token.register(app)
 from mlaas import cli_simulate  # noqa: E402  (mlaas simulate: the farm simulator)
 
 cli_simulate.register(app)
+
+from mlaas import cli_farm  # noqa: E402  (mlaas queues, mlaas nodes)
+
+cli_farm.register(app)
 
 from mlaas import cli_usage  # noqa: E402  (mlaas usage: accounting from a server)
 

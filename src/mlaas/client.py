@@ -581,6 +581,26 @@ class Client:
             pause = poll if deadline is None else min(poll, deadline - time.monotonic())
             time.sleep(max(0.0, pause))
 
+    # -- the farm: queues, nodes, scaling --------------------------------------------------
+
+    def queues(self) -> dict[str, Any]:
+        """``{"queues": [...], "configured": [...], "policy"}``: every queue's quotas,
+        usage and pending/running counts (admins also get the job ids)."""
+        return self._json("GET", "/api/queues")  # type: ignore[no-any-return]
+
+    def set_queues(self, queues: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """Replace the queue configuration (admins); answers as :meth:`queues`."""
+        return self._json("PUT", "/api/queues",  # type: ignore[no-any-return]
+                          json={"queues": [dict(q) for q in queues]})
+
+    def nodes(self) -> dict[str, Any]:
+        """``{"nodes": [...], "executor"}``: each node's flavors, capacity and free devices."""
+        return self._json("GET", "/api/nodes")  # type: ignore[no-any-return]
+
+    def scaling(self) -> dict[str, Any]:
+        """The provisioner's signal: pending demand per flavor, idle and drainable nodes."""
+        return self._json("GET", "/api/scaling")  # type: ignore[no-any-return]
+
     # -- models and predictions ---------------------------------------------------------
 
     def models(self) -> list[dict[str, Any]]:

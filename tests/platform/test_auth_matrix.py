@@ -265,6 +265,12 @@ MATRIX: dict[tuple[str, str], Row] = {
     # accounting: everyone signed in reads their own usage
     ("GET", "/api/usage"): Row(signed_in(200)),
     # models (alice's, group-visible)
+    ("GET", "/api/queues"): Row(signed_in(200)),
+    ("PUT", "/api/queues"): Row(  # admins only; [] is the default queue, as configured
+        {"anonymous": 401, "expired": 401, "other": 403, "member": 403, "owner": 403,
+         "admin": 200}, body=lambda r, w: {"json": {"queues": []}}),
+    ("GET", "/api/nodes"): Row(signed_in(200)),
+    ("GET", "/api/scaling"): Row(signed_in(200)),
     ("GET", "/api/models"): Row(signed_in(200)),
     ("POST", "/api/models/{name}"): Row(group_write(201), params=_model,
                                         body=lambda r, w: {"content": w.bundle}),

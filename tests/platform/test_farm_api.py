@@ -147,14 +147,24 @@ def test_put_queues_is_for_admins_validated_and_kept_across_restarts(tmp_path: P
         assert {p for p, _ in r.json()["problems"]} == {"queues.0.quotas.nvidia-h100",
                                                        "queues.1.name",
                                                        "queues.1.quotas.nvidia-h100"}
-        # a queue with a waiting job cannot go
-        job = api.post("/api/jobs", json={"name": "w", "spec": _spec()}, headers=AS_ALICE).json()
-        api.app.state.platform.manager.tick()  # type: ignore[attr-defined]
+        # a queue with a waiting job cannot go: a fake job holds the one device (in the
+        # snapshot only), so alice's job waits
+        manager = api.app.state.platform.manager  # type: ignore[attr-defined]
+        from mlaas.platform.scheduler import Workload
+
+        with manager._lock:
+            manager.snapshot.add_pending(Workload("holder", "cms-q", "carol",
+                                                  {"cpu": 1, "test-gpu": 1}, 0.0))
+            manager.snapshot.start("holder", "local", {"cpu": (0,), "test-gpu": (0,)}, 0.0)
+        job = api.post("/api/jobs", json={"name": "w", "spec": _spec(gpus={"test-gpu": 1})},
+                       headers=AS_ALICE).json()
+        manager.tick()
+        assert api.get(f"/api/jobs/{job['id']}", headers=AS_ALICE).json()["state"] == "queued"
         r = api.put("/api/queues", json={"queues": new}, headers=AS_ROOT)
-        if api.get(f"/api/jobs/{job['id']}", headers=AS_ALICE).json()["state"] == "queued":
-            assert r.status_code == 409 and "cms-q" in r.json()["message"]
+        assert r.status_code == 409 and "cms-q (2 job(s))" in r.json()["message"], r.text
         api.post(f"/api/jobs/{job['id']}/cancel", headers=AS_ALICE)
-        api.app.state.platform.manager.tick()  # type: ignore[attr-defined]
+        with manager._lock:
+            manager.snapshot.stop("holder", 1.0)
         r = api.put("/api/queues", json={"queues": new}, headers=AS_ROOT)
         assert r.status_code == 200, r.text
         assert [q["name"] for q in r.json()["queues"]] == ["everyone"]

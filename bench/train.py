@@ -252,18 +252,49 @@ def streamed(spec: dict[str, Any], shared: Shared, outdir: Path, with_val: bool 
     train_ds = shared.dataset(spec, "train", shuffle=True, prefetch=prefetch)
     val_ds = shared.dataset(spec, "validation", shuffle=False, prefetch=prefetch) if with_val else None
     shutil.rmtree(outdir, ignore_errors=True)
+    waits = wait_timer(train_ds)
     wait_quiet()
     gc.collect()
     reset_peak()
     c0, b0, t0 = cpu_time(), machine_busy(), time.perf_counter()
     result = train(pipeline, train_ds, val_ds, outdir, progress=False)
     wall = time.perf_counter() - t0
-    return {"seconds": [h["seconds"] for h in result.history],
+    return {"seconds": [h["seconds"] for h in result.history], "wait_seconds": waits,
             "events": [h["events"] for h in result.history],
             "train_loss": [h["train_loss"] for h in result.history],
             "wall": wall, "cpu_cores": (cpu_time() - c0) / wall,
             "other_cores": max(0.0, (machine_busy() - b0 - (cpu_time() - c0)) / wall),
             "peak_rss": peak_rss(), "model": result.model, "train_ds": train_ds}
+
+
+def wait_timer(ds: Any) -> list[float]:
+    """Per training epoch, the seconds the training thread spent waiting for its next batch.
+
+    With the loader's threads this is the time blocked on the batch queue;
+    without them, all the loader's work. Robust to a shared machine in a way
+    epoch times are not: it says whether the loader starved training. (Wraps
+    the instance's ``iter_epoch``, which the torch dataset calls.)
+    """
+    waits: list[float] = []
+    original = ds.iter_epoch
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        it = iter(original(*args, **kwargs))
+        waited = 0.0
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                waited += time.perf_counter() - t0
+                yield batch
+        finally:
+            waits.append(waited)
+
+    ds.iter_epoch = timed
+    return waits
 
 
 def loader_only(ds: Any, epoch: int) -> float:
@@ -388,6 +419,43 @@ def profile_epoch(name: str, res: dict[str, Any], workdir: Path) -> dict[str, An
     }
 
 
+def thread_modes(name: str, res: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Where the loader's work runs, one run: serial, a reader thread only, reader + batch thread.
+
+    One epoch each (cache none, no validation), interleaved with an in-memory
+    epoch before and after. "reader only" is the previous design (preprocessing
+    and batching on the training thread), obtained by bypassing the batch
+    thread of ``RootDataset.iter_epoch``.
+    """
+    from mlaas.data.loader import RootDataset
+
+    spec = copy.deepcopy(res["spec"])
+    spec["train"]["epochs"] = 1
+    shared = res["shared"]
+    out: dict[str, Any] = {"memory": []}
+    threaded = RootDataset.iter_epoch
+
+    def reader_only(self: Any, epoch: int, worker: int = 0, num_workers: int = 1) -> Any:
+        return self._epoch_batches(epoch, worker, num_workers)
+
+    out["memory"] += in_memory(spec, shared)["seconds"]
+    for mode, prefetch, iter_epoch in (("serial", False, threaded),
+                                       ("reader thread only", True, reader_only),
+                                       ("reader + batch threads", True, threaded)):
+        log(f"[{name}] one epoch, loader mode: {mode} ...")
+        RootDataset.iter_epoch = iter_epoch  # type: ignore[method-assign]
+        try:
+            s = streamed(spec, shared, workdir / "train-modes", with_val=False, prefetch=prefetch)
+        finally:
+            RootDataset.iter_epoch = threaded  # type: ignore[method-assign]
+        out[mode] = {"seconds": s["seconds"][0], "cpu_cores": s["cpu_cores"],
+                     "other_cores": s["other_cores"], "wait": s["wait_seconds"][0]}
+    out["memory"] += in_memory(spec, shared)["seconds"]
+    out["reference"] = statistics.median(out["memory"])
+    shutil.rmtree(workdir / "train-modes", ignore_errors=True)
+    return out
+
+
 # -- apply ----------------------------------------------------------------------------------------
 
 
@@ -489,8 +557,10 @@ def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                 else:
                     what, target = f"epoch {i} (cached)", TARGETS["cached"]
                 verdict = None if target is None else ratio <= target
+                waits = s.get("wait_seconds") or []
                 out.append({"model": name, "cache": label, "epoch": i, "what": what,
                             "other_cores": s["other_cores"],
+                            "wait": waits[i - 1] if i - 1 < len(waits) else float("nan"),
                             "seconds": sec, "memory_seconds": ref, "ratio": ratio,
                             "target": target, "pass": verdict})
     return out
@@ -547,14 +617,14 @@ def markdown(res: dict[str, Any]) -> str:
                  f"`columns()` load {mem['load_seconds']:.1f} s; pass 1 {r['pass1_seconds']:.1f} s.  ")
     L.append("")
     L.append("| model | data.cache | epoch | streamed s | in-memory s | ratio | target | verdict "
-             "| other cores (run) |")
-    L.append("|---|---|---|---:|---:|---:|---:|---|---:|")
+             "| waited for data s | other cores (run) |")
+    L.append("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
     for r in res["rows"]:
         v = "-" if r["pass"] is None else ("PASS" if r["pass"] else "**MISS**")
         L.append(f"| {r['model']} | {r['cache']} | {r['what']} | {r['seconds']:.2f} | "
                  f"{r['memory_seconds']:.2f} | {r['ratio']:.3f} | "
                  f"{'-' if r['target'] is None else '<= ' + str(r['target'])} | {v} | "
-                 f"{r['other_cores']:.2f} |")
+                 f"{r['wait']:.2f} | {r['other_cores']:.2f} |")
     L.append("")
     L.append("The loader alone (the same `DataLoader(train_ds.torch(), batch_size=None, "
              "num_workers=0)` the trainer uses, one epoch, no model): " + "; ".join(
@@ -586,6 +656,21 @@ def markdown(res: dict[str, Any]) -> str:
              f"{one['memory_seconds']:.2f} s (median of 3), streamed with prefetch "
              f"{one['stream_seconds']:.2f} s using {one['stream_cpu_cores']:.2f} cores, ratio "
              f"{one['stream_seconds'] / one['memory_seconds']:.3f}.\n")
+    L.append("### Where the loader runs: one run, three ways\n")
+    L.append("One epoch each, `cache: none`, no validation; in-memory reference = median of "
+             "one in-memory epoch before and one after.\n")
+    L.append("| model | in memory s | serial s (ratio) | reader thread only s (ratio) "
+             "| reader + batch threads s (ratio) | other cores |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    for name, tm in res["thread_modes"].items():
+        ref = tm["reference"]
+        cells = [f"{tm[m]['seconds']:.2f} ({tm[m]['seconds'] / ref:.2f}; waited "
+                 f"{tm[m]['wait']:.2f})"
+                 for m in ("serial", "reader thread only", "reader + batch threads")]
+        others = "/".join(f"{tm[m]['other_cores']:.2f}"
+                          for m in ("serial", "reader thread only", "reader + batch threads"))
+        L.append(f"| {name} | {ref:.2f} | {' | '.join(cells)} | {others} |")
+    L.append("")
     L.append("### apply\n")
     L.append("| model | events | `apply_files` ev/s | raw `uproot.iterate` ev/s | apply / raw "
              "| stages alone, s: read / preprocess / ONNX run |")
@@ -619,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     b0, c0, t0 = machine_busy(), cpu_time(), time.perf_counter()
     res["models"] = {name: bench_model(name, pair, args.workdir) for name in ("deepsets", "mlp")}
     res["profile"] = profile_epoch("mlp", res["models"]["mlp"], args.workdir)
+    res["thread_modes"] = {name: thread_modes(name, res["models"][name], args.workdir)
+                           for name in ("deepsets", "mlp")}
     res["apply"] = {name: bench_apply(name, res["models"][name], pair, args.workdir)
                     for name in ("deepsets", "mlp")}
     wall = time.perf_counter() - t0
@@ -628,11 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         r.pop("shared", None)
         r.pop("trained", None)
     res["rows"] = rows(res)
+    if args.json:  # first, so a failure below loses no measurement
+        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
     print_table(res)
     md = markdown(res)
     print(md)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
     if args.md:
         args.md.write_text(md + "\n")
     return 0

@@ -182,7 +182,8 @@ def parse_when(value: str, now: datetime, *, field: str = "since") -> datetime:
         return (when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when).astimezone(
             timezone.utc)
     except OverflowError:
-        raise ValueError(f"{field} {value!r} is out of range; give a time between the years 1 and 9999") from None
+        raise ValueError(f"{field} {value!r} is out of range; give a time between the "
+                         "years 1 and 9999") from None
     except ValueError:
         raise ValueError(f"{field} {value!r} is neither an ISO 8601 time (2026-11-01, "
                          "2026-11-01T12:00:00Z) nor a duration ago (30m, 12h, 7d, 2w)") from None

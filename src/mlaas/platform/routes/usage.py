@@ -124,8 +124,9 @@ def usage_router() -> APIRouter:
         try:
             start = parse_when(since, now, field="since") if since else None
             end = parse_when(until, now, field="until") if until else None
-            return accounting.usage(user=who, group=which, since=start,  # type: ignore[no-any-return]
-                                    until=end)
+            usage: dict[str, Any] = accounting.usage(user=who, group=which, since=start,
+                                                     until=end)
+            return usage
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 

@@ -387,5 +387,29 @@ def test_foreign_errors_are_mapped(executor: RayExecutor) -> None:
 def test_bad_addresses_are_refused(executor: RayExecutor, storage: Path) -> None:
     with pytest.raises(PlatformError, match="Ray address 'nowhere' is not host:port"):
         RayExecutor(address="nowhere", storage_root=storage)
-    with pytest.raises(PlatformError, match="already connected to the Ray cluster at"):
+    with pytest.raises(PlatformError, match="cannot connect to the Ray cluster at "
+                       r"'127\.0\.0\.1:\d+': .*refused; is its head node running\?"):
         RayExecutor(address=f"127.0.0.1:{_free_port()}", storage_root=storage)
+    with socket.create_server(("127.0.0.1", 0)) as other:  # something listening elsewhere
+        port = other.getsockname()[1]
+        with pytest.raises(PlatformError, match="already connected to the Ray cluster at"):
+            RayExecutor(address=f"127.0.0.1:{port}", storage_root=storage)
+
+
+def test_shutdown_stops_every_job(executor: RayExecutor, cluster: Cluster, storage: Path,
+                                  data: Path) -> None:
+    # a second executor on the same connection (the first one keeps it open)
+    ex = RayExecutor(address=cluster.address, storage_root=storage, poll_wait_s=0.5)
+    job = _slow_job(storage, data, "last", epochs=50)
+    ex.start(Launch("last", job), node="gpu-1")
+    wait_for(lambda: "[mlaas] starting" in (job / "job.log").read_text(), 120,
+             "the job process to take over its SIGTERM handling")
+    pid = ex.pid("last")
+    assert pid is not None and _under(pid, cluster.nodes["gpu-1"])
+    ended = ex.shutdown(grace_s=20.0)
+    assert [(e.job_id, e.exit_code) for e in ended] == [("last", 75)], ended
+    assert ex.running() == set()
+    wait_for(lambda: not psutil.pid_exists(pid), 30, "the job process to be gone")
+    assert ray.is_initialized(), "a shared connection must stay open"
+    with pytest.raises(PlatformError, match="shut down"):
+        ex.start(Launch("again", job))

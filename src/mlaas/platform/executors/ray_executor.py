@@ -41,6 +41,7 @@ Foreign errors are translated in one place, :func:`map_ray_errors`.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 import threading
 import time
@@ -238,12 +239,16 @@ class RayExecutor:
             node agent (the first start on a node also starts its agent).
         poll_wait_s (float): the longest :meth:`poll` waits for agents' answers;
             a node that does not answer by then is asked again at the next poll.
+        connect_timeout_s (float): how long to try reaching the head's GCS port before
+            giving up with :class:`PlatformError` (``ray.init`` itself retries for minutes).
     """
 
     def __init__(self, *, address: str, storage_root: Path, python: str | None = None,
                  pass_env: Sequence[str] = (), limit_grace_s: float = 10.0,
-                 call_timeout_s: float = 60.0, poll_wait_s: float = 1.0) -> None:
+                 call_timeout_s: float = 60.0, poll_wait_s: float = 1.0,
+                 connect_timeout_s: float = 10.0) -> None:
         self.address = address
+        self.connect_timeout_s = connect_timeout_s
         self.storage_root = Path(storage_root).resolve()
         self.python = python
         self.pass_env = tuple(pass_env)
@@ -271,6 +276,14 @@ class RayExecutor:
         if is_loopback(host):
             keep_ray_on_loopback()
         ray = _ray()
+        # ray.init retries an unreachable GCS for minutes; a wrong address should fail now
+        try:
+            with socket.create_connection((host, int(self.address.rpartition(":")[2])),
+                                          timeout=self.connect_timeout_s):
+                pass
+        except OSError as exc:
+            raise PlatformError(f"cannot connect to the Ray cluster at {self.address!r}: "
+                                f"{exc}; is its head node running?") from exc
         if ray.is_initialized():
             current = ray.get_runtime_context().gcs_address
             if current != self.address:

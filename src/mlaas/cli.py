@@ -399,6 +399,10 @@ from mlaas import cli_simulate  # noqa: E402  (mlaas simulate: the farm simulato
 
 cli_simulate.register(app)
 
+from mlaas import cli_node  # noqa: E402  (mlaas node join: a Ray worker node)
+
+cli_node.register(app)
+
 from mlaas import cli_farm  # noqa: E402  (mlaas queues, mlaas nodes)
 
 cli_farm.register(app)

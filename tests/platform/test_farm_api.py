@@ -198,7 +198,7 @@ def test_default_config_is_one_unlimited_queue_for_everybody(tmp_path: Path) -> 
     ({"flavors": ["cpu"]}, "flavors.0.name"),
     ({"scheduler": {"policy": "lottery"}}, "scheduler.policy"),
     ({"scheduler": {"half_life_s": 0}}, "scheduler.half_life_s"),
-    ({"executor": "ray"}, "ray_address"),
+    ({"executor": "ray"}, "executor"),  # the message names ray_address
     ({"gpu_flavor": "NVIDIA T4"}, "gpu_flavor"),
 ])
 def test_bad_farm_settings_name_the_field(settings: dict[str, Any], path: str) -> None:

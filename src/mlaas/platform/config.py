@@ -247,7 +247,8 @@ class PlatformConfig(_Model):
                 problems.append((f"flavors.{i}.name", f"flavor {f.name!r} is defined twice "
                                  "(cpu is always there)"))
         if self.executor == "ray" and not self.ray_address:
-            problems.append(("ray_address", "executor 'ray' needs ray_address (host:port)"))
+            problems.append(("executor", "executor 'ray' needs ray_address (host:port of "
+                             "the Ray head, --ray-address)"))
         if problems:
             raise _Problems(problems)
         return self

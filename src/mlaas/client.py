@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import quote
@@ -588,7 +588,7 @@ class Client:
         usage and pending/running counts (admins also get the job ids)."""
         return self._json("GET", "/api/queues")  # type: ignore[no-any-return]
 
-    def set_queues(self, queues: list[Mapping[str, Any]]) -> dict[str, Any]:
+    def set_queues(self, queues: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Replace the queue configuration (admins); answers as :meth:`queues`."""
         return self._json("PUT", "/api/queues",  # type: ignore[no-any-return]
                           json={"queues": [dict(q) for q in queues]})

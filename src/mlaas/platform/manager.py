@@ -115,6 +115,13 @@ def fifo_admit(queued: Sequence[Launch], free: Mapping[str, Any]) -> list[str]:
     return chosen
 
 
+NODE_LOST = "node lost:"
+"""How an executor's ``Exited.reason`` starts for a job whose node went away: requeued."""
+
+NODE_QUARANTINE_S = 60.0
+"""How long a node that lost a job is left out of scheduling (Ray notices death late)."""
+
+
 def _default_policy() -> PolicyConfig:
     return policy("fair")
 
@@ -179,6 +186,7 @@ class JobManager:
         self._requests: dict[str, Request] = {}  # job id -> its parsed request (pending/running)
         self._seen_epoch: dict[str, Any] = {}
         self._elastic = callable(getattr(executor, "nodes", None))
+        self._quarantined: dict[str, float] = {}  # node -> monotonic time it may come back
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -305,6 +313,8 @@ class JobManager:
             ended, self._unfinished = self._unfinished + self.executor.poll(), []
             for exited in ended:
                 self._release(exited.job_id)  # the process is gone: its slots are free
+                if exited.exit_code is None and exited.reason.startswith(NODE_LOST):
+                    self._quarantine(exited.reason[len(NODE_LOST):].strip().split(" ")[0])
                 try:
                     self._finish(exited)
                 except Exception:  # noqa: BLE001 - the executor reports an exit only once
@@ -448,7 +458,10 @@ class JobManager:
             return self._fail(record, _with_tail(exited.reason, exited.log_tail), fields)
         if code == EXIT_OK:
             return self._succeed(record, fields)
-        if code in (EXIT_PREEMPTED, -signal.SIGTERM) or (code is None and requeue_unknown):
+        lost = code is None and exited.reason.startswith(NODE_LOST)
+        if code in (EXIT_PREEMPTED, -signal.SIGTERM) or (code is None and requeue_unknown) \
+                or lost:
+            # a lost node (Ray executor): the job resumes from its checkpoint elsewhere
             # -SIGTERM: stopped before jobrun took over SIGTERM (its first milliseconds);
             # like 75 it means "stop and come back later", with nothing to lose
             preempted = self.store.transition(job_id, running, JobState.PREEMPTED,
@@ -534,6 +547,18 @@ class JobManager:
         cap = self.executor.capacity()
         return [local_node(self.node_name, int(cap["cpus"]), self.gpu_flavor, int(cap["gpus"]))]
 
+    def _quarantine(self, node: str) -> None:
+        """A node that lost a job leaves the snapshot for ``NODE_QUARANTINE_S`` seconds:
+        Ray may still list it alive for a while, and nothing must be started there."""
+        if not self._elastic or not node:
+            return
+        self._quarantined[node] = time.monotonic() + NODE_QUARANTINE_S
+        if node in self.snapshot.nodes:
+            for lost in self.snapshot.remove_node(node):
+                self._requests.pop(lost.workload.id, None)
+            log.info("node %s lost a job: left out of scheduling for %g s", node,
+                     NODE_QUARANTINE_S)
+
     def _sync_nodes(self) -> None:
         """Nodes that joined, left or changed since the last tick update the snapshot.
 
@@ -547,6 +572,12 @@ class JobManager:
         except MlaasError as exc:
             log.warning("cannot list the executor's nodes (kept the last known): %s", exc)
             return
+        now = time.monotonic()
+        for name, until in list(self._quarantined.items()):
+            if until <= now:
+                del self._quarantined[name]
+            else:
+                nodes.pop(name, None)
         snap = self.snapshot
         for name in sorted(set(snap.nodes) - set(nodes)):
             for lost in snap.remove_node(name):
@@ -721,6 +752,20 @@ class JobManager:
                     devices={f: i for f, i in admit.devices.items() if f != CPU_FLAVOR})
             else:
                 devices = self.executor.start(launch)
+        except Conflict as exc:  # the node went or changed under us: wait for another start
+            log.warning("job %s could not be started on node %s, requeued: %s", job_id,
+                        admit.node, exc)
+            self._release(job_id)
+            if NODE_LOST in str(exc):
+                self._quarantine(admit.node)
+            back = self.store.transition(job_id, {JobState.RUNNING}, JobState.PREEMPTED,
+                                         attempts=record.attempts, started_at=record.started_at,
+                                         node=record.node,
+                                         reason=f"not started on node {admit.node}: "
+                                                f"{exc.message}; waits for another node")
+            if back is not None:
+                self.store.transition(job_id, {JobState.PREEMPTED}, JobState.QUEUED)
+            return
         except Exception as exc:  # noqa: BLE001 - any start failure fails this job only
             log.warning("job %s could not be started: %s", job_id, exc)
             self._release(job_id)

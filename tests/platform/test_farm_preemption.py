@@ -79,6 +79,7 @@ def test_a_reclaims_its_quota_from_b_which_resumes_and_finishes(
     log = (b_dir / "job.log").read_text()
     assert "exited with code 75 (preempted: checkpoint written)" in log
     assert "resuming from" in log
+    assert "preempted by the scheduler: reclaim: queue 'a-q' needs" in log
     history = json.loads((b_dir / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # as many as without preemption
     # B was stopped before A started: A's start is after B's first attempt ended

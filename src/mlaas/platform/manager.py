@@ -73,7 +73,7 @@ from mlaas.platform.jobrun import (
 )
 from mlaas.platform.principal import Principal
 from mlaas.platform.records import FINAL_STATES, JobRecord, JobState, Store
-from mlaas.platform.scheduler import (Admit, EntryStatus, Flavor, Node, PolicyConfig, Snapshot,
+from mlaas.platform.scheduler import (Admit, Flavor, Node, PolicyConfig, Snapshot,
                                       Workload, policy, run_cycle)
 
 __all__ = ["JobManager", "fifo_admit", "AdmitPolicy", "BUNDLE_NAME", "DEFAULT_RESOURCES"]
@@ -187,12 +187,15 @@ class JobManager:
         self._seen_epoch: dict[str, Any] = {}
         self._elastic = callable(getattr(executor, "nodes", None))
         self._quarantined: dict[str, float] = {}  # node -> monotonic time it may come back
+        self._history_loaded = False
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen_progress: dict[str, tuple[int, int]] = {}
         self._unfinished: list[Exited] = []  # ended jobs whose new state is not stored yet
+        if not self._elastic:
+            self._sync_nodes()  # this machine: known at once (a Ray pool at the first tick)
 
     # -- paths -----------------------------------------------------------------------
 
@@ -421,6 +424,7 @@ class JobManager:
                 if requeued is not None:
                     changed.append(requeued)
             self._sync_nodes()
+            self._load_usage_history()
             for record in self.store.list_jobs(state=JobState.RUNNING):
                 if record.id in ours and record.id not in self.snapshot.running:
                     self._adopt(record)
@@ -667,6 +671,34 @@ class JobManager:
         self._requests.pop(job_id, None)
         self._seen_epoch.pop(job_id, None)
 
+    def _load_usage_history(self) -> None:
+        """Fair share remembers past work across a restart: each finished job's last
+        attempt (devices and CPU slots times its run time) is charged to its owner at
+        its end, oldest first; jobs older than ten half-lives weigh nothing and are
+        skipped. Only once per manager."""
+        if self._history_loaded:
+            return
+        self._history_loaded = True
+        now = time.time()
+        horizon = now - 10 * self.policy.half_life_s
+        charges: list[tuple[float, str, float]] = []
+        for record in self.store.list_jobs():
+            if not record.final or record.started_at is None or record.finished_at is None:
+                continue
+            end = record.finished_at.timestamp()
+            if end < horizon:
+                continue
+            try:
+                request = parse_request(self._merged(record.resources or {}), self.gpu_flavor)
+            except ValueError:
+                continue
+            seconds = max(0.0, end - record.started_at.timestamp())
+            charges.append((min(end, now), record.owner,
+                            seconds * sum(request.flavors.values())))
+        for at, user, amount in sorted(charges):
+            if amount > 0:
+                self.snapshot.usage.charge(user, amount, at)
+
     def _adopt(self, record: JobRecord) -> None:
         """A job this executor still runs (a manager restarted in the same process):
         it holds its slots in the snapshot again."""
@@ -701,16 +733,10 @@ class JobManager:
         for d in result.preempted:
             log.info("preempting job %s: %s", d.workload.id, d.reason)
             snap.mark_terminating(d.workload.id)
+            self._log_line(d.workload.id, f"preempted by the scheduler: {d.reason}")
             self.preempt(d.workload.id)
         for admit in result.admitted:
             self._start(admit, now)
-
-    def waiting_reasons(self) -> dict[str, str]:
-        """Why each pending job looked at in a dry cycle is not running (for the API)."""
-        with self._lock:
-            result = run_cycle(self.snapshot, now=time.time(), config=self.policy)
-        return {e.workload.id: e.reason for e in result.entries
-                if e.status is not EntryStatus.ADMITTED}
 
     def _launch(self, record: JobRecord, request: Request) -> Launch:
         """The executor request of a job."""
@@ -961,6 +987,15 @@ class JobManager:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+
+    def _log_line(self, job_id: str, text: str) -> None:
+        """One ``[mlaas]`` line in the job's log, so its owner reads why it stopped."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            with open(self.job_dir(job_id) / "job.log", "a") as fh:
+                fh.write(f"[mlaas] {stamp} job {job_id} {text}\n")
+        except OSError as exc:
+            log.warning("cannot write to the log of job %s: %s", job_id, exc)
 
     def _log_tail(self, job_id: str) -> str:
         return read_log_tail(self.job_dir(job_id) / "job.log")

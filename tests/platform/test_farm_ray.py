@@ -4,7 +4,8 @@ on the nodes Ray reports, a node joining starts a waiting job, a node lost reque
 Layer: platform (manager + scheduler + Ray executor + real job processes). The
 cluster is the one of :mod:`test_executor_ray` (its ``Cluster`` helper): a head
 (1 CPU, no devices) and ``gpu-1`` (2 CPUs, two devices of the fake flavor
-``test-gpu``; no GPU here, the devices are slot names). A third node ``victim``
+``test-gpu``; no GPU here, the devices are slot names), a flavor the manager
+is not configured with (the default queue takes it when the node appears). A third node ``victim``
 (one ``test-gpu``) joins through ``mlaas node join`` mid-test and is killed
 with SIGKILL, as a machine that dies.
 """
@@ -55,13 +56,16 @@ def test_nodes_joining_and_leaving_drive_the_scheduler(cluster: object, tmp_path
     executor = RayExecutor(address=cluster.address, storage_root=storage.root,  # type: ignore[attr-defined]
                            poll_wait_s=0.5)
     manager = JobManager(sqlite_store, storage, executor, Registry(storage.models_dir),
-                         poll_interval=0.2, grace_s=10, gpu_flavor="test-gpu")
+                         poll_interval=0.2, grace_s=10)  # test-gpu: not configured
     try:
         wait_for(lambda: manager.tick() or {"head", "gpu-1"} <= {
             n["name"] for n in manager.nodes_view()}, 60, "both nodes in the snapshot")
         nodes = {n["name"]: n for n in manager.nodes_view()}
         assert nodes["gpu-1"]["flavors"]["test-gpu"] == {"capacity": 2, "free": 2}
         assert "test-gpu" not in nodes["head"]["flavors"]
+        # a flavor no one configured, offered by a node: the default queue takes it
+        [default] = manager.queues_view()
+        assert default["quotas"]["test-gpu"] == {"nominal": None, "borrowing_limit": None}
         manager.start()
 
         def slow(name: str, epochs: int, sleep: float) -> dict[str, object]:

@@ -596,13 +596,18 @@ class JobManager:
                 if known.running:
                     continue  # changed under running jobs: wait until they are gone
                 snap.remove_node(name)
+            new_flavor = False
             for flavor in node.gpus:
                 if snap.flavors is not None and flavor not in snap.flavors:
-                    log.warning("node %s offers flavor %r, which is not configured; queues "
-                                "need a quota for it to use it", name, flavor)
+                    log.warning("node %s offers flavor %r, which is not configured (flavors:)"
+                                "; queues need a quota for it to use it", name, flavor)
                     snap.flavors[flavor] = Flavor(flavor)
+                    new_flavor = True
             snap.add_node(node)
             log.info("node %s joined the pool: %s", name, dict(node.gpus))
+            if new_flavor and not self._queue_cfg:
+                self.set_queues([])  # the default queue takes every flavor, new ones too
+                snap = self.snapshot
 
     def _workload(self, record: JobRecord, request: Request) -> Workload:
         queued_at = time.time() if record.attempts > 0 else None

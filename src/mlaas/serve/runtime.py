@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mlaas.bundle import events_to_arrays
 from mlaas.errors import InferenceError, MlaasError, Overloaded, ProtocolError
 
 __all__ = [
@@ -261,7 +260,7 @@ def _as_rows(events: Any, branch_types: Mapping[str, Any]) -> list[Any] | None:
 def score_events(bundle: Any, run: RunFn, events: Any) -> np.ndarray:
     """Scores of JSON-like ``events`` with ``bundle``'s preprocessing and ``run``;
     NaN for events failing the cut (as :meth:`mlaas.bundle.Bundle.predict_events`)."""
-    prep = bundle.preprocessor(events_to_arrays(events, bundle.branch_types))
+    prep = bundle.preprocessor.prepare_events(events, bundle.branch_types)
     scores = np.full((prep.n, bundle.n_outputs), np.nan, dtype=np.float32)
     if len(prep.index):
         mask = prep.mask if "mask" in bundle.input_names else None

@@ -83,7 +83,8 @@ def random_events(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
         if nj and rng.random() < 0.3:
             pts[0] = int(rng.integers(0, 100))  # an int in a float branch
         event = {
-            "MET_pt": float(rng.exponential(30)) if rng.random() < 0.8 else int(rng.integers(0, 50)),
+            "MET_pt": (float(rng.exponential(30)) if rng.random() < 0.8
+                       else int(rng.integers(0, 50))),
             "nJet": nj, "run": int(rng.integers(0, 2**40)),
             "Jet_pt": pts, "Jet_eta": [float(v) for v in rng.normal(size=nj)],
             "Jet_btag": [float(v) for v in rng.random(nj)],
@@ -91,7 +92,6 @@ def random_events(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
             "Muon_charge": [int(v) for v in rng.choice([-1, 1], size=nm)],
             "extra": "ignored",
         }
-        # Jet_eta must share Jet_pt's multiplicity; Jet_ptx = Jet_pt * Jet_eta
         events.append(event)
     out: list[dict[str, Any]] = json.loads(json.dumps(events))
     return out

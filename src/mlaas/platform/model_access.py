@@ -49,6 +49,10 @@ class PlatformModelAccess:
     def _context(request: Request) -> tuple[PlatformContext, Principal]:
         return request.app.state.platform, get_principal(request)
 
+    def authenticate(self, request: Request) -> None:
+        """The caller, its token's scope and rate limit, before a body is read."""
+        get_principal(request)
+
     def check(self, request: Request, action: Action, name: str) -> None:
         ctx, principal = self._context(request)
         try:

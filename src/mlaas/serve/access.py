@@ -9,15 +9,26 @@ it on every route that touches a model, before touching it:
 route                                              hook
 =================================================  =========================================
 GET /api/models, GET /models                       ``visible(request, names)``
-POST /api/models/{name}, POST /upload              ``on_upload(request, name)``
+POST /api/models/{name}                            ``on_upload(request, name)``
+POST /upload                                       ``authenticate(request)``, then
+                                                   ``on_upload(request, name)``
 GET /api/models/{name}[/versions/{v}]              ``check(request, "read", name)``
-POST /api/models/{name}/predict, POST /json        ``check(request, "read", name)``
+POST /api/models/{name}/predict                    ``check(request, "read", name)``
+POST /json                                         ``authenticate(request)``, then
+                                                   ``check(request, "read", name)``
 GET /v2/models/{name}[/versions/{v}][/ready]       ``check(request, "read", name)``
 POST /v2/models/{name}[/versions/{v}]/infer        ``check(request, "read", name)``
 DELETE /api/models/{name}/versions/{v}             ``check(request, "write", name)``
 PUT|DELETE /api/models/{name}/aliases/{alias}      ``check(request, "write", name)``
 DELETE /delete/{model}                             ``check(request, "write", name)``
 =================================================  =========================================
+
+Routes whose model name is in the body (``POST /json``: the name is a field
+of the JSON; ``POST /upload``: a field of the multipart form) first call the
+optional ``authenticate(request)`` hook, before reading the body, so an
+anonymous caller gets 401 whatever it sends and no form is parsed for it;
+the model hook runs once the name is known. A policy without
+``authenticate`` relies on its model hooks alone.
 
 Hooks raise :mod:`mlaas.errors` classes, which the app answers as
 :class:`~mlaas.errors.NotFound` 404 (missing *or* hidden, so names cannot be
@@ -42,7 +53,8 @@ from typing import Any, Literal, Protocol
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-__all__ = ["ModelAccess", "AllowAll", "Action", "access_of", "check", "on_upload", "visible"]
+__all__ = ["ModelAccess", "AllowAll", "Action", "access_of", "authenticate", "check",
+           "on_upload", "visible"]
 
 Action = Literal["read", "write"]
 
@@ -80,6 +92,11 @@ class ModelAccess(Protocol):
         """The subset of ``names`` the caller may see (model listings)."""
         ...
 
+    # Optional: ``authenticate(request) -> None``, raising (Unauthorized, or Forbidden
+    # / RateLimited for what the route demands of the caller) unless the request has
+    # a caller allowed on this route at all. Called before a route reads a body
+    # that holds the model name (see the module docstring); must be cheap.
+
 
 class AllowAll:
     """Everything allowed: the policy of a stand-alone ``mlaas serve``."""
@@ -105,6 +122,18 @@ def access_of(request: Request) -> ModelAccess:
     like :func:`~mlaas.serve.app.create_app`'s default."""
     access: ModelAccess | None = getattr(request.app.state, "access", None)
     return access if access is not None else _ALLOW_ALL
+
+
+async def authenticate(request: Request) -> None:
+    """Run the app's optional ``authenticate`` hook (nothing when the policy has none)."""
+    access = access_of(request)
+    hook = getattr(access, "authenticate", None)
+    if hook is None:
+        return
+    if getattr(access, "blocking", True):
+        await run_in_threadpool(hook, request)
+    else:
+        hook(request)
 
 
 async def check(request: Request, action: Action, name: str) -> None:

@@ -362,6 +362,7 @@ def _tfaas_router() -> APIRouter:
     router = APIRouter(tags=["tfaas"])
 
     async def predict_json(request: Request) -> list[Any]:
+        await hooks.authenticate(request)  # the model name is in the body: caller first
         keys, values, name = _tfaas_request(await _json(request))
         if name is None:
             names = [m["name"] for m in await _visible_models(request)]
@@ -381,6 +382,7 @@ def _tfaas_router() -> APIRouter:
         return {"model": model, "deleted": versions}
 
     async def upload(request: Request) -> JSONResponse:
+        await hooks.authenticate(request)  # before the form is parsed (on_upload needs its name)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             async with request.form() as form:

@@ -59,6 +59,54 @@ SINGLE_USER_NOTICE = "single-user mode: every request is the local admin user"
 MULTI_USER_NOTICE = "multi-user mode"
 
 _FASTAPI_OWN = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def _metrics_router(auth: Authenticator, metrics_from: list[str], metrics: Any) -> Any:
+    """``GET /metrics``: open in single-user mode; with logins, only for admins and for
+    peers in ``metrics_from`` (a local Prometheus), since its labels name every model
+    and queue. Anyone else gets the 404 of an unknown path, so the route is not probed.
+
+    A peer that is one of the authenticator's trusted proxies does not count as a
+    scraper: behind a proxy on the same host, every user would otherwise pass.
+    """
+    import ipaddress
+
+    from fastapi import APIRouter
+
+    from mlaas.platform.deps import get_principal
+
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in metrics_from]
+
+    def scraper(peer: str | None) -> bool:
+        proxies = getattr(auth, "proxies", None)
+        if not peer or (proxies is not None and proxies.trusts(peer)):
+            return False
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False  # a Unix socket, a test client's name
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in networks)
+
+    def admin(request: Request) -> bool:
+        try:
+            return get_principal(request).is_admin
+        except MlaasError:  # anonymous, a bad or personal token, rate limited
+            return False
+
+    router = APIRouter()
+
+    @router.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        if not isinstance(auth, SingleUser):
+            peer = request.client.host if request.client is not None else None
+            if not scraper(peer) and not await run_in_threadpool(admin, request):
+                raise StarletteHTTPException(status_code=404, detail="Not Found")
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return router
 """Routes every FastAPI app adds itself; the platform app has its own."""
 
 ERROR_STATUS: dict[type[MlaasError], int] = {**SERVE_ERROR_STATUS, SpecError: 422}
@@ -297,7 +345,9 @@ def create_platform_app(config: PlatformConfig, *,
     # carries the job gauges too), then the platform's own groups. The routes are
     # added as they are, not with include_router, which re-walks an included router on
     # every request; the routers have no router-level dependencies to lose.
-    routes = [r for r in serving.router.routes if getattr(r, "path", None) not in _FASTAPI_OWN]
+    routes = [r for r in serving.router.routes
+              if getattr(r, "path", None) not in _FASTAPI_OWN | {"/metrics"}]
+    routes.extend(_metrics_router(auth, config.metrics_from, serving.state.metrics).routes)
     for router in (files_router(), jobs_router(), tokens_router(), queues_router(), usage_router()):
         routes.extend(router.routes)
     app.router.routes.extend(routes)

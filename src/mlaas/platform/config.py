@@ -211,6 +211,21 @@ class PlatformConfig(_Model):
         "Largest request body accepted (413 above)."))
     auth: AuthConfig = Field(default_factory=AuthConfig, description=(
         "Authentication; the defaults mean single-user mode."))
+    metrics_from: list[str] = Field(default_factory=lambda: ["127.0.0.1/32"], description=(
+        "With logins: networks (CIDR) whose peers may read /metrics without logging in "
+        "(a local Prometheus); admins always may. Single-user mode: open to all."))
+
+    @field_validator("metrics_from", mode="after")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a network in CIDR notation: {exc}") from None
+        return [cidr.strip() for cidr in value]
 
     @field_validator("gpu_devices", mode="before")
     @classmethod

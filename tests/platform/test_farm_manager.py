@@ -171,3 +171,20 @@ def test_a_request_larger_than_the_local_node_fails_with_the_flavor(
     assert failed.state is JobState.FAILED
     assert failed.reason == ("cannot run: asks for 1 CPU(s) and 2 GPU(s); this executor has "
                              "1 CPU(s) and 1 GPU(s) (test-gpu)")
+
+
+def test_a_failed_reclaim_does_not_stop_priority_preemption() -> None:
+    """A request inside its (unlimited) nominal quota finds no borrower to reclaim from;
+    the same cycle must still try priority preemption (a bug the farm tests found)."""
+    from mlaas.platform.farm import scheduler_queues
+    from mlaas.platform.scheduler import Node, Preempt, Snapshot, Workload, policy, run_cycle
+
+    queues = scheduler_queues([QueueConfig(name="p-q", group="a", preempt_within_queue=True)],
+                              ["cpu"])
+    snap = Snapshot([Node("local", {"cpu": 1}, cpus=1, memory=8)], queues)
+    snap.add_pending(Workload("low", "p-q", "anna", {"cpu": 1}, 0.0))
+    snap.start("low", "local", {"cpu": (0,)}, 1.0)
+    snap.add_pending(Workload("high", "p-q", "anna", {"cpu": 1}, 2.0, priority=100))
+    [decision] = run_cycle(snap, now=10.0, config=policy("fair")).decisions
+    assert isinstance(decision, Preempt) and decision.kind == "priority"
+    assert decision.workload.id == "low" and decision.for_job == "high"

@@ -87,3 +87,35 @@ def test_a_reclaims_its_quota_from_b_which_resumes_and_finishes(
     assert b_done.started_at > a_done.started_at  # B's second attempt came after A's
     assert manager.scaling_view()["pending"] == {}
     assert all(q["running"] == 0 and q["pending"] == 0 for q in manager.queues_view())
+
+
+def test_a_high_priority_job_evicts_a_low_one_of_its_queue(
+        tmp_path: Path, sqlite_store: object, storage: Storage) -> None:
+    """Priority preemption inside one queue (preempt_within_queue) on one CPU slot."""
+    queue = QueueConfig(name="p-q", group="a", priority_classes={"high": 100},
+                        preempt_within_queue=True)
+    manager = JobManager(sqlite_store, storage, LocalExecutor(cpus=1),
+                         Registry(storage.models_dir), poll_interval=0.1, grace_s=30,
+                         queues=[queue])
+    try:
+        data = make_data(tmp_path / "data")
+        slow = model_file(tmp_path, SLOW_MODEL, "slow", SLEEP=0.02)
+        manager.start()
+        low = manager.submit(principal=ANNA, name="low", spec=pipeline(
+            data, epochs=3, batch_size=128, model=slow, name="low-model"))
+        low_dir = storage.job_dir(low.id)
+        wait_for(lambda: progress_epoch(low_dir) >= 1, 120, "the low job's first epoch")
+        high = manager.submit(principal=ANNA, name="high", priority="high",
+                              spec=pipeline(data, epochs=1, name="high-model"))
+        assert high.priority == 100
+        assert manager.wait(high.id, timeout=180).state is JobState.SUCCEEDED
+        done = manager.wait(low.id, timeout=240)
+        assert done.state is JobState.SUCCEEDED, done.reason
+        assert done.attempts == 2
+        log = (low_dir / "job.log").read_text()
+        assert "preempted by the scheduler: priority: queue 'p-q'" in log
+        assert "resuming from" in log
+        history = json.loads((low_dir / "run" / "history.json").read_text())
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+    finally:
+        manager.stop(terminate_jobs=True, timeout=30)

@@ -149,7 +149,9 @@ class _CycleState:
         self._term_queue: dict[str, Counter[str]] = {}
         self.chosen: set[str] = set()
         self.skipped: Counter[str] = Counter()
-        self.no_preempt: set[tuple[str, Shape]] = set()
+        self.no_preempt: set[tuple[str, Shape]] = set()  # priority preemption found nothing
+        self.no_reclaim: set[tuple[str, Shape]] = set()  # reclaim found nothing (apart, so a
+        # failed reclaim does not stop priority preemption for the same shape)
         self._min_running_prio: dict[str, int] | None = None  # "queue/flavor" -> priority
         self._prio_cache: dict[tuple[str, Shape, int | None], bool] = {}
 
@@ -256,7 +258,8 @@ class _CycleState:
             return True
         if (qname, shape) in self.no_preempt:
             return False
-        if (self.config.reclaim and self.quota_room(qname, shape, nominal_only=True)
+        if (self.config.reclaim and (qname, shape) not in self.no_reclaim
+                and self.quota_room(qname, shape, nominal_only=True)
                 and self.others_borrow(qname, shape)):
             return True
         return self.priority_possible(qname, shape, priority)
@@ -333,6 +336,7 @@ class _CycleState:
                 return Entry(w, EntryStatus.ADMITTED,
                              f"on node {node!r}" + (" (borrowing)" if verdict.borrowing else ""))
             if (config.reclaim and verdict.within_nominal and config.quotas
+                    and (w.queue, w.shape) not in self.no_reclaim
                     and (w.queue, w.shape) not in self.no_preempt):
                 entry = self._preempt(w, result, kind="reclaim")
                 if entry is not None:
@@ -372,7 +376,7 @@ class _CycleState:
                 return True
         plan = plan_preemption(w, work, self._terminating(), self.now, cands, eligible)
         if plan is None:
-            self.no_preempt.add((w.queue, w.shape))
+            (self.no_reclaim if kind == "reclaim" else self.no_preempt).add((w.queue, w.shape))
             work.version += 1
             return None
         if kind == "priority":

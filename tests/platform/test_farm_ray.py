@@ -21,11 +21,14 @@ from pathlib import Path
 import pytest
 from job_pipelines import SLOW_MODEL, make_data, model_file, pipeline, wait_for
 
+from mlaas.platform.app import create_platform_app
+from mlaas.platform.config import PlatformConfig
 from mlaas.platform.manager import JobManager
 from mlaas.platform.principal import Principal
 from mlaas.platform.records import JobState
 from mlaas.platform.storage import Storage
 from mlaas.serve.registry import Registry
+from platform_support import TestClient
 
 pytestmark = pytest.mark.slow
 
@@ -100,5 +103,18 @@ def test_nodes_joining_and_leaving_drive_the_scheduler(cluster: object, tmp_path
         assert [h["epoch"] for h in history] == list(range(1, 9))
         assert manager.wait(big.id, timeout=120).state is JobState.SUCCEEDED
         assert "victim" not in {n["name"] for n in manager.nodes_view()}
+
+        # the server with executor: ray (mlaas server --executor ray --ray-address ADDR)
+        config = PlatformConfig(data_dir=tmp_path / "server", executor="ray",
+                                ray_address=cluster.address,  # type: ignore[attr-defined]
+                                poll_interval=0.2)
+        with TestClient(create_platform_app(config)) as api:
+            wait_for(lambda: {"head", "gpu-1"} <= {
+                n["name"] for n in api.get("/api/nodes").json()["nodes"]}, 60,
+                "the server's nodes")
+            body = api.get("/api/nodes").json()
+            assert body["executor"] == "ray"
+            gpu1 = next(n for n in body["nodes"] if n["name"] == "gpu-1")
+            assert gpu1["flavors"]["test-gpu"]["capacity"] == 2
     finally:
         manager.stop(terminate_jobs=True, timeout=30)

@@ -58,7 +58,6 @@ Unauthorized 401 with ``WWW-Authenticate: Bearer``, RateLimited 429 with
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
@@ -79,6 +78,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mlaas.bundle import Bundle
 from mlaas.errors import BadRequest, MlaasError, RequestTooLarge
 from mlaas.serve import access as hooks
+from mlaas.serve import jsonio
 from mlaas.serve.access import AllowAll, ModelAccess
 from mlaas.serve.http_errors import ERROR_STATUS, headers_of, redact, status_of
 from mlaas.serve.registry import Registry
@@ -184,7 +184,7 @@ def _registry(request: Request) -> Registry:
 async def _json(request: Request) -> Any:
     body = await request.body()
     try:
-        return json.loads(body)
+        return jsonio.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
@@ -342,7 +342,7 @@ def _models_router() -> APIRouter:
             answer = await run_in_threadpool(_predict, _registry(request), name, version,
                                              alias, events)
         # plain JSON types already: skip FastAPI's jsonable_encoder on the hot path
-        return JSONResponse(answer)
+        return Response(jsonio.dumps(answer), media_type="application/json")
 
     router.add_api_route("", list_models, methods=["GET"])
     router.add_api_route("/{name}", upload, methods=["POST"], status_code=201)
@@ -361,7 +361,7 @@ _UPLOAD_FILE_FIELDS = ("model", "file", "bundle")
 def _tfaas_router() -> APIRouter:
     router = APIRouter(tags=["tfaas"])
 
-    async def predict_json(request: Request) -> list[Any]:
+    async def predict_json(request: Request) -> Any:
         await hooks.authenticate(request)  # the model name is in the body: caller first
         keys, values, name = _tfaas_request(await _json(request))
         if name is None:
@@ -371,7 +371,15 @@ def _tfaas_router() -> APIRouter:
                                  field="model")
             name = names[0]
         await hooks.check(request, "read", name)
-        return await run_in_threadpool(_tfaas_predict, _registry(request), name, keys, values)
+        runtime = getattr(request.app.state, "runtime", None)
+        if runtime is None:
+            return await run_in_threadpool(_tfaas_predict, _registry(request), name, keys,
+                                           values)
+        # the full server: batched with concurrent requests, as /api/models/{name}/predict
+        _, bundle, _ = await runtime.batcher(name)
+        rows = _tfaas_events(bundle, keys, values)
+        _, scores = await runtime.predict_events(name, None, None, rows)
+        return Response(jsonio.dumps(_outputs(scores)), media_type="application/json")
 
     async def models(request: Request) -> list[str]:
         return [m["name"] for m in await _visible_models(request)]

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mlaas.errors import ProtocolError, close_names
+from mlaas.serve import jsonio
 
 __all__ = [
     "ProtocolError",
@@ -119,7 +120,7 @@ def model_metadata(name: str, versions: Sequence[int | str], inputs: Sequence[Te
 
 def _loads(text: bytes, what: str) -> Any:
     try:
-        return json.loads(text)
+        return jsonio.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
 

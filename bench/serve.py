@@ -472,9 +472,12 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--event-workers", type=int, default=0)
     parser.add_argument("--ort-threads", type=int, default=ORT_THREADS,
                         help="0: the bundle's default")
+    parser.add_argument("--max-delay-ms", type=float, default=None,
+                        help="the batch wait (default: create_server's)")
     args = parser.parse_args(argv)
+    extra = {} if args.max_delay_ms is None else {"max_delay_ms": args.max_delay_ms}
     app = create_server(args.models, event_workers=args.event_workers,
-                        ort_threads=args.ort_threads or None)
+                        ort_threads=args.ort_threads or None, **extra)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

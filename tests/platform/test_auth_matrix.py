@@ -10,8 +10,12 @@ test issuer on 127.0.0.1 (password grant):
 - ``owner``: alice, group ``/cms``; she owns every object below;
 - ``admin``: root, member of the ``--admin-group`` ``/admins``.
 
-Alice's job and models are ``group``-visible (set through the store, as no
-route changes visibility yet); her workspace files are private. The table
+Alice's job and models are ``group``-visible, set through the API: the job
+is submitted with ``"visibility": "group:/cms"`` (its model inherits that on
+registration) and her uploaded models get ``PUT /api/models/{name}/visibility``;
+her workspace files are private. :func:`test_public_objects` checks that a
+``public`` model and job are readable by every signed-in caller and still
+changeable by nobody but their owner and admins. The table
 :data:`MATRIX` has one row per (method, path) of the OpenAPI schema, and
 :func:`test_every_endpoint_is_in_the_matrix` fails when the schema has an
 endpoint the table lacks (or the other way round), so a new endpoint cannot
@@ -121,7 +125,8 @@ def _populate(client: TestClient, headers: dict[str, dict[str, str]],
     for kind in ("signal", "background"):
         _ok(client.put(f"/api/files/data/{kind}.root", content=data[kind].read_bytes(),
                        headers=alice), 201)
-    job = _ok(client.post("/api/jobs", json={"name": "matrix", "spec": _pipeline()},
+    job = _ok(client.post("/api/jobs", json={"name": "matrix", "spec": _pipeline(),
+                                             "visibility": "group:/cms"},
                           headers=alice), 201).json()
     deadline = time.monotonic() + JOB_WAIT_S
     while True:
@@ -132,8 +137,9 @@ def _populate(client: TestClient, headers: dict[str, dict[str, str]],
         time.sleep(0.3)
     assert state == "succeeded", _ok(client.get(f"/api/jobs/{job['id']}/logs",
                                                 headers=alice)).text[-2000:]
-    store.update_job(job["id"], visibility="group")
-    store.set_model_visibility(MODEL, "group")
+    assert store.get_job(job["id"]).visibility == "group"
+    model = store.get_model(MODEL)  # registered by the job: its visibility and group
+    assert (model.visibility, model.group) == ("group", "/cms")
     bundle = _ok(client.get(f"/api/jobs/{job['id']}/artifacts/bundle.tar.gz",
                             headers=alice)).content
     token_ids = {}
@@ -144,7 +150,8 @@ def _populate(client: TestClient, headers: dict[str, dict[str, str]],
         _ok(client.put(f"/api/files/del/{role}.txt", content=b"x", headers=alice), 201)
         for prefix in ("delver", "delall"):
             _ok(client.post(f"/api/models/{prefix}-{role}", content=bundle, headers=alice), 201)
-            store.set_model_visibility(f"{prefix}-{role}", "group")
+            _ok(client.put(f"/api/models/{prefix}-{role}/visibility",
+                           json={"visibility": "group:/cms"}, headers=alice))
         _ok(client.put(f"/api/models/{MODEL}/aliases/a-{role}", json={"version": 1},
                        headers=alice))
     meta = _ok(client.get(f"/v2/models/{MODEL}", headers=alice)).json()
@@ -285,6 +292,9 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("DELETE", "/api/models/{name}/aliases/{alias}"): Row(
         group_write(), params=lambda r, w: {"name": MODEL, "alias": f"a-{r}"}),
     ("POST", "/api/models/{name}/predict"): Row(group_read(), params=_model, body=_predict_body),
+    ("GET", "/api/models/{name}/visibility"): Row(group_read(), params=_model),
+    ("PUT", "/api/models/{name}/visibility"): Row(  # re-set to what it is: state unchanged
+        group_write(), params=_model, body=lambda r, w: {"json": {"visibility": "group:/cms"}}),
     # TFaaS compatibility routes
     ("POST", "/json"): Row(group_read(), body=_tfaas_body),
     ("GET", "/models"): Row(signed_in(200)),
@@ -396,6 +406,9 @@ def _scoped(method: str, path: str, scope: str, want: int) -> Any:
     _scoped("POST", "/upload", "predict", 403),
     _scoped("PUT", "/api/models/{name}/aliases/{alias}", "predict", 403),
     _scoped("PUT", "/api/models/{name}/aliases/{alias}", "submit", 200),
+    _scoped("PUT", "/api/models/{name}/visibility", "read", 403),
+    _scoped("PUT", "/api/models/{name}/visibility", "submit", 200),
+    _scoped("GET", "/api/models/{name}/visibility", "read", 200),
     _scoped("DELETE", "/delete/{model}", "read", 403),
     _scoped("GET", "/api/usage", "read", 200),
     _scoped("GET", "/api/usage", "predict", 403),
@@ -422,3 +435,49 @@ def test_personal_token_scopes(world: World, method: str, path: str, scope: str,
         if row.after is not None:
             row.after("owner", world, response)
         world.tokens.revoke(alice, new.info.id)
+
+
+# -- public objects -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def public(world: World) -> dict[str, str]:
+    """A ``public`` model (uploaded, then shared) and a ``public`` job of alice's."""
+    alice = world.headers["owner"]
+    _ok(world.client.post("/api/models/public-model", content=world.bundle, headers=alice), 201)
+    _ok(world.client.put("/api/models/public-model/visibility", json={"visibility": "public"},
+                         headers=alice))
+    spec = _dead_job_spec("owner", world)["json"]
+    job = _ok(world.client.post("/api/jobs", json={**spec, "visibility": "public"},
+                                headers=alice), 201).json()
+    return {"model": "public-model", "job": job["id"]}
+
+
+PUBLIC_READ = {"anonymous": 401, "expired": 401, "other": 200, "member": 200, "owner": 200,
+               "admin": 200}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_public_objects(world: World, public: dict[str, str], role: str) -> None:
+    """Public: readable (and usable for inference) by every signed-in caller; changing it
+    stays with the owner and admins (403 for everyone else, who can see it)."""
+    model, job = public["model"], public["job"]
+    write = {**PUBLIC_READ, "other": 403, "member": 403}
+    headers = world.headers[role]
+    calls = [
+        ("GET", f"/api/models/{model}", {}, PUBLIC_READ),
+        ("GET", f"/api/models/{model}/visibility", {}, PUBLIC_READ),
+        ("POST", f"/api/models/{model}/predict", _predict_body(role, world), PUBLIC_READ),
+        ("GET", f"/api/jobs/{job}", {}, PUBLIC_READ),
+        ("GET", f"/api/jobs/{job}/logs", {}, PUBLIC_READ),
+        ("PUT", f"/api/models/{model}/visibility", {"json": {"visibility": "public"}}, write),
+        ("PUT", f"/api/models/{model}/aliases/pub-{role}", {"json": {"version": 1}}, write),
+        ("POST", f"/api/jobs/{job}/cancel", {}, {**write, "owner": None, "admin": None}),
+    ]
+    for method, url, kw, expect in calls:
+        want = expect[role]
+        if want is None:
+            continue  # cancelling for real would change the job for the next caller
+        response = world.client.request(method, url, headers=headers, **kw)
+        assert response.status_code == want, (
+            f"{method} {url} as {role}: want {want}, got {response.status_code}: "
+            f"{response.text[:300]}")

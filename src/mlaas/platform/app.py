@@ -286,6 +286,7 @@ def create_platform_app(config: PlatformConfig, *,
     from mlaas.platform.routes.files import files_router
     from mlaas.platform.metrics import PlatformMetrics
     from mlaas.platform.routes.jobs import jobs_router
+    from mlaas.platform.routes.models import models_router
     from mlaas.platform.routes.queues import queues_router
     from mlaas.platform.routes.usage import usage_router
     from mlaas.platform.storage import Storage
@@ -348,7 +349,8 @@ def create_platform_app(config: PlatformConfig, *,
     routes = [r for r in serving.router.routes
               if getattr(r, "path", None) not in _FASTAPI_OWN | {"/metrics"}]
     routes.extend(_metrics_router(auth, config.metrics_from, serving.state.metrics).routes)
-    for router in (files_router(), jobs_router(), tokens_router(), queues_router(), usage_router()):
+    for router in (files_router(), jobs_router(), tokens_router(), queues_router(), usage_router(),
+                   models_router()):
         routes.extend(router.routes)
     app.router.routes.extend(routes)
     app.user_middleware.extend(serving.user_middleware)  # the request-body limit

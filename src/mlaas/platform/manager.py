@@ -208,7 +208,7 @@ class JobManager:
     def submit(self, *, principal: Principal, name: str, spec: dict[str, Any],
                model_name: str | None = None, resources: Mapping[str, Any] | None = None,
                priority: int | str | None = 0, queue: str | None = None,
-               visibility: str = "private",
+               visibility: str = "private", group: str | None = None,
                prepare: Callable[[Path], Any] | None = None) -> JobRecord:
         """Queue ``spec`` as a job of ``principal``; returns the queued record.
 
@@ -227,6 +227,11 @@ class JobManager:
             priority: an integer, or a priority class name of the queue.
             queue: the queue (one of the principal's groups'; admins may use
                 any); None: the first queue of the principal's groups.
+            visibility, group: who may read the job (and, on its first
+                registration, its model): ``private``, ``group`` (members of
+                ``group``) or ``public``; ``group`` defaults to
+                ``principal.primary_group`` (the API checks membership, see
+                :mod:`mlaas.platform.visibility`).
 
         Raises :class:`~mlaas.errors.SpecError` (``resources.queue``,
         ``resources.priority``, ``resources.gpus``) for an unknown queue or
@@ -253,7 +258,7 @@ class JobManager:
         if request is not None:
             check_admissible(request, chosen)
         record = self.store.create_job(name=name, owner=principal.user,
-                                       group=principal.primary_group, spec=spec,
+                                       group=group or principal.primary_group, spec=spec,
                                        model_name=model, resources=dict(resources or {}),
                                        priority=rank, queue=chosen.name, visibility=visibility)
         try:
@@ -489,7 +494,10 @@ class JobManager:
             return self._fail(record, f"the job exited 0 but left no {RUN_DIR}/{BUNDLE_NAME}",
                               fields)
         try:
-            self.store.ensure_model(record.model_name, owner=record.owner, group=record.group)
+            # a new model name starts with the job's group and visibility (an existing one
+            # keeps its own: only PUT /api/models/{name}/visibility changes that)
+            self.store.ensure_model(record.model_name, owner=record.owner, group=record.group,
+                                    visibility=record.visibility)
             info = self.registry.upload(record.model_name, bundle, metadata={
                 "job_id": record.id, "job_name": record.name, "owner": record.owner,
                 "group": record.group})

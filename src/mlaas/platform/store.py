@@ -333,13 +333,17 @@ class SqlStore:
             return [_model(row) for row in session.scalars(
                 sa.select(ModelRow).order_by(ModelRow.name))]
 
-    def set_model_visibility(self, name: str, visibility: str) -> ModelRecord:
+    def set_model_visibility(self, name: str, visibility: str, *,
+                             group: str | None = None) -> ModelRecord:
+        """Set who may read the model; ``group`` (if given) becomes the model's group."""
         _check_visibility(visibility)
         with self.db.write() as session:
             row = session.get(ModelRow, name)
             if row is None:
                 raise NotFound(f"no model named {name!r}")
             row.visibility = visibility
+            if group is not None:
+                row.group = group
             session.flush()
             return _model(row)
 

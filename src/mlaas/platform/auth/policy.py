@@ -82,6 +82,8 @@ ROUTE_RULES: Mapping[tuple[str, str], RouteRule] = {
     ("PUT", "/api/models/{name}/aliases/{alias}"): SUBMIT,
     ("DELETE", "/api/models/{name}/aliases/{alias}"): SUBMIT,
     ("POST", "/api/models/{name}/predict"): PREDICT,
+    ("GET", "/api/models/{name}/visibility"): READ,
+    ("PUT", "/api/models/{name}/visibility"): SUBMIT,
     # TFaaS compatibility
     ("POST", "/json"): PREDICT,
     ("GET", "/models"): READ,

@@ -9,7 +9,8 @@ read answers 404 exactly like a job that does not exist.
 
 Routes (see ``docs/platform-api.md``)::
 
-    POST /api/jobs                          JSON {"name", "spec"}, or YAML with ?name=
+    POST /api/jobs                          JSON {"name", "spec", "visibility"}, or YAML
+                                            with ?name=&visibility=
     GET  /api/jobs                          ?state=&name=&mine=&limit=
     GET  /api/jobs/{id}
     GET  /api/jobs/{id}/logs                ?offset=N&follow=true
@@ -44,6 +45,7 @@ from mlaas.platform.deps import Ctx, CurrentPrincipal, PlatformContext
 from mlaas.platform.principal import Principal
 from mlaas.platform.records import JobRecord, JobState
 from mlaas.platform.storage import check_relpath, resolve_spec_paths
+from mlaas.platform.visibility import format_visibility, parse_visibility
 from mlaas.serve.registry import NAME_PATTERN
 
 __all__ = ["jobs_router", "JobOut", "JobList", "job_out", "YAML_TYPES", "FOLLOW_POLL_S"]
@@ -89,6 +91,7 @@ class JobOut(BaseModel):
     resources: dict[str, Any]
     priority: int
     queue: str | None
+    visibility: str = "private"
 
 
 class JobList(BaseModel):
@@ -114,6 +117,8 @@ class SubmitIn(BaseModel):
 
     name: str
     spec: dict[str, Any]
+    visibility: str = "private"
+    """``private`` (default), ``public`` or ``group:<name>`` (a group the caller is in)."""
 
 
 def _iso(value: Any) -> str | None:
@@ -149,6 +154,7 @@ def job_out(job: JobRecord, position: int | None = None) -> dict[str, Any]:
                      "events_per_s": _typed(progress.get("events_per_s"), float),
                      "metrics": metrics if isinstance(metrics, dict) else {}},
         "resources": dict(job.resources), "priority": job.priority, "queue": job.queue,
+        "visibility": format_visibility(job.visibility, job.group),
     }
 
 
@@ -168,9 +174,12 @@ def _with_position(ctx: PlatformContext, job: JobRecord) -> dict[str, Any]:
     return job_out(job, position)
 
 
-def _parse_submission(body: bytes, content_type: str, query_name: str | None
-                      ) -> tuple[str, dict[str, Any]]:
-    """``(name, raw spec)`` from a JSON ``{"name", "spec"}`` or a YAML pipeline body."""
+def _parse_submission(body: bytes, content_type: str, query_name: str | None,
+                      query_visibility: str | None = None
+                      ) -> tuple[str, dict[str, Any], Any]:
+    """``(name, raw spec, visibility)`` from a JSON ``{"name", "spec", "visibility"}`` or a
+    YAML pipeline body (``visibility``: the body's, else ``?visibility=``, else None)."""
+    visibility: Any = query_visibility
     media = content_type.split(";")[0].strip().lower()
     spec: Any
     if media in YAML_TYPES:
@@ -195,10 +204,13 @@ def _parse_submission(body: bytes, content_type: str, query_name: str | None
         if not isinstance(data, dict):
             raise SpecError('the request body must be {"name": ..., "spec": {...}}',
                             [("(body)", f"expected an object, got {type(data).__name__}")])
-        unknown = sorted(set(data) - {"name", "spec"})
+        unknown = sorted(set(data) - {"name", "spec", "visibility"})
         if unknown:
             raise SpecError("unknown fields in the request body",
-                            [(k, "unknown field; give only 'name' and 'spec'") for k in unknown])
+                            [(k, "unknown field; give only 'name', 'spec' and 'visibility'")
+                             for k in unknown])
+        if "visibility" in data:
+            visibility = data["visibility"]
         spec = data.get("spec")
         if not isinstance(spec, dict):
             raise SpecError("the request body has no pipeline spec",
@@ -209,7 +221,7 @@ def _parse_submission(body: bytes, content_type: str, query_name: str | None
     if len(name) > MAX_JOB_NAME or not name.isprintable():
         raise SpecError(f"job name {name[:40]!r} is not valid",
                         [("name", f"use at most {MAX_JOB_NAME} printable characters")])
-    return name, spec
+    return name, spec, visibility
 
 
 def _model_name(name: str, pipeline: spec_module.Pipeline) -> str:
@@ -225,7 +237,11 @@ def _model_name(name: str, pipeline: spec_module.Pipeline) -> str:
 
 
 def _submit(ctx: PlatformContext, principal: Principal, name: str,
-            raw: dict[str, Any], access_token: str | None = None) -> dict[str, Any]:
+            raw: dict[str, Any], access_token: str | None = None,
+            visibility_text: Any = None) -> dict[str, Any]:
+    # 422 naming 'visibility' / 403 for a group the caller is not in, before anything else
+    visibility, group = (("private", None) if visibility_text is None
+                         else parse_visibility(visibility_text, principal))
     pipeline = spec_module.load(raw)  # SpecError (422) with every field path
     model_name = _model_name(name, pipeline)
     resolved = resolve_spec_paths(raw, ctx.storage, principal.user)  # PathError (400)
@@ -240,7 +256,8 @@ def _submit(ctx: PlatformContext, principal: Principal, name: str,
     job = ctx.manager.submit(principal=principal, name=name, spec=resolved,
                              model_name=model_name, prepare=prepare, resources=resources,
                              queue=res.queue if res is not None else None,
-                             priority=res.priority if res is not None else None)
+                             priority=res.priority if res is not None else None,
+                             visibility=visibility, group=group)
     return _with_position(ctx, job)
 
 
@@ -354,17 +371,24 @@ def jobs_router() -> APIRouter:
     @router.post("", status_code=201, response_model=JobOut, openapi_extra=_SUBMIT_BODY,
                  responses={422: {"description": "invalid spec (problems by field path)"}})
     async def submit(request: Request, ctx: Ctx, principal: CurrentPrincipal,
-                     name: Annotated[str | None, Query(max_length=MAX_JOB_NAME)] = None
+                     name: Annotated[str | None, Query(max_length=MAX_JOB_NAME)] = None,
+                     visibility: Annotated[str | None, Query(max_length=300)] = None
                      ) -> JSONResponse:
         """Submit a pipeline; the answer is the queued job.
+
+        ``visibility`` (body field, or ``?visibility=`` for a YAML body): ``private``
+        (default), ``public`` or ``group:<name>``; group members may then read the job
+        (logs, metrics, artifacts) but not cancel it. A model the job registers for the
+        first time gets the same visibility.
 
         With ``auth.pass_token_to_jobs`` the caller's OIDC access token goes to
         the job as ``BEARER_TOKEN_FILE`` (:mod:`mlaas.platform.auth.jobtoken`).
         """
         body = await request.body()
-        job_name, raw = _parse_submission(body, request.headers.get("content-type", ""), name)
+        job_name, raw, shared = _parse_submission(body, request.headers.get("content-type", ""),
+                                                  name, visibility)
         out = await run_in_threadpool(_submit, ctx, principal, job_name, raw,
-                                      _job_token(ctx, request))
+                                      _job_token(ctx, request), shared)
         return JSONResponse(out, status_code=201)
 
     @router.get("", response_model=JobList)

@@ -161,7 +161,8 @@ def _from_json(data: Any, name: str, datatype: str, shape: tuple[int, ...]) -> n
     return arr.reshape(shape)
 
 
-def _from_bytes(raw: bytes, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+def _from_bytes(raw: bytes | memoryview, name: str, datatype: str,
+                shape: tuple[int, ...]) -> np.ndarray:
     dtype = DATATYPES[datatype]
     n = math.prod(shape)
     if len(raw) != n * dtype.itemsize:
@@ -233,7 +234,7 @@ def decode_infer_request(body: bytes, inputs: Sequence[TensorSpec],
             if offset + size > len(rest):
                 raise ProtocolError(f"input {name!r}: binary_data_size {size} goes past the end "
                                     f"of the body ({len(rest) - offset} bytes left)", tensor=name)
-            arr = _from_bytes(bytes(rest[offset:offset + size]), name, datatype, shape)
+            arr = _from_bytes(rest[offset:offset + size], name, datatype, shape)  # no copy
             offset += size
         else:
             if "data" not in entry:

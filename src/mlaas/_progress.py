@@ -24,8 +24,11 @@ from rich.text import Text
 
 __all__ = ["event_progress", "console", "err_console"]
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a path or URL printed by a command must come out on one line, even
+# when the output is a pipe (rich would otherwise hard-wrap at 80 columns and
+# scripts reading the output would get half a path)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class _Rate(ProgressColumn):

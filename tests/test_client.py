@@ -22,6 +22,7 @@ from mlaas import errors
 from mlaas.client import Client, ServerUnreachable, WaitTimeout, error_from_response
 from mlaas.errors import (
     Conflict,
+    Forbidden,
     MlaasError,
     NotFound,
     PathError,
@@ -442,3 +443,48 @@ def test_download_of_a_missing_artifact_leaves_no_partial_file(tmp_path: Path) -
     with client_with(artifacts_server(["gone.json"], {})) as c, pytest.raises(NotFound):
         c.download("j1", tmp_path)
     assert list(tmp_path.rglob("*")) == []
+
+
+# ------------------------------------------------------------------ sharing: visibility
+
+
+def test_set_model_visibility_sends_the_value_and_returns_the_answer() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"name": "m/x", "owner": "alice", "group": "/cms",
+                                         "visibility": "group:/cms"})
+
+    with client_with(handler) as c:
+        got = c.set_model_visibility("m/x", "group:/cms")
+        c.model_visibility("m/x")
+    assert got["visibility"] == "group:/cms"
+    assert (seen[0].method, seen[0].url.raw_path) == ("PUT", b"/api/models/m%2Fx/visibility")
+    assert json.loads(seen[0].content) == {"visibility": "group:/cms"}
+    assert (seen[1].method, seen[1].url.raw_path) == ("GET", b"/api/models/m%2Fx/visibility")
+
+
+@pytest.mark.parametrize("status, body, family", [
+    (422, {"error": "SpecError", "message": "visibility 'x' is not valid",
+           "problems": [["visibility", "'x' is not one of ..."]]}, SpecError),
+    (403, {"error": "Forbidden", "message": "visibility 'group:/atlas': you are not a member",
+           "field": "visibility"}, Forbidden),
+])
+def test_set_model_visibility_refusals_come_back_as_mlaas_errors(
+        status: int, body: dict[str, Any], family: type) -> None:
+    with client_with(answer(status, body)) as c, pytest.raises(family) as info:
+        c.set_model_visibility("m", "x")
+    if family is SpecError:
+        assert info.value.problems == [("visibility", "'x' is not one of ...")]
+    else:
+        assert info.value.field == "visibility"
+
+
+def test_submit_sends_visibility_only_when_given(tmp_path: Path) -> None:
+    fake = FakeWorkspace()
+    with client_with(fake) as c:
+        c.submit({"name": "a"}, upload_workspace_files=False)
+        c.submit({"name": "b"}, upload_workspace_files=False, visibility="public")
+    assert "visibility" not in fake.jobs[0]
+    assert fake.jobs[1]["visibility"] == "public"

@@ -116,6 +116,9 @@ def submit(
                                        "unless it succeeded.")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's log until it "
                                          "ends (implies --wait).")] = False,
+    visibility: Annotated[Optional[str], typer.Option(
+        help="Who may read the job and the model it registers (if new): private (default), "
+             "group:NAME (a group you are in) or public.")] = None,
     server: Server = DEFAULT_SERVER,
 ) -> None:
     """Submit a pipeline to the server as a job and print its id.
@@ -125,7 +128,7 @@ def submit(
     the spec is sent pointing there; root:// and https:// URLs pass unchanged.
     """
     with _client(server) as client:
-        job = client.submit(spec, name=name)
+        job = client.submit(spec, name=name, visibility=visibility)
         console.print(job["id"], markup=False, highlight=False)
         if not (wait or follow):
             return
@@ -227,6 +230,19 @@ def models(
     console.print(table)
 
 
+def share(
+    model: Annotated[str, typer.Argument(help="Registered model name (yours, or any as admin).")],
+    visibility: Annotated[str, typer.Argument(
+        help="private, group:NAME (a group you are in, e.g. group:/cms) or public.")],
+    server: Server = DEFAULT_SERVER,
+) -> None:
+    """Set who may read (and run inference on) a model: private, group:NAME or public."""
+    with _client(server) as client:
+        got = client.set_model_visibility(model, visibility)
+    console.print(f"model {got['name']}: {got['visibility']} (owner {got['owner']})",
+                  markup=False, highlight=False)
+
+
 def predict_remote(model: str, input: Path, server: str, version: int | None,
                    alias: str | None) -> list[Any]:
     """``mlaas predict`` for a model name: read the events file and ask the server."""
@@ -244,5 +260,5 @@ def predict_remote(model: str, input: Path, server: str, version: int | None,
 
 def register(app: typer.Typer) -> None:
     """Add the client commands to ``app``."""
-    for command in (submit, jobs, status, logs, cancel, download, models):
+    for command in (submit, jobs, status, logs, cancel, download, models, share):
         app.command()(command)

@@ -338,7 +338,8 @@ class Client:
     # -- jobs -----------------------------------------------------------------------------
 
     def submit(self, spec: str | os.PathLike[str] | Mapping[str, Any], *, name: str | None = None,
-               upload_workspace_files: bool = True) -> dict[str, Any]:
+               upload_workspace_files: bool = True,
+               visibility: str | None = None) -> dict[str, Any]:
         """Submit a pipeline as a job; returns its ``JobOut`` (``id``, ``state``, ...).
 
         Args:
@@ -353,6 +354,9 @@ class Client:
                 to the spec file's directory (the current one for a mapping).
                 URLs and names with no local file pass unchanged (they may
                 already be workspace paths).
+            visibility (str or None): who may read the job (and the model it
+                registers, if the name is new): ``private`` (the server's
+                default), ``group:<name>`` (a group you belong to) or ``public``.
 
         The server validates the spec; an invalid one raises :class:`SpecError`
         listing each problem by field path.
@@ -367,8 +371,10 @@ class Client:
             raw = self.upload_spec_files(raw, base_dir)
         job_name = name or (raw.get("name") if isinstance(raw.get("name"), str) else None) \
             or stem or "job"
-        return self._json("POST", "/api/jobs",  # type: ignore[no-any-return]
-                          json={"name": job_name, "spec": raw})
+        body: dict[str, Any] = {"name": job_name, "spec": raw}
+        if visibility is not None:
+            body["visibility"] = visibility
+        return self._json("POST", "/api/jobs", json=body)  # type: ignore[no-any-return]
 
     def upload_spec_files(self, raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         """Upload the local files ``raw`` names and return a copy naming their workspace paths.
@@ -610,6 +616,20 @@ class Client:
     def model(self, name: str) -> dict[str, Any]:
         """One model: its versions with metadata, and its aliases."""
         return self._json("GET", f"/api/models/{quote(name, safe='')}")  # type: ignore[no-any-return]
+
+    def model_visibility(self, name: str) -> dict[str, Any]:
+        """Who owns a model and who may read it: ``{"name", "owner", "group", "visibility"}``."""
+        return self._json(  # type: ignore[no-any-return]
+            "GET", f"/api/models/{quote(name, safe='')}/visibility")
+
+    def set_model_visibility(self, name: str, visibility: str) -> dict[str, Any]:
+        """Share a model you own: ``private``, ``group:<name>`` (a group you belong to;
+        admins: any) or ``public``. Returns the model's new ``{"name", "owner", "group",
+        "visibility"}``; :class:`SpecError` for a malformed value, :class:`Forbidden` for
+        a group you are not in or a model you do not own."""
+        return self._json(  # type: ignore[no-any-return]
+            "PUT", f"/api/models/{quote(name, safe='')}/visibility",
+            json={"visibility": visibility})
 
     def predict(self, model: str, events: Any, *, version: int | None = None,
                 alias: str | None = None) -> list[Any]:

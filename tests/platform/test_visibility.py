@@ -11,6 +11,7 @@ group: membership, not the primary group, decides); bob is only in
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -272,3 +273,43 @@ def test_visibility_of_a_missing_model_is_404(world: tuple[TestClient, str, byte
         assert r.status_code == 404, r.text
         assert client.get("/api/models/nobody-has-this/visibility",
                           headers=AS[who]).status_code == 404
+
+
+# -- the CLI against a real server process ------------------------------------------------
+
+@pytest.mark.network
+def test_cli_share_and_submit_visibility(world: tuple[TestClient, str, bytes],
+                                         tmp_path: Path) -> None:
+    """``mlaas share`` and ``mlaas submit --visibility`` over real HTTP (a single-user
+    ``mlaas server``: the local user is an admin, so any group may be named)."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from mlaas import cli
+    from mlaas._local_server import LocalServer
+
+    _, _, bundle = world
+    spec_path = tmp_path / "dead.yaml"
+    spec_path.write_text(yaml.safe_dump({**_dead_spec(), "name": "cli-dead"}))
+    with LocalServer(tmp_path / "server", log=tmp_path / "server.log",
+                     args=["--cpus", "1"]) as server:
+        env = {"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb", "MLAAS_SERVER": server.url}
+        r = httpx.post(f"{server.url}/api/models/cli-model", content=bundle, timeout=30)
+        assert r.status_code == 201, r.text
+
+        def mlaas(*args: str) -> Any:
+            return CliRunner().invoke(cli.app, list(args), env=env)
+
+        shared = mlaas("share", "cli-model", "group:/cms/higgs")
+        assert shared.exit_code == 0, shared.output
+        assert "model cli-model: group:/cms/higgs" in shared.stdout
+        with server.client() as c:
+            assert c.model_visibility("cli-model")["group"] == "/cms/higgs"
+        bad = mlaas("share", "cli-model", "everyone")
+        assert isinstance(bad.exception, SpecError)  # shown by mlaas.cli.main as a message
+        assert [p for p, _ in bad.exception.problems] == ["visibility"]
+        submitted = mlaas("submit", str(spec_path), "--visibility", "public")
+        assert submitted.exit_code == 0, submitted.output + server.log_tail()
+        job_id = submitted.stdout.splitlines()[0].strip()
+        with server.client() as c:
+            assert c.job(job_id)["visibility"] == "public"

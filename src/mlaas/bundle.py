@@ -405,9 +405,13 @@ def _numbers(values: list[Any], dtype: np.dtype) -> np.ndarray | None:
     """``values`` as ``dtype`` exactly as :func:`_column` converts them, or None when any
     value needs :func:`_number`'s checks (a bool, a string, a float in an integer branch)."""
     kinds = set(map(type, values))
-    if not kinds <= _NUMBERS or (dtype.kind != "f" and (kinds != {int} or dtype.kind == "b")):
+    if not kinds <= _NUMBERS or dtype.kind == "b":
         return None
     try:
+        if dtype.kind != "f" and float in kinds:  # integral floats only, as _number checks
+            as_float = np.asarray(values, dtype=np.float64)
+            if not (np.isfinite(as_float).all() and (as_float == np.trunc(as_float)).all()):
+                return None
         return np.asarray(values, dtype=dtype)
     except (OverflowError, ValueError, TypeError):
         return None

@@ -126,7 +126,11 @@ def test_a_window_before_the_job_is_empty(api: TestClient) -> None:
 
 
 def test_metrics_show_waits_attempts_and_queues(api: TestClient) -> None:
-    text = api.get("/metrics").text
+    # with logins, /metrics is for admins (and metrics_from peers) only
+    assert api.get("/metrics", headers=AS_ALICE).status_code == 404
+    response = api.get("/metrics", headers=AS_ROOT)
+    assert response.status_code == 200, response.text
+    text = response.text
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}
     assert samples['mlaas_job_wait_seconds_count{queue="default"}'] == 1

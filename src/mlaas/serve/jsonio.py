@@ -19,7 +19,7 @@ from typing import Any
 try:  # optional: a speed-up, not a requirement
     import orjson
 except ImportError:  # pragma: no cover - depends on the environment
-    orjson = None
+    orjson = None  # type: ignore[assignment]
 
 __all__ = ["loads", "dumps"]
 

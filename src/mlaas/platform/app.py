@@ -49,7 +49,7 @@ from mlaas.platform.deps import Authenticator, PlatformContext, SingleUser
 from mlaas.platform.model_access import PlatformModelAccess
 from mlaas.platform.records import JobState
 from mlaas.serve.http_errors import ERROR_STATUS as SERVE_ERROR_STATUS
-from mlaas.serve.http_errors import headers_of
+from mlaas.serve.http_errors import headers_of, http_error, internal_error, validation_error
 
 __all__ = ["create_platform_app", "ERROR_STATUS", "SINGLE_USER_NOTICE", "MULTI_USER_NOTICE"]
 
@@ -141,36 +141,14 @@ def _headers(exc: MlaasError) -> dict[str, str]:
     return {**headers_of(exc), **(extra if isinstance(extra, dict) else {})}
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    problems = [[".".join(str(p) for p in e.get("loc", ())), str(e.get("msg"))]
-                for e in exc.errors()]
-    text = "; ".join(f"{p}: {m}" for p, m in problems)
-    return JSONResponse({"error": "BadRequest", "message": f"invalid request: {text}",
-                         "problems": problems}, status_code=400)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    return JSONResponse({"error": "HTTPError", "message": str(exc.detail)},
-                        status_code=exc.status_code, headers=exc.headers)
-
-
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"error": "InternalServerError",
-                         "message": "internal server error; see the server log"},
-                        status_code=500)
-
-
 Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
 
 
 def _handlers() -> dict[int | type[Exception], Handler]:
     handlers: dict[int | type[Exception], Handler] = {MlaasError: _mlaas_error}
-    handlers[RequestValidationError] = _validation_error
-    handlers[StarletteHTTPException] = _http_error
-    handlers[Exception] = _internal_error
+    handlers[RequestValidationError] = validation_error
+    handlers[StarletteHTTPException] = http_error
+    handlers[Exception] = internal_error
     return handlers
 
 

@@ -80,7 +80,8 @@ from mlaas.errors import BadRequest, MlaasError, RequestTooLarge
 from mlaas.serve import access as hooks
 from mlaas.serve import jsonio
 from mlaas.serve.access import AllowAll, ModelAccess
-from mlaas.serve.http_errors import ERROR_STATUS, headers_of, redact, status_of
+from mlaas.serve.http_errors import (ERROR_STATUS, headers_of, http_error, internal_error,
+                                     redact, status_of, validation_error)
 from mlaas.serve.registry import Registry
 
 __all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
@@ -102,28 +103,6 @@ async def _mlaas_error(request: Request, exc: Exception) -> JSONResponse:
     if status >= 500:
         log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
     return JSONResponse(_error_body(exc), status_code=status, headers=headers_of(exc))
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    problems = [{"location": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg")}
-                for e in exc.errors()]
-    text = "; ".join(f"{p['location']}: {p['message']}" for p in problems)
-    return JSONResponse({"error": "BadRequest", "message": f"invalid request: {text}",
-                         "problems": problems}, status_code=400)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    return JSONResponse({"error": "HTTPError", "message": str(exc.detail)},
-                        status_code=exc.status_code, headers=exc.headers)
-
-
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"error": "InternalServerError",
-                         "message": "internal server error; see the server log"},
-                        status_code=500)
 
 
 class _BodyLimit:
@@ -459,9 +438,9 @@ def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
 
     Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
     handlers: dict[int | type[Exception], Handler] = {cls: _mlaas_error for cls in ERROR_STATUS}
-    handlers[RequestValidationError] = _validation_error
-    handlers[StarletteHTTPException] = _http_error
-    handlers[Exception] = _internal_error
+    handlers[RequestValidationError] = validation_error
+    handlers[StarletteHTTPException] = http_error
+    handlers[Exception] = internal_error
     app = FastAPI(title="mlaas serving", lifespan=lifespan, exception_handlers=handlers)
     app.state.registry = reg
     app.state.access = access if access is not None else AllowAll()

@@ -10,7 +10,13 @@ are in the table too.
 
 from __future__ import annotations
 
+import logging
 import math
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 
 from mlaas.errors import (
     BadRequest,
@@ -34,7 +40,10 @@ from mlaas.errors import (
     Unauthorized,
 )
 
-__all__ = ["ERROR_STATUS", "status_of", "headers_of", "redact"]
+__all__ = ["ERROR_STATUS", "status_of", "headers_of", "redact", "validation_error",
+           "http_error", "internal_error"]
+
+log = logging.getLogger("mlaas.http")
 
 ERROR_STATUS: dict[type[MlaasError], int] = {
     ModelNotFound: 404,
@@ -96,3 +105,31 @@ def redact(exc: Exception, access: object) -> Exception:
         return ModelNotFound(f"no model {exc.context.get('model')!r}",
                              model=exc.context.get("model"))
     return exc
+
+
+# -- handlers shared by the model server and the platform app, so a client sees
+# -- one error shape whichever app answers
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """400 for a request FastAPI could not bind; ``problems`` as ``[[path, message], ...]``,
+    the same shape as a :class:`~mlaas.errors.SpecError`'s."""
+    assert isinstance(exc, RequestValidationError)
+    problems = [[".".join(str(p) for p in e.get("loc", ())), str(e.get("msg"))]
+                for e in exc.errors()]
+    text = "; ".join(f"{p}: {m}" for p, m in problems)
+    return JSONResponse({"error": "BadRequest", "message": f"invalid request: {text}",
+                         "problems": problems}, status_code=400)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"error": "HTTPError", "message": str(exc.detail)},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """500 without a traceback in the body; the traceback goes to the server log."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "InternalServerError",
+                         "message": "internal server error; see the server log"},
+                        status_code=500)

@@ -76,6 +76,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _unblock_stop_signals() -> None:
+    """Make sure SIGTERM and SIGINT reach this process.
+
+    A child inherits its parent thread's signal mask, and some launchers
+    (Ray's worker threads among them) run with signals blocked: a job started
+    from there would never see the SIGTERM of a cancel or a preemption and
+    would be SIGKILLed after the grace period, losing its checkpoint.
+    """
+    stops = {signal.SIGTERM, signal.SIGINT}
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, stops) & stops
+    if blocked:
+        names = ", ".join(sorted(s.name for s in blocked))
+        print(f"[mlaas] {names} arrived blocked from the launcher; unblocked", file=sys.stderr)
+
+
 def _die_with_parent() -> None:
     """Ask the kernel for SIGTERM when the parent dies; if it already died, SIGTERM now."""
     if not sys.platform.startswith("linux"):
@@ -107,8 +122,14 @@ def _set_threads() -> None:
             torch.set_num_interop_threads(int(value))
 
 
-class _Preempted(Exception):
-    """SIGTERM while run() had not (or no longer) its own handlers installed."""
+class _Preempted(BaseException):
+    """SIGTERM while run() had not (or no longer) its own handlers installed.
+
+    A BaseException, like KeyboardInterrupt: it usually lands in the middle of
+    importing torch or pydantic, whose ``except Exception`` around optional
+    imports would otherwise swallow it, and the job would run on until the
+    executor's SIGKILL (seen with the Ray executor, which starts jobs fast).
+    """
 
 
 def _sigterm_preempts(signum: int, frame: Any) -> None:
@@ -217,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (job_dir / PIPELINE_FILE).is_file():
         print(f"no {PIPELINE_FILE} in job directory {str(job_dir)!r}", file=sys.stderr)
         return EXIT_ERROR
+    _unblock_stop_signals()
     signal.signal(signal.SIGTERM, _sigterm_preempts)
     try:
         _die_with_parent()

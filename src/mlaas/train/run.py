@@ -67,7 +67,7 @@ def _preemptible() -> Iterator[None]:
     from mlaas.train.trainer import Preempted
 
     def handler(signum: int, frame: Any) -> None:
-        raise Preempted("received SIGTERM outside training; nothing to checkpoint")
+        raise _Stop()
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
@@ -76,8 +76,16 @@ def _preemptible() -> Iterator[None]:
         return
     try:
         yield
+    except _Stop:
+        raise Preempted("received SIGTERM outside training; nothing to checkpoint") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _Stop(BaseException):
+    """What the SIGTERM handler raises: a BaseException, so that an ``except Exception``
+    it lands in (building the layout, a user's model file) cannot swallow it; it
+    becomes :class:`~mlaas.train.trainer.Preempted` at the edge of :func:`_preemptible`."""
 
 
 def run(spec: str | Path | dict[str, Any] | Pipeline, outdir: str | Path, *,

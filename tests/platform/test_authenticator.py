@@ -142,7 +142,7 @@ def test_disabled_modes(issuer: OidcIssuer) -> None:
 def test_authenticator_from_config(tmp_path: Path, issuer: OidcIssuer) -> None:
     config = PlatformConfig(data_dir=tmp_path, auth={
         "oidc_issuers": [issuer.url], "audience": AUD, "admin_group": "/ops",
-        "trusted_proxies": ["10.0.0.0/8"]})
+        "trusted_proxies": ["10.1.0.0/16"]})
     db = Database(config.database_url)
     db.migrate()
     db.dispose()
@@ -165,7 +165,7 @@ def _check_configured(auth: PlatformAuthenticator, issuer: OidcIssuer) -> None:
 
 @pytest.mark.parametrize("settings, field", [
     ({"oidc_issuers": ["https://iam.example/"]}, "auth.audience"),
-    ({"audience": "x", "trusted_proxies": ["10.0.0.0/8"]}, "auth.oidc_issuers"),
+    ({"audience": "x", "trusted_proxies": ["10.1.0.0/16"]}, "auth.oidc_issuers"),
     ({"oidc_issuers": ["http://iam.example/"], "audience": "x"}, "auth.oidc_issuers"),
     ({"trusted_proxies": ["10.0.0.1/8"]}, "auth.trusted_proxies"),
 ])

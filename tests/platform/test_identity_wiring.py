@@ -246,7 +246,7 @@ def test_auth_flags_merge_into_the_files_auth_section(tmp_path: Path) -> None:
 
     path = tmp_path / "server.yaml"
     path.write_text("auth:\n  oidc_issuers: [https://iam.example/]\n  audience: mlaas\n"
-                    "  trusted_proxies: [10.0.0.0/8]\n")
+                    "  trusted_proxies: [10.2.0.0/16]\n")
     config = load_config(path, auth={"admin_group": "/ops", "trusted_proxies": ["10.1.0.0/16"],
                                      "rate_limit_per_minute": None, "pass_token_to_jobs": True})
     assert config.auth.oidc_issuers == ["https://iam.example/"] and config.auth.audience == "mlaas"

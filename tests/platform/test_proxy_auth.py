@@ -45,24 +45,24 @@ def make_request(peer: str | None, headers: dict[str, str]) -> StarletteRequest:
 
 
 @pytest.mark.parametrize("cidrs, peer, trusted", [
-    (["10.0.0.0/8"], "10.1.2.3", True),
-    (["10.0.0.0/8"], "11.0.0.1", False),
+    (["10.1.0.0/16"], "10.1.2.3", True),
+    (["10.1.0.0/16"], "11.0.0.1", False),
     (["10.0.0.5"], "10.0.0.5", True),
     (["10.0.0.5"], "10.0.0.6", False),
     (["192.168.1.0/24", "127.0.0.1/32"], "127.0.0.1", True),
     (["127.0.0.1/32"], "::ffff:127.0.0.1", True),  # IPv4-mapped IPv6 peer
     (["fd00::/8"], "fd00::1", True),
     (["fd00::/8"], "fe80::1%eth0", False),
-    (["10.0.0.0/8"], "testclient", False),
-    (["10.0.0.0/8"], "", False),
-    (["10.0.0.0/8"], None, False),
+    (["10.1.0.0/16"], "testclient", False),
+    (["10.1.0.0/16"], "", False),
+    (["10.1.0.0/16"], None, False),
     ([], "10.1.2.3", False),
 ])
 def test_trust_by_peer_address(cidrs: list[str], peer: str | None, trusted: bool) -> None:
     assert TrustedProxies(cidrs).trusts(peer) is trusted
 
 
-@pytest.mark.parametrize("cidr", ["10.0.0.5/8", "not-an-ip", "10.0.0.0/33", "", "*"])
+@pytest.mark.parametrize("cidr", ["10.0.0.5/8", "not-an-ip", "10.1.0.0/33", "", "*"])
 def test_bad_cidr_is_a_config_error(cidr: str) -> None:
     with pytest.raises(ConfigError, match="trust-proxy-from") as info:
         TrustedProxies([cidr])
@@ -70,10 +70,10 @@ def test_bad_cidr_is_a_config_error(cidr: str) -> None:
 
 
 def test_identity_from_trusted_peer_parses_groups() -> None:
-    proxies = TrustedProxies(["10.0.0.0/8"])
-    headers = make_request("10.0.0.1", {"X-Forwarded-User": " alice ",
+    proxies = TrustedProxies(["10.1.0.0/16"])
+    headers = make_request("10.1.0.1", {"X-Forwarded-User": " alice ",
                                         "X-Forwarded-Groups": "/cms, /cms/higgs,,/cms"}).headers
-    identity = proxies.identity("10.0.0.1", headers)
+    identity = proxies.identity("10.1.0.1", headers)
     assert identity is not None
     principal = identity.principal(admin_group="/cms/higgs")
     assert principal is not None
@@ -87,7 +87,7 @@ def test_identity_from_trusted_peer_parses_groups() -> None:
 
 def test_spoofed_headers_from_untrusted_peer_are_ignored() -> None:
     auth = PlatformAuthenticator(validator=None, tokens=None,
-                                 trusted_proxies=["10.0.0.0/8"], admin_group="/ops")
+                                 trusted_proxies=["10.1.0.0/16"], admin_group="/ops")
     with pytest.raises(Unauthorized, match="no credentials") as info:
         auth.authenticate(make_request("203.0.113.7", SPOOF))
     challenge = info.value.headers  # type: ignore[attr-defined]
@@ -97,15 +97,15 @@ def test_spoofed_headers_from_untrusted_peer_are_ignored() -> None:
 def test_headers_ignored_when_no_proxy_is_trusted() -> None:
     auth = PlatformAuthenticator(validator=None, tokens=None, trusted_proxies=[],
                                  admin_group="/ops")
-    for peer in ("127.0.0.1", "10.0.0.1", None):
+    for peer in ("127.0.0.1", "10.1.0.1", None):
         with pytest.raises(Unauthorized):
             auth.authenticate(make_request(peer, SPOOF))
 
 
 def test_trusted_proxy_user_and_groups() -> None:
     auth = PlatformAuthenticator(validator=None, tokens=None,
-                                 trusted_proxies=["10.0.0.0/8"], admin_group="/ops")
-    principal = auth.authenticate(make_request("10.9.9.9", SPOOF))
+                                 trusted_proxies=["10.1.0.0/16"], admin_group="/ops")
+    principal = auth.authenticate(make_request("10.1.9.9", SPOOF))
     assert principal.user == "admin" and principal.groups == ("/ops", "/cms")
     assert principal.is_admin and principal.display_name == "The Admin"
     assert principal.scopes is None
@@ -113,9 +113,9 @@ def test_trusted_proxy_user_and_groups() -> None:
 
 def test_groups_without_user_are_not_a_login() -> None:
     auth = PlatformAuthenticator(validator=None, tokens=None,
-                                 trusted_proxies=["10.0.0.0/8"], admin_group="/ops")
+                                 trusted_proxies=["10.1.0.0/16"], admin_group="/ops")
     with pytest.raises(Unauthorized):
-        auth.authenticate(make_request("10.0.0.1", {"X-Forwarded-Groups": "/ops"}))
+        auth.authenticate(make_request("10.1.0.1", {"X-Forwarded-Groups": "/ops"}))
 
 
 @pytest.fixture
@@ -135,9 +135,9 @@ def validator(issuer: OidcIssuer) -> Iterator[OidcValidator]:
 def test_forwarded_access_token_is_validated_and_wins(issuer: OidcIssuer,
                                                       validator: OidcValidator) -> None:
     auth = PlatformAuthenticator(validator=validator, tokens=None,
-                                 trusted_proxies=["10.0.0.0/8"], admin_group=None)
+                                 trusted_proxies=["10.1.0.0/16"], admin_group=None)
     token = issuer.password_token("alice", "pw")
-    request = make_request("10.0.0.1", {**SPOOF, "X-Forwarded-Access-Token": token})
+    request = make_request("10.1.0.1", {**SPOOF, "X-Forwarded-Access-Token": token})
     principal = auth.authenticate(request)
     assert principal.user == "sub-alice" and principal.groups == ("/cms",)  # not 'admin'
     assert request.state.access_token == token
@@ -147,11 +147,11 @@ def test_forwarded_bad_token_is_refused_not_downgraded(issuer: OidcIssuer,
                                                        validator: OidcValidator) -> None:
     """A trusted proxy that forwards an invalid token does not fall back to X-Forwarded-User."""
     auth = PlatformAuthenticator(validator=validator, tokens=None,
-                                 trusted_proxies=["10.0.0.0/8"], admin_group=None)
+                                 trusted_proxies=["10.1.0.0/16"], admin_group=None)
     issuer.add_user("old", "pw", lifetime_s=-3600)
     token = issuer.password_token("old", "pw")
     with pytest.raises(Unauthorized, match="expired") as info:
-        auth.authenticate(make_request("10.0.0.1", {**SPOOF,
+        auth.authenticate(make_request("10.1.0.1", {**SPOOF,
                                                     "X-Forwarded-Access-Token": token}))
     challenge = info.value.headers["WWW-Authenticate"]  # type: ignore[attr-defined]
     assert 'error="invalid_token"' in challenge
@@ -161,7 +161,7 @@ def test_forwarded_bad_token_is_refused_not_downgraded(issuer: OidcIssuer,
 def test_forwarded_token_from_untrusted_peer_is_ignored(issuer: OidcIssuer,
                                                         validator: OidcValidator) -> None:
     auth = PlatformAuthenticator(validator=validator, tokens=None,
-                                 trusted_proxies=["10.0.0.0/8"], admin_group=None)
+                                 trusted_proxies=["10.1.0.0/16"], admin_group=None)
     token = issuer.password_token("alice", "pw")
     with pytest.raises(Unauthorized, match="no credentials"):
         auth.authenticate(make_request("192.0.2.1", {"X-Forwarded-Access-Token": token}))
@@ -171,10 +171,10 @@ def test_forwarded_token_from_untrusted_peer_is_ignored(issuer: OidcIssuer,
 def test_authorization_header_beats_proxy_headers(issuer: OidcIssuer,
                                                   validator: OidcValidator) -> None:
     auth = PlatformAuthenticator(validator=validator, tokens=None,
-                                 trusted_proxies=["10.0.0.0/8"], admin_group="/ops")
+                                 trusted_proxies=["10.1.0.0/16"], admin_group="/ops")
     token = issuer.password_token("alice", "pw")
     principal = auth.authenticate(make_request(
-        "10.0.0.1", {**SPOOF, "Authorization": f"Bearer {token}"}))
+        "10.1.0.1", {**SPOOF, "Authorization": f"Bearer {token}"}))
     assert principal.user == "sub-alice" and not principal.is_admin
 
 
@@ -228,14 +228,14 @@ def test_spoofed_headers_over_tcp() -> None:
     with LiveApp() as live:
         url = f"http://127.0.0.1:{live.port}/whoami"
         live.app.state.authenticator = PlatformAuthenticator(
-            validator=None, tokens=None, trusted_proxies=["10.0.0.0/8"], admin_group="/ops")
+            validator=None, tokens=None, trusted_proxies=["10.1.0.0/16"], admin_group="/ops")
         r = httpx.get(url, headers=SPOOF)
         assert r.status_code == 401
         assert r.headers["WWW-Authenticate"] == 'Bearer realm="mlaas"'
         assert r.json()["error"] == "Unauthorized"
         # X-Forwarded-For is the client's to write: it must not make the peer trusted
-        r = httpx.get(url, headers={**SPOOF, "X-Forwarded-For": "10.0.0.1",
-                                    "X-Real-IP": "10.0.0.1"})
+        r = httpx.get(url, headers={**SPOOF, "X-Forwarded-For": "10.1.0.1",
+                                    "X-Real-IP": "10.1.0.1"})
         assert r.status_code == 401
 
         live.app.state.authenticator = PlatformAuthenticator(
@@ -254,7 +254,7 @@ def test_why_uvicorn_must_run_without_proxy_headers() -> None:
     """
     with LiveApp(proxy_headers=True) as live:
         live.app.state.authenticator = PlatformAuthenticator(
-            validator=None, tokens=None, trusted_proxies=["10.0.0.0/8"], admin_group="/ops")
+            validator=None, tokens=None, trusted_proxies=["10.1.0.0/16"], admin_group="/ops")
         r = httpx.get(f"http://127.0.0.1:{live.port}/whoami",
-                      headers={**SPOOF, "X-Forwarded-For": "10.0.0.1"})
+                      headers={**SPOOF, "X-Forwarded-For": "10.1.0.1"})
         assert r.status_code == 200 and r.json()["user"] == "admin"  # spoofed through

@@ -74,7 +74,7 @@ def test_proc_net_decoding():
         "::ffff:127.0.0.1"
     )
     assert str(_proc_net_addr("00000000000000000000000001000000")) == "::1"
-    assert str(_proc_net_addr("00000000")) == "0.0.0.0"
+    assert _proc_net_addr("00000000") == ipaddress.IPv4Address(0)  # the IPv4 wildcard
 
 
 # ---------------------------------------------------------------------- XRootD

@@ -40,7 +40,7 @@ from itertools import chain
 import sys
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -133,8 +133,18 @@ class Preprocessor:
         env = evaluate_env(layout, arrays)
         keep = selection(layout, env, n, where)
         index = np.flatnonzero(keep)
-        m = len(index)
         jagged = jagged_values(layout, env, keep, where)
+        return self._assemble(jagged, index, n, where,
+                              lambda f: as_float64(f.expression.evaluate(env), n)[index])
+
+    def _assemble(self, jagged: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                  index: np.ndarray, n: int, where: str,
+                  flat_value: Callable[[Any], np.ndarray]) -> Prepared:
+        """The padded x and mask from the selected events' values, shared by both paths
+        (awkward and numpy columns) so they cannot drift apart; ``flat_value(feature)``
+        gives a flat feature's float64 values for the selected events."""
+        layout = self.layout
+        m = len(index)
         blocks: list[np.ndarray] = []
         slots: dict[str, SlotIndex] = {}
         for f in layout.features:
@@ -149,8 +159,7 @@ class Preprocessor:
                 content = self._clean(content, f.name, index, rows, where)
                 blocks.append(slots[f.collection].fill(content, f.pad))
             else:
-                value = as_float64(f.expression.evaluate(env), n)[index]
-                blocks.append(self._clean(value, f.name, index, None, where)[:, None])
+                blocks.append(self._clean(flat_value(f), f.name, index, None, where)[:, None])
         x = (np.concatenate(blocks, axis=1).astype(np.float32) if blocks
              else np.zeros((m, 0), dtype=np.float32))
         masks = [slots[c].mask for c in layout.collections]
@@ -188,33 +197,15 @@ class Preprocessor:
             env[name] = e.evaluate(env)
         keep = selection(layout, env, n, where)
         index = np.flatnonzero(keep)
-        m = len(index)
         jagged = self._jagged_from_columns(env, keep, where)
-        blocks: list[np.ndarray] = []
-        slots: dict[str, SlotIndex] = {}
-        for f in layout.features:
-            if f.jagged:
-                assert f.collection is not None
-                content, counts = jagged[f.name]
-                if f.collection not in slots:
-                    max_len = layout.collections[f.collection].max_len
-                    assert max_len is not None
-                    slots[f.collection] = SlotIndex(counts, max_len)
-                rows = np.repeat(np.arange(m), counts)
-                content = self._clean(content, f.name, index, rows, where)
-                blocks.append(slots[f.collection].fill(content, f.pad))
-            else:
-                raw = env.raw(f.expression.source)
-                if isinstance(raw, np.ndarray):  # a branch as it is: what as_float64 gives
-                    value = np.asarray(raw, dtype=np.float64)[index]
-                else:
-                    value = as_float64(f.expression.evaluate(env), n)[index]
-                blocks.append(self._clean(value, f.name, index, None, where)[:, None])
-        x = (np.concatenate(blocks, axis=1).astype(np.float32) if blocks
-             else np.zeros((m, 0), dtype=np.float32))
-        masks = [slots[c].mask for c in layout.collections]
-        mask = np.concatenate(masks, axis=1) if masks else np.zeros((m, 0), dtype=np.float32)
-        return Prepared(x=x, mask=mask, index=index, n=n)
+
+        def flat_value(f: Any) -> np.ndarray:
+            raw = env.raw(f.expression.source)
+            if isinstance(raw, np.ndarray):  # a branch as it is: what as_float64 gives
+                return np.asarray(raw, dtype=np.float64)[index]
+            return as_float64(f.expression.evaluate(env), n)[index]
+
+        return self._assemble(jagged, index, n, where, flat_value)
 
     def _jagged_from_columns(self, env: _LazyEnv, keep: np.ndarray, where: str
                              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

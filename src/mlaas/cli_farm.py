@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from mlaas.cli_client import Server, _client
 from mlaas.client import DEFAULT_SERVER
 from mlaas.errors import ConfigError
+from mlaas.platform.config import read_document
 
 __all__ = ["register", "read_queue_file"]
 
@@ -57,16 +57,7 @@ def _queues_table(body: dict[str, Any]) -> Table:
 
 def read_queue_file(path: Path) -> list[dict[str, Any]]:
     """The queue list of a YAML/JSON file: a list, or a mapping with ``queues``."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read queue file {str(path)!r}: {exc.strerror}",
-                          file_path=str(path)) from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"queue file {str(path)!r} does not parse: {exc}",
-                          file_path=str(path)) from None
+    data = read_document(path, "queue")
     if isinstance(data, dict) and set(data) == {"queues"}:
         data = data["queues"]
     if not isinstance(data, list) or not all(isinstance(q, dict) for q in data):

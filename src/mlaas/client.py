@@ -33,7 +33,6 @@ from typing import IO, Any
 from urllib.parse import quote
 
 import httpx
-import yaml
 
 from mlaas import errors
 from mlaas.errors import (
@@ -50,6 +49,7 @@ from mlaas.errors import (
     SpecError,
     Unauthorized,
 )
+from mlaas.spec import read_spec_file
 
 __all__ = [
     "Client",
@@ -366,7 +366,7 @@ class Client:
             base_dir, stem = Path.cwd(), None
         else:
             path = Path(spec)
-            raw, base_dir, stem = _read_spec(path), path.resolve().parent, path.stem
+            raw, base_dir, stem = read_spec_file(path), path.resolve().parent, path.stem
         if upload_workspace_files:
             raw = self.upload_spec_files(raw, base_dir)
         job_name = name or (raw.get("name") if isinstance(raw.get("name"), str) else None) \
@@ -699,19 +699,3 @@ class Client:
         return self._json("GET", "/api/usage", params=params)  # type: ignore[no-any-return]
 
 
-def _read_spec(path: Path) -> dict[str, Any]:
-    """A local spec file as a mapping (validation is the server's job)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read spec file {str(path)!r}: {exc.strerror}",
-                        file_path=str(path)) from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise SpecError(f"spec file {str(path)!r} is not valid "
-                        f"{path.suffix[1:] or 'YAML'}: {exc}", file_path=str(path)) from exc
-    if not isinstance(data, dict):
-        raise SpecError(f"spec file {str(path)!r} must hold a mapping at the top, "
-                        f"not {type(data).__name__}", file_path=str(path))
-    return data

@@ -520,17 +520,23 @@ def _check_expressions(pipeline: Pipeline) -> None:
         raise ExpressionError("invalid expressions in the pipeline spec", problems)
 
 
-def _read_text(path: Path) -> dict[str, Any]:
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """A spec file (YAML, or JSON by its suffix) as a mapping, not yet validated; the
+    client reads local specs with it too, so both name a bad file the same way."""
+    where = str(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise SpecError(f"cannot read spec file {str(path)!r}: {exc.strerror}") from exc
+        raise SpecError(f"cannot read spec file {where!r}: {exc.strerror}",
+                        file_path=where) from exc
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"spec file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}") from exc
+        raise SpecError(f"spec file {where!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}",
+                        file_path=where) from exc
     if not isinstance(data, dict):
-        raise SpecError(f"spec file {str(path)!r} must hold a mapping at the top, not {type(data).__name__}")
+        raise SpecError(f"spec file {where!r} must hold a mapping at the top, "
+                        f"not {type(data).__name__}", file_path=where)
     return data
 
 
@@ -552,7 +558,7 @@ def load(source: str | os.PathLike[str] | dict[str, Any] | Pipeline,
         raw, origin = source, Path(base_dir or Path.cwd())
     else:
         path = Path(source)
-        raw, origin = _read_text(path), Path(base_dir or path.resolve().parent)
+        raw, origin = read_spec_file(path), Path(base_dir or path.resolve().parent)
     try:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as exc:

@@ -301,22 +301,27 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_document(path: Path, what: str) -> Any:
+    """A YAML, JSON or TOML file (by suffix) of the server's (``what``: config, queue);
+    errors are :class:`ConfigError` naming the file."""
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}",
+        raise ConfigError(f"cannot read {what} file {str(path)!r}: {exc.strerror}",
                           file_path=str(path)) from None
     try:
         if path.suffix == ".toml":
-            data: Any = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(path)!r} does not parse: {exc}",
+        raise ConfigError(f"{what} file {str(path)!r} does not parse: {exc}",
                           file_path=str(path)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    data = read_document(path, "config")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlaas import _stop
+
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_CRASH", "EXIT_PREEMPTED", "PARENT_PID_ENV",
            "PIPELINE_FILE", "PROGRESS_FILE", "EXIT_FILE", "RUN_DIR", "LOG_FILE",
            "write_json_atomic", "main"]
@@ -134,6 +136,7 @@ class _Preempted(BaseException):
 
 def _sigterm_preempts(signum: int, frame: Any) -> None:
     """Until run() installs its handlers (imports take seconds), SIGTERM means preempted."""
+    _stop.note()  # run() and the trainer see it even if this raise is dropped
     raise _Preempted("received SIGTERM outside training; nothing to checkpoint")
 
 

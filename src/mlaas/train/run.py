@@ -66,8 +66,15 @@ def _preemptible() -> Iterator[None]:
     """
     from mlaas.train.trainer import Preempted
 
+    from mlaas import _stop
+
     def handler(signum: int, frame: Any) -> None:
+        _stop.note()  # in case the raise lands in a __del__ and is dropped
         raise _Stop()
+
+    def preempted() -> Preempted:
+        _stop.clear()
+        return Preempted("received SIGTERM outside training; nothing to checkpoint")
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
@@ -75,9 +82,13 @@ def _preemptible() -> Iterator[None]:
         yield
         return
     try:
+        if _stop.pending():
+            raise preempted()
         yield
+        if _stop.pending():  # a SIGTERM whose exception was swallowed on the way
+            raise preempted()
     except _Stop:
-        raise Preempted("received SIGTERM outside training; nothing to checkpoint") from None
+        raise preempted() from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

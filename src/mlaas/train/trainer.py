@@ -81,6 +81,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mlaas import _stop
 from mlaas.errors import MlaasError
 from mlaas.spec import Pipeline
 from mlaas.train.models import InputLayout, build_model, select_device
@@ -363,10 +364,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 class _Flag:
+    """SIGTERM seen: during training, or earlier and not yet acted upon (mlaas._stop)."""
+
     def __init__(self) -> None:
-        self.raised = False
+        self.raised = _stop.pending()
 
     def set(self, signum: int, frame: Any) -> None:
+        _stop.note()
         self.raised = True
 
 
@@ -749,6 +753,7 @@ class _Trainer:
                 except _Interrupted as stop:
                     _write_atomic(last, self.path)
                     if str(stop) == "sigterm":
+                        _stop.clear()
                         raise Preempted(
                             f"received SIGTERM after {self.epoch} completed epoch(s); "
                             f"checkpoint written to {str(self.path)!r}; run again with "

@@ -19,6 +19,7 @@ from typing import Any
 import awkward as ak
 import numpy as np
 
+from mlaas.data import kernels
 from mlaas.data.layout import Layout, as_float64, is_jagged_array
 from mlaas.errors import BadValues, DataError
 from mlaas.spec import Pipeline
@@ -271,73 +272,86 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray,
     return out
 
 
-class _SlotSource:
-    """For one collection and chunk: which flat element fills each slot of the kept events.
+def jagged_parts(arr: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (int64, from 0) and flat content of a jagged array, without copying when possible.
 
-    ``src[k]`` is the position, in a branch's flat content as read, of the
-    ``k``-th real slot (row-major over ``valid`` [m, max_len]): the sort by
-    the collection's key and the dropping of cut events are folded into it,
-    so each branch costs one gather of the values actually used.
+    uproot hands over ``ListOffsetArray``s of plain numbers: their offsets and
+    content are taken as they are. Anything else (option types, derived
+    layouts) goes through ``ak.num`` and ``ak.flatten``.
     """
+    layout = arr.layout if isinstance(arr, ak.Array) else None
+    if (isinstance(layout, ak.contents.ListOffsetArray)
+            and isinstance(layout.content, ak.contents.NumpyArray)
+            and layout.parameter("__array__") is None
+            and layout.content.parameter("__array__") is None
+            and layout.content.data.ndim == 1):
+        offsets = np.asarray(layout.offsets).astype(np.int64, copy=False)
+        content = np.asarray(layout.content.data)
+        first = int(offsets[0])
+        if first:
+            offsets = offsets - first
+        return offsets, content[first:first + int(offsets[-1])]
+    counts = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
+    content = np.asarray(ak.to_numpy(ak.flatten(arr, axis=1)))
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets, content
 
-    def __init__(self, counts: np.ndarray, keep: np.ndarray, max_len: int,
-                 order: np.ndarray | None) -> None:
-        starts = (np.cumsum(counts) - counts)[keep]
-        kept_counts = counts[keep]
-        slot = np.arange(max_len)
-        self.valid = slot[None, :] < kept_counts[:, None]
-        src = (starts[:, None] + slot[None, :])[self.valid]
-        self.src = order[src] if order is not None else src
-        self.counts, self.keep, self.order = counts, keep, order
-        self.contents: dict[str, np.ndarray] = {}
 
-    def kept_content(self, raw: np.ndarray) -> np.ndarray:
+@dataclass
+class _Collection:
+    """One collection of one chunk: shared offsets, the sort permutation, each branch's content."""
+
+    offsets: np.ndarray
+    order: np.ndarray | None
+    width: int
+    contents: dict[str, np.ndarray]
+
+    def kept_content(self, raw: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Every element of the kept events (float64, sorted): only for NaN reports."""
         content = raw.astype(np.float64)
         if self.order is not None:
             content = content[self.order]
-        return content[np.repeat(self.keep, self.counts)]
+        return content[np.repeat(keep, np.diff(self.offsets))]
 
 
-def _slot_sources(layout: Layout, env: Mapping[str, Any], keep: np.ndarray,
-                  url: str) -> dict[str, _SlotSource]:
-    """Per collection, its :class:`_SlotSource` and each branch's flat content as read.
+def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, _Collection]:
+    """Per collection, its offsets, sort order and each branch's flat content as read.
 
     Checks what :func:`jagged_values` checks, in the same order: one
     multiplicity per collection, and a sort key from the same collection.
     """
-    out: dict[str, _SlotSource] = {}
+    out: dict[str, _Collection] = {}
     for cname, coll in layout.collections.items():
-        source: _SlotSource | None = None
+        found: _Collection | None = None
         for name in coll.features:
             arr = env[name] if name in env else _feature(layout, name).expression.evaluate(env)
-            here = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
-            if source is None:
+            offsets, content = jagged_parts(arr)
+            if found is None:
                 order = None
                 if coll.sort_by is not None:
-                    key_array = env[coll.sort_by]
-                    key_counts = ak.to_numpy(ak.num(key_array, axis=1)).astype(np.int64)
-                    if not np.array_equal(key_counts, here):
+                    key_offsets, key = jagged_parts(env[coll.sort_by])
+                    if not np.array_equal(key_offsets, offsets):
                         raise DataError(
                             f"jagged branch {name!r} and its sort key {coll.sort_by!r} have "
                             "different multiplicities in some events; sort_by must be in the "
                             "same collection", file_path=url, branch=name,
                         )
-                    key = np.asarray(ak.to_numpy(ak.flatten(key_array, axis=1)))
-                    order = _descending_order_32(key, here)
+                    counts = np.diff(offsets)
+                    order = _descending_order_32(key, counts)
                     if order is None:
-                        order = descending_order(key.astype(np.float64, copy=False), here)
+                        order = descending_order(key.astype(np.float64, copy=False), counts)
                 assert coll.max_len is not None
-                source = _SlotSource(here, keep, coll.max_len, order)
-            elif not np.array_equal(source.counts, here):
+                found = _Collection(offsets, order, coll.max_len, {})
+            elif not np.array_equal(found.offsets, offsets):
                 raise DataError(
                     f"branches of collection {coll.name!r} ({', '.join(coll.features)}) have "
                     "different multiplicities; name them so that one collection shares one "
                     "length", file_path=url, branch=name,
                 )
-            source.contents[name] = np.asarray(ak.to_numpy(ak.flatten(arr, axis=1)))
-        if source is not None:
-            out[cname] = source
+            found.contents[name] = content
+        if found is not None:
+            out[cname] = found
     return out
 
 
@@ -423,49 +437,65 @@ class Transform:
                   index: np.ndarray, out: Outputs | None) -> tuple[np.ndarray, np.ndarray]:
         """Write each feature straight into float32 ``x``, normalised on the way.
 
-        Arithmetic stays float64 per feature (a jagged branch has one shift
-        and scale for all its slots), so no chunk-sized float64 copy exists.
-        A jagged branch is read with one gather of the elements that land in
-        a slot (see :class:`_SlotSource`), not sorted, compacted and gathered
-        again as a whole.
+        Flat features are one numpy column write each. Jagged branches are
+        written by a compiled loop (``kernels.fill_slots``) that reads each
+        kept element once, through the collection's sort order, and writes
+        each slot once, tile by tile of rows so the tile stays in cache while
+        every branch fills it. Arithmetic is float64 per value, rounded to
+        float32 on the store, as numpy did.
         """
         layout = self.layout
-        sources = _slot_sources(layout, env, keep, chunk.url)
+        collections = _collections(layout, env, chunk.url)
         m = len(index)
         if out is not None:
             x, mask = out(m)
         else:
             x = np.empty((m, self.n_columns), dtype=np.float32)
             mask = np.empty((m, self.n_mask), dtype=np.float32)
+        mask_col, start = {}, 0
+        for c in layout.collections:
+            mask_col[c] = start
+            start += collections[c].width
+        rows = index.astype(np.int64, copy=False)
+        jagged: list[tuple[Any, ...]] = []
         col = 0
         for f in layout.features:
             shift, scale = float(self.shift[col]), float(self.scale[col])
             if f.jagged:
                 assert f.collection is not None
-                source = sources[f.collection]
-                raw = source.contents[f.name]
-                values = np.take(raw, source.src).astype(np.float64)
-                if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-                    # as before: every element of a kept event counts, even a truncated one
-                    self._clean(source.kept_content(raw), f.name, chunk)
-                    values = self._clean(values, f.name, chunk)
-                values -= shift
-                values *= scale
-                width = source.valid.shape[1]
-                block = x[:, col:col + width]
-                block[...] = (f.pad - shift) * scale
-                block[source.valid] = values
+                coll = collections[f.collection]
+                content = self._clean_content(coll, coll.contents[f.name], keep, f.name, chunk)
+                mcol = mask_col.pop(f.collection, -1)  # the mask once per collection
+                jagged.append((col, coll.width, mcol, coll.offsets, coll.order, content,
+                               shift, scale, f.pad))
+                width = coll.width
             else:
                 value = as_float64(f.expression.evaluate(env), len(keep))[index]
                 width = 1
                 x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
             col += width
-        start = 0
-        for c in layout.collections:
-            width = sources[c].valid.shape[1]
-            mask[:, start:start + width] = sources[c].valid
-            start += width
+        for first in range(0, m, kernels.TILE_ROWS):
+            last = min(m, first + kernels.TILE_ROWS)
+            for (c, width, mcol, offsets, order, content, shift, scale, pad) in jagged:
+                kernels.fill_slots(x, c, width, mask, mcol, rows, offsets, order, content,
+                                   shift, scale, pad, first, last)
         return x, mask
+
+    def _clean_content(self, coll: _Collection, raw: np.ndarray, keep: np.ndarray,
+                       name: str, chunk: Chunk) -> np.ndarray:
+        """``raw``, or a float64 copy with NaN and infinities replaced (``data.nan``).
+
+        As before the compiled path: every element of a kept event counts for
+        the error, even one past ``max_len``; elements of cut events do not.
+        The sum is a cheap test that no element is NaN or infinite (an
+        overflow to inf only sends a clean branch down the exact check).
+        """
+        if raw.dtype.kind != "f" or np.isfinite(raw.sum()) or np.isfinite(raw).all():
+            return raw
+        self._clean(coll.kept_content(raw, keep), name, chunk)  # raises under policy: error
+        if self.pipeline.data.nan.policy == "error":
+            return raw  # what is left is in cut events, which no slot reads
+        return self._clean(raw.astype(np.float64), name, chunk)
 
     def _clean(self, values: np.ndarray, name: str, chunk: Chunk) -> np.ndarray:
         bad = ~np.isfinite(values)

@@ -314,11 +314,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     assert x.shape == (BATCH, 42), x.shape
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=workdir))
+    only_v2 = args.only == "v2"
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
         "duration_s": args.duration, "connections": args.connections,
         "wrk_threads": args.wrk_threads, "v2_connections": args.v2_connections,
+        "ort_threads": args.ort_threads,
         "model": f"MLP 42 -> {' -> '.join(map(str, HIDDEN))} -> 1",
     }
     try:
@@ -334,7 +336,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     duration=args.duration, tmp=tmp)
 
         # (a') mlaas serve with raw-event preprocessing in worker processes
-        if args.event_workers > 0:
+        if args.event_workers > 0 and not only_v2:
             port = free_port()
             argv = [sys.executable, str(Path(__file__).resolve()), "_serve", "--models",
                     str(models), "--port", str(port), "--event-workers", str(args.event_workers)]
@@ -350,16 +352,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         # (a) and (c): mlaas serve
         port = free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "_serve", "--models",
-                str(models), "--port", str(port)]
+                str(models), "--port", str(port), "--ort-threads", str(args.ort_threads)]
         with server(argv, port, "/v2/health/ready") as proc:
             base = f"http://127.0.0.1:{port}"
             predict = f"{base}/api/models/{MODEL}/predict"
             first = json.loads(check_answer(predict, single.read_bytes(), json_headers))
             check_answer(f"{base}/v2/models/{MODEL}/infer", v2_body, v2_headers)
-            wrk(predict, single, json_headers, **{**load, "duration": 2})  # warm-up
-            results["a"] = wrk(predict, single, json_headers, **load, pid=proc.pid)
-            results["a"]["rss_mb"] = rss_mb(proc.pid)
+            if not only_v2:
+                wrk(predict, single, json_headers, **{**load, "duration": 2})  # warm-up
+                results["a"] = wrk(predict, single, json_headers, **load, pid=proc.pid)
+                results["a"]["rss_mb"] = rss_mb(proc.pid)
             infer = f"{base}/v2/models/{MODEL}/infer"
+            wrk(infer, v2_file, v2_headers, **{**load, "connections": 1, "threads": 1,
+                                               "duration": 2})  # warm-up
             results["c"] = wrk(infer, v2_file, v2_headers,
                                **{**load, "connections": 1, "threads": 1}, pid=proc.pid)
             results["c"]["events_per_s"] = results["c"]["req_per_s"] * BATCH
@@ -372,7 +377,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             # (d): ONNX Runtime alone, right after (c) so both see the same machine, in a
             # fresh process like the server's (this one has torch and awkward loaded)
             np.save(tmp / "x.npy", x)
-            for key, threads in (("d", ORT_THREADS), ("d_default_threads", 0)):
+            for key, threads in (("d", args.ort_threads), ("d_default_threads", 0)):
                 out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_ort",
                                       str(bundle_dir), str(tmp / "x.npy"), str(args.duration),
                                       str(threads)],
@@ -380,21 +385,26 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                      timeout=args.duration + 120)
                 results[key] = json.loads(out.stdout.strip().splitlines()[-1])
 
-        # (b): the naive reference
-        port = free_port()
-        argv = [sys.executable, str(HERE / "naive_serve.py"), "--bundle", str(bundle_dir),
-                "--name", MODEL, "--port", str(port)]
-        with server(argv, port, "/openapi.json") as proc:
-            predict = f"http://127.0.0.1:{port}/api/models/{MODEL}/predict"
-            naive_first = json.loads(check_answer(predict, single.read_bytes(), json_headers))
-            wrk(predict, single, json_headers, **{**load, "duration": 2})
-            results["b"] = wrk(predict, single, json_headers, **load, pid=proc.pid)
-            results["b"]["rss_mb"] = rss_mb(proc.pid)
-        if not np.isclose(first["outputs"][0], naive_first["outputs"][0], atol=1e-5):
-            raise RuntimeError(f"the two servers disagree: {first} vs {naive_first}")
+        # (b): the naive reference (skipped by --only v2)
+        if not only_v2:
+            port = free_port()
+            argv = [sys.executable, str(HERE / "naive_serve.py"), "--bundle", str(bundle_dir),
+                    "--name", MODEL, "--port", str(port)]
+            with server(argv, port, "/openapi.json") as proc:
+                predict = f"http://127.0.0.1:{port}/api/models/{MODEL}/predict"
+                naive_first = json.loads(check_answer(predict, single.read_bytes(), json_headers))
+                wrk(predict, single, json_headers, **{**load, "duration": 2})
+                results["b"] = wrk(predict, single, json_headers, **load, pid=proc.pid)
+                results["b"]["rss_mb"] = rss_mb(proc.pid)
+            if not np.isclose(first["outputs"][0], naive_first["outputs"][0], atol=1e-5):
+                raise RuntimeError(f"the two servers disagree: {first} vs {naive_first}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["loadavg_after"] = os.getloadavg()
+    if only_v2:
+        results["ratios"] = {"c_over_d": results["c"]["events_per_s"]
+                             / results["d"]["events_per_s"]}
+        return results
     a, b, c, d = results["a"], results["b"], results["c"], results["d"]
     results["ratios"] = {"a_over_b": a["req_per_s"] / b["req_per_s"],
                          "c_over_d": c["events_per_s"] / d["events_per_s"],
@@ -460,6 +470,24 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report_v2(r: dict[str, Any]) -> str:
+    """The (c) and (d) lines of :func:`report`, for ``--only v2``."""
+    c, cp, d = r["c"], r["c_parallel"], r["d"]
+    return "\n".join([
+        f"v2 only, {r['when']}, load average before {r['loadavg_before'][0]:.2f}, after "
+        f"{r['loadavg_after'][0]:.2f}",
+        f"(c) 1 conn: {c['events_per_s']:.0f} events/s (p50 {c['p50_ms']:.3f} ms, mean "
+        f"{c['mean_ms']:.3f} ms; server CPU {c['server_cpu_ms_per_request']:.3f} ms/request: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in c["thread_cpu_ms_per_request"].items()) + ")",
+        f"(c) {r['v2_connections']} conn: {cp['events_per_s']:.0f} events/s (server CPU "
+        f"{cp['server_cpu_ms_per_request']:.3f} ms/request)",
+        f"(d) {r['ort_threads']} thread(s): {d['events_per_s']:.0f} events/s "
+        f"({d['ms_per_batch']:.3f} ms per batch); default threads "
+        f"{r['d_default_threads']['events_per_s']:.0f}",
+        f"c/d = {r['ratios']['c_over_d']:.3f}",
+    ])
+
+
 def serve_main(argv: list[str]) -> None:
     """``bench/serve.py _serve``: the mlaas server under test, with the naive server's options."""
     import uvicorn
@@ -509,9 +537,13 @@ def main() -> None:
     parser.add_argument("--train-events", type=int, default=20000, help="events per file")
     parser.add_argument("--workdir", default=str(HERE / "out" / "serve"))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--only", choices=["all", "v2"], default="all",
+                        help="v2: only (c) and (d), for a quick look at the v2 path")
+    parser.add_argument("--ort-threads", type=int, default=ORT_THREADS,
+                        help="ONNX Runtime intra-op threads of the server and of (d)")
     args = parser.parse_args()
     results = run_bench(args)
-    print(report(results))
+    print(report(results) if args.only == "all" else report_v2(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -9,6 +9,8 @@ template (``/v2/models/{name}/infer``), so label values stay bounded.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest
 
@@ -34,6 +36,16 @@ class Metrics:
         self.batch_size = Histogram("mlaas_batch_size", "Events per ONNX Runtime call.",
                                     ["model", "version"], registry=self.registry,
                                     buckets=BATCH_BUCKETS)
+        # Label children by label values: ``labels()`` validates and locks on every call
+        # (~2.5 us each, three per request); the children it returns never change.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe_request(self, route: str, model: str, version: int | str | None, status: int,
                         seconds: float) -> None:
@@ -44,14 +56,14 @@ class Metrics:
             status: the HTTP status; seconds: the time taken.
         """
         v = "" if version is None else str(version)
-        self.requests.labels(route, model, v, str(status)).inc()
+        self._child(self.requests, route, model, v, str(status)).inc()
         if status >= 400:
-            self.errors.labels(route, model, v, str(status)).inc()
-        self.request_seconds.labels(route, model, v).observe(seconds)
+            self._child(self.errors, route, model, v, str(status)).inc()
+        self._child(self.request_seconds, route, model, v).observe(seconds)
 
     def observe_batch(self, model: str, version: int | str, events: int) -> None:
         """Record one ONNX Runtime call of ``events`` events."""
-        self.batch_size.labels(model, str(version)).observe(events)
+        self._child(self.batch_size, model, str(version)).observe(events)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""

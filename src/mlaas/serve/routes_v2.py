@@ -19,6 +19,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlaas.errors import MlaasError
 from mlaas.serve import access as hooks
@@ -33,7 +36,7 @@ from mlaas.serve.protocol import (
 )
 from mlaas.serve.runtime import Runtime
 
-__all__ = ["v2_router"]
+__all__ = ["v2_router", "INFER_PATHS"]
 
 
 def _error(exc: Exception) -> JSONResponse:
@@ -47,6 +50,26 @@ def _message(exc: Exception) -> str:
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     return f"{type(exc).__name__}: {exc}"
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, as ``await request.body()`` (which it uses when something read
+    the body already), with one join instead of Starlette's async generator."""
+    if hasattr(request, "_body"):
+        return await request.body()
+    chunks: list[bytes] = []
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = body  # as Request.body() keeps it
+    return body
 
 
 def _version(name: str, v: str) -> int:
@@ -67,6 +90,39 @@ def _versions(registry: Any, name: str, resolved: int) -> list[int]:
             if isinstance(model, dict) and model.get("name") == name:
                 return [int(v) for v in model.get("versions", [])] or [resolved]
     return [resolved]
+
+
+_INFER = "/v2/models/{name}/infer"
+_INFER_VERSION = "/v2/models/{name}/versions/{v}/infer"
+INFER_PATHS = frozenset({_INFER, _INFER_VERSION})
+"""The paths of the infer routes (the server puts them first in its route list)."""
+_JSON = b"application/json"
+_BINARY = b"application/octet-stream"
+_HEADER_LENGTH = HEADER_LENGTH.lower().encode()
+
+
+class _AsgiRoute(APIRoute):
+    """An APIRoute answered by a plain ASGI app.
+
+    It is documented in the OpenAPI schema from ``endpoint``'s signature,
+    matched, and sets ``scope["route"]`` (which the platform's token scopes
+    read) like any route, also when its router is included or its routes are
+    copied into another app; but a request of its methods goes straight to
+    ``asgi(scope, receive, send)``, with the path parameters in
+    ``scope["path_params"]``. Exceptions ``asgi`` lets through reach the app's
+    exception handlers, as from any route.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], asgi: ASGIApp,
+                 **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.asgi = asgi
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in self.methods:
+            await self.asgi(scope, receive, send)
+        else:
+            await super().handle(scope, receive, send)  # 405
 
 
 def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -> APIRouter:
@@ -138,31 +194,55 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
     async def model_version_ready(name: str, v: str, request: Request) -> Response:
         return await readiness("/v2/models/{name}/versions/{v}/ready", request, name, v)
 
-    async def infer(route: str, request: Request, name: str, version: str | None) -> Response:
-        async def handler(seen: dict[str, Any]) -> Response:
-            v = None if version is None else _version(name, version)
-            resolved, bundle, batcher = await runtime.batcher(name, v)
-            seen.update(model=name, version=resolved)
-            inputs, outputs = model_tensors(bundle)
-            body = await request.body()
-            req = decode_infer_request(body, inputs, outputs,
-                                       header_length=request.headers.get(HEADER_LENGTH))
-            scores = await runtime.score(bundle, batcher, req.inputs)
-            results = {n: scores for n in req.outputs}  # the model has one output, "score"
-            content, header_length = encode_infer_response(
-                name, resolved, results, request_id=req.id, binary=req.binary)
-            if header_length is None:
-                return Response(content, media_type="application/json")
-            return Response(content, media_type="application/octet-stream",
-                            headers={HEADER_LENGTH: str(header_length)})
-        return await answer(route, request, name, handler)
+    async def infer(scope: Scope, receive: Receive, send: Send) -> None:
+        # A plain ASGI handler (see _AsgiRoute) doing what a FastAPI endpoint would,
+        # without dependency solving, two exit stacks and a Response object per request.
+        params = scope["path_params"]
+        name: str = params["name"]
+        version: str | None = params.get("v")
+        request = Request(scope, receive, send)
+        started = time.perf_counter()
+        model, resolved = "", None
+        error: JSONResponse | None = None
+        with runtime.request():
+            try:
+                await hooks.check(request, "read", name)
+                v = None if version is None else _version(name, version)
+                resolved, bundle, batcher = await runtime.batcher(name, v)
+                model = name
+                inputs, outputs = model_tensors(bundle)
+                body = await _body(request)
+                req = decode_infer_request(body, inputs, outputs,
+                                           header_length=request.headers.get(HEADER_LENGTH))
+                scores = await runtime.score(bundle, batcher, req.inputs, inline=True)
+                results = {n: scores for n in req.outputs}  # one output, "score"
+                content, header_length = encode_infer_response(
+                    name, resolved, results, request_id=req.id, binary=req.binary)
+            except (KeyError, MlaasError) as exc:
+                error = _error(redact(exc, hooks.access_of(request)))
+        status = 200 if error is None else error.status_code
+        if metrics is not None:
+            route = _INFER_VERSION if version is not None else _INFER
+            metrics.observe_request(route, model, resolved, status, time.perf_counter() - started)
+        if error is not None:
+            await error(scope, receive, send)
+            return
+        headers = [(b"content-length", str(len(content)).encode()),
+                   (b"content-type", _JSON if header_length is None else _BINARY)]
+        if header_length is not None:
+            headers.append((_HEADER_LENGTH, str(header_length).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
 
-    @router.post("/models/{name}/infer")
     async def model_infer(name: str, request: Request) -> Response:
-        return await infer("/v2/models/{name}/infer", request, name, None)
+        """Score a batch (KServe v2 infer; JSON or binary tensor data)."""
+        raise AssertionError("answered by infer()")  # pragma: no cover - documentation only
 
-    @router.post("/models/{name}/versions/{v}/infer")
     async def model_version_infer(name: str, v: str, request: Request) -> Response:
-        return await infer("/v2/models/{name}/versions/{v}/infer", request, name, v)
+        """Score a batch with one version of the model (KServe v2 infer)."""
+        raise AssertionError("answered by infer()")  # pragma: no cover - documentation only
+
+    for path, endpoint in ((_INFER, model_infer), (_INFER_VERSION, model_version_infer)):
+        router.routes.append(_AsgiRoute(path, endpoint, infer, methods=["POST"], tags=["v2"]))
 
     return router

@@ -18,7 +18,7 @@ from mlaas.data.transform import Chunk
 from mlaas.errors import BranchNotFound, DataError, close_names
 from mlaas.spec import Pipeline
 
-__all__ = ["ChunkRange", "FileInfo", "plan", "read", "interleave"]
+__all__ = ["ChunkRange", "FileInfo", "plan", "read", "interleave", "shard"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +134,29 @@ def interleave(chunks: list[ChunkRange]) -> list[ChunkRange]:
             keyed.append(((pos + 0.5) / len(items), src, pos, c))
     keyed.sort(key=lambda t: (t[0], t[1], t[2]))
     return [t[3] for t in keyed]
+
+
+def shard(chunks: list[ChunkRange], worker: int, workers: int) -> list[ChunkRange]:
+    """The chunks DataLoader worker ``worker`` of ``workers`` reads, the same every epoch.
+
+    Each source's chunks are dealt out on their own, each to the worker with
+    the fewest chunks of that source so far, then the fewest events in all:
+    every worker gets every source it can (so its batches mix classes; taking
+    every K-th chunk of the interleaved plan gave two workers one class each
+    with two sources) and about as many events as the others (the slowest
+    worker sets an epoch's time). Every process computes the same plan.
+    """
+    by_source: dict[int, list[ChunkRange]] = {}
+    for c in chunks:
+        by_source.setdefault(c.source, []).append(c)
+    events = [0] * workers
+    mine: list[ChunkRange] = []
+    for items in by_source.values():
+        taken = [0] * workers
+        for c in sorted(items, key=lambda c: -c.entries):  # largest first balances best
+            k = min(range(workers), key=lambda w: (taken[w], events[w], w))
+            taken[k] += 1
+            events[k] += c.entries
+            if k == worker:
+                mine.append(c)
+    return interleave(mine)

@@ -43,31 +43,53 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         epoch = self.epoch
         if self.advance:
             self.epoch += 1
-        as_tensors = _packed if info is not None else _plain
-        for batch in self.dataset.iter_epoch(epoch, worker, workers):
-            yield as_tensors(batch)
+        if info is None:
+            for batch in self.dataset.iter_epoch(epoch, worker, workers):
+                yield {k: torch.from_numpy(v) for k, v in batch.items()}
+            return
+        # In a worker the DataLoader's processes are the parallelism (torch
+        # likewise gives each worker one intra-op thread): no reader threads,
+        # one thread reads, preprocesses and batches, so k workers use about
+        # k cores. That thread stays: the DataLoader takes batches from its
+        # workers in turn, so a worker that made batches only when asked would
+        # wait for the other's reading instead of reading at the same time.
+        for batch in self.dataset.iter_epoch(epoch, worker, workers, read_ahead=False):
+            yield _Piped(batch)  # type: ignore[misc]  # arrives as a dict of tensors
 
 
-def _plain(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
+class _Piped:
+    """A worker's batch, sent to the main process through the DataLoader's pipe.
 
-
-def _packed(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The batch's tensors as views of one shared-memory buffer.
-
-    A worker hands each tensor to the main process through shared memory;
-    six tensors cost six segments per batch, which dominated the transfer
-    (about 3.9 ms against 1.3 ms for one). Views of one storage travel as one.
+    Tensors leave a worker through a new shared-memory segment each, whose
+    pages are fresh on both sides every batch: 1.3 ms per 1024-event batch
+    here, most of a worker's epoch. Pickled as one ``bytearray`` instead
+    (about five memory copies of 0.4 MB, ~0.3 ms), it arrives as a plain
+    dict of writable tensors: ``DataLoader`` passes objects it does not know
+    through ``default_convert`` unchanged, and unpickling builds the dict.
     """
-    offsets, total = [], 0
-    for array in batch.values():
-        offsets.append(total)
-        total += -(-array.nbytes // 8) * 8  # keep every view 8-byte aligned
-    buffer = torch.empty(max(total, 8), dtype=torch.uint8).share_memory_()
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: dict[str, np.ndarray]) -> None:
+        self.batch = batch
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        layout, total = [], 0
+        for key, array in self.batch.items():
+            layout.append((key, array.dtype.str, array.shape, total))
+            total += array.nbytes
+        buffer = bytearray(total)
+        for (key, _dtype, _shape, start), array in zip(layout, self.batch.values(), strict=True):
+            view = np.frombuffer(buffer, dtype=array.dtype, count=array.size, offset=start)
+            view[...] = array.reshape(-1)
+        return _unpipe, (buffer, layout)
+
+
+def _unpipe(buffer: bytearray, layout: list[tuple[str, str, tuple[int, ...], int]],
+            ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for (key, array), start in zip(batch.items(), offsets, strict=True):
-        dtype = torch.from_numpy(array[:0]).dtype
-        view = buffer[start:start + array.nbytes].view(dtype).view(array.shape)
-        view.numpy()[...] = array
-        out[key] = view
+    for key, dtype, shape, start in layout:
+        count = int(np.prod(shape)) if shape else 1
+        array = np.frombuffer(buffer, dtype=np.dtype(dtype), count=count, offset=start)
+        out[key] = torch.from_numpy(array.reshape(shape))
     return out

@@ -305,6 +305,7 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: events per batch.")] = 256,
     max_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: longest wait, ms.")] = 2.0,
     get: Annotated[Optional[str], typer.Option("--get", help="Answer one GET in-process, print it, exit 0 only on 200.")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (uvicorn's access log; off by default: it costs each request a log record).")] = False,
 ) -> None:
     """Serve bundles over HTTP: registry, KServe v2 inference, raw events, TFaaS routes.
 
@@ -327,7 +328,8 @@ def serve(
         raise typer.Exit(0 if response.status_code == 200 else 1)
     import uvicorn
 
-    uvicorn.run(server, host=host, port=port, log_level="info", proxy_headers=False)
+    uvicorn.run(server, host=host, port=port, log_level="info", proxy_headers=False,
+                access_log=access_log)
 
 
 @app.command("import-mlaas4hep")

@@ -60,3 +60,16 @@ def test_serve_get_answers_in_process(tmp_path: Path) -> None:
     assert missing.exit_code == 1
     assert json.loads(runner.invoke(cli, ["serve", "--models", str(tmp_path / "m"), "--get",
                                           "/api/models"]).stdout) is not None
+
+
+def test_serve_access_log_is_off_unless_asked(tmp_path: Path, monkeypatch: Any) -> None:
+    import uvicorn
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["serve", "--models", str(tmp_path / "m")]).exit_code == 0
+    assert runner.invoke(cli, ["serve", "--models", str(tmp_path / "m"),
+                               "--access-log"]).exit_code == 0
+    assert [c["access_log"] for c in calls] == [False, True]
+    assert all(c["host"] == "127.0.0.1" and c["log_level"] == "info" for c in calls)

@@ -292,6 +292,11 @@ def decode_infer_request(body: bytes, inputs: Sequence[TensorSpec],
 # -- responses ------------------------------------------------------------------------------
 
 
+def _plain(text: str | None) -> bool:
+    """None, or a string that json.dumps and orjson write alike (ASCII, no DEL)."""
+    return text is None or (text.isascii() and "\x7f" not in text)
+
+
 def encode_infer_response(model_name: str, model_version: int | str,
                           outputs: Mapping[str, np.ndarray], *, request_id: str | None = None,
                           binary: set[str] | frozenset[str] = frozenset()
@@ -327,7 +332,12 @@ def encode_infer_response(model_name: str, model_version: int | str,
             entry["data"] = arr.ravel().tolist()
         tensors.append(entry)
     doc["outputs"] = tensors
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    if len(blobs) == len(tensors) and _plain(model_name) and _plain(request_id):
+        # no numbers in the header to write as NaN/Infinity, nothing that json.dumps
+        # escapes and orjson does not: the same bytes, in ~1 us instead of ~4
+        header = jsonio.dumps(doc)
+    else:
+        header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return header, None
-    return header + b"".join(blobs), len(header)
+    return b"".join((header, *blobs)), len(header)

@@ -184,7 +184,13 @@ def decode_infer_request(body: bytes, inputs: Sequence[TensorSpec],
 
     Raises :class:`ProtocolError` for malformed JSON, unknown, missing or
     repeated inputs, a wrong datatype or shape, or data that does not fill the shape.
+
+    A header whose inputs are all binary data is remembered once it decoded
+    without error (see :class:`_Plan`): a later body with the same header bytes,
+    model tensors and length of binary data is not parsed again. Anything else
+    (another length above all) takes the full path, so errors do not change.
     """
+    key: tuple[Any, ...] | None = None
     if header_length is not None:
         try:
             n = int(header_length)
@@ -193,6 +199,10 @@ def decode_infer_request(body: bytes, inputs: Sequence[TensorSpec],
         if not 0 <= n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
         header, rest = body[:n], memoryview(body)[n:]
+        key = (bytes(header), tuple(inputs), tuple(outputs))
+        plan = _PLANS.get(key)
+        if plan is not None and plan.size == len(rest):
+            return plan.apply(body, n)
     else:
         header, rest = body, memoryview(b"")
     doc = _loads(header, "the request")
@@ -204,6 +214,8 @@ def decode_infer_request(body: bytes, inputs: Sequence[TensorSpec],
     specs = {t.name: t for t in inputs}
     decoded: dict[str, np.ndarray] = {}
     offset = 0
+    layout: list[tuple[str, np.dtype[Any], tuple[int, ...], int]] = []
+    binary_only = True
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ProtocolError(f"an input is {entry!r}, not an object with a 'name'")
@@ -235,8 +247,10 @@ def decode_infer_request(body: bytes, inputs: Sequence[TensorSpec],
                 raise ProtocolError(f"input {name!r}: binary_data_size {size} goes past the end "
                                     f"of the body ({len(rest) - offset} bytes left)", tensor=name)
             arr = _from_bytes(rest[offset:offset + size], name, datatype, shape)  # no copy
+            layout.append((name, DATATYPES[datatype], shape, offset))
             offset += size
         else:
+            binary_only = False
             if "data" not in entry:
                 raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size",
                                     tensor=name)
@@ -284,9 +298,48 @@ def decode_infer_request(body: bytes, inputs: Sequence[TensorSpec],
             if bool(params.get("binary_data", default_binary)):
                 binary.add(name)
     request_id = doc.get("id")
-    return InferRequest(inputs=decoded, outputs=wanted, binary=binary,
-                        id=None if request_id is None else str(request_id),
-                        parameters=request_params)
+    request = InferRequest(inputs=decoded, outputs=wanted, binary=binary,
+                           id=None if request_id is None else str(request_id),
+                           parameters=request_params)
+    if key is not None and binary_only and all(
+            isinstance(v, (str, int, float, bool)) or v is None for v in request_params.values()):
+        _remember(key, _Plan(tuple(layout), offset, InferRequest(  # no arrays: no body kept
+            inputs={}, outputs=list(wanted), binary=set(binary), id=request.id,
+            parameters=dict(request_params))))
+    return request
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a request header decoded to when every input was binary data: the next
+    body with the same header (and the same model tensors) and as many bytes after
+    it needs only views of its bytes, every check having passed already."""
+
+    layout: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]  # name, dtype, shape, offset
+    size: int  # bytes of binary data after the header
+    request: InferRequest  # outputs, binary, id, parameters; no inputs
+
+    def apply(self, body: bytes, start: int) -> InferRequest:
+        inputs = {}
+        for name, dtype, shape, offset in self.layout:
+            arr = np.frombuffer(body, dtype=dtype, count=math.prod(shape),
+                                offset=start + offset).reshape(shape)
+            inputs[name] = np.ascontiguousarray(arr, dtype=np.float32)
+        r = self.request
+        return InferRequest(inputs=inputs, outputs=list(r.outputs), binary=set(r.binary),
+                            id=r.id, parameters=dict(r.parameters))
+
+
+#: Plans by (header bytes, model inputs, model outputs); a header is ~200 bytes, decoding
+#: it again took ~5 us of a 1024-event request. Bounded: the oldest goes first.
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+_PLANS_MAX = 256
+
+
+def _remember(key: tuple[Any, ...], plan: _Plan) -> None:
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.pop(next(iter(_PLANS)), None)
+    _PLANS[key] = plan
 
 
 # -- responses ------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI, Response
+from starlette.middleware import Middleware
 
 from mlaas.serve.access import ModelAccess
 from mlaas.serve.app import MAX_BODY_BYTES, create_app
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.registry import Registry
-from mlaas.serve.routes_v2 import INFER_PATHS, v2_router
+from mlaas.serve.routes_v2 import INFER_PATHS, DirectRoutes, v2_router
 from mlaas.serve.runtime import Runtime
 
 __all__ = ["create_server"]
@@ -70,6 +71,10 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
     # it (BENCHMARKS.md, "Serving", (c)). No other route matches their paths, so the
     # order changes nothing else (a stable sort keeps the rest as they were).
     app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in INFER_PATHS)
+    # ... and handed to directly by the innermost middleware (see DirectRoutes). Only in
+    # this app: an app that copies the routes (the platform) serves them through its router.
+    infer = [route for route in app.router.routes if getattr(route, "path", None) in INFER_PATHS]
+    app.user_middleware.append(Middleware(DirectRoutes, routes=infer, router=app.router))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

@@ -174,3 +174,92 @@ def test_trailing_binary_bytes_are_an_error() -> None:
     body = json.dumps(_json_body()).encode()
     with pytest.raises(ProtocolError, match="3 bytes of binary data that no input claims"):
         decode_infer_request(body + b"abc", INPUTS, OUTPUTS, header_length=len(body))
+
+
+# -- remembered headers (binary inputs only) and the orjson response header -----------------
+
+
+def _binary_body(x: np.ndarray, mask: np.ndarray, extra: bytes = b"",
+                 **over: object) -> tuple[bytes, int]:
+    doc = {"inputs": [
+        {"name": "x", "shape": list(x.shape), "datatype": "FP32",
+         "parameters": {"binary_data_size": x.nbytes}},
+        {"name": "mask", "shape": list(mask.shape), "datatype": "FP32",
+         "parameters": {"binary_data_size": mask.nbytes}}],
+        "outputs": [{"name": "score", "parameters": {"binary_data": True}}]}
+    doc.update(over)
+    header = json.dumps(doc).encode()
+    return header + x.tobytes() + mask.tobytes() + extra, len(header)
+
+
+def test_a_remembered_header_decodes_like_a_new_one() -> None:
+    from mlaas.serve import protocol
+
+    protocol._PLANS.clear()
+    first_body, n = _binary_body(X, MASK, parameters={"binary_data_output": True}, id="a")
+    first = decode_infer_request(first_body, INPUTS, OUTPUTS, header_length=n)
+    assert len(protocol._PLANS) == 1
+    plan = next(iter(protocol._PLANS.values()))
+    assert plan.request.inputs == {}  # keeps no body alive
+    first.parameters["changed"] = True
+    first.outputs.append("other")
+    second_body, _ = _binary_body(X + 1, MASK * 0, parameters={"binary_data_output": True},
+                                  id="a")
+    second = decode_infer_request(second_body, INPUTS, OUTPUTS, header_length=n)
+    assert len(protocol._PLANS) == 1  # the same header: remembered, not added
+    np.testing.assert_array_equal(second.inputs["x"], X + 1)
+    np.testing.assert_array_equal(second.inputs["mask"], MASK * 0)
+    assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in second.inputs.values())
+    assert (second.outputs, second.binary, second.id) == (["score"], {"score"}, "a")
+    assert second.parameters == {"binary_data_output": True}  # not the first caller's edits
+
+
+def test_a_remembered_header_with_the_wrong_length_errs_as_before() -> None:
+    from mlaas.serve import protocol
+
+    body, n = _binary_body(X, MASK)
+    for remembered in (False, True):
+        protocol._PLANS.clear()
+        if remembered:
+            decode_infer_request(body, INPUTS, OUTPUTS, header_length=n)
+            assert protocol._PLANS
+        with pytest.raises(ProtocolError, match="3 bytes of binary data that no input claims"):
+            decode_infer_request(body + b"abc", INPUTS, OUTPUTS, header_length=n)
+        with pytest.raises(ProtocolError, match="input 'mask': binary_data_size 16 goes past"):
+            decode_infer_request(body[:-1], INPUTS, OUTPUTS, header_length=n)
+
+
+def test_other_model_tensors_do_not_share_a_remembered_header() -> None:
+    from mlaas.serve import protocol
+
+    protocol._PLANS.clear()
+    body, n = _binary_body(X, MASK)
+    decode_infer_request(body, INPUTS, OUTPUTS, header_length=n)
+    other = [TensorSpec("x", "FP32", (-1, 4)), INPUTS[1]]
+    with pytest.raises(ProtocolError, match="input 'x': shape \\[2, 3\\] does not match"):
+        decode_infer_request(body, other, OUTPUTS, header_length=n)
+
+
+def test_json_data_inputs_are_not_remembered() -> None:
+    from mlaas.serve import protocol
+
+    protocol._PLANS.clear()
+    body = json.dumps(_json_body()).encode()
+    decode_infer_request(body, INPUTS, OUTPUTS, header_length=len(body))
+    assert not protocol._PLANS
+
+
+@pytest.mark.parametrize("request_id", [None, "plain", 'q"uo\\te', "\x7fdel", "caf\u00e9",
+                                        "".join(map(chr, range(32)))])
+def test_binary_response_header_is_what_json_dumps_writes(request_id: str | None) -> None:
+    scores = np.arange(4, dtype=np.float32).reshape(4, 1)
+    body, n = encode_infer_response("m", 3, {"score": scores}, request_id=request_id,
+                                    binary={"score"})
+    doc = {"model_name": "m", "model_version": "3", "outputs": [
+        {"name": "score", "datatype": "FP32", "shape": [4, 1],
+         "parameters": {"binary_data_size": 16}}]}
+    if request_id is not None:
+        doc = {"model_name": "m", "model_version": "3", "id": request_id,
+               "outputs": doc["outputs"]}
+    assert body[:n] == json.dumps(doc, separators=(",", ":")).encode()
+    assert body[n:] == scores.tobytes()

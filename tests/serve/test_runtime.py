@@ -203,3 +203,91 @@ def test_runtime_batches_per_version_and_reloads() -> None:
             asyncio.run(rt.infer("m", 1, None, {"x": reqs[0][0]}))
     finally:
         rt.close()
+
+
+# -- scoring on the event loop when alone (Batcher.submit(inline_rows=...), Runtime.score) ---
+
+
+class ThreadRecorder(Recorder):
+    """A Recorder that also notes the thread of each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        self.threads.append(threading.get_ident())
+        return super().__call__(x, mask)
+
+
+def test_full_batch_alone_runs_on_the_loop_with_the_same_result(
+        executor: ThreadPoolExecutor) -> None:
+    rec = ThreadRecorder()
+    seen: list[int] = []
+    batcher = Batcher(rec, max_batch_size=8, max_delay_ms=1.0, executor=executor,
+                      on_batch=seen.append)
+    x, m = _requests(1)[0]
+    x, m = np.tile(x, (8, 1)), np.tile(m, (8, 1))  # a full batch (8 rows)
+
+    async def main() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        inline = await batcher.submit(x, m, inline_rows=16)
+        threaded = await batcher.submit(x, m)  # inline_rows 0: the executor, as before
+        too_big = await batcher.submit(np.tile(x, (3, 1)), np.tile(m, (3, 1)), inline_rows=16)
+        return inline, threaded, too_big, threading.get_ident()
+
+    inline, threaded, too_big, loop_thread = asyncio.run(main())
+    np.testing.assert_array_equal(inline, threaded)
+    np.testing.assert_array_equal(too_big, np.tile(threaded, (3, 1)))
+    assert rec.threads[0] == loop_thread
+    assert rec.threads[1] != loop_thread and rec.threads[2] != loop_thread  # 24 > 16 rows
+    assert seen == [8, 8, 24]
+
+
+def test_full_batch_waits_its_turn_while_small_requests_batch(
+        executor: ThreadPoolExecutor) -> None:
+    rec = ThreadRecorder()
+    batcher = Batcher(rec, max_batch_size=4, max_delay_ms=20.0, executor=executor)
+    small = _requests(3)  # 1 + 2 + 3 rows: queued, waiting for the deadline
+    big = (np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32))
+
+    async def main() -> tuple[list[np.ndarray], int]:
+        tasks = [asyncio.ensure_future(batcher.submit(x, m)) for x, m in small]
+        await asyncio.sleep(0)  # the small ones are queued now
+        assert not batcher.idle
+        got = await batcher.submit(*big, inline_rows=64)
+        return [got, *await asyncio.gather(*tasks)], threading.get_ident()
+
+    results, loop_thread = asyncio.run(main())
+    np.testing.assert_array_equal(results[0], np.full((4, 1), 3.0, np.float32))
+    for (x, m), got in zip(small, results[1:]):
+        np.testing.assert_array_equal(got, rec(x, m))
+    assert loop_thread not in rec.threads[:-len(small)]  # nothing ran on the loop
+    assert batcher.idle
+
+
+def test_runtime_scores_on_the_loop_only_when_alone() -> None:
+    reg = FakeRegistry()
+    rt = Runtime(reg, max_batch_size=4, max_delay_ms=5.0, threads=1, inline_rows=64)
+    rec = ThreadRecorder()
+    reg.bundles[("m", 1)].rec = rec
+    x = np.arange(24, dtype=np.float32).reshape(8, 3)
+    mask = np.ones((8, 2), np.float32)
+    try:
+        async def alone() -> tuple[np.ndarray, int]:
+            _, got = await rt.infer("m", 1, None, {"x": x, "mask": mask})
+            return got, threading.get_ident()
+
+        got, loop_thread = asyncio.run(alone())
+        assert rec.threads == [loop_thread]
+
+        async def together() -> list[tuple[int, np.ndarray]]:
+            return await asyncio.gather(rt.infer("m", 1, None, {"x": x, "mask": mask}),
+                                        rt.infer("m", 1, None, {"x": x[:1], "mask": mask[:1]}))
+
+        (_, big), (_, small) = asyncio.run(together())
+        np.testing.assert_array_equal(big, got)
+        np.testing.assert_array_equal(small, got[:1])
+        assert loop_thread not in rec.threads[1:]  # two requests active: the executor
+        assert rt.active == 0
+    finally:
+        rt.close()

@@ -73,3 +73,59 @@ def test_serve_access_log_is_off_unless_asked(tmp_path: Path, monkeypatch: Any) 
                                "--access-log"]).exit_code == 0
     assert [c["access_log"] for c in calls] == [False, True]
     assert all(c["host"] == "127.0.0.1" and c["log_level"] == "info" for c in calls)
+
+
+class RecordingAccess:
+    """Allows everything, noting the route template and router each check saw."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bool]] = []
+
+    def check(self, request: Any, action: str, name: str) -> None:
+        self.seen.append((request.scope["route"].path, "router" in request.scope))
+
+    def on_upload(self, request: Any, name: str) -> dict[str, Any]:
+        return {}
+
+    def visible(self, request: Any, names: list[str]) -> list[str]:
+        return names
+
+
+def test_infer_routes_answered_directly_behave_as_routed(tmp_path: Path,
+                                                         trained: dict[str, Any]) -> None:
+    """create_server hands v2 infer requests to their route from its innermost middleware
+    (DirectRoutes); the answers, limits and errors are those of the routed app."""
+    access = RecordingAccess()
+    limit = len(trained["bytes"]) + 100_000
+    with TestClient(create_server(tmp_path / "models", access=access,
+                                  max_body_bytes=limit)) as client:
+        assert client.post("/api/models/higgs", content=trained["bytes"]).status_code == 201
+        bundle = Bundle.load(trained["dir"])
+        x = np.random.default_rng(1).normal(size=(300, len(bundle.spec["feature_names"])))
+        x = x.astype(np.float32)
+        header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        headers = {"Inference-Header-Content-Length": str(len(header))}
+        for path in ("/v2/models/higgs/infer", "/v2/models/higgs/versions/1/infer"):
+            r = client.post(path, content=header + x.tobytes(), headers=headers)
+            assert r.status_code == 200, r.text
+            n = int(r.headers["inference-header-content-length"])
+            assert r.headers["content-type"] == "application/octet-stream"
+            got = np.frombuffer(r.content[n:], dtype="<f4").reshape(300, -1)
+            np.testing.assert_allclose(got, bundle.run(x, None), atol=1e-6)
+        assert access.seen[-2:] == [("/v2/models/{name}/infer", True),
+                                    ("/v2/models/{name}/versions/{v}/infer", True)]
+        # another method: the router's 405; another model: 404; too large a body: 413
+        r = client.get("/v2/models/higgs/infer")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        r = client.post("/v2/models/nope/infer", content=header + x.tobytes(), headers=headers)
+        assert r.status_code == 404 and "nope" in r.json()["error"]
+        big = np.zeros((limit // (4 * x.shape[1]) + 1, x.shape[1]), np.float32)
+        r = client.post("/v2/models/higgs/infer", content=header + big.tobytes(),
+                        headers=headers)
+        assert r.status_code == 413, r.text
+        r = client.post("/v2/models/higgs/versions/x/infer", content=b"{}")
+        assert r.status_code == 404 and "no version 'x'" in r.json()["error"]

@@ -143,9 +143,12 @@ class DirectRoutes:
         self.app = app
         self.routes = list(routes)
         self.router = router
+        # what each path ends with after its last parameter ("/infer"): other requests
+        # (single-event predicts above all) pass on after one str.endswith
+        self.tails = tuple(getattr(r, "path", "").rpartition("}")[2] for r in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"].endswith(self.tails):
             for route in self.routes:
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:

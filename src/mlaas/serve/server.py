@@ -66,13 +66,10 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
                      freeze_gc=freeze_gc)
     app.state.runtime = runtime
     app.state.metrics = metrics
-    # The v2 infer routes first: every route before a request's own costs ~1 us to try,
-    # and they came last of ~25, where a 1024-event request's fixed cost is what limits
-    # it (BENCHMARKS.md, "Serving", (c)). No other route matches their paths, so the
-    # order changes nothing else (a stable sort keeps the rest as they were).
-    app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in INFER_PATHS)
-    # ... and handed to directly by the innermost middleware (see DirectRoutes). Only in
-    # this app: an app that copies the routes (the platform) serves them through its router.
+    # The v2 infer routes are handed to directly by the innermost middleware (see
+    # DirectRoutes): a 1024-event request's fixed cost is what limits it (BENCHMARKS.md,
+    # "Serving", (c)). Only in this app: an app that copies the routes (the platform)
+    # serves them through its router.
     infer = [route for route in app.router.routes if getattr(route, "path", None) in INFER_PATHS]
     app.user_middleware.append(Middleware(DirectRoutes, routes=infer, router=app.router))
 

@@ -291,3 +291,35 @@ def test_runtime_scores_on_the_loop_only_when_alone() -> None:
         assert rt.active == 0
     finally:
         rt.close()
+
+
+def test_a_request_over_the_same_connection_as_the_last_skips_the_loop_turns() -> None:
+    rt = Runtime(FakeRegistry(), threads=1)
+    try:
+        with rt.request(("127.0.0.1", 5000)) as again:
+            assert again is False  # nothing before it
+        with rt.request(("127.0.0.1", 5000)) as again:
+            assert again is True
+            assert asyncio.run(rt.alone(again)) is True
+        with rt.request(("127.0.0.1", 5001)) as again:
+            assert again is False  # another connection: the loop turns decide
+        with rt.request(None) as again, rt.request(None) as again2:
+            assert again is False and again2 is False  # unknown clients are never the same
+            assert rt.active == 2
+            assert asyncio.run(rt.alone(True)) is False  # two in flight: never alone
+
+        async def turns_see_a_newcomer() -> bool:
+            with rt.request(("127.0.0.1", 6000)) as again:
+                async def newcomer() -> None:
+                    with rt.request(("127.0.0.1", 6001)):
+                        await asyncio.sleep(0.01)
+
+                task = asyncio.ensure_future(newcomer())  # started, not yet counted
+                alone = await rt.alone(again)
+                await task
+                return alone
+
+        assert asyncio.run(turns_see_a_newcomer()) is False
+        assert rt.active == 0
+    finally:
+        rt.close()

@@ -239,7 +239,7 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
         started = time.perf_counter()
         model, resolved = "", None
         error: JSONResponse | None = None
-        with runtime.request():
+        with runtime.request(scope.get("client")) as again:
             try:
                 await hooks.check(request, "read", name)
                 v = None if version is None else _version(name, version)
@@ -249,7 +249,8 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
                 body = await _body(request)
                 req = decode_infer_request(body, inputs, outputs,
                                            header_length=request.headers.get(HEADER_LENGTH))
-                scores = await runtime.score(bundle, batcher, req.inputs, inline=True)
+                scores = await runtime.score(bundle, batcher, req.inputs, inline=True,
+                                             again=again)
                 results = {n: scores for n in req.outputs}  # one output, "score"
                 content, header_length = encode_infer_response(
                     name, resolved, results, request_id=req.id, binary=req.binary)

@@ -14,6 +14,7 @@ route asks the app's access policy (``check(request, "read", name)``, see
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from mlaas.serve.http_errors import headers_of, redact, status_of
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.protocol import (
     HEADER_LENGTH,
+    TensorSpec,
     decode_infer_request,
     encode_infer_response,
     model_metadata,
@@ -71,6 +73,28 @@ async def _body(request: Request) -> bytes:
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     request._body = body  # as Request.body() keeps it
     return body
+
+
+_TENSORS: weakref.WeakKeyDictionary[Any, tuple[list[TensorSpec], list[TensorSpec]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _tensors(bundle: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """:func:`model_tensors` of ``bundle``, kept while the bundle lives (the same lists for
+    every request: the decoder's remembered headers are keyed by them)."""
+    got = _TENSORS.get(bundle)
+    if got is None:
+        got = _TENSORS[bundle] = model_tensors(bundle)
+    return got
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), as ``request.headers.get`` gives it,
+    without building the headers object."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _version(name: str, v: str) -> int:
@@ -245,10 +269,10 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
                 v = None if version is None else _version(name, version)
                 resolved, bundle, batcher = await runtime.batcher(name, v)
                 model = name
-                inputs, outputs = model_tensors(bundle)
+                inputs, outputs = _tensors(bundle)
                 body = await _body(request)
                 req = decode_infer_request(body, inputs, outputs,
-                                           header_length=request.headers.get(HEADER_LENGTH))
+                                           header_length=_header(scope, _HEADER_LENGTH))
                 scores = await runtime.score(bundle, batcher, req.inputs, inline=True,
                                              again=again)
                 results = {n: scores for n in req.outputs}  # one output, "score"

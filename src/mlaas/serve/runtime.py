@@ -6,7 +6,10 @@ requests of raw arrays for one model into one ONNX Runtime call, off the
 event loop; :class:`EventBatcher` does the same for JSON-like events, with
 the preprocessing (whose fixed cost per call dominates small requests) run
 once per batch too. :class:`Runtime` keeps one of each per (model, version)
-of a registry.
+of a registry. A raw-input request that fills a batch by itself and is the
+only request in flight is scored right on the event loop's thread instead
+(:meth:`Runtime.score`): there is nothing to batch it with, and the thread hop
+cost ~0.05 ms of a ~0.7 ms 1024-event request.
 
 Errors raised by ONNX Runtime are re-raised as :class:`InferenceError`
 (a :class:`~mlaas.errors.ServeError`) at this boundary; a full queue is

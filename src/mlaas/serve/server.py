@@ -18,7 +18,7 @@ from mlaas.serve.app import MAX_BODY_BYTES, create_app
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.registry import Registry
 from mlaas.serve.routes_v2 import INFER_PATHS, DirectRoutes, v2_router
-from mlaas.serve.runtime import Runtime
+from mlaas.serve.runtime import DEFAULT_INLINE_ROWS, Runtime
 
 __all__ = ["create_server"]
 
@@ -27,7 +27,8 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
                   max_delay_ms: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
                   access: ModelAccess | None = None,
                   registry: Registry | None = None, event_workers: int = 0,
-                  ort_threads: int | None = 1, freeze_gc: bool = True) -> FastAPI:
+                  ort_threads: int | None = 1, freeze_gc: bool = True,
+                  inline_rows: int = DEFAULT_INLINE_ROWS) -> FastAPI:
     """The whole serving app over the registry at ``models_dir``.
 
     Args:
@@ -51,6 +52,11 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
             (BENCHMARKS.md, "Serving").
         freeze_gc: ``gc.freeze()`` at startup (see :func:`~mlaas.serve.app.create_app`);
             pass False when the app shares its process with other work.
+        inline_rows: the largest v2 request (rows, at least ``max_batch_size``) scored
+            on the event loop's thread when it is the only request in flight, saving
+            the thread hop (see :meth:`Runtime.score <mlaas.serve.runtime.Runtime.score>`);
+            a request arriving meanwhile waits for it, so keep it to a few ms of the
+            model's time. 0: always the executor.
     """
     if registry is None:
         if models_dir is None:
@@ -60,7 +66,7 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
         registry = Registry(root, threads=ort_threads)
     metrics = Metrics()
     runtime = Runtime(registry, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
-                      metrics=metrics, event_workers=event_workers)
+                      metrics=metrics, event_workers=event_workers, inline_rows=inline_rows)
     app = create_app(registry.root, registry=registry, max_body_bytes=max_body_bytes,
                      access=access, extra_routers=[v2_router(runtime, registry, metrics)],
                      freeze_gc=freeze_gc)

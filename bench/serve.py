@@ -35,6 +35,11 @@ Usage::
     .venv/bin/python bench/serve.py                    # 10 s per load
     .venv/bin/python bench/serve.py --duration 3       # a quick look
     .venv/bin/python bench/serve.py --json bench/out/serve.json
+    .venv/bin/python bench/serve.py --only v2 --duration 5   # (c) and (d) only, ~30 s
+    .venv/bin/python bench/serve.py --only v2 --ort-threads 2  # server and (d) at 2 threads
+
+(c) is preceded by a 2 s warm-up load of the same requests at 1 connection, as
+(a) and (b) are by theirs.
 """
 
 from __future__ import annotations

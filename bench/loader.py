@@ -290,7 +290,11 @@ def peak_rss() -> int:
 
 
 def rss_child(pair_dir: str) -> None:
-    """In a fresh process: pass 1 then one epoch of (b); print peak RSS as JSON."""
+    """In a fresh process: pass 1 then one epoch of (b); print peak RSS as JSON.
+
+    Then, in another fresh process (``--rss-raw``), the same for (a) alone: uproot's
+    own peak for the same pair, the floor that (b)'s peak is read against.
+    """
     from mlaas.data.loader import RootDataset
 
     peak = peak_rss
@@ -307,6 +311,15 @@ def rss_child(pair_dir: str) -> None:
                       "after_pass1": after_pass1, "after_epoch": peak()}))
 
 
+def rss_raw_child(pair_dir: str) -> None:
+    """In a fresh process: (a), ``uproot.iterate`` of the same branches; print peak RSS."""
+    import mlaas.data.loader  # noqa: F401  - the same libraries imported as for (b)
+
+    files = [str(Path(pair_dir) / "signal.root"), str(Path(pair_dir) / "background.root")]
+    n = raw_iterate({"files": files})
+    print(json.dumps({"events": n, "after_epoch": peak_rss()}))
+
+
 def bench_rss(workdir: Path, sizes: list[int], log: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for events in sizes:
@@ -318,9 +331,16 @@ def bench_rss(workdir: Path, sizes: list[int], log: Callable[[str], None]) -> di
             raise RuntimeError(f"RSS child failed:\n{proc.stderr[-4000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         assert res["events"] == pair["events"], res
+        raw = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-raw",
+                              pair["dir"]], capture_output=True, text=True, check=False)
+        if raw.returncode != 0:
+            raise RuntimeError(f"RSS child (raw) failed:\n{raw.stderr[-4000:]}")
+        res["raw_peak"] = json.loads(raw.stdout.strip().splitlines()[-1])["after_epoch"]
         out[str(events)] = res
     peaks = [out[str(e)]["after_epoch"] for e in sizes]
     out["largest/smallest"] = peaks[-1] / peaks[0] if len(peaks) > 1 else float("nan")
+    raw = [out[str(e)]["raw_peak"] for e in sizes]
+    out["raw largest/smallest"] = raw[-1] / raw[0] if len(raw) > 1 else float("nan")
     out["sizes"] = sizes
     return out
 
@@ -492,13 +512,17 @@ def report(res: dict[str, Any]) -> None:
     if "rss" in res:
         r = res["rss"]
         t = Table(title="Peak RSS of pass 1 + one epoch of (b) in a fresh process, zlib")
-        for col in ("events", "after import MB", "after pass 1 MB", "after epoch MB", "seconds"):
+        for col in ("events", "after import MB", "after pass 1 MB", "after epoch MB", "seconds",
+                    "(a) alone MB"):
             t.add_column(col, justify="right")
         for e in r["sizes"]:
             x = r[str(e)]
             t.add_row(f"{e:,}", f"{x['after_import'] / 1e6:,.0f}", f"{x['after_pass1'] / 1e6:,.0f}",
-                      f"{x['after_epoch'] / 1e6:,.0f}", f"{x['seconds']:.1f}")
+                      f"{x['after_epoch'] / 1e6:,.0f}", f"{x['seconds']:.1f}",
+                      f"{x.get('raw_peak', float('nan')) / 1e6:,.0f}")
         console.print(t)
+        console.print(f"peak RSS largest/smallest: (b) {r['largest/smallest']:.2f}, "
+                      f"(a) uproot alone {r.get('raw largest/smallest', float('nan')):.2f}")
 
     t = Table(title="Targets")
     for col in ("target", "measured", "wanted", "verdict"):
@@ -530,8 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", type=str, default="",
                     help="comma-separated parts to leave out: none, workers, cache, rss")
     ap.add_argument("--rss-child", type=str, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-raw", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.rss_raw:
+        rss_raw_child(args.rss_raw)
+        return 0
     if args.rss_child:
         rss_child(args.rss_child)
         return 0

@@ -116,3 +116,10 @@ def test_first_chunks_are_read_head_first(pair: Path, monkeypatch) -> None:
     assert len(split) == 4 and len(ranges) == len(ds.chunks) + 2  # two chunks read in two
     assert ranges[:2] == split[:2]  # both heads first, before either rest
     assert len(got) == ds.num_events == len(np.unique(got.file * 10**9 + got.entry))
+
+
+def test_readers_must_be_positive(pair: Path) -> None:
+    from mlaas.errors import SpecError
+
+    with pytest.raises(SpecError, match="readers must be at least 1"):
+        RootDataset(spec(pair), split="train", readers=0)

@@ -22,12 +22,13 @@ module through ``mlaas.bundle`` but never pads chunks.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["fill_slots", "TILE_ROWS"]
+__all__ = ["fill_slots", "warm_up", "TILE_ROWS"]
 
 #: Rows of ``x`` filled per call for all branches before the next rows: a tile
 #: of 8192 rows of ~100 float32 columns (~3 MB) stays in cache while the
@@ -89,3 +90,27 @@ def fill_slots(x: np.ndarray, col: int, width: int, mask: np.ndarray, mcol: int,
 
 
 _NO_ORDER = np.zeros(0, dtype=np.int64)
+
+
+def warm_up() -> None:
+    """Import numba and load (or compile) the float32 loop in a background thread.
+
+    The first call in a process costs ~0.4 s (numba and LLVM start, the
+    cached machine code loads); other dtypes then take ~2 ms. A dataset
+    starts this when it is built, so the first chunk of the first epoch does
+    not wait for it. Safe to call many times and beside a real first call
+    (numba compiles under its own lock).
+    """
+    if _FILL or _WARMING.is_set():
+        return
+    _WARMING.set()
+    threading.Thread(target=_warm, name="mlaas-numba-warm-up", daemon=True).start()
+
+
+_WARMING = threading.Event()
+
+
+def _warm() -> None:
+    x = np.zeros((1, 1), np.float32)
+    fill_slots(x, 0, 1, x, -1, np.zeros(1, np.int64), np.zeros(2, np.int64), None,
+               np.zeros(0, np.float32), 0.0, 1.0, 0.0, 0, 1)

@@ -28,6 +28,7 @@ import numpy as np
 
 from mlaas import spec as spec_module
 from mlaas.data import chunks as chunking
+from mlaas.data import kernels
 from mlaas.data import sources
 from mlaas.data import stats as pass1
 from mlaas.data.background import in_background
@@ -45,6 +46,8 @@ Batch = dict[str, np.ndarray]
 #: a buffer mixes ``shuffle_chunks`` pieces of this size, 54 MB each at the
 #: benchmark's 416 bytes per event, whatever ``data.step_size`` is.
 PIECE_ROWS = 131_072
+#: How many times smaller the pieces of an epoch's first group are (see ``RootDataset._parts``).
+FIRST_SPLIT = 4
 Prepared = tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]
 
 
@@ -130,6 +133,8 @@ class RootDataset:
         self.epoch = 0
         self._keep_fraction = self._balance_fractions()
         self.cache: ChunkCache = self._cache(shift, scale)
+        if self.layout.collections:
+            kernels.warm_up()  # numba loads in a thread now, not on the first chunk
         # shuffle-buffer blocks kept between passes (see _ShuffleBuffer)
         self._spare: list[Columns] = []
         self._spare_lock = threading.Lock()
@@ -294,17 +299,32 @@ class RootDataset:
         worker's epoch here (page faults, ~6 us each on this VM).
         """
         group: list[tuple[chunking.ChunkRange, Columns | Chunk]] = []
+        first = True
         for item in self._fetched(chunks, threads):
             group.append(item)
             if len(group) == self.shuffle_chunks:
-                yield from self._group_pieces(group, outputs)
-                group = []
+                yield from self._group_pieces(group, outputs, first)
+                group, first = [], False
         if group:
-            yield from self._group_pieces(group, outputs)
+            yield from self._group_pieces(group, outputs, first)
+
+    @staticmethod
+    def _parts(group: list[chunking.ChunkRange], first: bool) -> int:
+        """Pieces per chunk of a group: ``FIRST_SPLIT`` times more in an epoch's first group.
+
+        Smaller first pieces mean smaller first reads (see ``_start``) and a
+        smaller first buffer, so the first batch comes sooner; later groups,
+        read while the first is consumed, use full pieces.
+        """
+        parts = max(-(-c.entries // PIECE_ROWS) for c in group)
+        if first:
+            parts = min(parts * FIRST_SPLIT, max(1, min(c.entries for c in group)))
+        return parts
 
     def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk]],
-                      outputs: _ShuffleBuffer | None) -> Iterator[tuple[Columns, bool]]:
-        parts = max(-(-chunk.entries // PIECE_ROWS) for chunk, _ in group)
+                      outputs: _ShuffleBuffer | None, first: bool = False,
+                      ) -> Iterator[tuple[Columns, bool]]:
+        parts = self._parts([chunk for chunk, _ in group], first)
         kept: dict[str, list[Columns]] = {chunk.name: [] for chunk, _ in group}
         for j in range(parts):
             for k, (chunk, fetched) in enumerate(group):
@@ -372,7 +392,7 @@ class RootDataset:
         first group pays it, where the whole epoch waits for it: the first
         deepsets batches waited 0.35-0.45 s per epoch for two whole chunks.
         """
-        parts = max(-(-c.entries // PIECE_ROWS) for c in group)
+        parts = self._parts(group, first=True)
         heads = {i: c.entries // parts for i, c in enumerate(first)
                  if parts > 1 and self.cache.get(c.name) is None}
         started: dict[int, list[Future[Columns | Chunk]]] = {}

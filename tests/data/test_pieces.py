@@ -123,3 +123,13 @@ def test_readers_must_be_positive(pair: Path) -> None:
 
     with pytest.raises(SpecError, match="readers must be at least 1"):
         RootDataset(spec(pair), split="train", readers=0)
+
+
+def test_unshuffled_epoch_is_in_the_order_of_columns(pair: Path, monkeypatch) -> None:
+    """Evaluation and apply read an unshuffled epoch and expect the file order."""
+    monkeypatch.setattr(loader, "PIECE_ROWS", 300)
+    ds = RootDataset(spec(pair), split="test", batch_size=64, shuffle=False)
+    got = Columns.concat([Columns(**b) for b in ds.iter_epoch(0)])
+    want = ds.columns()
+    np.testing.assert_array_equal(got.file * 10**9 + got.entry, want.file * 10**9 + want.entry)
+    np.testing.assert_array_equal(got.x, want.x)

@@ -302,11 +302,19 @@ class RootDataset:
         first = True
         for item in self._fetched(chunks, threads):
             group.append(item)
-            if len(group) == self.shuffle_chunks:
+            if len(group) == self._group_size():
                 yield from self._group_pieces(group, outputs, first)
                 group, first = [], False
         if group:
             yield from self._group_pieces(group, outputs, first)
+
+    def _group_size(self) -> int:
+        """Chunks cut into pieces together: ``shuffle_chunks``, or 1 without shuffling.
+
+        Unshuffled, pieces follow each other chunk by chunk, so an epoch is in
+        the order of :meth:`columns` (evaluation and ``apply`` rely on it).
+        """
+        return self.shuffle_chunks if self.shuffle else 1
 
     @staticmethod
     def _parts(group: list[chunking.ChunkRange], first: bool) -> int:
@@ -371,7 +379,7 @@ class RootDataset:
         depth = min(self.readers, len(chunks))
         with ThreadPoolExecutor(depth, thread_name_prefix="mlaas-prefetch") as pool:
             pending: deque[Future[Columns | Chunk] | _HeadFirst] = deque(
-                self._start(pool, chunks[:depth], chunks[:self.shuffle_chunks]))
+                self._start(pool, chunks[:depth], chunks[:self._group_size()]))
             try:
                 for i, chunk in enumerate(chunks):
                     item = pending.popleft()
@@ -394,7 +402,7 @@ class RootDataset:
         """
         parts = self._parts(group, first=True)
         heads = {i: c.entries // parts for i, c in enumerate(first)
-                 if parts > 1 and self.cache.get(c.name) is None}
+                 if i < len(group) and parts > 1 and self.cache.get(c.name) is None}
         started: dict[int, list[Future[Columns | Chunk]]] = {}
         for i, c in enumerate(first):
             rows = heads.get(i)

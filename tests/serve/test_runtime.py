@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 
@@ -229,18 +230,44 @@ def test_full_batch_alone_runs_on_the_loop_with_the_same_result(
     x, m = _requests(1)[0]
     x, m = np.tile(x, (8, 1)), np.tile(m, (8, 1))  # a full batch (8 rows)
 
-    async def main() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    async def main() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        first = await batcher.submit(x, m, inline_rows=16)  # cost unknown: the executor
         inline = await batcher.submit(x, m, inline_rows=16)
         threaded = await batcher.submit(x, m)  # inline_rows 0: the executor, as before
         too_big = await batcher.submit(np.tile(x, (3, 1)), np.tile(m, (3, 1)), inline_rows=16)
-        return inline, threaded, too_big, threading.get_ident()
+        return first, inline, threaded, too_big, threading.get_ident()
 
-    inline, threaded, too_big, loop_thread = asyncio.run(main())
+    first, inline, threaded, too_big, loop_thread = asyncio.run(main())
     np.testing.assert_array_equal(inline, threaded)
+    np.testing.assert_array_equal(first, threaded)
     np.testing.assert_array_equal(too_big, np.tile(threaded, (3, 1)))
-    assert rec.threads[0] == loop_thread
-    assert rec.threads[1] != loop_thread and rec.threads[2] != loop_thread  # 24 > 16 rows
-    assert seen == [8, 8, 24]
+    assert rec.threads[0] != loop_thread and rec.threads[1] == loop_thread
+    assert rec.threads[2] != loop_thread and rec.threads[3] != loop_thread  # 24 > 16 rows
+    assert seen == [8, 8, 8, 24]
+    assert batcher.row_seconds is not None
+
+
+def test_a_model_too_slow_for_the_budget_never_runs_on_the_loop(
+        executor: ThreadPoolExecutor) -> None:
+    """8 rows at 1 ms each exceed the 3 ms budget: every call goes to the executor."""
+    rec = ThreadRecorder()
+
+    def slow(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        time.sleep(0.001 * len(x))
+        return rec(x, mask)
+
+    batcher = Batcher(slow, max_batch_size=8, max_delay_ms=1.0, executor=executor)
+    x, m = _requests(1)[0]
+    x, m = np.tile(x, (8, 1)), np.tile(m, (8, 1))
+
+    async def main() -> int:
+        for _ in range(3):
+            await batcher.submit(x, m, inline_rows=16)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert len(rec.threads) == 3 and loop_thread not in rec.threads
+    assert batcher.row_seconds is not None and batcher.row_seconds >= 0.001
 
 
 def test_full_batch_waits_its_turn_while_small_requests_batch(
@@ -274,11 +301,12 @@ def test_runtime_scores_on_the_loop_only_when_alone() -> None:
     mask = np.ones((8, 2), np.float32)
     try:
         async def alone() -> tuple[np.ndarray, int]:
+            await rt.infer("m", 1, None, {"x": x, "mask": mask})  # measures the model
             _, got = await rt.infer("m", 1, None, {"x": x, "mask": mask})
             return got, threading.get_ident()
 
         got, loop_thread = asyncio.run(alone())
-        assert rec.threads == [loop_thread]
+        assert rec.threads[0] != loop_thread and rec.threads[1] == loop_thread
 
         async def together() -> list[tuple[int, np.ndarray]]:
             return await asyncio.gather(rt.infer("m", 1, None, {"x": x, "mask": mask}),
@@ -287,7 +315,7 @@ def test_runtime_scores_on_the_loop_only_when_alone() -> None:
         (_, big), (_, small) = asyncio.run(together())
         np.testing.assert_array_equal(big, got)
         np.testing.assert_array_equal(small, got[:1])
-        assert loop_thread not in rec.threads[1:]  # two requests active: the executor
+        assert loop_thread not in rec.threads[2:]  # two requests active: the executor
         assert rt.active == 0
     finally:
         rt.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -50,6 +51,10 @@ DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_MAX_QUEUE = 1024
 #: The largest request run on the event loop's thread when alone (~2 ms of the benchmark MLP).
 DEFAULT_INLINE_ROWS = 4096
+#: The longest call allowed on the event loop's thread, judged from the model's
+#: measured seconds per row: a heavier model (a deep set over many objects, a
+#: big network) is not scored on the loop however few its rows.
+INLINE_BUDGET_S = 0.003
 
 RunFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
@@ -222,6 +227,7 @@ class Batcher(_BatchQueue):
         super().__init__(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                          executor=executor, max_queue=max_queue, on_batch=on_batch)
         self.run = run
+        self.row_seconds: float | None = None  # measured cost per row (moving average)
 
     async def submit(self, x: np.ndarray, mask: np.ndarray | None, *,
                      inline_rows: int = 0) -> np.ndarray:
@@ -236,12 +242,13 @@ class Batcher(_BatchQueue):
                 executor: it would run alone anyway, and the thread hop (queue the
                 call, wake a thread, wake the loop when it is done) was ~0.05 ms of a
                 ~0.9 ms request of 1024 events. The caller says when that is safe (no
-                other request of the server in flight: the loop is blocked meanwhile).
-                0: never.
+                other request of the server in flight: the loop is blocked meanwhile),
+                and only a model measured to score those rows within
+                :data:`INLINE_BUDGET_S` qualifies. 0: never.
         """
         n = len(x)
-        if self.max_batch_size <= n <= inline_rows and self.idle:
-            out: np.ndarray = self.run(x, mask)
+        if self.max_batch_size <= n <= inline_rows and self.idle and self._cheap(n):
+            out: np.ndarray = self._timed_run(x, mask)
             if self.on_batch is not None:
                 self.on_batch(n)
             return out
@@ -251,8 +258,24 @@ class Batcher(_BatchQueue):
         out = await self._enqueue((x, mask), n)
         return out
 
+    def _cheap(self, rows: int) -> bool:
+        """Whether ``rows`` rows are known to score within :data:`INLINE_BUDGET_S`.
+
+        Unknown until the model has run once (in the executor): the first
+        large request of a model never blocks the loop.
+        """
+        return self.row_seconds is not None and rows * self.row_seconds <= INLINE_BUDGET_S
+
+    def _timed_run(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        start = time.perf_counter()
+        out: np.ndarray = self.run(x, mask)
+        per_row = (time.perf_counter() - start) / max(1, len(x))
+        old = self.row_seconds
+        self.row_seconds = per_row if old is None else 0.8 * old + 0.2 * per_row
+        return out
+
     def _run_alone(self, payload: Any) -> np.ndarray:
-        return self.run(*payload)
+        return self._timed_run(*payload)
 
     def _run_batch(self, payloads: list[Any]) -> list[Any]:
         xs = [p[0] for p in payloads]
@@ -263,7 +286,7 @@ class Batcher(_BatchQueue):
             mask = None
         else:
             mask = masks[0] if len(masks) == 1 else np.concatenate(masks)
-        out = self.run(x, mask)
+        out = self._timed_run(x, mask)
         results = []
         start = 0
         for part in xs:

@@ -2,7 +2,7 @@
  * loopback_bind.c -- LD_PRELOAD shim that keeps test servers on 127.0.0.1.
  *
  * Why this exists: the XRootD server (xrootd 5.x) has no option to choose the
- * address it listens on; it always binds the wildcard address (0.0.0.0 or ::),
+ * address it listens on; it always binds the wildcard address (INADDR_ANY or ::),
  * which would expose the test server on every interface of the machine.  The
  * test suite's rule is that every server binds and talks to loopback only, so
  * tests/servers.py compiles this file into a shared object and starts xrootd
@@ -10,7 +10,7 @@
  *
  * What it does: it wraps bind(2).  When the requested address is a wildcard
  * it is rewritten to loopback before calling the real bind():
- *   - AF_INET  0.0.0.0 -> 127.0.0.1
+ *   - AF_INET  INADDR_ANY -> 127.0.0.1
  *   - AF_INET6 ::      -> ::ffff:127.0.0.1 on a dual-stack socket (so IPv4
  *                         clients connecting to 127.0.0.1 still reach it),
  *                         or ::1 if the socket is IPV6_V6ONLY.

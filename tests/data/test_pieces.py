@@ -99,25 +99,6 @@ def test_shard_gives_every_worker_every_source_and_even_events(pair: Path) -> No
     assert abs(events[0] - events[1]) <= max(c.entries for c in plan)
 
 
-def test_first_chunks_are_read_head_first(pair: Path, monkeypatch) -> None:
-    monkeypatch.setattr(loader, "PIECE_ROWS", 300)
-    ds = RootDataset(spec(pair), split="train", batch_size=128)
-    ranges: list[tuple[int, int, int]] = []
-    read = chunks.read
-
-    def spy(pipeline, layout, chunk):  # type: ignore[no-untyped-def]
-        ranges.append((chunk.file_index, chunk.start, chunk.stop))
-        return read(pipeline, layout, chunk)
-
-    monkeypatch.setattr(chunks, "read", spy)
-    got = by_id(list(ds))
-    whole = {(c.file_index, c.start, c.stop) for c in ds.chunks}
-    split = [r for r in ranges if r not in whole]
-    assert len(split) == 4 and len(ranges) == len(ds.chunks) + 2  # two chunks read in two
-    assert ranges[:2] == split[:2]  # both heads first, before either rest
-    assert len(got) == ds.num_events == len(np.unique(got.file * 10**9 + got.entry))
-
-
 def test_readers_must_be_positive(pair: Path) -> None:
     from mlaas.errors import SpecError
 

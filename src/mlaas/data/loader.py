@@ -14,13 +14,12 @@ event of a split is yielded exactly once per epoch, whatever the worker count.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +45,6 @@ Batch = dict[str, np.ndarray]
 #: a buffer mixes ``shuffle_chunks`` pieces of this size, 54 MB each at the
 #: benchmark's 416 bytes per event, whatever ``data.step_size`` is.
 PIECE_ROWS = 131_072
-#: How many times smaller the pieces of an epoch's first group are (see ``RootDataset._parts``).
-FIRST_SPLIT = 4
 Prepared = tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]
 
 
@@ -299,14 +296,13 @@ class RootDataset:
         worker's epoch here (page faults, ~6 us each on this VM).
         """
         group: list[tuple[chunking.ChunkRange, Columns | Chunk]] = []
-        first = True
         for item in self._fetched(chunks, threads):
             group.append(item)
             if len(group) == self._group_size():
-                yield from self._group_pieces(group, outputs, first)
-                group, first = [], False
+                yield from self._group_pieces(group, outputs)
+                group = []
         if group:
-            yield from self._group_pieces(group, outputs, first)
+            yield from self._group_pieces(group, outputs)
 
     def _group_size(self) -> int:
         """Chunks cut into pieces together: ``shuffle_chunks``, or 1 without shuffling.
@@ -316,23 +312,9 @@ class RootDataset:
         """
         return self.shuffle_chunks if self.shuffle else 1
 
-    @staticmethod
-    def _parts(group: list[chunking.ChunkRange], first: bool) -> int:
-        """Pieces per chunk of a group: ``FIRST_SPLIT`` times more in an epoch's first group.
-
-        Smaller first pieces mean smaller first reads (see ``_start``) and a
-        smaller first buffer, so the first batch comes sooner; later groups,
-        read while the first is consumed, use full pieces.
-        """
-        parts = max(-(-c.entries // PIECE_ROWS) for c in group)
-        if first:
-            parts = min(parts * FIRST_SPLIT, max(1, min(c.entries for c in group)))
-        return parts
-
     def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk]],
-                      outputs: _ShuffleBuffer | None, first: bool = False,
-                      ) -> Iterator[tuple[Columns, bool]]:
-        parts = self._parts([chunk for chunk, _ in group], first)
+                      outputs: _ShuffleBuffer | None) -> Iterator[tuple[Columns, bool]]:
+        parts = max(-(-chunk.entries // PIECE_ROWS) for chunk, _ in group)
         kept: dict[str, list[Columns]] = {chunk.name: [] for chunk, _ in group}
         for j in range(parts):
             for k, (chunk, fetched) in enumerate(group):
@@ -347,18 +329,15 @@ class RootDataset:
                             self.cache.put(chunk.name, Columns.concat(kept.pop(chunk.name)))
                 yield cols, k == len(group) - 1
 
-    def _transform_piece(self, chunk: Chunk | _HeadFirst, entries: int, j: int, parts: int,
+    def _transform_piece(self, chunk: Chunk, entries: int, j: int, parts: int,
                          outputs: _ShuffleBuffer | None) -> Columns:
         start, stop = j * entries // parts, (j + 1) * entries // parts
-        if isinstance(chunk, _HeadFirst):
-            piece = chunk.piece(start, stop)
-        else:
-            piece = chunk if parts == 1 else _slice(chunk, start, stop)
+        piece = chunk if parts == 1 else _slice(chunk, start, stop)
         return self.transform(piece, None if self.split == "all" else self.split,
                               outputs.lend if outputs is not None else None)
 
     def _fetched(self, chunks: list[chunking.ChunkRange], threads: bool = True,
-                 ) -> Iterator[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]]:
+                 ) -> Iterator[tuple[chunking.ChunkRange, Columns | Chunk]]:
         """Each chunk with its cached columns or raw arrays; ``readers`` chunks read ahead.
 
         Only reading runs in those threads: decompression releases the GIL, so
@@ -369,8 +348,11 @@ class RootDataset:
         2M zlib events); two overlap each other's waits and the transform.
         Each chunk in flight costs one chunk's arrays of memory.
 
-        The first chunks are read head first (see :class:`_HeadFirst`), so the
-        first batches wait for one piece of each, not for whole chunks.
+        Chunks are read whole. Reading the first ones head first (a small
+        range, then the rest) made the first batch come 0.1-0.3 s sooner but
+        decompressed the baskets at the border twice (a whole basket per
+        branch, ~100k events in datagen files): the first deepsets epoch
+        took longer (first/in-memory 1.27-1.32 against 1.20-1.21 whole).
         """
         if not threads or len(chunks) < 2:
             for chunk in chunks:
@@ -378,44 +360,16 @@ class RootDataset:
             return
         depth = min(self.readers, len(chunks))
         with ThreadPoolExecutor(depth, thread_name_prefix="mlaas-prefetch") as pool:
-            pending: deque[Future[Columns | Chunk] | _HeadFirst] = deque(
-                self._start(pool, chunks[:depth], chunks[:self._group_size()]))
+            pending = deque(pool.submit(self._fetch, c) for c in chunks[:depth])
             try:
                 for i, chunk in enumerate(chunks):
-                    item = pending.popleft()
+                    fetched = pending.popleft().result()
                     if i + depth < len(chunks):
                         pending.append(pool.submit(self._fetch, chunks[i + depth]))
-                    yield chunk, (item if isinstance(item, _HeadFirst) else item.result())
+                    yield chunk, fetched
             finally:
-                for item in pending:  # leaving early: do not read what nobody will use
-                    for future in (item.futures if isinstance(item, _HeadFirst) else [item]):
-                        future.cancel()
-
-    def _start(self, pool: ThreadPoolExecutor, first: list[chunking.ChunkRange],
-               group: list[chunking.ChunkRange]) -> list[Future[Columns | Chunk] | _HeadFirst]:
-        """Reads of the first chunks: every head before any rest, so the first buffer fills soon.
-
-        Reading a chunk in two ranges decompresses the baskets at the border
-        twice (+9% for one of the benchmark's 594k-event chunks), so only the
-        first group pays it, where the whole epoch waits for it: the first
-        deepsets batches waited 0.35-0.45 s per epoch for two whole chunks.
-        """
-        parts = self._parts(group, first=True)
-        heads = {i: c.entries // parts for i, c in enumerate(first)
-                 if i < len(group) and parts > 1 and self.cache.get(c.name) is None}
-        started: dict[int, list[Future[Columns | Chunk]]] = {}
-        for i, c in enumerate(first):
-            rows = heads.get(i)
-            task = (self._read_rows, c, 0, rows) if rows else (self._fetch, c)
-            started[i] = [pool.submit(*task)]
-        for i, rows in heads.items():
-            started[i].append(pool.submit(self._read_rows, first[i], rows, first[i].entries))
-        return [_HeadFirst(heads[i], *started[i]) if i in heads else started[i][0]
-                for i in range(len(first))]
-
-    def _read_rows(self, chunk: chunking.ChunkRange, start: int, stop: int) -> Chunk:
-        part = dataclasses.replace(chunk, start=chunk.start + start, stop=chunk.start + stop)
-        return chunking.read(self.pipeline, self.layout, part)
+                for future in pending:  # leaving early: do not read what nobody will use
+                    future.cancel()
 
     def _fetch(self, chunk: chunking.ChunkRange) -> Columns | Chunk:
         """The cached columns of ``chunk``, or its arrays read from the file."""
@@ -554,21 +508,3 @@ def _slice(chunk: Chunk, start: int, stop: int) -> Chunk:
                  file_index=chunk.file_index, file_key=chunk.file_key, source=chunk.source,
                  entry_start=chunk.entry_start + start, url=chunk.url)
 
-
-class _HeadFirst:
-    """A chunk read as two ranges: its first piece (``head`` rows), then the rest.
-
-    Pieces come from whichever read holds them; a piece never straddles the
-    border, because the border is where the first piece ends.
-    """
-
-    def __init__(self, head: int, first: Future[Chunk], rest: Future[Chunk]) -> None:
-        self.head = head
-        self.futures = [first, rest]
-
-    def piece(self, start: int, stop: int) -> Chunk:
-        if stop <= self.head:
-            return _slice(self.futures[0].result(), start, stop)
-        if start < self.head:
-            raise AssertionError(f"piece {start}:{stop} straddles the head of {self.head} rows")
-        return _slice(self.futures[1].result(), start - self.head, stop - self.head)

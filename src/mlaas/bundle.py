@@ -49,7 +49,7 @@ import awkward as ak
 import numpy as np
 
 from mlaas.data.layout import Layout, as_float64
-from mlaas.data.transform import (SlotIndex, descending_order, evaluate_env, flat_values,
+from mlaas.data.transform import (SlotIndex, evaluate_env, flat_values,
                                   jagged_values, selection)
 from mlaas.errors import BadValues, BundleError, DataError, close_names
 
@@ -222,36 +222,7 @@ class Preprocessor:
             feature = next(f for f in layout.features if f.name == name)
             return flat_values(feature.expression.evaluate(env))
 
-        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for coll in layout.collections.values():
-            counts: np.ndarray | None = None
-            order: np.ndarray | None = None
-            elements: np.ndarray | None = None
-            for name in coll.features:
-                content, here = flat(name)
-                if counts is None:
-                    counts = here
-                    elements = np.repeat(keep, counts)
-                    if coll.sort_by is not None:
-                        key, key_counts = flat(coll.sort_by)
-                        if not np.array_equal(key_counts, counts):
-                            raise DataError(
-                                f"jagged branch {name!r} and its sort key {coll.sort_by!r} have "
-                                "different multiplicities in some events; sort_by must be in "
-                                "the same collection", file_path=where, branch=name,
-                            )
-                        order = descending_order(key, counts)
-                elif not np.array_equal(counts, here):
-                    raise DataError(
-                        f"branches of collection {coll.name!r} ({', '.join(coll.features)}) "
-                        "have different multiplicities; name them so that one collection "
-                        "shares one length", file_path=where, branch=name,
-                    )
-                if order is not None:
-                    content = content[order]
-                assert elements is not None
-                out[name] = (content[elements], counts[keep])
-        return out
+        return jagged_values(layout, env, keep, where, flat=flat)
 
     def _clean(self, values: np.ndarray, name: str, index: np.ndarray, rows: np.ndarray | None,
                where: str) -> np.ndarray:

@@ -231,45 +231,61 @@ def flat_values(arr: Any) -> tuple[np.ndarray, np.ndarray]:
     return content, counts
 
 
-def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray,
-                  url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url: str,
+                  flat: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None,
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each jagged feature as (content, counts) of the kept events, collections sorted.
 
     Works on the whole chunk in numpy: the content is taken once, sorted by
     the collection's key with one lexsort, and the kept events' elements are
     picked with a repeated event mask, never by indexing awkward arrays.
+    ``flat(name)`` gives a branch's or feature's float64 content and counts
+    (default: :func:`flat_values` of ``env[name]`` or of the feature's
+    expression); the bundle passes one that reads raw numpy columns.
     """
+    def from_env(name: str) -> tuple[np.ndarray, np.ndarray]:
+        arr = env[name] if name in env else _feature(layout, name).expression.evaluate(env)
+        return flat_values(arr)
+
+    flat = flat or from_env
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for coll in layout.collections.values():
         counts: np.ndarray | None = None
         order: np.ndarray | None = None
         elements: np.ndarray | None = None
         for name in coll.features:
-            arr = env[name] if name in env else _feature(layout, name).expression.evaluate(env)
-            content, here = flat_values(arr)
+            content, here = flat(name)
             if counts is None:
                 counts = here
                 elements = np.repeat(keep, counts)
                 if coll.sort_by is not None:
-                    key, key_counts = flat_values(env[coll.sort_by])
+                    key, key_counts = flat(coll.sort_by)
                     if not np.array_equal(key_counts, counts):
-                        raise DataError(
-                            f"jagged branch {name!r} and its sort key {coll.sort_by!r} have "
-                            "different multiplicities in some events; sort_by must be in the "
-                            "same collection", file_path=url, branch=name,
-                        )
+                        raise _sort_key_error(coll, name, url)
                     order = descending_order(key, counts)
             elif not np.array_equal(counts, here):
-                raise DataError(
-                    f"branches of collection {coll.name!r} ({', '.join(coll.features)}) have "
-                    "different multiplicities; name them so that one collection shares one "
-                    "length", file_path=url, branch=name,
-                )
+                raise _multiplicity_error(coll, name, url)
             if order is not None:
                 content = content[order]
             assert elements is not None
             out[name] = (content[elements], counts[keep])
     return out
+
+
+def _sort_key_error(coll: Any, name: str, url: str) -> DataError:
+    return DataError(
+        f"jagged branch {name!r} and its sort key {coll.sort_by!r} have different "
+        "multiplicities in some events; sort_by must be in the same collection",
+        file_path=url, branch=name,
+    )
+
+
+def _multiplicity_error(coll: Any, name: str, url: str) -> DataError:
+    return DataError(
+        f"branches of collection {coll.name!r} ({', '.join(coll.features)}) have different "
+        "multiplicities; name them so that one collection shares one length",
+        file_path=url, branch=name,
+    )
 
 
 def jagged_parts(arr: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -332,11 +348,7 @@ def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, 
                 if coll.sort_by is not None:
                     key_offsets, key = jagged_parts(env[coll.sort_by])
                     if not np.array_equal(key_offsets, offsets):
-                        raise DataError(
-                            f"jagged branch {name!r} and its sort key {coll.sort_by!r} have "
-                            "different multiplicities in some events; sort_by must be in the "
-                            "same collection", file_path=url, branch=name,
-                        )
+                        raise _sort_key_error(coll, name, url)
                     counts = np.diff(offsets)
                     order = _descending_order_32(key, counts)
                     if order is None:
@@ -344,11 +356,7 @@ def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, 
                 assert coll.max_len is not None
                 found = _Collection(offsets, order, coll.max_len, {})
             elif not np.array_equal(found.offsets, offsets):
-                raise DataError(
-                    f"branches of collection {coll.name!r} ({', '.join(coll.features)}) have "
-                    "different multiplicities; name them so that one collection shares one "
-                    "length", file_path=url, branch=name,
-                )
+                raise _multiplicity_error(coll, name, url)
             found.contents[name] = content
         if found is not None:
             out[cname] = found

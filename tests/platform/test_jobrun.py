@@ -127,6 +127,26 @@ def test_sigterm_exits_75_and_a_new_start_resumes(data: Path, tmp_path: Path) ->
     assert json.loads((job / "exit.json").read_text())["exit_code"] == 0
 
 
+def test_sigterm_before_training_exits_75_with_exit_json(data: Path, tmp_path: Path) -> None:
+    # Right after the start: imports, pass 1 or the trainer's setup, wherever
+    # the signal lands. Nothing is checkpointed yet; the job still says it
+    # was preempted, in its log and in exit.json, so the server requeues it.
+    model = model_file(tmp_path, SLOW_MODEL, "slow", SLEEP=0.02)
+    job = write_job(tmp_path / "job", pipeline(data, epochs=50, model=model, batch_size=128))
+    proc = _start(job)
+    assert proc.stdout is not None
+    seen = [proc.stdout.readline() for _ in range(1)]
+    while seen[-1] and not seen[-1].startswith("[mlaas] starting"):
+        seen.append(proc.stdout.readline())  # warnings printed before it, if any
+    assert seen[-1].startswith("[mlaas] starting"), seen
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    assert "Preempted: received SIGTERM" in out and "Traceback" not in out
+    exit_info = json.loads((job / "exit.json").read_text())
+    assert exit_info["exit_code"] == 75 and "SIGTERM" in exit_info["error"], exit_info
+
+
 def test_parent_death_sends_sigterm(data: Path, tmp_path: Path) -> None:
     """A parent (standing in for the server) is SIGKILLed: the job checkpoints and exits 75."""
     model = model_file(tmp_path, SLOW_MODEL, "slow", SLEEP=0.02)

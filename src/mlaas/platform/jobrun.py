@@ -12,8 +12,9 @@ its job directory, so the server may die and come back without losing a job::
     JOB_DIR/job.log         stdout and stderr (opened by the executor)
     JOB_DIR/.lock           held while the process runs: never two processes per job
 
-Exit codes: 0 success; 75 preempted (SIGTERM: the trainer wrote its checkpoint,
-a new start resumes from it, see :data:`mlaas.train.trainer.PREEMPTED_EXIT_CODE`);
+Exit codes: 0 success; 75 preempted (SIGTERM: in training the trainer wrote its
+checkpoint; outside training there was nothing to save, see :mod:`mlaas._stop`;
+a new start resumes either way);
 1 an :class:`mlaas.errors.MlaasError` (its message is the last line of the log);
 2 any other exception (its traceback is in the log).
 
@@ -47,7 +48,7 @@ __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_CRASH", "EXIT_PREEMPTED", "PARENT_PID_
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CRASH = 2
-EXIT_PREEMPTED = 75  # == mlaas.train.trainer.PREEMPTED_EXIT_CODE (not imported: torch is slow)
+EXIT_PREEMPTED = _stop.PREEMPTED_EXIT_CODE  # 75, as mlaas.train.trainer.PREEMPTED_EXIT_CODE
 
 PIPELINE_FILE = "pipeline.json"
 PROGRESS_FILE = "progress.json"
@@ -124,22 +125,6 @@ def _set_threads() -> None:
             torch.set_num_interop_threads(int(value))
 
 
-class _Preempted(BaseException):
-    """SIGTERM while run() had not (or no longer) its own handlers installed.
-
-    A BaseException, like KeyboardInterrupt: it usually lands in the middle of
-    importing torch or pydantic, whose ``except Exception`` around optional
-    imports would otherwise swallow it, and the job would run on until the
-    executor's SIGKILL (seen with the Ray executor, which starts jobs fast).
-    """
-
-
-def _sigterm_preempts(signum: int, frame: Any) -> None:
-    """Until run() installs its handlers (imports take seconds), SIGTERM means preempted."""
-    _stop.note()  # run() and the trainer see it even if this raise is dropped
-    raise _Preempted("received SIGTERM outside training; nothing to checkpoint")
-
-
 @contextlib.contextmanager
 def _job_lock(job_dir: Path) -> Iterator[None]:
     """Hold ``JOB_DIR/.lock``; wait for a previous process of this job (still checkpointing)."""
@@ -165,6 +150,12 @@ def _job_lock(job_dir: Path) -> Iterator[None]:
 
 class _LockTimeout(Exception):
     pass
+
+
+def _write_exit(job_dir: Path, code: int, error: str | None) -> None:
+    write_json_atomic(job_dir / EXIT_FILE, {
+        "exit_code": code, "error": error,
+        "finished_at": datetime.now(timezone.utc).isoformat()})
 
 
 class _Progress:
@@ -203,9 +194,6 @@ def _run(job_dir: Path) -> tuple[int, str | None]:
         result = run(job_dir / PIPELINE_FILE, run_dir, resume=resume, progress=False,
                      on_progress=progress)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # done: nothing left to stop
-    except _Preempted as exc:
-        print(f"Preempted: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED, str(exc)
     except BaseException as exc:  # noqa: BLE001 - the job's last word goes to its log
         from mlaas.errors import MlaasError
         from mlaas.train.trainer import Preempted
@@ -242,18 +230,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no {PIPELINE_FILE} in job directory {str(job_dir)!r}", file=sys.stderr)
         return EXIT_ERROR
     _unblock_stop_signals()
-    signal.signal(signal.SIGTERM, _sigterm_preempts)
+    # Until run() installs its own handlers (imports take seconds) SIGTERM ends
+    # the process as preempted; it never raises (see mlaas._stop for why).
+    signal.signal(signal.SIGTERM, _stop.handler)
     try:
         _die_with_parent()
-        with _job_lock(job_dir):
+        with _job_lock(job_dir):  # a SIGTERM while waiting: the other process owns exit.json
             (job_dir / EXIT_FILE).unlink(missing_ok=True)
+            forget = _stop.on_preempted(lambda reason: _write_exit(job_dir, EXIT_PREEMPTED,
+                                                                   reason))
             code, error = _run(job_dir)
-            write_json_atomic(job_dir / EXIT_FILE, {
-                "exit_code": code, "error": error,
-                "finished_at": datetime.now(timezone.utc).isoformat()})
-    except _Preempted as exc:  # while waiting for the lock: the other process owns exit.json
-        print(f"Preempted: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # done: nothing left to stop
+            forget()
+            _write_exit(job_dir, code, error)
     except _LockTimeout as exc:
         print(f"{exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlaas import _stop
 from mlaas._progress import event_progress
 from mlaas.data import stats as pass1
 from mlaas.data.loader import Prepared, RootDataset, prepare
@@ -58,45 +59,22 @@ def _stats(pipeline: Pipeline, prepared: Prepared, outdir: Path, resume: bool,
 
 @contextlib.contextmanager
 def _preemptible() -> Iterator[None]:
-    """Outside the training loop a SIGTERM has nothing to save: stop at once, as preempted.
+    """Outside the training loop a SIGTERM has nothing to save: end the run at once, as preempted.
 
     The trainer installs its own handler while it trains (it checkpoints
     first); this one covers pass 1, evaluation and export, which a resumed
-    run simply redoes.
+    run simply redoes. It ends the process with exit code 75 without raising
+    (:mod:`mlaas._stop` says why an exception is not safe there).
     """
-    from mlaas.train.trainer import Preempted
-
-    from mlaas import _stop
-
-    def handler(signum: int, frame: Any) -> None:
-        _stop.note()  # in case the raise lands in a __del__ and is dropped
-        raise _Stop()
-
-    def preempted() -> Preempted:
-        _stop.clear()
-        return Preempted("received SIGTERM outside training; nothing to checkpoint")
-
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, _stop.handler)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
-        if _stop.pending():
-            raise preempted()
         yield
-        if _stop.pending():  # a SIGTERM whose exception was swallowed on the way
-            raise preempted()
-    except _Stop:
-        raise preempted() from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-class _Stop(BaseException):
-    """What the SIGTERM handler raises: a BaseException, so that an ``except Exception``
-    it lands in (building the layout, a user's model file) cannot swallow it; it
-    becomes :class:`~mlaas.train.trainer.Preempted` at the edge of :func:`_preemptible`."""
 
 
 def run(spec: str | Path | dict[str, Any] | Pipeline, outdir: str | Path, *,

@@ -81,7 +81,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mlaas import _stop
+from mlaas._stop import PREEMPTED_EXIT_CODE  # 75, EX_TEMPFAIL: re-exported here
 from mlaas.errors import MlaasError
 from mlaas.spec import Pipeline
 from mlaas.train.models import InputLayout, build_model, select_device
@@ -98,9 +98,6 @@ __all__ = [
     "train",
     "load_checkpoint",
 ]
-
-#: Exit code of a run stopped by SIGTERM after writing its checkpoint (EX_TEMPFAIL).
-PREEMPTED_EXIT_CODE = 75
 
 #: Spec fields that may change between a checkpoint and ``resume=True``.
 RESUMABLE_FIELDS = ("name", "train.epochs", "train.max_time", "train.checkpoint_every",
@@ -364,13 +361,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 class _Flag:
-    """SIGTERM seen: during training, or earlier and not yet acted upon (mlaas._stop)."""
+    """SIGTERM seen during training: acted upon at the next batch boundary.
+
+    The handler only sets an attribute, so it is safe wherever the main
+    thread is when it runs (an exception raised there is not: see
+    :mod:`mlaas._stop`).
+    """
 
     def __init__(self) -> None:
-        self.raised = _stop.pending()
+        self.raised = False
 
     def set(self, signum: int, frame: Any) -> None:
-        _stop.note()
         self.raised = True
 
 
@@ -753,7 +754,6 @@ class _Trainer:
                 except _Interrupted as stop:
                     _write_atomic(last, self.path)
                     if str(stop) == "sigterm":
-                        _stop.clear()
                         raise Preempted(
                             f"received SIGTERM after {self.epoch} completed epoch(s); "
                             f"checkpoint written to {str(self.path)!r}; run again with "

@@ -528,7 +528,7 @@ def bench_apply(name: str, res: dict[str, Any], pair: dict[str, Any], workdir: P
 
 
 def ranges(item: Any) -> list[tuple[int, int]]:
-    return [(a, min(item.entries, a + item.step)) for a in range(0, item.entries, item.step)]
+    return list(item.ranges)
 
 
 def sources_read(bundle: Any, item: Any, r: tuple[int, int]) -> dict[str, Any]:

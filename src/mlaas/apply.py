@@ -37,6 +37,7 @@ import uproot
 from mlaas._progress import event_progress
 from mlaas.bundle import Bundle
 from mlaas.data import sources
+from mlaas.data.chunks import bounds
 from mlaas.data.layout import branch_kinds
 from mlaas.errors import BranchNotFound, DataError, SourceError, close_names
 from mlaas.spec import RetrySpec
@@ -51,7 +52,7 @@ FRIEND_SUFFIX = "_friend.root"
 class _Input:
     url: str
     entries: int
-    step: int
+    ranges: list[tuple[int, int]]  # entry ranges read one at a time (cluster-aligned)
     output: Path
 
 
@@ -85,15 +86,18 @@ def _plan(bundle: Bundle, url: str, outdir: Path, retry: RetrySpec) -> _Input:
         if kinds[name] != want:
             raise DataError(f"branch {name!r} is {kinds[name]} here but {want} in the "
                             "training data", file_path=url, tree=bundle.tree, branch=name)
-    step = sources.entries_per_step(tree, bundle.layout.branches, bundle.step_size or DEFAULT_STEP)
+    step_size = bundle.step_size or DEFAULT_STEP
+    step = sources.entries_per_step(tree, bundle.layout.branches, step_size)
+    clusters = (sources.cluster_starts(tree, bundle.layout.branches)
+                if isinstance(step_size, str) else [])
     entries = int(tree.num_entries)
     tree.file.close()
-    return _Input(url, entries, step, friend_path(url, outdir))
+    return _Input(url, entries, bounds(entries, step, clusters), friend_path(url, outdir))
 
 
 def _chunks(item: _Input, bundle: Bundle, retry: RetrySpec) -> Iterator[dict[str, Any]]:
     """The input's chunks, the next one read in a thread while the caller scores this one."""
-    ranges = [(s, min(item.entries, s + item.step)) for s in range(0, item.entries, item.step)]
+    ranges = item.ranges
 
     def read(r: tuple[int, int]) -> dict[str, Any]:
         return sources.read_range(item.url, bundle.tree, bundle.layout.branches, r[0], r[1],

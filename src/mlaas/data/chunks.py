@@ -1,5 +1,8 @@
 """The reading plan: every input file cut into entry ranges of about ``step_size``.
 
+Ranges end on cluster boundaries (where every branch read starts a basket)
+when the step is a size in bytes, so no basket is read by two chunks.
+
 Layer: data, between sources and interpretation. Planning every chunk up
 front is what lets workers share an epoch exactly (worker k takes chunks
 k, k+K, ...) and lets a cache name each chunk. Planning opens each file once
@@ -8,7 +11,9 @@ to learn its entries and the entries per step for the branches read.
 
 from __future__ import annotations
 
+import bisect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlaas.data import sources
@@ -18,7 +23,7 @@ from mlaas.data.transform import Chunk
 from mlaas.errors import BranchNotFound, DataError, close_names
 from mlaas.spec import Pipeline
 
-__all__ = ["ChunkRange", "FileInfo", "plan", "read", "interleave", "shard"]
+__all__ = ["ChunkRange", "FileInfo", "plan", "bounds", "read", "interleave", "shard"]
 
 
 @dataclass(frozen=True)
@@ -87,14 +92,40 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
             empty.append(ref.url)
             continue
         step = sources.entries_per_step(tree, layout.branches, data.step_size)
-        for start in range(0, entries, step):
-            stop = min(entries, start + step)
+        clusters = (sources.cluster_starts(tree, layout.branches)
+                    if isinstance(data.step_size, str) else [])
+        for start, stop in bounds(entries, step, clusters):
             chunks.append(ChunkRange(index, ref.url, ref.key, ref.source, start, stop,
                                      int(per_entry * (stop - start))))
     _check_sources(pipeline, infos, layout)  # a source with no events at all is an error
     for url in empty:  # ... an empty file among others only a warning
         warnings.warn(f"tree {layout.tree!r} in {url} has no entries", UserWarning, stacklevel=2)
     return infos, chunks
+
+
+def bounds(entries: int, step: int, clusters: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """Cut ``[0, entries)`` into ranges of at most ``step`` entries, on cluster starts if possible.
+
+    ``clusters`` are the entries where every branch read starts a new basket
+    (uproot's ``common_entry_offsets``). A range ends on the last of them
+    that fits in the step, so no basket is decompressed by two chunks: with
+    the 100k-event baskets of datagen and ~594k-event steps, cutting anywhere
+    decompressed 10-15% of the baskets twice (``uproot.iterate`` keeps a
+    border basket for the next step instead). Where no cluster start fits
+    (clusters longer than the step), the range ends at the step, as before.
+    """
+    starts = sorted({c for c in clusters if 0 < c < entries})
+    out: list[tuple[int, int]] = []
+    start, i = 0, 0
+    while start < entries:
+        limit = min(entries, start + step)
+        while i < len(starts) and starts[i] <= start:
+            i += 1
+        j = bisect.bisect_right(starts, limit, lo=i) - 1  # last cluster start <= limit
+        stop = starts[j] if j >= i and limit < entries else limit
+        out.append((start, stop))
+        start = stop
+    return out
 
 
 def _check_sources(pipeline: Pipeline, infos: list[FileInfo], layout: Layout) -> None:

@@ -276,6 +276,16 @@ def entries_per_step(tree: Any, branches: Sequence[str], step_size: str | int) -
     return max(1, int(n))
 
 
+def cluster_starts(tree: Any, branches: Sequence[str]) -> list[int]:
+    """Entries where every one of ``branches`` starts a new basket (empty if unknown)."""
+    wanted = set(branches)
+    try:
+        return [int(e) for e in tree.common_entry_offsets(
+            filter_name=lambda name: name in wanted)]
+    except Exception:  # noqa: BLE001 - an optimisation: cutting anywhere still works
+        return []
+
+
 def compressed_bytes(tree: Any, branches: Sequence[str]) -> int:
     """Compressed size of the branches, for MB/s in progress bars."""
     total = 0

@@ -19,6 +19,7 @@ import numpy as np
 import uproot
 
 from mlaas import expr
+from mlaas.data import sources
 from mlaas.errors import BranchNotFound, SpecError, UnsupportedBranch, close_names
 from mlaas.spec import JaggedFeature, NormalizeKind, Pipeline, collection_of
 
@@ -295,8 +296,9 @@ def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
         return
     stop = min(SAMPLE_ENTRIES, tree.num_entries)
     wanted = set(layout.branches)
-    env: dict[str, Any] = dict(tree.arrays(filter_name=lambda n: n in wanted, entry_stop=stop,
-                                           library="ak", how=dict))
+    with sources.read_errors(url, layout.tree):  # a corrupt first basket names the file
+        env: dict[str, Any] = dict(tree.arrays(filter_name=lambda n: n in wanted,
+                                               entry_stop=stop, library="ak", how=dict))
     for name, e in layout.derived:
         env[name] = e.evaluate(env)
     for i, f in enumerate(layout.features):

@@ -48,6 +48,9 @@ class ChunkRange:
     start: int
     stop: int
     compressed_bytes: int
+    #: entries from ``start`` to the first cluster start inside the chunk (0: none
+    #: known): a read of ``[start, start + head)`` inflates no basket of the rest
+    head: int = 0
 
     @property
     def entries(self) -> int:
@@ -96,7 +99,8 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
                     if isinstance(data.step_size, str) else [])
         for start, stop in bounds(entries, step, clusters):
             chunks.append(ChunkRange(index, ref.url, ref.key, ref.source, start, stop,
-                                     int(per_entry * (stop - start))))
+                                     int(per_entry * (stop - start)),
+                                     _first_cluster(clusters, start, stop)))
     _check_sources(pipeline, infos, layout)  # a source with no events at all is an error
     for url in empty:  # ... an empty file among others only a warning
         warnings.warn(f"tree {layout.tree!r} in {url} has no entries", UserWarning, stacklevel=2)
@@ -126,6 +130,12 @@ def bounds(entries: int, step: int, clusters: Sequence[int] = ()) -> list[tuple[
         out.append((start, stop))
         start = stop
     return out
+
+
+def _first_cluster(clusters: Sequence[int], start: int, stop: int) -> int:
+    """Entries from ``start`` to the first cluster start strictly inside ``(start, stop)``."""
+    i = bisect.bisect_right(clusters, start)
+    return clusters[i] - start if i < len(clusters) and clusters[i] < stop else 0
 
 
 def _check_sources(pipeline: Pipeline, infos: list[FileInfo], layout: Layout) -> None:

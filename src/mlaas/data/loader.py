@@ -14,12 +14,13 @@ event of a split is yielded exactly once per epoch, whatever the worker count.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ Batch = dict[str, np.ndarray]
 #: a buffer mixes ``shuffle_chunks`` pieces of this size, 54 MB each at the
 #: benchmark's 416 bytes per event, whatever ``data.step_size`` is.
 PIECE_ROWS = 131_072
+#: Pieces the head (first cluster) of each chunk of an epoch's first group is cut into.
+HEAD_PIECES = 4
 Prepared = tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]
 
 
@@ -216,7 +219,7 @@ class RootDataset:
         if not self.prefetch:
             return self._epoch_batches(epoch, worker, num_workers, False)
         ahead = True if read_ahead is None else read_ahead
-        batches = self._epoch_batches(epoch, worker, num_workers, ahead)
+        batches = self._epoch_batches(epoch, worker, num_workers, ahead, staged=ahead)
         return in_background(batches, self._queue_depth(), "mlaas-batches")
 
     def _queue_depth(self) -> int:
@@ -224,7 +227,15 @@ class RootDataset:
         return max(2, -(-self.shuffle_chunks * self._piece_rows() // self.batch_size))
 
     def _epoch_batches(self, epoch: int, worker: int, num_workers: int,
-                       threads: bool = True) -> Iterator[Batch]:
+                       threads: bool = True, staged: bool = False) -> Iterator[Batch]:
+        """The epoch's batches: shuffle buffers are filled, then cut into batches.
+
+        ``staged``: filling (the transform) runs in a thread of its own and
+        cutting (the batch gathers) in the caller's, on two buffers in turn,
+        so the two overlap: one thread doing both was the critical path of
+        an epoch (busy 0.95 of 1.0 s per 2M zlib events: transform 0.66,
+        gathers and hand-over 0.3). The batches are the same either way.
+        """
         rng = np.random.default_rng([self.seed, epoch])
         if num_workers > 1:
             # the same chunks for a worker every epoch (in a new order), so a worker's
@@ -232,17 +243,46 @@ class RootDataset:
             mine = self._chunk_order(rng, chunking.shard(self.chunks, worker, num_workers))
         else:
             mine = self._chunk_order(rng, self.chunks)
-        buffer = self._shuffle_buffer()
-        in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
+        buffers = [self._shuffle_buffer() for _ in range(2 if staged else 1)]
+        cuts = self._cuts(mine, rng, buffers, epoch, threads)
+        if staged:
+            cuts = in_background(cuts, 1, "mlaas-buffers")
         try:
-            for cols, last in self._pieces(mine, buffer if in_place else None, threads):
-                buffer.add(self._balanced(cols, epoch))
-                if last:
-                    rest = yield from self._flush(buffer.filled(), rng, final=False)
-                    buffer.restart(rest)
-            yield from self._flush(buffer.filled(), rng, final=True)
+            for cut in cuts:
+                for index in cut.batches:
+                    yield cut.rows.take(index).as_dict()
+                cut.done.set()  # its buffer may be filled again
         finally:
-            buffer.give_back()
+            for buffer in buffers:  # a filling thread waiting for a buffer must not wait forever
+                buffer.release()
+            close = getattr(cuts, "close", None)
+            if close is not None:
+                close()  # in_background: stops and joins the filling thread
+            for buffer in buffers:
+                buffer.give_back()
+
+    def _cuts(self, chunks: list[chunking.ChunkRange], rng: np.random.Generator,
+              buffers: list[_ShuffleBuffer], epoch: int, threads: bool) -> Iterator[_Cut]:
+        """Fill the buffers in turn; hand each over with its batches' row numbers.
+
+        The rows left over after the full batches (fewer than a batch) start
+        the next buffer, copied, before this one is handed over; a buffer is
+        filled again only once its batches are gathered (``_Cut.done``).
+        """
+        current = _Lender(buffers[0])
+        in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
+        turn = 0
+        for cols, last in self._pieces(chunks, current if in_place else None, threads):
+            current.buffer.add(self._balanced(cols, epoch))
+            if last:
+                batches, rest = self._cut(current.buffer.filled(), rng, final=False)
+                yield current.buffer.cut(batches)
+                turn += 1
+                current.buffer = buffers[turn % len(buffers)]
+                current.buffer.wait_free()  # with one buffer: the caller has gathered it
+                current.buffer.restart(rest)
+        batches, _ = self._cut(current.buffer.filled(), rng, final=True)
+        yield current.buffer.cut(batches)
 
     def _shuffle_buffer(self) -> _ShuffleBuffer:
         rows = self.shuffle_chunks * self._piece_rows() + self.batch_size  # + the last rest
@@ -282,7 +322,7 @@ class RootDataset:
             shuffled.extend(items[i] for i in rng.permutation(len(items)))
         return chunking.interleave(shuffled)
 
-    def _pieces(self, chunks: list[chunking.ChunkRange], outputs: _ShuffleBuffer | None,
+    def _pieces(self, chunks: list[chunking.ChunkRange], outputs: _Lender | None,
                 threads: bool) -> Iterator[tuple[Columns, bool]]:
         """Each chunk's columns in pieces, and whether a piece completes a shuffle buffer.
 
@@ -295,14 +335,15 @@ class RootDataset:
         default 100 MB step, whose fresh pages cost most of a DataLoader
         worker's epoch here (page faults, ~6 us each on this VM).
         """
-        group: list[tuple[chunking.ChunkRange, Columns | Chunk]] = []
+        group: list[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]] = []
+        first = True  # the epoch's first group starts with each chunk's first cluster
         for item in self._fetched(chunks, threads):
             group.append(item)
             if len(group) == self._group_size():
-                yield from self._group_pieces(group, outputs)
-                group = []
+                yield from self._group_pieces(group, outputs, first)
+                group, first = [], False
         if group:
-            yield from self._group_pieces(group, outputs)
+            yield from self._group_pieces(group, outputs, first)
 
     def _group_size(self) -> int:
         """Chunks cut into pieces together: ``shuffle_chunks``, or 1 without shuffling.
@@ -312,9 +353,10 @@ class RootDataset:
         """
         return self.shuffle_chunks if self.shuffle else 1
 
-    def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk]],
-                      outputs: _ShuffleBuffer | None) -> Iterator[tuple[Columns, bool]]:
-        parts = max(-(-chunk.entries // PIECE_ROWS) for chunk, _ in group)
+    def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]],
+                      outputs: _Lender | None,
+                      first: bool = False) -> Iterator[tuple[Columns, bool]]:
+        parts = self._parts([chunk for chunk, _ in group], first)
         kept: dict[str, list[Columns]] = {chunk.name: [] for chunk, _ in group}
         for j in range(parts):
             for k, (chunk, fetched) in enumerate(group):
@@ -322,22 +364,38 @@ class RootDataset:
                     n = len(fetched)
                     cols = fetched.take(slice(j * n // parts, (j + 1) * n // parts))
                 else:
-                    cols = self._transform_piece(fetched, chunk.entries, j, parts, outputs)
+                    start, stop = _piece_range(chunk, j, parts, first)
+                    cols = self._transform_piece(fetched, chunk.entries, start, stop, outputs)
                     if self.cache.enabled:  # the buffer's rows are overwritten: keep a copy
                         kept[chunk.name].append(Columns.concat([cols]))
                         if j == parts - 1:
                             self.cache.put(chunk.name, Columns.concat(kept.pop(chunk.name)))
                 yield cols, k == len(group) - 1
 
-    def _transform_piece(self, chunk: Chunk, entries: int, j: int, parts: int,
-                         outputs: _ShuffleBuffer | None) -> Columns:
-        start, stop = j * entries // parts, (j + 1) * entries // parts
-        piece = chunk if parts == 1 else _slice(chunk, start, stop)
+    @staticmethod
+    def _parts(group: list[chunking.ChunkRange], first: bool) -> int:
+        """Pieces per chunk of a group; ``HEAD_PIECES`` more in the epoch's first group.
+
+        There the heads (see :func:`_piece_range`) are cut ``HEAD_PIECES``
+        ways, so the first shuffle buffer is a few small pieces and the first
+        batches wait for little preprocessing.
+        """
+        parts = max(-(-chunk.entries // PIECE_ROWS) for chunk in group)
+        if first and any(_has_head(chunk) for chunk in group):
+            parts += HEAD_PIECES
+        return parts
+
+    def _transform_piece(self, chunk: Chunk | _HeadFirst, entries: int, start: int, stop: int,
+                         outputs: _Lender | None) -> Columns:
+        if isinstance(chunk, _HeadFirst):
+            piece = chunk.piece(start, stop)
+        else:
+            piece = chunk if (start, stop) == (0, entries) else _slice(chunk, start, stop)
         return self.transform(piece, None if self.split == "all" else self.split,
                               outputs.lend if outputs is not None else None)
 
     def _fetched(self, chunks: list[chunking.ChunkRange], threads: bool = True,
-                 ) -> Iterator[tuple[chunking.ChunkRange, Columns | Chunk]]:
+                 ) -> Iterator[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]]:
         """Each chunk with its cached columns or raw arrays; ``readers`` chunks read ahead.
 
         Only reading runs in those threads: decompression releases the GIL, so
@@ -348,11 +406,15 @@ class RootDataset:
         2M zlib events); two overlap each other's waits and the transform.
         Each chunk in flight costs one chunk's arrays of memory.
 
-        Chunks are read whole. Reading the first ones head first (a small
-        range, then the rest) made the first batch come 0.1-0.3 s sooner but
-        decompressed the baskets at the border twice (a whole basket per
-        branch, ~100k events in datagen files): the first deepsets epoch
-        took longer (first/in-memory 1.27-1.32 against 1.20-1.21 whole).
+        The chunks of the first group are read head first: their first
+        cluster (``ChunkRange.head``, where every branch starts a new basket),
+        every head before any rest, so the epoch's first batches wait for one
+        cluster of each chunk instead of whole chunks (two 400-500k-event
+        chunks of the benchmark, half of its 2M events, took ~0.25 s before
+        anything else could start). The split is on a basket boundary, so no
+        basket is inflated twice; without one (``head == 0``) a chunk is read
+        whole. (Head-first reads at arbitrary entries were tried before and
+        removed: they inflated the border baskets twice.)
         """
         if not threads or len(chunks) < 2:
             for chunk in chunks:
@@ -360,16 +422,39 @@ class RootDataset:
             return
         depth = min(self.readers, len(chunks))
         with ThreadPoolExecutor(depth, thread_name_prefix="mlaas-prefetch") as pool:
-            pending = deque(pool.submit(self._fetch, c) for c in chunks[:depth])
+            pending: deque[Future[Columns | Chunk] | _HeadFirst] = deque(
+                self._start(pool, chunks[:depth], chunks[:self._group_size()]))
             try:
                 for i, chunk in enumerate(chunks):
-                    fetched = pending.popleft().result()
+                    item = pending.popleft()
                     if i + depth < len(chunks):
                         pending.append(pool.submit(self._fetch, chunks[i + depth]))
-                    yield chunk, fetched
+                    yield chunk, (item if isinstance(item, _HeadFirst) else item.result())
             finally:
-                for future in pending:  # leaving early: do not read what nobody will use
-                    future.cancel()
+                for item in pending:  # leaving early: do not read what nobody will use
+                    for future in (item.futures if isinstance(item, _HeadFirst) else [item]):
+                        future.cancel()
+
+    def _start(self, pool: ThreadPoolExecutor, ahead: list[chunking.ChunkRange],
+               group: list[chunking.ChunkRange]) -> list[Future[Columns | Chunk] | _HeadFirst]:
+        """The first reads: the heads of the first group's chunks, then their rests, then others."""
+        split = {c.name for c in group if _has_head(c) and self.cache.get(c.name) is None}
+        heads = {c.name: pool.submit(self._read_rows, c, 0, c.head)
+                 for c in ahead if c.name in split}
+        started: list[Future[Columns | Chunk] | _HeadFirst] = []
+        for c in ahead:
+            if c.name in heads:
+                rest = pool.submit(self._read_rows, c, c.head, c.entries)
+                started.append(_HeadFirst(c.head, heads[c.name], rest))
+            else:
+                started.append(pool.submit(self._fetch, c))
+        return started
+
+    def _read_rows(self, chunk: chunking.ChunkRange, start: int, stop: int) -> Chunk:
+        """Entries ``[start, stop)`` of ``chunk`` (relative to its start), read from the file."""
+        part = dataclasses.replace(chunk, start=chunk.start + start, stop=chunk.start + stop,
+                                   head=0)
+        return chunking.read(self.pipeline, self.layout, part)
 
     def _fetch(self, chunk: chunking.ChunkRange) -> Columns | Chunk:
         """The cached columns of ``chunk``, or its arrays read from the file."""
@@ -403,18 +488,19 @@ class RootDataset:
             keep[rows] = u < self._keep_fraction[info.ref.source]
         return cols.take(np.flatnonzero(keep))
 
-    def _flush(self, buf: Columns, rng: np.random.Generator,
-               final: bool) -> Iterator[Batch]:
-        """Shuffle the buffer, yield full batches, return the rest (a copy) for the next one."""
+    def _cut(self, buf: Columns, rng: np.random.Generator,
+             final: bool) -> tuple[list[np.ndarray], Columns]:
+        """Shuffle the buffer: the row numbers of each batch, and the rest (a copy)."""
         n, b = len(buf), self.batch_size
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         full = n // b
-        for i in range(full):
-            yield buf.take(order[i * b:(i + 1) * b]).as_dict()
-        rest = buf.take(order[full * b:])
-        if final and len(rest) and not self.drop_last:
-            yield rest.as_dict()
-        return rest
+        batches = [order[i * b:(i + 1) * b] for i in range(full)]
+        rest = order[full * b:]
+        if final:
+            if len(rest) and not self.drop_last:
+                batches.append(rest)
+            return batches, buf.take(slice(0, 0))
+        return batches, buf.take(rest)
 
 
 class _ShuffleBuffer:
@@ -442,6 +528,7 @@ class _ShuffleBuffer:
         self.block: Columns | None = None
         self.fill = 0
         self.lent: np.ndarray | None = None
+        self.free: threading.Event | None = None  # set once its last cut is gathered
 
     def _ensure(self) -> Columns:
         if self.block is None:
@@ -494,12 +581,93 @@ class _ShuffleBuffer:
         if len(rest):
             self.add(rest)
 
+    def cut(self, batches: list[np.ndarray]) -> _Cut:
+        """Hand the rows over to be gathered into ``batches``; busy until ``_Cut.done``."""
+        self.free = threading.Event()
+        return _Cut(self.filled(), batches, self.free)
+
+    def wait_free(self) -> None:
+        if self.free is not None:
+            self.free.wait()
+
+    def release(self) -> None:
+        if self.free is not None:
+            self.free.set()
+
     def give_back(self) -> None:
         """At the end of a pass the block goes back to the dataset for the next one."""
         if self.block is not None:
             with self.lock:
                 self.spare.append(self.block)
             self.block = None
+
+
+class _Lender:
+    """Lends rows of whichever shuffle buffer is being filled now (see ``_cuts``)."""
+
+    def __init__(self, buffer: _ShuffleBuffer) -> None:
+        self.buffer = buffer
+
+    def lend(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.buffer.lend(m)
+
+
+@dataclasses.dataclass
+class _Cut:
+    """A filled shuffle buffer, its batches' row numbers, and the event set when gathered."""
+
+    rows: Columns
+    batches: list[np.ndarray]
+    done: threading.Event
+
+
+def _has_head(chunk: chunking.ChunkRange) -> bool:
+    return 0 < chunk.head < chunk.entries
+
+
+def _piece_range(chunk: chunking.ChunkRange, j: int, parts: int, first: bool) -> tuple[int, int]:
+    """Entries of piece ``j`` of ``parts`` of ``chunk``, relative to its start.
+
+    In the epoch's first group a chunk with a head has its head cut into
+    the first ``HEAD_PIECES`` pieces and the rest cut evenly into the
+    others; otherwise pieces are even. It depends on the
+    plan alone, never on threads or timing, so serial and threaded epochs
+    give the same batches.
+    """
+    entries = chunk.entries
+    if not (first and _has_head(chunk) and parts > HEAD_PIECES):
+        return j * entries // parts, (j + 1) * entries // parts
+    head, h = chunk.head, HEAD_PIECES
+    if j < h:
+        return j * head // h, (j + 1) * head // h
+    rest, k = entries - head, parts - h
+    return head + (j - h) * rest // k, head + (j - h + 1) * rest // k
+
+
+class _HeadFirst:
+    """A chunk read as two ranges: its first cluster (``head`` entries), then the rest.
+
+    Pieces come from whichever read holds them; a piece never straddles the
+    border, because in the first group the first pieces cut exactly the head.
+    """
+
+    def __init__(self, head: int, first: Future[Columns | Chunk],
+                 rest: Future[Columns | Chunk]) -> None:
+        self.head = head
+        self.futures = [first, rest]
+
+    def piece(self, start: int, stop: int) -> Chunk:
+        if stop <= self.head:
+            part, offset = self.futures[0].result(), 0
+        elif start >= self.head:
+            part, offset = self.futures[1].result(), self.head
+        else:
+            raise AssertionError(f"piece {start}:{stop} straddles the head of {self.head} rows")
+        assert isinstance(part, Chunk)
+        n = len(next(iter(part.arrays.values()))) if part.arrays else 0
+        if (start - offset, stop - offset) == (0, n):
+            return part
+        return _slice(part, start - offset, stop - offset)
 
 
 def _slice(chunk: Chunk, start: int, stop: int) -> Chunk:

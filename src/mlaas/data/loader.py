@@ -265,9 +265,9 @@ class RootDataset:
               buffers: list[_ShuffleBuffer], epoch: int, threads: bool) -> Iterator[_Cut]:
         """Fill the buffers in turn; hand each over with its batches' row numbers.
 
-        The rows left over after the full batches (fewer than a batch) start
-        the next buffer, copied, before this one is handed over; a buffer is
-        filled again only once its batches are gathered (``_Cut.done``).
+        The rows left over after the full batches (fewer than a batch) are
+        copied out and start the next buffer; a buffer is filled again only
+        once its batches are gathered (``_Cut.done``).
         """
         current = _Lender(buffers[0])
         in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
@@ -516,8 +516,9 @@ class _ShuffleBuffer:
     faults every time (a transform into reused memory took 0.105 s CPU per
     200k events against 0.12-0.33 s into fresh arrays).
 
-    Memory: ``shuffle_chunks`` chunks plus one batch of rows of every field,
-    kept while the dataset lives (one block per pass running at once).
+    Memory: ``shuffle_chunks`` pieces plus one batch of rows of every field,
+    kept while the dataset lives (two blocks per threaded pass running at
+    once, one being filled while the other is cut into batches).
     """
 
     def __init__(self, spare: list[Columns], lock: threading.Lock, rows: int,

@@ -1,12 +1,12 @@
-"""An epoch's first chunks are read head first, and buffers are filled and cut in two threads.
+"""An epoch's first chunks are read head first: their first cluster, then the rest.
 
 The head of a chunk is its first cluster (entries up to the first point where
 every branch read starts a new basket), so reading it apart inflates no
 basket twice. These tests use files whose baskets hold 200 events and a step
 of ~800 events, so every chunk has a head, and check what must hold: the
 heads are read first, every event comes exactly once with the same values
-as ``columns()``, the threaded (staged) epoch equals the serial one batch for
-batch, and leaving an epoch early stops its threads.
+as ``columns()``, the threaded epoch equals the serial one batch for batch,
+and leaving an epoch early stops its threads.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_every_event_once_with_the_values_of_columns(pair: Path, monkeypatch) ->
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
 
 
-def test_staged_threads_give_the_batches_of_the_serial_epoch(pair: Path, monkeypatch) -> None:
+def test_threads_give_the_batches_of_the_serial_epoch(pair: Path, monkeypatch) -> None:
     monkeypatch.setattr(loader, "PIECE_ROWS", 300)
     threaded = RootDataset(spec(pair), split="all", batch_size=64, seed=9)
     serial = RootDataset(spec(pair), split="all", batch_size=64, seed=9, prefetch=False)
@@ -106,7 +106,7 @@ def test_staged_threads_give_the_batches_of_the_serial_epoch(pair: Path, monkeyp
 def test_leaving_an_epoch_early_stops_its_threads(pair: Path, monkeypatch) -> None:
     monkeypatch.setattr(loader, "PIECE_ROWS", 300)
     ds = RootDataset(spec(pair), split="all", batch_size=16)
-    names = ("mlaas-buffers", "mlaas-batches", "mlaas-prefetch")
+    names = ("mlaas-batches", "mlaas-prefetch")
     before = {t for t in threading.enumerate() if t.name.startswith(names)}
     it = ds.iter_epoch(0)
     for _ in range(3):

@@ -219,7 +219,7 @@ class RootDataset:
         if not self.prefetch:
             return self._epoch_batches(epoch, worker, num_workers, False)
         ahead = True if read_ahead is None else read_ahead
-        batches = self._epoch_batches(epoch, worker, num_workers, ahead, staged=ahead)
+        batches = self._epoch_batches(epoch, worker, num_workers, ahead)
         return in_background(batches, self._queue_depth(), "mlaas-batches")
 
     def _queue_depth(self) -> int:
@@ -227,16 +227,14 @@ class RootDataset:
         return max(2, -(-self.shuffle_chunks * self._piece_rows() // self.batch_size))
 
     def _epoch_batches(self, epoch: int, worker: int, num_workers: int,
-                       threads: bool = True, staged: bool = False) -> Iterator[Batch]:
+                       threads: bool = True) -> Iterator[Batch]:
         """The epoch's batches: shuffle buffers are filled, then cut into batches.
 
-        ``staged``: filling (the transform) runs in a thread of its own and
-        cutting (the batch gathers) in the caller's, on two buffers in turn,
-        so the two overlap: one thread doing both was the critical path of
-        an epoch (busy 0.95 of 1.0 s per 2M zlib events: transform 0.66,
-        gathers and hand-over 0.3; staged, the epoch took a median 0.88 s
-        against 1.00). Not when every chunk comes from the cache. The
-        batches are the same either way.
+        One thread does both. Filling in one thread and cutting in another,
+        on two buffers in turn, made the loader alone 12-16% faster, but
+        training slower: the third busy thread took more from torch's two
+        (deepsets epochs 1.24-1.29 of in-memory against 1.16 serial) and the
+        second buffer cost its first touch every first epoch.
         """
         rng = np.random.default_rng([self.seed, epoch])
         if num_workers > 1:
@@ -245,51 +243,17 @@ class RootDataset:
             mine = self._chunk_order(rng, chunking.shard(self.chunks, worker, num_workers))
         else:
             mine = self._chunk_order(rng, self.chunks)
-        if staged and all(self.cache.get(c.name) is not None for c in mine):
-            # from a cache, filling is a copy: a second thread only competes with
-            # training for the cores (cached deepsets epochs went from 0.98-1.03
-            # to 1.11-1.19 of in-memory with it)
-            staged = False
-        buffers = [self._shuffle_buffer() for _ in range(2 if staged else 1)]
-        cuts = self._cuts(mine, rng, buffers, epoch, threads)
-        if staged:
-            cuts = in_background(cuts, 1, "mlaas-buffers")
-        try:
-            for cut in cuts:
-                for index in cut.batches:
-                    yield cut.rows.take(index).as_dict()
-                cut.done.set()  # its buffer may be filled again
-        finally:
-            for buffer in buffers:  # a filling thread waiting for a buffer must not wait forever
-                buffer.release()
-            close = getattr(cuts, "close", None)
-            if close is not None:
-                close()  # in_background: stops and joins the filling thread
-            for buffer in buffers:
-                buffer.give_back()
-
-    def _cuts(self, chunks: list[chunking.ChunkRange], rng: np.random.Generator,
-              buffers: list[_ShuffleBuffer], epoch: int, threads: bool) -> Iterator[_Cut]:
-        """Fill the buffers in turn; hand each over with its batches' row numbers.
-
-        The rows left over after the full batches (fewer than a batch) are
-        copied out and start the next buffer; a buffer is filled again only
-        once its batches are gathered (``_Cut.done``).
-        """
-        current = _Lender(buffers[0])
+        buffer = self._shuffle_buffer()
         in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
-        turn = 0
-        for cols, last in self._pieces(chunks, current if in_place else None, threads):
-            current.buffer.add(self._balanced(cols, epoch))
-            if last:
-                batches, rest = self._cut(current.buffer.filled(), rng, final=False)
-                yield current.buffer.cut(batches)
-                turn += 1
-                current.buffer = buffers[turn % len(buffers)]
-                current.buffer.wait_free()  # with one buffer: the caller has gathered it
-                current.buffer.restart(rest)
-        batches, _ = self._cut(current.buffer.filled(), rng, final=True)
-        yield current.buffer.cut(batches)
+        try:
+            for cols, last in self._pieces(mine, buffer if in_place else None, threads):
+                buffer.add(self._balanced(cols, epoch))
+                if last:
+                    rest = yield from self._flush(buffer.filled(), rng, final=False)
+                    buffer.restart(rest)
+            yield from self._flush(buffer.filled(), rng, final=True)
+        finally:
+            buffer.give_back()
 
     def _shuffle_buffer(self) -> _ShuffleBuffer:
         rows = self.shuffle_chunks * self._piece_rows() + self.batch_size  # + the last rest
@@ -329,7 +293,7 @@ class RootDataset:
             shuffled.extend(items[i] for i in rng.permutation(len(items)))
         return chunking.interleave(shuffled)
 
-    def _pieces(self, chunks: list[chunking.ChunkRange], outputs: _Lender | None,
+    def _pieces(self, chunks: list[chunking.ChunkRange], outputs: _ShuffleBuffer | None,
                 threads: bool) -> Iterator[tuple[Columns, bool]]:
         """Each chunk's columns in pieces, and whether a piece completes a shuffle buffer.
 
@@ -361,7 +325,7 @@ class RootDataset:
         return self.shuffle_chunks if self.shuffle else 1
 
     def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]],
-                      outputs: _Lender | None,
+                      outputs: _ShuffleBuffer | None,
                       first: bool = False) -> Iterator[tuple[Columns, bool]]:
         parts = self._parts([chunk for chunk, _ in group], first)
         kept: dict[str, list[Columns]] = {chunk.name: [] for chunk, _ in group}
@@ -393,7 +357,7 @@ class RootDataset:
         return parts
 
     def _transform_piece(self, chunk: Chunk | _HeadFirst, entries: int, start: int, stop: int,
-                         outputs: _Lender | None) -> Columns:
+                         outputs: _ShuffleBuffer | None) -> Columns:
         if isinstance(chunk, _HeadFirst):
             piece = chunk.piece(start, stop)
         else:
@@ -495,19 +459,18 @@ class RootDataset:
             keep[rows] = u < self._keep_fraction[info.ref.source]
         return cols.take(np.flatnonzero(keep))
 
-    def _cut(self, buf: Columns, rng: np.random.Generator,
-             final: bool) -> tuple[list[np.ndarray], Columns]:
-        """Shuffle the buffer: the row numbers of each batch, and the rest (a copy)."""
+    def _flush(self, buf: Columns, rng: np.random.Generator,
+               final: bool) -> Iterator[Batch]:
+        """Shuffle the buffer, yield full batches, return the rest (a copy) for the next one."""
         n, b = len(buf), self.batch_size
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         full = n // b
-        batches = [order[i * b:(i + 1) * b] for i in range(full)]
-        rest = order[full * b:]
-        if final:
-            if len(rest) and not self.drop_last:
-                batches.append(rest)
-            return batches, buf.take(slice(0, 0))
-        return batches, buf.take(rest)
+        for i in range(full):
+            yield buf.take(order[i * b:(i + 1) * b]).as_dict()
+        rest = buf.take(order[full * b:])
+        if final and len(rest) and not self.drop_last:
+            yield rest.as_dict()
+        return rest
 
 
 class _ShuffleBuffer:
@@ -524,8 +487,7 @@ class _ShuffleBuffer:
     200k events against 0.12-0.33 s into fresh arrays).
 
     Memory: ``shuffle_chunks`` pieces plus one batch of rows of every field,
-    kept while the dataset lives (two blocks per threaded pass running at
-    once, one being filled while the other is cut into batches).
+    kept while the dataset lives (one block per pass running at once).
     """
 
     def __init__(self, spare: list[Columns], lock: threading.Lock, rows: int,
@@ -536,7 +498,6 @@ class _ShuffleBuffer:
         self.block: Columns | None = None
         self.fill = 0
         self.lent: np.ndarray | None = None
-        self.free: threading.Event | None = None  # set once its last cut is gathered
 
     def _ensure(self) -> Columns:
         if self.block is None:
@@ -589,44 +550,12 @@ class _ShuffleBuffer:
         if len(rest):
             self.add(rest)
 
-    def cut(self, batches: list[np.ndarray]) -> _Cut:
-        """Hand the rows over to be gathered into ``batches``; busy until ``_Cut.done``."""
-        self.free = threading.Event()
-        return _Cut(self.filled(), batches, self.free)
-
-    def wait_free(self) -> None:
-        if self.free is not None:
-            self.free.wait()
-
-    def release(self) -> None:
-        if self.free is not None:
-            self.free.set()
-
     def give_back(self) -> None:
         """At the end of a pass the block goes back to the dataset for the next one."""
         if self.block is not None:
             with self.lock:
                 self.spare.append(self.block)
             self.block = None
-
-
-class _Lender:
-    """Lends rows of whichever shuffle buffer is being filled now (see ``_cuts``)."""
-
-    def __init__(self, buffer: _ShuffleBuffer) -> None:
-        self.buffer = buffer
-
-    def lend(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.buffer.lend(m)
-
-
-@dataclasses.dataclass
-class _Cut:
-    """A filled shuffle buffer, its batches' row numbers, and the event set when gathered."""
-
-    rows: Columns
-    batches: list[np.ndarray]
-    done: threading.Event
 
 
 def _has_head(chunk: chunking.ChunkRange) -> bool:

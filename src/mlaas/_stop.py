@@ -31,13 +31,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import NoReturn
 
-__all__ = ["PREEMPTED_EXIT_CODE", "OUTSIDE_TRAINING", "exit_preempted", "on_preempted",
-           "handler"]
+__all__ = ["PREEMPTED_EXIT_CODE", "exit_preempted", "on_preempted", "handler"]
 
 #: Exit code of a preempted run: 75 is ``EX_TEMPFAIL`` of sysexits.h (retry later).
 PREEMPTED_EXIT_CODE = 75
-
-OUTSIDE_TRAINING = "received SIGTERM outside training; nothing to checkpoint"
 
 _hooks: list[Callable[[str], None]] = []
 
@@ -58,7 +55,7 @@ def on_preempted(hook: Callable[[str], None]) -> Callable[[], None]:
     return remove
 
 
-def exit_preempted(reason: str = OUTSIDE_TRAINING) -> NoReturn:
+def exit_preempted(reason: str) -> NoReturn:
     """Say ``Preempted: reason`` on stderr, run the hooks, and end the process with 75."""
     for stream in (sys.stdout, sys.stderr):
         try:

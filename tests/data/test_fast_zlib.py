@@ -71,3 +71,12 @@ def test_mlaas_zlib_env_keeps_the_stdlib() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "MLAAS_ZLIB": "zlib"}, timeout=120, check=True)
     assert out.stdout.strip() == "zlib"
+
+
+def test_an_unknown_mlaas_zlib_value_is_warned_about_and_isal_used() -> None:
+    code = "from mlaas.data import sources; print(sources.ZLIB_LIBRARY)"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
+                         text=True, env={**os.environ, "MLAAS_ZLIB": "libdeflate"}, timeout=120,
+                         check=True)
+    assert out.stdout.strip() == "isal"
+    assert "MLAAS_ZLIB='libdeflate' is not one of isal, zlib" in out.stderr

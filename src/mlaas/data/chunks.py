@@ -114,7 +114,7 @@ def bounds(entries: int, step: int, clusters: Sequence[int] = ()) -> list[tuple[
     (uproot's ``common_entry_offsets``). A range ends on the last of them
     that fits in the step, so no basket is decompressed by two chunks: with
     the 100k-event baskets of datagen and ~594k-event steps, cutting anywhere
-    decompressed 10-15% of the baskets twice (``uproot.iterate`` keeps a
+    decompressed 10-20% of the baskets twice (counted from the plans) (``uproot.iterate`` keeps a
     border basket for the next step instead). Where no cluster start fits
     (clusters longer than the step), the range ends at the step, as before.
     """

@@ -336,7 +336,7 @@ class RootDataset:
                     cols = fetched.take(slice(j * n // parts, (j + 1) * n // parts))
                 else:
                     start, stop = _piece_range(chunk, j, parts, first)
-                    cols = self._transform_piece(fetched, chunk.entries, start, stop, outputs)
+                    cols = self._transform_piece(fetched, start, stop, outputs)
                     if self.cache.enabled:  # the buffer's rows are overwritten: keep a copy
                         kept[chunk.name].append(Columns.concat([cols]))
                         if j == parts - 1:
@@ -356,12 +356,10 @@ class RootDataset:
             parts += HEAD_PIECES
         return parts
 
-    def _transform_piece(self, chunk: Chunk | _HeadFirst, entries: int, start: int, stop: int,
+    def _transform_piece(self, chunk: Chunk | _HeadFirst, start: int, stop: int,
                          outputs: _ShuffleBuffer | None) -> Columns:
-        if isinstance(chunk, _HeadFirst):
-            piece = chunk.piece(start, stop)
-        else:
-            piece = chunk if (start, stop) == (0, entries) else _slice(chunk, start, stop)
+        piece = chunk.piece(start, stop) if isinstance(chunk, _HeadFirst) else _slice(
+            chunk, start, stop)
         return self.transform(piece, None if self.split == "all" else self.split,
                               outputs.lend if outputs is not None else None)
 
@@ -601,14 +599,17 @@ class _HeadFirst:
         else:
             raise AssertionError(f"piece {start}:{stop} straddles the head of {self.head} rows")
         assert isinstance(part, Chunk)
-        n = len(next(iter(part.arrays.values()))) if part.arrays else 0
-        if (start - offset, stop - offset) == (0, n):
-            return part
         return _slice(part, start - offset, stop - offset)
 
 
 def _slice(chunk: Chunk, start: int, stop: int) -> Chunk:
-    """Entries ``[start, stop)`` of a chunk (relative to it); awkward slices are views."""
+    """Entries ``[start, stop)`` of a chunk (relative to it); awkward slices are views.
+
+    The whole chunk is returned as it is.
+    """
+    n = len(next(iter(chunk.arrays.values()))) if chunk.arrays else 0
+    if (start, stop) == (0, n):
+        return chunk
     return Chunk(arrays={k: v[start:stop] for k, v in chunk.arrays.items()},
                  file_index=chunk.file_index, file_key=chunk.file_key, source=chunk.source,
                  entry_start=chunk.entry_start + start, url=chunk.url)

@@ -17,6 +17,7 @@ import glob
 import math
 import os
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,13 @@ import uproot  # noqa: E402
 from mlaas.errors import DataError, SourceError, TreeNotFound, close_names  # noqa: E402
 from mlaas.spec import Pipeline, RetrySpec  # noqa: E402
 
+try:
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # a dependency, but an install without it still reads with zlib
+    _isal_zlib = None
+
 ZLIB_LIBRARY_ENV = "MLAAS_ZLIB"
+ZLIB_LIBRARIES = ("isal", "zlib")
 
 
 def use_fast_zlib() -> str:
@@ -54,32 +61,25 @@ def use_fast_zlib() -> str:
     uproot supports it (``library = "isal"``), but its public
     ``uproot.ZLIB.library`` only reaches compression: reading goes through
     the module's ``_DecompressZLIB`` instance, so that class is where it is
-    set. ``MLAAS_ZLIB=zlib`` keeps the stdlib's. Returns the library in use.
+    set. ``MLAAS_ZLIB=zlib`` keeps the stdlib's; another value is warned
+    about and ignored. Returns the library in use.
     """
     decompress = getattr(getattr(uproot, "compression", None), "_DecompressZLIB", None)
-    wanted = os.environ.get(ZLIB_LIBRARY_ENV, "isal").strip().lower() or "isal"
     if decompress is None or getattr(decompress, "library", None) is None:
         return "zlib"  # another uproot layout: leave it alone
-    if wanted == "isal":
-        try:
-            import isal.isal_zlib  # noqa: F401
-        except ImportError:
-            wanted = "zlib"
-    decompress.library = "isal" if wanted == "isal" else "zlib"
+    wanted = os.environ.get(ZLIB_LIBRARY_ENV, "").strip().lower() or "isal"
+    if wanted not in ZLIB_LIBRARIES:
+        warnings.warn(f"{ZLIB_LIBRARY_ENV}={wanted!r} is not one of "
+                      f"{', '.join(ZLIB_LIBRARIES)}; using isal", UserWarning, stacklevel=2)
+        wanted = "isal"
+    decompress.library = "isal" if wanted == "isal" and _isal_zlib is not None else "zlib"
     return str(decompress.library)
 
 
-def _zlib_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a corrupt ZLIB basket raises, from either library."""
-    try:
-        import isal.isal_zlib
-    except ImportError:
-        return (zlib.error,)
-    return (zlib.error, isal.isal_zlib.error)
-
-
 ZLIB_LIBRARY = use_fast_zlib()
-_ZLIB_ERRORS = _zlib_errors()
+#: what a corrupt ZLIB basket raises, from either library
+_ZLIB_ERRORS: tuple[type[BaseException], ...] = (
+    (zlib.error,) if _isal_zlib is None else (zlib.error, _isal_zlib.error))
 
 __all__ = [
     "FileRef",

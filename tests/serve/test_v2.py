@@ -175,7 +175,7 @@ def test_bad_requests(server: tuple[str, Metrics]) -> None:
     r = httpx.post(f"http://{url}/v2/models/m/infer", content=b"{oops")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     for path in ("/v2/models/nope/infer", "/v2/models/m/versions/9/infer",
-                 "/v2/models/m/versions/x/infer"):
+                 "/v2/models/m/versions/0/infer"):
         r = _post(url, path, _good())
         assert r.status_code == 404 and "error" in r.json()
     for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/m/versions/2/ready"):
@@ -183,3 +183,19 @@ def test_bad_requests(server: tuple[str, Metrics]) -> None:
     assert httpx.get(f"http://{url}/v2/models/m/versions/1").json()["versions"] == ["1"]
     text, _ = metrics.render()
     assert b'mlaas_errors_total{model="",route="/v2/models/{name}/infer",status="404"' in text
+
+
+def test_issue4_non_integer_version_is_400_naming_it(server: tuple[str, Metrics]) -> None:
+    """As ``/api/models/{name}/versions/abc`` answers: the path is malformed, not unknown."""
+    url, metrics = server
+    for method, path in (("POST", "/v2/models/m/versions/x/infer"),
+                         ("POST", "/v2/models/m/versions/1.5/infer"),
+                         ("GET", "/v2/models/m/versions/abc"),
+                         ("GET", "/v2/models/m/versions/abc/ready")):
+        r = httpx.request(method, f"http://{url}{path}", json=_good())
+        assert r.status_code == 400, (path, r.text)
+        bad = path.split("/versions/")[1].split("/")[0]
+        assert f"version {bad!r}" in r.json()["error"]
+    text, _ = metrics.render()
+    assert (b'mlaas_errors_total{model="",route="/v2/models/{name}/versions/{v}/infer",'
+            b'status="400",version=""}') in text

@@ -7,8 +7,9 @@ route asks the app's access policy (``check(request, "read", name)``, see
 :mod:`mlaas.serve.access`) first. Errors are answered KServe style,
 ``{"error": message}``, with the status of
 :mod:`mlaas.serve.http_errors`: unknown model or version 404, a bad request
-400, a full queue 503, an inference failure 500, and the policy's 401, 403,
-404 and 429.
+400 (a version in the path that is not an integer too, as on
+``/api/models/{name}/versions/{v}``), a full queue 503, an inference failure
+500, and the policy's 401, 403, 404 and 429.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mlaas.errors import MlaasError
+from mlaas.errors import BadRequest, MlaasError
 from mlaas.serve import access as hooks
 from mlaas.serve.http_errors import headers_of, redact, status_of
 from mlaas.serve.metrics import Metrics
@@ -98,10 +99,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _version(name: str, v: str) -> int:
+    """The version number in a path: 400 when it is not an integer (as
+    ``/api/models/{name}/versions/{v}`` answers), 404 when it cannot exist."""
     try:
         number = int(v)
     except ValueError:
-        raise KeyError(f"model {name!r} has no version {v!r} (versions are 1, 2, ...)") from None
+        raise BadRequest(f"version {v!r} of model {name!r} is not an integer (versions are "
+                         "1, 2, ...)", field="version", version=v) from None
     if number < 1:
         raise KeyError(f"model {name!r} has no version {v!r} (versions are 1, 2, ...)")
     return number

@@ -128,4 +128,4 @@ def test_infer_routes_answered_directly_behave_as_routed(tmp_path: Path,
                         headers=headers)
         assert r.status_code == 413, r.text
         r = client.post("/v2/models/higgs/versions/x/infer", content=b"{}")
-        assert r.status_code == 404 and "no version 'x'" in r.json()["error"]
+        assert r.status_code == 400 and "version 'x'" in r.json()["error"]

@@ -237,6 +237,57 @@ def test_resume_equals_uninterrupted(synth: Path, tmp_path: Path) -> None:
         assert [h[key] for h in full.history] == pytest.approx([h[key] for h in resumed.history])
 
 
+def test_issue3_cosine_resumed_with_more_epochs_keeps_learning(synth: Path,
+                                                               tmp_path: Path) -> None:
+    # torch's CosineAnnealingLR ended 2 epochs at lr 0 and, resumed with T_max = 4,
+    # scaled that 0 recursively: epochs 3 and 4 trained at lr 0
+    cosine = {"train__lr_schedule": "cosine", "train__lr": 0.01}
+    first = run(spec_for(synth, train__epochs=2, **cosine), tmp_path)
+    before = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    resumed = run(spec_for(synth, train__epochs=4, **cosine), tmp_path, resume=True)
+    lrs = [h["lr"] for h in resumed.history]
+    assert lrs[:2] == pytest.approx([h["lr"] for h in first.history])
+    assert lrs == pytest.approx([0.01, 0.005, 0.005, 0.01 * (1 + math.cos(3 * math.pi / 4)) / 2])
+    assert lrs[2] > 0 and lrs[3] > 0
+    after = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    assert not same_weights(before, after)  # epochs 3 and 4 moved the weights
+
+
+def test_cosine_lr_closed_form() -> None:
+    assert trainer.cosine_lr(0.1, 0, 4) == pytest.approx(0.1)
+    assert trainer.cosine_lr(0.1, 2, 4) == pytest.approx(0.05)
+    assert trainer.cosine_lr(0.1, 4, 4) == pytest.approx(0.0, abs=1e-12)
+    assert trainer.cosine_lr(0.1, 6, 4) == pytest.approx(0.0, abs=1e-12)  # never past the end
+
+
+def test_cosine_interrupted_after_epoch_2_of_4_equals_uninterrupted(synth: Path,
+                                                                    tmp_path: Path) -> None:
+    spec = spec_for(synth, train__epochs=4, train__lr_schedule="cosine", train__lr=0.01)
+    full = run(spec, tmp_path / "full")
+    p, tr, va = datasets(spec)
+    original = tr.iter_epoch
+    epochs_started = []
+
+    def sigterm_in_epoch_3(epoch: int, *args: Any, **kwargs: Any) -> Any:
+        epochs_started.append(epoch)
+        for i, batch in enumerate(original(epoch, *args, **kwargs)):
+            if i == 2 and len(epochs_started) == 3:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+    tr.iter_epoch = sigterm_in_epoch_3  # type: ignore[method-assign]
+    with pytest.raises(Preempted, match="after 2 completed epoch"):
+        train(p, tr, va, tmp_path / "split", progress=False)
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 2
+    resumed = run(spec, tmp_path / "split", resume=True)
+    assert resumed.epochs_run == 4
+    assert [h["lr"] for h in resumed.history] == pytest.approx([h["lr"] for h in full.history])
+    assert same_weights(load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"],
+                        load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"])
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_resume_refuses_a_changed_spec(synth: Path, tmp_path: Path) -> None:
     run(spec_for(synth, train__epochs=1), tmp_path)
     with pytest.raises(TrainingError, match=r"spec changed.*train\.lr.*train\.epochs"):

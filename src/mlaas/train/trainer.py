@@ -45,9 +45,23 @@ the same as when the checkpoint was written, except for the fields in
 ``train.device``, and ``name``, which do not define the training trajectory).
 Anything else raises :class:`TrainingError` listing the changed fields. A
 checkpoint of a run that stopped early is final: resuming it returns its best
-model without training. Raising ``train.epochs`` with ``lr_schedule: cosine``
-stretches the cosine over the new epoch count from then on. ``max_time`` is
-counted afresh in every run.
+model without training. ``max_time`` is counted afresh in every run.
+
+Learning-rate schedules
+-----------------------
+``cosine``: epoch ``e`` (1-based) of ``E = train.epochs`` trains at
+``lr * (1 + cos(pi * (e - 1) / E)) / 2``, set from this closed form at the start
+of every epoch, never derived from the previous epoch's lr (torch's
+``CosineAnnealingLR`` steps recursively, scaling the current lr, so a resumed
+run whose ``T_max`` was raised after the lr had reached 0 stayed at 0). The
+lr therefore depends only on the epoch count and ``E``: an interrupted and
+resumed run follows the same curve as an uninterrupted one. Raising
+``train.epochs`` on resume *changes the curve*: the epochs already trained
+followed the old ``E``, the rest follow the new one from the point it gives
+for the epochs done (2 epochs of ``E = 2`` then 2 more with ``E = 4``: lr,
+lr/2, then lr/2 and ``lr * (1 + cos(3 pi / 4)) / 2``), which is not the
+curve of a run started with ``E = 4``. ``plateau``: ``ReduceLROnPlateau``
+(factor 0.1, patience 2) on the monitored loss, its state in the checkpoint.
 
 Preemption
 ----------
@@ -95,6 +109,7 @@ __all__ = [
     "TrainingError",
     "TrainResult",
     "n_outputs",
+    "cosine_lr",
     "train",
     "load_checkpoint",
 ]
@@ -452,13 +467,24 @@ def _optimizer(pipeline: Pipeline, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _scheduler(pipeline: Pipeline, opt: torch.optim.Optimizer) -> Any:
+    """The stateful schedule (``plateau``); None otherwise (``cosine`` is :func:`cosine_lr`)."""
     t = pipeline.train
-    if t.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
     if t.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
                                                           patience=2)
     return None
+
+
+def cosine_lr(base: float, done: int, total: int) -> float:
+    """The ``cosine`` schedule's lr for the epoch after ``done`` of ``total`` epochs.
+
+    A closed form of the epoch count, so resuming (with the same or a larger
+    ``total``) lands on the curve instead of scaling whatever lr the
+    checkpoint held; see "Learning-rate schedules" in the module docstring.
+    """
+    if total <= 0:
+        return base
+    return base * (1.0 + math.cos(math.pi * min(done, total) / total)) / 2.0
 
 
 def _user_frame(exc: BaseException, path: Path) -> str:
@@ -558,8 +584,6 @@ class _Trainer:
         self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None and state["scheduler"] is not None:
             self.sched.load_state_dict(state["scheduler"])
-            if isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
-                self.sched.T_max = self.t.epochs
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_loss = float(state["best_loss"])
@@ -694,6 +718,13 @@ class _Trainer:
 
     # -- epochs --------------------------------------------------------------------
 
+    def set_cosine_lr(self, epochs: int) -> None:
+        """Under ``lr_schedule: cosine``, put the closed-form lr of the coming epoch in place."""
+        if self.t.lr_schedule != "cosine":
+            return
+        for group in self.opt.param_groups:
+            group["lr"] = cosine_lr(self.t.lr, self.epoch, epochs)
+
     def end_epoch(self, monitored: float) -> None:
         es = self.t.early_stopping
         min_delta = es.min_delta if es is not None else 0.0
@@ -723,15 +754,13 @@ class _Trainer:
                     while self.stopped is None and self.epoch < epochs:
                         epoch = self.epoch + 1
                         bars.start_epoch(epoch, epochs)
+                        self.set_cosine_lr(epochs)
                         lr = float(self.opt.param_groups[0]["lr"])
                         train_loss, events, seconds = self.train_epoch(epoch, bars)
                         val_loss = self.validate(epoch)
                         monitored = val_loss if val_loss is not None else train_loss
                         if self.sched is not None:
-                            if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                                self.sched.step(monitored)
-                            else:
-                                self.sched.step()
+                            self.sched.step(monitored)
                         self.epoch = epoch
                         entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                  "lr": lr, "seconds": seconds, "events": events,

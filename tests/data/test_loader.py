@@ -105,6 +105,40 @@ def test_hzz_matches_awkward_reference() -> None:
     assert got.x.dtype == np.float32 and got.mask.dtype == np.float32
 
 
+HZZ_COLLECTIONS = {"Jet": "NJet", "Muon": "NMuon", "Electron": "NElectron", "Photon": "NPhoton"}
+
+
+@pytest.mark.filterwarnings("ignore:feature 'MC.*zero variance")  # HZZ's constant MC truth
+@pytest.mark.parametrize(("label", "weight", "derived", "answer"), [
+    ("triggerIsoMu24", "EventWeight", {}, {"triggerIsoMu24", "EventWeight"}),
+    # through a derived name and an expression: what they are made of is left out too
+    ("twoMuons", "EventWeight * 2", {"twoMuons": "NMuon >= 2", "HT": "sum(Jet_Px)"},
+     {"twoMuons", "NMuon", "EventWeight"}),
+], ids=["branches", "expressions"])
+def test_issue2_features_all_leaves_out_label_and_weight(
+        label: str, weight: str, derived: dict[str, str], answer: set[str]) -> None:
+    spec = {"data": {"sources": [{"files": [HZZ]}], "label": label, "weight": weight,
+                     "derived": derived, "features": "all"}}
+    ds = RootDataset(spec, split="all", shuffle=False)
+    features = {f.name for f in ds.layout.features}
+    assert not answer & features
+    assert not answer & set(ds.feature_names)
+    branches = set(uproot.open(HZZ)["events"].keys())
+    assert features == (branches | set(derived)) - answer  # nothing else is left out
+
+    tree = uproot.open(HZZ)["events"]
+    for coll, counter in HZZ_COLLECTIONS.items():
+        counts = ak.to_numpy(ak.num(tree[f"{coll}_Px"].array(), axis=1))
+        np.testing.assert_array_equal(counts, tree[counter].array(library="np"))
+        p95 = int(np.quantile(counts, 0.95, method="inverted_cdf"))
+        assert p95 < counts.max()
+        # at least one slot, so a mostly empty collection (Electron: p95 0) keeps its columns
+        assert ds.stats.max_len[coll] == max(1, p95), coll
+        assert f"{coll}_Px_{max(1, p95) - 1}" in ds.feature_names
+        assert f"{coll}_Px_{max(1, p95)}" not in ds.feature_names
+    assert ds.stats.max_len["Jet"] == 3 and ds.stats.max_len["Muon"] == 2  # not the maximum
+
+
 def test_zmumu_float64_regression_label() -> None:
     spec = {"data": {
         "sources": [{"files": [ZMUMU]}],

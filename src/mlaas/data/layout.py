@@ -209,7 +209,8 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     weight = bound(data.weight, "data.weight")
 
     if data.features == "all":
-        items = _all_features(data, kinds, notes)
+        answer = _inputs_of([e for e in (label, weight) if e is not None], dict(derived))
+        items = _all_features(data, kinds, answer, notes)
     else:
         items = list(data.features)
 
@@ -237,8 +238,28 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     return layout
 
 
-def _all_features(data: Any, kinds: dict[str, str], notes: list[str]) -> list[str | JaggedFeature]:
-    skip = set(data.exclude) | set(data.identifiers)
+def _inputs_of(exprs: list[expr.Expression], derived: Mapping[str, expr.Expression]) -> set[str]:
+    """Every name ``exprs`` are computed from, following derived names down to branches."""
+    seen: set[str] = set()
+    todo = [name for e in exprs for name in e.names]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            if name in derived:
+                todo.extend(derived[name].names)
+    return seen
+
+
+def _all_features(data: Any, kinds: dict[str, str], answer: set[str],
+                  notes: list[str]) -> list[str | JaggedFeature]:
+    """Every numeric branch and derived name, except identifiers, ``exclude`` and ``answer``.
+
+    ``answer`` holds what the label and the weight are computed from: as a
+    feature, the label (or a branch it is made of) hands the model the answer,
+    and the weight describes the sample, not the event.
+    """
+    skip = set(data.exclude) | set(data.identifiers) | answer
     items: list[str | JaggedFeature] = []
     for name, kind in kinds.items():
         if name in skip:

@@ -59,7 +59,8 @@ import numpy as np
 
 from mlaas.errors import ExpressionError, close_names
 
-__all__ = ["ELEMENTWISE", "FUNCTIONS", "REDUCTIONS", "Expression", "is_identifier", "parse"]
+__all__ = ["ELEMENTWISE", "FUNCTIONS", "REDUCTIONS", "Expression", "is_identifier", "parse",
+           "unknown_names_message"]
 
 Evaluator = Callable[[Mapping[str, Any]], Any]
 
@@ -176,7 +177,12 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
     return f"did you mean {' or '.join(map(repr, near))}?" if near else ""
 
 
-def _unknown_names(unknown: Iterable[str], available: Iterable[str], source: str) -> str:
+def unknown_names_message(unknown: Iterable[str], available: Iterable[str], source: str) -> str:
+    """What is unknown in ``source``, the closest names to each, then the names that exist.
+
+    Shared by :meth:`Expression.check_names`, evaluation and the data layer's
+    check against a tree, so a misspelled name reads the same wherever it is caught.
+    """
     pool = sorted(set(available))
     missing = sorted(unknown)
     if len(missing) == 1:
@@ -219,7 +225,7 @@ class Expression:
         pool = set(available)
         unknown = self.names - pool
         if unknown:
-            raise ExpressionError(_unknown_names(unknown, pool, self.source),
+            raise ExpressionError(unknown_names_message(unknown, pool, self.source),
                                   field_path=field_path or self.field_path)
 
 
@@ -306,7 +312,7 @@ class _Compiler:
                 return arrays[name]
             except (KeyError, IndexError):  # an awkward record array raises IndexError
                 keys = arrays.fields if isinstance(arrays, ak.Array) else arrays.keys()
-                raise self.error(_unknown_names([name], keys, self.source)) from None
+                raise self.error(unknown_names_message([name], keys, self.source)) from None
         return lookup
 
     def _BinOp(self, node: ast.BinOp) -> Evaluator:

@@ -239,6 +239,47 @@ def test_missing_branch_in_label_and_weight() -> None:
     assert "'EventWeight'" in text and "data.weight" in text
 
 
+UNKNOWN_NAMES: dict[str, tuple[dict[str, Any], str, str, str]] = {
+    # case: (spec change, the unknown name, the expression it is in, the spec field)
+    "cut": ({"cut": "(MET_pz > 0) & (NMuon > 0)"}, "MET_pz", "(MET_pz > 0) & (NMuon > 0)",
+            "data.cut"),
+    "derived": ({"derived": {"met": "hypot(MET_px, MET_pz)"}}, "MET_pz",
+                "hypot(MET_px, MET_pz)", "data.derived.met"),
+    "label": ({"label": "triggerIsoMu42 > 0"}, "triggerIsoMu42", "triggerIsoMu42 > 0",
+              "data.label"),
+    "weight": ({"weight": "EventWieght * 2"}, "EventWieght", "EventWieght * 2", "data.weight"),
+    "feature expression": ({"features": ["MET_px", "hypot(MET_px, MET_pz)"]}, "MET_pz",
+                           "hypot(MET_px, MET_pz)", "data.features[1]"),
+    "jagged feature": ({"features": [{"branch": "Muon_Pxx", "max_len": 2}]}, "Muon_Pxx",
+                       "Muon_Pxx", "data.features[0].branch"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNKNOWN_NAMES))
+def test_issue2_unknown_name_lists_the_available_names(case: str) -> None:
+    data, name, source, field = UNKNOWN_NAMES[case]
+    text = fails(BranchNotFound, KeyError, dataset(hzz_spec(**data)))
+    assert f"unknown name {name!r} in expression {source!r}" in text
+    assert "did you mean" in text.split("available names:")[0]  # close names come first
+    names = sorted(uproot.open(HZZ)["events"].keys())
+    listed = ", ".join(names[:20]) + f", ... ({len(names) - 20} more)"
+    assert f"available names: {listed}" in text
+    assert f"at spec field {field}" in text and f"in file {HZZ}" in text
+
+
+def test_issue2_unknown_name_lists_branches_and_derived_names(tmp_path: Path) -> None:
+    path = write_tree(tmp_path / "small.root", {"events": {
+        "pt": np.arange(5.0), "eta": np.zeros(5), "lab": np.ones(5)}})
+    spec = {"data": {"sources": [{"files": [path]}], "label": "lab",
+                     "derived": {"pt2": "pt ** 2"}, "cut": "(pt3 > 1) | (ETA < 0)",
+                     "features": ["pt"]}}
+    text = fails(BranchNotFound, KeyError, dataset(spec))
+    assert "unknown names 'ETA' (did you mean 'eta'?), 'pt3' (did you mean " in text
+    assert "in expression '(pt3 > 1) | (ETA < 0)'" in text
+    assert "available names: eta, lab, pt, pt2\n" in text  # every one, the derived one too
+    assert f"in file {path}" in text and "at spec field data.cut" in text
+
+
 def test_branch_missing_in_second_file_names_that_file(tmp_path: Path) -> None:
     n = 50
     first = write_tree(tmp_path / "first.root",

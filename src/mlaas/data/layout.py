@@ -20,7 +20,7 @@ import uproot
 
 from mlaas import expr
 from mlaas.data import sources
-from mlaas.errors import BranchNotFound, SpecError, UnsupportedBranch, close_names
+from mlaas.errors import BranchNotFound, SpecError, UnsupportedBranch
 from mlaas.spec import JaggedFeature, NormalizeKind, Pipeline, collection_of
 
 __all__ = ["Layout", "Feature", "Collection", "resolve_layout", "branch_kinds"]
@@ -162,14 +162,15 @@ def _kind(interp: Any, typename: str) -> str:
 
 def _missing(names: set[str], available: Mapping[str, Any], url: str, tree: str,
              field_path: str, source: str) -> None:
-    for name in sorted(names):
-        if name not in available:
-            near = close_names(name, available)
-            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-            raise BranchNotFound(
-                f"no branch or derived name {name!r} (used in {source!r}){hint}",
-                file_path=url, tree=tree, field_path=field_path,
-            )
+    """Fail on names that are neither a branch nor a derived name defined so far.
+
+    The message is the expression language's own (closest names, then the
+    names that do exist), so a typo can be fixed without opening the file.
+    """
+    unknown = {name for name in names if name not in available}
+    if unknown:
+        raise BranchNotFound(expr.unknown_names_message(unknown, available, source),
+                             file_path=url, tree=tree, field_path=field_path)
 
 
 def _parse(source: str, path: str) -> expr.Expression:

@@ -288,6 +288,22 @@ def test_cosine_interrupted_after_epoch_2_of_4_equals_uninterrupted(synth: Path,
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_checkpoint_every_2_of_3_epochs(synth: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[tuple[int, int]] = []  # (epoch in the file, epochs in its history)
+    original = trainer._write_atomic
+
+    def record(state: dict[str, Any], path: Path) -> None:
+        original(state, path)
+        on_disk = load_checkpoint(path)
+        written.append((on_disk["epoch"], len(on_disk["history"])))
+
+    monkeypatch.setattr(trainer, "_write_atomic", record)
+    result = run(spec_for(synth, train__epochs=3, train__checkpoint_every=2), tmp_path)
+    assert result.epochs_run == 3
+    assert written == [(2, 2), (3, 3)]  # after epoch 2, then the final one (not after 1)
+
+
 def test_resume_refuses_a_changed_spec(synth: Path, tmp_path: Path) -> None:
     run(spec_for(synth, train__epochs=1), tmp_path)
     with pytest.raises(TrainingError, match=r"spec changed.*train\.lr.*train\.epochs"):

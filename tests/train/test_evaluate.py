@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import uproot
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import (
     accuracy_score,
@@ -231,6 +232,27 @@ def test_evaluate_multiclass_and_regression(synth: Path, tmp_path: Path) -> None
     for name in r["plots"]:
         check_png(tmp_path / "reg" / name)
     assert json.loads((tmp_path / "reg" / "metrics.json").read_text()) == r
+
+
+def test_evaluate_weights_the_auc_with_data_weight(synth: Path, tmp_path: Path) -> None:
+    spec = spec_for(synth)
+    spec["data"].update(max_events=3000, weight="where(MET_pt > 40, 3.0, 0.5)")
+    p = load(spec)
+    ds = splits(p)
+    model = untrained(p, ds["test"])
+    m = evaluate(p, model, ds["train_eval"], ds["test"], [], tmp_path)
+    cols = ds["test"].columns()
+    met = {i: uproot.open(f.ref.url)["Events"]["MET_pt"].array(library="np")
+           for i, f in enumerate(ds["test"].files)}
+    raw = np.array([met[int(f)][int(e)] for f, e in zip(cols.file, cols.entry, strict=True)])
+    want_w = np.where(raw > 40, 3.0, 0.5)  # from the file, not from the loader
+    y, score, w = predict(model, ds["test"], "binary")
+    np.testing.assert_array_equal(w, want_w)
+    assert m["test"]["sum_weights"] == pytest.approx(want_w.sum())
+    assert m["test"]["roc_auc"] == pytest.approx(roc_auc_score(y, score, sample_weight=want_w),
+                                                 abs=1e-12)
+    assert m["test"]["roc_auc_unweighted"] == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert abs(m["test"]["roc_auc"] - m["test"]["roc_auc_unweighted"]) > 1e-3
 
 
 @pytest.mark.slow

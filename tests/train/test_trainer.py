@@ -177,6 +177,45 @@ def test_class_weights_need_classes(synth: Path) -> None:
         trainer._class_table(p, SimpleNamespace(label={}, sources=[]), 1)
 
 
+def test_loss_weight_zero_is_dropping_the_event() -> None:
+    torch.manual_seed(0)
+    out = torch.randn(8, 1, requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    w = torch.tensor([2.0, 0.0, 2.0, 0.0, 2.0, 0.0, 2.0, 2.0])
+    loss = trainer._Loss("binary", 1, None, "cpu")
+    weighted = trainer._mean(*loss(out, y, w))
+    (grad_weighted,) = torch.autograd.grad(weighted, out)
+    kept = w > 0
+    dropped = trainer._mean(*loss(out[kept], y[kept], torch.ones(int(kept.sum()))))
+    (grad_dropped,) = torch.autograd.grad(dropped, out)
+    assert weighted.item() == pytest.approx(dropped.item())
+    assert torch.allclose(grad_weighted, grad_dropped)  # zero where w = 0
+    unweighted = trainer._mean(*loss(out, y, torch.ones(8)))
+    assert unweighted.item() != pytest.approx(weighted.item())
+
+
+def test_event_weights_weight_the_validation_loss(synth: Path, tmp_path: Path) -> None:
+    # weight 0 on events with MET_pt > 40: the validation loss is that of the others only
+    spec = spec_for(synth, train__epochs=1, data__weight="where(MET_pt > 40, 0.0, 2.0)")
+    p, tr, va = datasets(spec)
+    result = train(p, tr, va, tmp_path, progress=False)
+    model = result.model.eval()
+    losses, weights = [], []
+    with torch.no_grad():
+        for batch in va.iter_epoch(0):
+            logit = model(torch.from_numpy(batch["x"]), torch.from_numpy(batch["mask"]))[:, 0]
+            losses.append(torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, torch.from_numpy(batch["y"]), reduction="none"))
+            weights.append(torch.from_numpy(batch["w"]))
+    per, w = torch.cat(losses).double(), torch.cat(weights).double()
+    assert set(w.unique().tolist()) == {0.0, 2.0}
+    kept = float(per[w > 0].mean())
+    assert result.history[0]["val_loss"] == pytest.approx(kept, rel=1e-5)
+    assert abs(float(per.mean()) - kept) > 1e-3  # ignoring the weights would show
+    unweighted = run(spec_for(synth, train__epochs=1), tmp_path / "unweighted")
+    assert not same_weights(unweighted.model.state_dict(), result.model.state_dict())
+
+
 def test_label_checks() -> None:
     spec = {"data": {"sources": [{"files": ["x.root"]}], "label": "y", "features": ["a"]}}
     multi = load({**spec, "task": "multiclass"})

@@ -129,3 +129,54 @@ def test_infer_routes_answered_directly_behave_as_routed(tmp_path: Path,
         assert r.status_code == 413, r.text
         r = client.post("/v2/models/higgs/versions/x/infer", content=b"{}")
         assert r.status_code == 400 and "version 'x'" in r.json()["error"]
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Prometheus samples called ``name``, keyed by their sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
+
+
+def test_issue4_every_model_route_is_in_the_metrics(tmp_path: Path,
+                                                    trained: dict[str, Any]) -> None:
+    """Raw-event, TFaaS and registry routes count requests, errors and latency by route
+    template, model, version and status, as the /v2 routes do."""
+    predict, tfaas = "/api/models/{name}/predict", "/json"
+    with TestClient(create_server(tmp_path / "models")) as client:
+        assert client.post("/api/models/higgs", content=trained["bytes"]).status_code == 201
+        assert client.post("/api/models/higgs/predict", json=trained["rows"]).status_code == 200
+        r = client.post("/api/models/higgs/predict", json=[{"MET_pt": "x", "Jet_pt": []}])
+        assert r.status_code == 400, r.text
+        body = {"keys": ["MET_pt", "Jet_pt"], "values": [20.0, [30.0]], "model": "higgs"}
+        assert client.post("/json", json=body).status_code == 200
+        r = client.post("/json", json={**body, "values": ["x", [1.0]]})
+        assert r.status_code == 400, r.text
+        assert client.get("/api/models/nope").status_code == 404
+        assert client.get("/models").status_code == 200
+        text = client.get("/metrics").text
+
+    requests = _samples(text, "mlaas_requests_total")
+    errors = _samples(text, "mlaas_errors_total")
+    seconds = _samples(text, "mlaas_request_seconds_count")
+
+    def key(route: str, status: int | None = None, model: str = "higgs",
+            version: str = "1") -> tuple[tuple[str, str], ...]:
+        labels = {"route": route, "model": model, "version": version}
+        if status is not None:
+            labels["status"] = str(status)
+        return tuple(sorted(labels.items()))
+
+    for route in (predict, tfaas):
+        assert requests[key(route, 200)] == 1 and requests[key(route, 400)] == 1
+        assert errors[key(route, 400)] == 1 and key(route, 200) not in errors
+        assert seconds[key(route)] == 2
+    assert requests[key("/api/models/{name}", 201)] == 1  # the upload, with its new version
+    # an unknown name is not a label value
+    assert errors[key("/api/models/{name}", 404, model="", version="")] == 1
+    assert requests[key("/models", 200, model="", version="")] == 1
+    buckets = _samples(text, "mlaas_request_seconds_bucket")
+    assert buckets[(("le", "+Inf"), *key(predict))] == 2
+    assert 'version="1"' in text

@@ -70,6 +70,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,7 +83,9 @@ from mlaas.serve import jsonio
 from mlaas.serve.access import AllowAll, ModelAccess
 from mlaas.serve.http_errors import (ERROR_STATUS, headers_of, http_error, internal_error,
                                      redact, status_of, validation_error)
+from mlaas.serve.metrics import Metrics
 from mlaas.serve.registry import Registry
+from mlaas.serve.route_metrics import meter, served
 
 __all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
 
@@ -177,9 +180,10 @@ def _outputs(scores: np.ndarray) -> list[Any]:
     return rows
 
 
-def _predict(registry: Registry, name: str, version: int | None, alias: str | None,
+def _predict(request: Request, name: str, version: int | None, alias: str | None,
              events: Any) -> dict[str, Any]:
-    v, bundle = registry.bundle(name, version, alias)
+    v, bundle = _registry(request).bundle(name, version, alias)
+    served(request, name, v)
     # Without a Runtime (create_app alone) events are scored one request at a time;
     # mlaas.serve.server.create_server batches them.
     scores = bundle.predict_events(events)
@@ -228,9 +232,10 @@ def _tfaas_request(body: Any) -> tuple[list[str], list[Any], str | None]:
     return keys, values, name
 
 
-def _tfaas_predict(registry: Registry, name: str, keys: list[str], values: list[Any]
+def _tfaas_predict(request: Request, name: str, keys: list[str], values: list[Any]
                    ) -> list[Any]:
-    _, bundle = registry.bundle(name)
+    v, bundle = _registry(request).bundle(name)
+    served(request, name, v)
     return _outputs(bundle.predict_events(_tfaas_events(bundle, keys, values)))
 
 
@@ -249,6 +254,7 @@ async def _upload(request: Request, name: str, data: bytes,
     if metadata is None:
         metadata = await hooks.on_upload(request, name)
     info = await run_in_threadpool(_registry(request).upload, name, data, metadata)
+    served(request, name, info["version"])
     return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
 
 
@@ -286,27 +292,33 @@ def _models_router() -> APIRouter:
 
     async def get_model(name: str, request: Request) -> dict[str, Any]:
         await hooks.check(request, "read", name)
-        return await run_in_threadpool(_registry(request).get, name)
+        info = await run_in_threadpool(_registry(request).get, name)
+        served(request, name)
+        return info
 
     async def get_version(name: str, version: int, request: Request) -> dict[str, Any]:
         await hooks.check(request, "read", name)
         info = await run_in_threadpool(_registry(request).version, name, version)
+        served(request, name, version)
         return {"model": name, **info}
 
     async def delete_version(name: str, version: int, request: Request) -> dict[str, Any]:
         await hooks.check(request, "write", name)
         await run_in_threadpool(_registry(request).delete_version, name, version)
+        served(request, name, version)
         return {"model": name, "deleted": version}
 
     async def set_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
         await hooks.check(request, "write", name)
         version = _alias_version(await _json(request))
         aliases = await run_in_threadpool(_registry(request).set_alias, name, alias, version)
+        served(request, name, version)
         return {"model": name, "alias": alias, "version": version, "aliases": aliases}
 
     async def delete_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
         await hooks.check(request, "write", name)
         aliases = await run_in_threadpool(_registry(request).delete_alias, name, alias)
+        served(request, name)
         return {"model": name, "aliases": aliases}
 
     async def predict(name: str, request: Request, version: int | None = None,
@@ -315,11 +327,13 @@ def _models_router() -> APIRouter:
         events = await _json(request)
         runtime = getattr(request.app.state, "runtime", None)
         if runtime is not None:  # the full server: batched with concurrent requests
-            v, scores = await runtime.predict_events(name, version, alias, events)
+            with runtime.request():
+                v, batcher = await runtime.event_batcher(name, version, alias)
+                served(request, name, v)
+                scores = await batcher.submit(events)
             answer = {"model": name, "version": v, "outputs": _outputs(scores)}
         else:
-            answer = await run_in_threadpool(_predict, _registry(request), name, version,
-                                             alias, events)
+            answer = await run_in_threadpool(_predict, request, name, version, alias, events)
         # plain JSON types already: skip FastAPI's jsonable_encoder on the hot path
         return Response(jsonio.dumps(answer), media_type="application/json")
 
@@ -352,12 +366,12 @@ def _tfaas_router() -> APIRouter:
         await hooks.check(request, "read", name)
         runtime = getattr(request.app.state, "runtime", None)
         if runtime is None:
-            return await run_in_threadpool(_tfaas_predict, _registry(request), name, keys,
-                                           values)
+            return await run_in_threadpool(_tfaas_predict, request, name, keys, values)
         # the full server: batched with concurrent requests, as /api/models/{name}/predict
-        _, bundle, _ = await runtime.batcher(name)
-        rows = _tfaas_events(bundle, keys, values)
-        _, scores = await runtime.predict_events(name, None, None, rows)
+        with runtime.request():
+            v, batcher = await runtime.event_batcher(name)
+            served(request, name, v)
+            scores = await batcher.submit(_tfaas_events(batcher.bundle, keys, values))
         return Response(jsonio.dumps(_outputs(scores)), media_type="application/json")
 
     async def models(request: Request) -> list[str]:
@@ -366,6 +380,7 @@ def _tfaas_router() -> APIRouter:
     async def delete(model: str, request: Request) -> dict[str, Any]:
         await hooks.check(request, "write", model)
         versions = await run_in_threadpool(_registry(request).delete_model, model)
+        served(request, model)
         return {"model": model, "deleted": versions}
 
     async def upload(request: Request) -> JSONResponse:
@@ -403,7 +418,8 @@ def _tfaas_router() -> APIRouter:
 def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
                extra_routers: Iterable[APIRouter] = (),
                registry: Registry | None = None,
-               access: ModelAccess | None = None, freeze_gc: bool = False) -> FastAPI:
+               access: ModelAccess | None = None, freeze_gc: bool = False,
+               metrics: Metrics | None = None) -> FastAPI:
     """Build the serving app over the registry at ``models_dir``.
 
     Args:
@@ -418,6 +434,10 @@ def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
             no longer walk it: they paused the single-event benchmark for ~125 ms
             twice per 10k requests, which set its p99; frozen, ~2 ms. Process-wide,
             so only for an app that owns its process (``create_server`` does).
+        metrics: when given, every model route here (registry, raw events, TFaaS)
+            counts its requests, errors and latency in it by route template, model,
+            version and status (:mod:`mlaas.serve.route_metrics`); ``extra_routers``
+            count their own.
 
     The registry is ``app.state.registry``; bundles load lazily on first use
     and are dropped when the lifespan ends.
@@ -445,8 +465,12 @@ def create_app(models_dir: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
     app.state.registry = reg
     app.state.access = access if access is not None else AllowAll()
     app.state.max_body_bytes = max_body_bytes
-    routers: Sequence[APIRouter] = [_health_router(), _models_router(), _tfaas_router(),
-                                    *extra_routers]
+    model_routers = [_models_router(), _tfaas_router()]
+    if metrics is not None:
+        for route in (r for router in model_routers for r in router.routes):
+            assert isinstance(route, APIRoute)
+            meter(route, metrics)
+    routers: Sequence[APIRouter] = [_health_router(), *model_routers, *extra_routers]
     for router in routers:
         # The routes themselves, not include_router: an included router is walked
         # (its route list versioned and re-matched) on every request, which was a

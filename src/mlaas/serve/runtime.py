@@ -675,5 +675,14 @@ class Runtime:
         Returns ``(version, scores)``.
         """
         with self.request():
-            resolved, _, _, events_batcher = await self._batchers_for(name, version, alias)
+            resolved, events_batcher = await self.event_batcher(name, version, alias)
             return resolved, await events_batcher.submit(events)
+
+    async def event_batcher(self, name: str, version: int | None = None,
+                            alias: str | None = None) -> tuple[int, EventBatcher]:
+        """``(version, event batcher)`` of a model, found as :meth:`batcher` finds its
+        batcher. A route that must know the version before the events are scored
+        (to label its metrics, also when scoring fails) submits to it itself, inside
+        :meth:`request`, as :meth:`predict_events` does."""
+        resolved, _, _, events_batcher = await self._batchers_for(name, version, alias)
+        return resolved, events_batcher

@@ -69,7 +69,7 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
                       metrics=metrics, event_workers=event_workers, inline_rows=inline_rows)
     app = create_app(registry.root, registry=registry, max_body_bytes=max_body_bytes,
                      access=access, extra_routers=[v2_router(runtime, registry, metrics)],
-                     freeze_gc=freeze_gc)
+                     freeze_gc=freeze_gc, metrics=metrics)
     app.state.runtime = runtime
     app.state.metrics = metrics
     # The v2 infer routes are handed to directly by the innermost middleware (see

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,13 +159,38 @@ def test_class_weights_balanced(synth: Path, tmp_path: Path) -> None:
     p, tr, va = datasets(spec)
     sources = tr.stats.sources
     n1, n0 = (s["splits"]["train"] for s in sources)  # signal (1), background (0)
-    table = trainer._class_table(p, tr.stats, 1)
+    table = trainer._class_table(p, tr, 1)
     assert table is not None
     expected = [(n0 + n1) / (2 * n0), (n0 + n1) / (2 * n1)]
     assert table.tolist() == pytest.approx(expected)
     assert float(table[0] * n0 + table[1] * n1) == pytest.approx(n0 + n1)
     result = train(p, tr, va, tmp_path, progress=False)
     assert all(math.isfinite(h["val_loss"]) for h in result.history)
+
+
+def test_class_weights_balanced_count_the_training_split_of_data_label(
+        synth: Path, tmp_path: Path) -> None:
+    spec = spec_for(synth, data__label="minimum(nJet, 5) // 2", task="multiclass",
+                    data__cut="MET_pt > 10", train__class_weights="balanced",
+                    data__split={"validation": 0.3, "test": 0.3, "seed": 3})
+    for s in spec["data"]["sources"]:
+        del s["label"]
+    p, tr, va = datasets(spec)
+    seen: dict[float, int] = {}
+    for batch in tr.iter_epoch(0):  # what training sees, counted from its batches
+        for v, n in zip(*np.unique(batch["y"], return_counts=True), strict=True):
+            seen[float(v)] = seen.get(float(v), 0) + int(n)
+    assert sorted(seen) == [0.0, 1.0, 2.0]
+    total = sum(seen.values())
+    want = [total / (3 * seen[c]) for c in (0.0, 1.0, 2.0)]
+    table = trainer._class_table(p, tr, 3)
+    assert table is not None and table.tolist() == pytest.approx(want, rel=1e-6)
+    every_split = {float(k): v for k, v in tr.stats.label["counts"].items()}
+    assert sum(every_split.values()) > total  # pass 1 counted all splits
+    all_splits = [sum(every_split.values()) / (3 * every_split[c]) for c in (0.0, 1.0, 2.0)]
+    assert table.tolist() != pytest.approx(all_splits, rel=1e-4)
+    result = train(p, tr, va, tmp_path, progress=False)
+    assert result.stopped == "completed"
 
 
 def test_class_weights_need_classes(synth: Path) -> None:

@@ -39,6 +39,7 @@ from mlaas.data.layout import Layout, branch_kinds
 from mlaas.data.transform import Transform
 from mlaas.errors import BundleError
 from mlaas.spec import Pipeline
+from mlaas.train.labels import expression_inputs
 from mlaas.train.models import MLP, DeepSets, UserModel
 
 __all__ = ["ExportModule", "export_bundle", "export_onnx", "check_parity", "raw_batches",
@@ -178,13 +179,7 @@ def inference_inputs(layout: Layout) -> tuple[list[str], list[tuple[str, Any]]]:
     for e in [f.expression for f in layout.features] + ([layout.cut] if layout.cut else []):
         needed |= set(e.names)
     needed |= {c.sort_by for c in layout.collections.values() if c.sort_by}
-    kept: list[tuple[str, Any]] = []
-    for name, e in reversed(layout.derived):
-        if name in needed:
-            needed |= set(e.names)
-            kept.append((name, e))
-    branches = sorted(n for n in needed if n in layout.branches)
-    return branches, kept[::-1]
+    return expression_inputs(layout, needed)
 
 
 def branch_types(pipeline: Pipeline, dataset: Any) -> dict[str, dict[str, str]]:

@@ -22,6 +22,7 @@ module through ``mlaas.bundle`` but never pads chunks.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -101,13 +102,29 @@ def warm_up() -> None:
     not wait for it. Safe to call many times and beside a real first call
     (numba compiles under its own lock).
     """
-    if _FILL or _WARMING.is_set():
+    if _FILL or _WARMING:
         return
-    _WARMING.set()
-    threading.Thread(target=_warm, name="mlaas-numba-warm-up", daemon=True).start()
+    thread = threading.Thread(target=_warm, name="mlaas-numba-warm-up", daemon=True)
+    _WARMING.append(thread)
+    thread.start()
 
 
-_WARMING = threading.Event()
+_WARMING: list[threading.Thread] = []
+
+
+def _finish_warm_up() -> None:
+    """Before a fork, let a running warm-up finish.
+
+    A child forked while the thread imports numba inherits a half-imported
+    module and fails on ``numba.njit`` (a DataLoader made right after its
+    dataset forked its workers then); forked after it, workers also start
+    with numba loaded instead of importing it each.
+    """
+    if _WARMING and _WARMING[0] is not threading.current_thread():
+        _WARMING[0].join()
+
+
+os.register_at_fork(before=_finish_warm_up)
 
 
 def _warm() -> None:

@@ -4,16 +4,18 @@ Layer: data. Kept apart so that importing ``mlaas.data`` does not import
 torch. Batches are already formed by the dataset, so use
 ``DataLoader(ds.torch(), batch_size=None, num_workers=k)``.
 
-Epochs: with ``persistent_workers=True`` each worker advances its own epoch
-counter after every pass; otherwise workers are fresh copies each epoch, so
-call ``set_epoch(e)`` before each epoch (as with ``DistributedSampler``) to
-get a new shuffle.
+Epochs: every pass over a DataLoader uses the next epoch's shuffle, with or
+without workers and with or without ``persistent_workers``; ``set_epoch(e)``
+makes the next pass epoch ``e`` (as with ``DistributedSampler``). Pass ``k``
+after ``set_epoch(e)`` is epoch ``e + k`` of :meth:`RootDataset.iter_epoch`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,18 +33,40 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
     def __init__(self, dataset: RootDataset, advance: bool = True) -> None:
         super().__init__()
         self.dataset = dataset
-        self.epoch = dataset.epoch
+        self.epoch = dataset.epoch  # the epoch of the next pass, before workers' passes
         self.advance = advance  # False: every pass repeats the same epoch (validation)
+        self._passes: _SharedPasses | None = _SharedPasses()
+        self._runs = 0  # passes this copy has made (a persistent worker's own count)
 
     def set_epoch(self, epoch: int) -> None:
+        """The next pass uses ``epoch``; the ones after it ``epoch + 1``, ``epoch + 2``..."""
         self.epoch = epoch
+        self._runs = 0
+        if self._passes is not None:
+            self._passes.reset()
+
+    def _epoch(self, info: Any) -> int:
+        """The epoch of this pass, in the main process (``info`` None) or a worker.
+
+        A worker's pass adds the passes that workers made since the epoch was
+        set (shared through :class:`_SharedPasses`) and, if the worker is
+        persistent, its own earlier passes.
+        """
+        if not self.advance:
+            return self.epoch
+        done = self._passes.take(info.seed - info.id if info else None) if self._passes else 0
+        if info is None:
+            epoch = self.epoch + done
+            self.epoch, self._runs = epoch + 1, 0
+            return epoch
+        epoch = self.epoch + done + self._runs
+        self._runs += 1
+        return epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch
-        if self.advance:
-            self.epoch += 1
+        epoch = self._epoch(info)
         if info is None:
             for batch in self.dataset.iter_epoch(epoch, worker, workers):
                 yield {k: torch.from_numpy(v) for k, v in batch.items()}
@@ -55,6 +79,42 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         # wait for the other's reading instead of reading at the same time.
         for batch in self.dataset.iter_epoch(epoch, worker, workers, read_ahead=False):
             yield _Piped(batch)  # type: ignore[misc]  # arrives as a dict of tensors
+
+
+class _SharedPasses:
+    """DataLoader passes begun by workers since the epoch was set, shared by all processes.
+
+    Without persistent workers a DataLoader starts new workers from the main
+    process's dataset on every pass, and no code of the dataset runs in the
+    main process when it does: a counter kept in the dataset never moves, and
+    every pass repeated the first shuffle. The workers of one pass share the
+    DataLoader's base seed (``WorkerInfo.seed - WorkerInfo.id``), new on each
+    pass; so one word in shared memory holds the last base seen (32 bits of
+    it) and the passes counted, and the first worker to see a new base counts
+    a new pass. Its siblings compute the same update from the same word, so
+    no lock is needed; a stale worker of an abandoned pass can at worst give a
+    sibling another epoch's order, never another worker's events (the chunks a
+    worker reads do not depend on the epoch).
+    """
+
+    def __init__(self) -> None:
+        self.word = multiprocessing.RawValue(ctypes.c_uint64, 0)  # inherited by the workers
+
+    def take(self, base: int | None) -> int:
+        """Passes before this one; ``base`` None: a pass in the main process, which resets."""
+        value = int(self.word.value)
+        seen, count = value >> 32, value & 0xFFFF_FFFF
+        if base is None:
+            self.word.value = 0
+            return count
+        tag = (base & 0xFFFF_FFFF) or 1  # 0 means "no pass yet"
+        if tag == seen:
+            return count - 1  # a sibling worker counted this pass already
+        self.word.value = (tag << 32) | (count + 1)
+        return count
+
+    def reset(self) -> None:
+        self.word.value = 0
 
 
 class _Piped:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from mlaas.bundle import Bundle
 from mlaas.cli import app
 from mlaas.data import synth
+from mlaas.train.trainer import load_checkpoint
 
 runner = CliRunner()
 
@@ -105,6 +107,39 @@ def test_sigterm_exits_75_and_resume_finishes(spec_file: Path, tmp_path: Path) -
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     assert (out / "bundle" / "model.onnx").exists()
+
+
+def test_sigterm_to_the_process_group_with_workers_checkpoints(spec_file: Path,
+                                                               tmp_path: Path) -> None:
+    # A batch system signals the whole process group: DataLoader workers get
+    # SIGTERM too. They must ignore it, so the main process (which only sets a
+    # flag) reaches the next batch boundary, checkpoints and exits 75.
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["train"].update(epochs=400, num_workers=1)
+    for source in spec["data"]["sources"]:
+        source["files"] = [str(spec_file.parent / f) for f in source["files"]]
+    path = tmp_path / "workers.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mlaas.cli", "run", str(path), "-o", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)  # the first checkpoint: epoch 1 is done, workers are running
+        assert proc.poll() is None, proc.communicate()[1]
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 75, err
+    assert "Preempted" in err and "--resume" in err and "Traceback" not in err
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] >= 1 and len(ckpt["history"]) == ckpt["epoch"]
 
 
 OUTSIDE_TRAINING_CHILD = """

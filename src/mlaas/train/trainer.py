@@ -67,7 +67,9 @@ curve of a run started with ``E = 4``. ``plateau``: ``ReduceLROnPlateau``
 Preemption
 ----------
 While :func:`train` runs in the main thread, SIGTERM sets a flag (the previous
-handler is restored on exit). At the next batch boundary the trainer writes the
+handler is restored on exit); DataLoader workers (``train.num_workers > 0``)
+ignore SIGTERM, so a signal to the whole process group is handled the same
+way. At the next batch boundary the trainer writes the
 checkpoint and raises :class:`Preempted`; the CLI exits with
 :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL`` of sysexits.h: a temporary
 failure, retry later), so a batch system or the platform can tell a
@@ -414,6 +416,23 @@ def _sigterm_flag() -> Iterator[_Flag]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _worker_ignores_sigterm(worker_id: int,
+                            then: Callable[[int], None] | None = None) -> None:
+    """DataLoader worker start: ignore SIGTERM, then run ``then`` (another init, to compose one).
+
+    A batch system (or ``kill -TERM -PGID``) signals the whole process group.
+    A worker that died of it made the main process fail at its next batch
+    ("DataLoader worker ... is killed by signal: Terminated", exit 1) before
+    its SIGTERM flag was seen, so no checkpoint and no exit 75. Ignoring it
+    leaves the decision to the main process, which checkpoints and stops; the
+    workers still end when it shuts its loaders down (their queue says so)
+    or dies (torch's watchdog in each worker sees the parent gone).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
 class _Bars:
     """An epoch bar and a batch bar on stderr; does nothing when disabled."""
 
@@ -671,7 +690,8 @@ class _Trainer:
             ds.set_epoch(epoch)
             advance = which == "train"
             held = (DataLoader(ds.torch(advance=advance), batch_size=None,
-                               num_workers=self.t.num_workers, persistent_workers=True), epoch)
+                               num_workers=self.t.num_workers, persistent_workers=True,
+                               worker_init_fn=_worker_ignores_sigterm), epoch)
         self.loaders[which] = (held[0], epoch + 1 if which == "train" else epoch)
         return held[0]
 

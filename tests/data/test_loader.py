@@ -7,7 +7,11 @@ route from the loader's numpy offsets, so agreement means something.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import awkward as ak
 import numpy as np
@@ -17,7 +21,10 @@ import uproot
 from torch.utils.data import DataLoader
 
 from mlaas.data import RootDataset, synth
+from mlaas.data import cache as cache_module
+from mlaas.data import chunks as chunking
 from mlaas.data.transform import Columns
+from mlaas.errors import CacheError
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 HZZ = str(FILES / "uproot-HZZ.root")
@@ -288,6 +295,112 @@ def test_disk_cache_is_invalidated_when_a_file_changes(tmp_path: Path) -> None:
     fresh = collect(RootDataset(synth_spec(tmp_path / "d"), split="all", shuffle=False))
     np.testing.assert_array_equal(got.x, fresh.x)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def assert_same_events(got: Columns, want: Columns) -> None:
+    for field in ("x", "y", "w", "mask", "file", "entry"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+def no_file_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every chunk read fail; returns the list the attempts are recorded in."""
+    attempts: list[str] = []
+
+    def refuse(pipeline: object, layout: object, chunk: chunking.ChunkRange) -> None:
+        attempts.append(chunk.name)
+        raise AssertionError(f"chunk {chunk.name} read from its file, not from the cache")
+
+    monkeypatch.setattr(chunking, "read", refuse)
+    return attempts
+
+
+def key_dirs(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if p.is_dir())
+
+
+@pytest.fixture
+def own_pair(tmp_path: Path, synth_pair: Path) -> Path:
+    """A copy of the synth pair this test may rename, touch or delete."""
+    d = tmp_path / "pair"
+    d.mkdir()
+    for name in ("signal.root", "background.root"):
+        shutil.copy2(synth_pair / name, d / name)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_issue2_second_epoch_reads_the_cache_not_the_files(own_pair: Path, tmp_path: Path,
+                                                           kind: str) -> None:
+    cache = {"kind": "memory"} if kind == "memory" else {"disk": str(tmp_path / "cache")}
+    ds = RootDataset(synth_spec(own_pair, cache=cache), split="train", batch_size=500)
+    first = collect(ds, 0)
+    for name in ("signal.root", "background.root"):
+        (own_pair / name).rename(own_pair / f"{name}.gone")
+    second = collect(ds, 1)  # shuffled anew, from the cache: the files are gone
+    assert_same_events(second, first)
+    assert len(first) == ds.num_events
+
+
+def test_issue2_disk_cache_is_reused_by_a_new_dataset_even_on_a_full_disk(
+        own_pair: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = synth_spec(own_pair, cache={"disk": str(tmp_path / "cache")})
+    first = RootDataset(spec, split="validation")
+    want = collect(first)
+    (key,) = key_dirs(tmp_path / "cache")
+    assert len(list(key.glob("*/complete"))) == len(first.chunks)
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    again = RootDataset(spec, split="validation", stats=first.stats)  # fits: it is all written
+    attempts = no_file_reads(monkeypatch)
+    assert_same_events(collect(again), want)
+    assert attempts == []
+    assert key_dirs(tmp_path / "cache") == [key]
+
+    with pytest.raises(CacheError) as info:  # another key has nothing written: refused
+        RootDataset(spec, split="train", stats=first.stats)
+    assert "refusing rather than caching part of the data" in str(info.value)
+
+
+def test_issue2_a_changed_spec_gives_a_new_cache_key(own_pair: Path, tmp_path: Path) -> None:
+    cache = {"disk": str(tmp_path / "cache")}
+    collect(RootDataset(synth_spec(own_pair, cache=cache), split="all", shuffle=False))
+    changes = [{"cut": "MET_pt > 40"}, {"normalize": "minmax"},
+               {"features": ["MET_pt", {"branch": "Jet_pt", "max_len": 2}]}]
+    for n, change in enumerate(changes, start=2):
+        cached = collect(RootDataset(synth_spec(own_pair, cache=cache, **change), split="all",
+                                     shuffle=False))
+        fresh = collect(RootDataset(synth_spec(own_pair, **change), split="all", shuffle=False))
+        assert_same_events(cached, fresh)  # not the stale entries of another spec
+        assert len(key_dirs(tmp_path / "cache")) == n
+
+
+def test_issue2_a_touched_input_file_invalidates_the_cache(
+        own_pair: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = synth_spec(own_pair, cache={"disk": str(tmp_path / "cache")})
+    want = collect(RootDataset(spec, split="all", shuffle=False))
+    stat = (own_pair / "signal.root").stat()
+    os.utime(own_pair / "signal.root", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    ds = RootDataset(spec, split="all", shuffle=False)  # same content, new mtime: a new key
+    assert len(key_dirs(tmp_path / "cache")) == 2
+    attempts = no_file_reads(monkeypatch)
+    with pytest.raises(AssertionError, match="read from its file"):
+        collect(ds)
+    assert attempts  # the changed file's chunks are read again, not taken from the old key
+    monkeypatch.undo()
+    assert_same_events(collect(ds), want)
+
+
+def test_issue2_disk_cache_over_its_limit_is_refused(own_pair: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "cache"
+    spec = synth_spec(own_pair, cache={"kind": "disk", "path": str(directory), "max_bytes": 4096})
+    with pytest.raises(CacheError) as info:
+        RootDataset(spec, split="train")
+    text = str(info.value)
+    m = re.search(r"the cache needs about (\S+ \w*B) but disk at (\S+) allows 4\.1 kB; "
+                  r"refusing rather than caching part of the data", text)
+    assert m is not None, text
+    assert m.group(2) == str(directory)
+    assert "at spec field data.cache" in text
+    assert not list(directory.rglob("complete"))  # nothing was cached
 
 
 @pytest.mark.xrootd

@@ -121,7 +121,8 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
         kind (str): ``none``, ``memory`` or ``disk``.
         needed_bytes (int): the estimated size of this split's arrays.
         max_bytes (int or None): the user's limit; default: half of the
-            available memory, or 90% of the free disk space.
+            available memory, or 90% of the free disk space plus what this
+            key's entries already take.
     """
     if kind == "none":
         return NoCache()
@@ -134,9 +135,21 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     if not directory.is_absolute():
         directory = base_dir / directory
     directory.mkdir(parents=True, exist_ok=True)
-    room = max_bytes or int(shutil.disk_usage(directory).free * 0.9)
+    free = int(shutil.disk_usage(directory).free * 0.9)
+    room = max_bytes or free + written_bytes(directory / key)
     _fits(needed_bytes, room, f"disk at {directory}", "free space or choose another directory")
     return DiskCache(directory / key)
+
+
+def written_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory``: a dataset's entries already on disk.
+
+    They count as room for the cache they belong to: they are its own data,
+    read back instead of written again, so a cache that fit once fits again.
+    """
+    if not directory.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
 def human_bytes(n: float) -> str:

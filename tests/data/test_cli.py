@@ -14,12 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import awkward as ak
+import numpy as np
 import pytest
 import uproot
 import yaml
 from typer.testing import CliRunner
 
 from mlaas import cli
+from mlaas.data import synth
 from mlaas.errors import BranchNotFound, SourceError
 
 FILES = Path(__file__).resolve().parent.parent / "files"
@@ -129,6 +132,81 @@ def test_stats_writes_json_per_feature(tmp_path: Path) -> None:
     assert stats["max_len"] == {"Muon": 2}
     assert sum(stats["splits"].values()) == 2421
     assert "MET_px" in result.stdout  # the table is printed too
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stats-pair")
+    synth.generate(out, 3000, seed=11)
+    return out
+
+
+STATS_CUT = "MET_pt > 30"
+STATS_DERIVED = {
+    "inv": "1 / (nMuon - 1)",  # +inf where nMuon == 1
+    "nan_or_met": "(nMuon - 1) / (nMuon - 1) * MET_pt",  # NaN where nMuon == 1
+    "Muon_leta": "log(Muon_eta)",  # jagged: NaN where eta < 0
+}
+
+
+def reference(path: Path) -> dict[str, Any]:
+    """One file's selected events and feature values, computed with awkward alone."""
+    a = uproot.open(path)["Events"].arrays(library="ak")
+    keep = ak.to_numpy(a.MET_pt > 30)
+    s = a[keep]
+    n_muon = ak.to_numpy(s.nMuon).astype(np.float64)
+    with np.errstate(all="ignore"):
+        values = {
+            "MET_pt": ak.to_numpy(s.MET_pt).astype(np.float64),
+            "inv": 1 / (n_muon - 1),
+            "nan_or_met": (n_muon - 1) / (n_muon - 1) * ak.to_numpy(s.MET_pt),
+            "Jet_pt": ak.to_numpy(ak.flatten(s.Jet_pt)).astype(np.float64),
+            "Muon_leta": np.log(ak.to_numpy(ak.flatten(s.Muon_eta)).astype(np.float64)),
+            "Electron_pt": ak.to_numpy(ak.flatten(s.Electron_pt)).astype(np.float64),
+        }
+    counts = {c: ak.to_numpy(ak.num(s[f"{c}_pt"], axis=1)) for c in ("Jet", "Muon", "Electron")}
+    return {"entries": len(a), "selected": int(keep.sum()), "values": values, "counts": counts}
+
+
+def test_issue2_stats_counts_match_awkward_exactly(pair: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(yaml.safe_dump({"data": {
+        "sources": [{"name": "signal", "files": [str(pair / "signal.root")], "label": 1},
+                    {"name": "background", "files": [str(pair / "background.root")],
+                     "label": 0}],
+        "derived": STATS_DERIVED,
+        "cut": STATS_CUT,
+        "features": ["MET_pt", "inv", "nan_or_met", {"branch": "Jet_pt", "max_len": 4},
+                     {"branch": "Muon_leta", "max_len": 2}, {"branch": "Electron_pt"}],
+        "nan": {"policy": "replace", "value": 0},
+        "step_size": 700,
+    }}))
+    out = tmp_path / "stats.json"
+    result = run("stats", str(spec), "-o", str(out), "--no-progress")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(out.read_text())
+    refs = {name: reference(pair / f"{name}.root") for name in ("signal", "background")}
+
+    for source, ref in zip(stats["sources"], refs.values(), strict=True):
+        assert (source["entries"], source["selected"]) == (ref["entries"], ref["selected"])
+        assert sum(source["splits"].values()) == ref["selected"]
+    assert 0 < stats["selected"] == sum(r["selected"] for r in refs.values()) < 6000
+
+    for name, got in stats["features"].items():
+        values = np.concatenate([r["values"][name] for r in refs.values()])
+        want = {"count": int(np.isfinite(values).sum()), "nan": int(np.isnan(values).sum()),
+                "inf": int(np.isinf(values).sum())}
+        assert {k: got[k] for k in want} == want, name
+    assert stats["features"]["inv"]["inf"] > 0 and stats["features"]["nan_or_met"]["nan"] > 0
+    assert stats["features"]["Muon_leta"]["nan"] > 0
+
+    for coll, feature in (("Jet", "Jet_pt"), ("Muon", "Muon_leta"), ("Electron", "Electron_pt")):
+        counts = np.concatenate([r["counts"][coll] for r in refs.values()])
+        assert stats["features"][feature]["multiplicity"] == np.bincount(counts).tolist()
+    electrons = np.concatenate([r["counts"]["Electron"] for r in refs.values()])
+    assert stats["max_len"] == {
+        "Jet": 4, "Muon": 2,
+        "Electron": max(1, int(np.quantile(electrons, 0.95, method="inverted_cdf")))}
 
 
 def test_stats_reports_zero_variance_on_stderr(tmp_path: Path) -> None:

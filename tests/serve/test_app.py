@@ -18,6 +18,7 @@ from fastapi import APIRouter
 from mlaas.bundle import Bundle
 from mlaas.serve.app import create_app
 from mlaas.serve.registry import Registry
+from serve_support import with_spec
 
 with warnings.catch_warnings():
     # starlette >= 1.x asks for its httpx fork ("httpx2"); httpx works the same for these tests
@@ -218,12 +219,15 @@ def test_tfaas_routes(client: TestClient, trained: dict[str, Any]) -> None:
     assert r.json()["version"] == 2
     r = client.post("/upload", params={"name": "raw"}, content=trained["bytes"])
     assert r.status_code == 201 and r.json()["version"] == 1
-    r = client.post("/upload", files={"model": ("b.tar.gz", trained["bytes"])})
-    assert r.status_code == 400 and r.json()["field"] == "name"
     r = client.post("/upload", data={"name": "tf"},
                     files={"model": ("b.tar.gz", b"garbage")})
     assert r.status_code == 400 and r.json()["error"] == "BundleError"
-    assert client.get("/models").json() == ["raw", "tf"]
+    models = client.get("/models").json()
+    assert [m["name"] for m in models] == ["raw", "tf"]
+    assert models[1]["versions"] == [1, 2] and models[1]["latest"] == 2
+    assert models[1]["aliases"] == {} and models[1]["model"] == "model.onnx"
+    assert models[1]["inputNode"] == "x" and models[1]["outputNode"] == "score"
+    assert models[1]["timestamp"] and "version 2" in models[1]["description"]
 
     rows = trained["rows"]
     expected = _expected(trained, rows)
@@ -246,9 +250,35 @@ def test_tfaas_routes(client: TestClient, trained: dict[str, Any]) -> None:
 
     r = client.delete("/delete/tf")
     assert r.status_code == 200 and r.json() == {"model": "tf", "deleted": [1, 2]}
-    assert client.get("/models").json() == ["raw"]
+    assert [m["name"] for m in client.get("/models").json()] == ["raw"]
     # with one model left, "model" may be omitted
     assert client.post("/json", json={"keys": keys, "values": [1.0, [1.0]]}).status_code == 200
+
+
+def test_issue4_tfaas_upload_without_a_name(client: TestClient,
+                                            trained: dict[str, Any]) -> None:
+    """TFaaS clients send a bare tarball (``curl --data-binary @x.tar.gz``): the name is the
+    bundle's own (spec.json), else the file's; the multipart form keeps working."""
+    named = with_spec(trained["bytes"], name="from-spec")
+    unnamed = with_spec(trained["bytes"], name=None)
+    r = client.post("/upload", content=named,
+                    headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    assert r.json()["model"] == "from-spec" and r.json()["version"] == 1
+    r = client.post("/upload", content=unnamed,
+                    headers={"content-disposition": 'attachment; filename="from-file.tar.gz"'})
+    assert r.status_code == 201 and r.json()["model"] == "from-file"
+    r = client.post("/upload", files={"model": ("form-file.tgz", unnamed)})
+    assert r.status_code == 201 and r.json()["model"] == "form-file"
+    r = client.post("/upload", files={"model": ("form-file.tgz", named)})  # the spec wins
+    assert r.status_code == 201 and r.json()["model"] == "from-spec" and r.json()["version"] == 2
+    r = client.post("/upload", params={"name": "given"}, content=named)  # a given name wins
+    assert r.status_code == 201 and r.json()["model"] == "given"
+    for body in (unnamed, b"garbage"):  # nothing to take a name from
+        r = client.post("/upload", content=body)
+        assert r.status_code == 400 and r.json()["field"] == "name", r.text
+    assert [m["name"] for m in client.get("/models").json()] == [
+        "form-file", "from-file", "from-spec", "given"]
 
 
 def test_hot_loading_between_apps(tmp_path: Path, trained: dict[str, Any]) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from mlaas.bundle import Bundle
 from mlaas.errors import BundleError
-from mlaas.serve.registry import InvalidName, ModelNotFound, Registry
+from mlaas.serve.registry import InvalidName, ModelNotFound, Registry, archive_model_name
+from serve_support import with_spec
 
 
 def make_tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -224,3 +225,22 @@ def test_bundle_dir_at_archive_top_level(tmp_path: Path, trained: dict[str, Any]
         for p in sorted(Path(trained["dir"]).iterdir()):
             tar.add(p, arcname=p.name)
     assert Registry(tmp_path).upload("flat", buf.getvalue())["version"] == 1
+
+
+def test_archive_model_name_reads_only_a_valid_spec_name(trained: dict[str, Any]) -> None:
+    named = with_spec(trained["bytes"], name="higgs-2")
+    assert archive_model_name(named) == "higgs-2"
+    assert archive_model_name(with_spec(trained["bytes"], name=None)) is None
+    assert archive_model_name(with_spec(trained["bytes"], name="../x")) is None
+    spec = b'{"name": "flat"}'
+    assert archive_model_name(make_tar([(_member("spec.json"), spec)])) == "flat"
+    assert archive_model_name(make_tar([(_member("b/spec.json"), spec)])) == "flat"
+    assert archive_model_name(make_tar([(_member("a/x"), b"x"),  # two directories: no bundle
+                                        (_member("b/spec.json"), spec)])) is None
+    assert archive_model_name(make_tar([(_member("b/c/spec.json"), spec)])) is None
+    assert archive_model_name(make_tar([(_member("spec.json", tarfile.SYMTYPE, "/etc/passwd"),
+                                         None)])) is None
+    assert archive_model_name(make_tar([(_member("spec.json"), b"{oops")])) is None
+    assert archive_model_name(named, max_spec_bytes=10) is None
+    for data in _bad_archives(trained).values():
+        archive_model_name(data)  # never raises

@@ -33,13 +33,23 @@ POST       /json                                   TFaaS: ``{"keys": [...], "val
                                                    "model": name}``; ``values`` is one event
                                                    (one value per key) or a list of such
                                                    lists; returns a JSON array of scores
-GET        /models                                 TFaaS: a JSON array of model names
+GET        /models                                 TFaaS: a JSON array of objects, one per
+                                                   model, with TFaaS's ``TFParams`` fields
+                                                   (``name``, ``model``, ``inputNode``,
+                                                   ``outputNode``, ``description``,
+                                                   ``timestamp``, of the version served by
+                                                   default) and ``versions``, ``latest``,
+                                                   ``aliases``
 POST       /upload                                 TFaaS: multipart form with the bundle
                                                    tarball in file field ``model`` (TFaaS's
                                                    name; ``file`` and ``bundle`` also work)
                                                    and the model name in text field ``name``;
-                                                   a non-multipart body is taken as the raw
-                                                   tarball with ``?name=``
+                                                   a non-multipart body is the raw tarball
+                                                   (``curl --data-binary @x.tar.gz``), named
+                                                   by ``?name=``. Without a name: the ``name``
+                                                   in the bundle's spec.json, else the file's
+                                                   name without ``.tar.gz`` (form file name or
+                                                   ``Content-Disposition``), else 400
 DELETE     /delete/{model}                         TFaaS: every version of the model
 =========  ======================================  ==========================================
 
@@ -57,9 +67,11 @@ Unauthorized 401 with ``WWW-Authenticate: Bearer``, RateLimited 429 with
 
 from __future__ import annotations
 
+import email.message
 import gc
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -76,7 +88,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlaas.bundle import Bundle
+from mlaas.bundle import MODEL_FILE, Bundle
 from mlaas.errors import BadRequest, MlaasError, RequestTooLarge
 from mlaas.serve import access as hooks
 from mlaas.serve import jsonio
@@ -84,7 +96,8 @@ from mlaas.serve.access import AllowAll, ModelAccess
 from mlaas.serve.http_errors import (ERROR_STATUS, headers_of, http_error, internal_error,
                                      redact, status_of, validation_error)
 from mlaas.serve.metrics import Metrics
-from mlaas.serve.registry import Registry
+from mlaas.serve.registry import (DEFAULT_ALIAS, NAME_PATTERN, ModelNotFound, Registry,
+                                  archive_model_name)
 from mlaas.serve.route_metrics import meter, served
 
 __all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
@@ -247,6 +260,58 @@ async def _visible_models(request: Request) -> list[dict[str, Any]]:
     return [m for m in models if m["name"] in keep]
 
 
+def _tfaas_params(registry: Registry, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``GET /models`` as TFaaS answered it: one ``TFParams`` object per model (``name``,
+    ``model``, ``inputNode``, ``outputNode``, ``description``, ``timestamp``, all
+    strings as in TFaaS, describing the version served by default), plus the
+    registry's ``versions``, ``latest`` and ``aliases``. TFaaS's ``labels`` and
+    ``options`` named files and flags that bundles do not have, so they are left out."""
+    out = []
+    for m in models:
+        version = m["aliases"].get(DEFAULT_ALIAS, m["latest"])
+        try:
+            info = registry.version(m["name"], version)
+        except ModelNotFound:
+            continue  # deleted since the listing
+        spec = info["spec"]
+        tensors = {key: [t.get("name") for t in spec.get(key) or () if isinstance(t, dict)]
+                   for key in ("inputs", "outputs")}
+        out.append({
+            "name": m["name"],
+            "model": MODEL_FILE,
+            "inputNode": ",".join(map(str, tensors["inputs"])),
+            "outputNode": ",".join(map(str, tensors["outputs"])),
+            "description": f"mlaas bundle {spec.get('name') or m['name']!s}, task "
+                           f"{spec.get('task')}, version {version}",
+            "timestamp": info.get("created") or "",
+            "versions": m["versions"],
+            "latest": m["latest"],
+            "aliases": m["aliases"],
+        })
+    return out
+
+
+_ARCHIVE_SUFFIX = re.compile(r"\.(tar\.gz|tgz|tar)$")
+_MODEL_NAME = re.compile(NAME_PATTERN)
+
+
+def _name_from_file(filename: str | None) -> str | None:
+    """A model name from an uploaded file's name (``higgs.tar.gz`` -> ``higgs``), if valid."""
+    if not filename:
+        return None
+    stem = _ARCHIVE_SUFFIX.sub("", filename.replace("\\", "/").rsplit("/", 1)[-1])
+    return stem if _MODEL_NAME.fullmatch(stem) else None
+
+
+def _disposition_filename(header: str | None) -> str | None:
+    """The ``filename`` of a ``Content-Disposition`` header (RFC 2231 forms included)."""
+    if not header:
+        return None
+    message = email.message.Message()
+    message["content-disposition"] = header
+    return message.get_filename()
+
+
 async def _upload(request: Request, name: str, data: bytes,
                   metadata: dict[str, Any] | None = None) -> JSONResponse:
     """Create the next version of ``name``; asks the policy's ``on_upload`` first unless
@@ -374,8 +439,9 @@ def _tfaas_router() -> APIRouter:
             scores = await batcher.submit(_tfaas_events(batcher.bundle, keys, values))
         return Response(jsonio.dumps(_outputs(scores)), media_type="application/json")
 
-    async def models(request: Request) -> list[str]:
-        return [m["name"] for m in await _visible_models(request)]
+    async def models(request: Request) -> list[dict[str, Any]]:
+        listing = await _visible_models(request)
+        return await run_in_threadpool(_tfaas_params, _registry(request), listing)
 
     async def delete(model: str, request: Request) -> dict[str, Any]:
         await hooks.check(request, "write", model)
@@ -396,13 +462,18 @@ def _tfaas_router() -> APIRouter:
                     raise BadRequest("the form has no file; send the bundle tarball as file "
                                      "field 'model' (or 'file')", field="model")
                 data = await chosen.read()
+                filename = chosen.filename
             name = texts.get("name") or texts.get("model")
         else:
             data = await request.body()
             name = request.query_params.get("name")
+            filename = _disposition_filename(request.headers.get("content-disposition"))
+        if not name:  # TFaaS clients may send a bare tarball: the bundle names itself
+            name = await run_in_threadpool(archive_model_name, data) or _name_from_file(filename)
         if not name:
             raise BadRequest("give the model name as form field 'name' (or ?name= with a raw "
-                             "tarball body)", field="name")
+                             "tarball body): the bundle's spec.json has no valid name and the "
+                             "upload no file name to take it from", field="name")
         return await _upload(request, name, data)
 
     router.add_api_route("/json", predict_json, methods=["POST"])

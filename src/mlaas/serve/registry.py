@@ -29,15 +29,18 @@ import builtins
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle, bundle_root, safe_extract
@@ -50,6 +53,7 @@ __all__ = [
     "NAME_PATTERN",
     "DEFAULT_ALIAS",
     "MAX_ARCHIVE_BYTES",
+    "archive_model_name",
 ]
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -58,6 +62,7 @@ DEFAULT_ALIAS = "production"
 MAX_ARCHIVE_BYTES = 512 * 1024**2
 MAX_MEMBER_BYTES = 512 * 1024**2
 MAX_TOTAL_BYTES = 2 * 1024**3
+MAX_SPEC_BYTES = 16 * 1024**2
 _META_FILE = ".registry.json"
 _ALIASES_FILE = "aliases.json"
 _ALIASES_SUFFIX = os.sep + _ALIASES_FILE
@@ -471,6 +476,33 @@ class Registry:
             for k in [k for k in self._cache if k[0] == name]:
                 del self._cache[k]
         return versions
+
+
+def archive_model_name(archive: bytes, *, max_spec_bytes: int = MAX_SPEC_BYTES) -> str | None:
+    """The ``name`` in the spec.json of a bundle archive, when it is a valid model name.
+
+    For uploads that do not say the name (TFaaS clients send a bare tarball).
+    Only spec.json is read (at the top or in the only directory, where
+    :func:`~mlaas.bundle.bundle_root` looks), in memory, up to
+    ``max_spec_bytes``; nothing is extracted. None for anything else (no
+    spec.json, no or an invalid name, a corrupt archive): the upload itself
+    then says what is wrong with the archive.
+    """
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            members = {PurePosixPath(m.name).parts: m for m in tar.getmembers()}
+            spec = members.get((SPEC_FILE,))
+            if spec is None:
+                dirs = {parts[0] for parts, m in members.items() if len(parts) > 1 or m.isdir()}
+                spec = members.get((dirs.pop(), SPEC_FILE)) if len(dirs) == 1 else None
+            if spec is None or not spec.isreg() or spec.size > max_spec_bytes:
+                return None
+            source = tar.extractfile(spec)
+            data = json.loads(source.read()) if source is not None else None
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and _NAME.fullmatch(name) else None
 
 
 def _sha256(path: Path) -> tuple[str, int]:

@@ -1,0 +1,58 @@
+"""Helpers of the serving tests: bundle archives with an edited spec, apps under uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from servers import HOST, free_port
+
+def with_spec(archive: bytes, **changes: Any) -> bytes:
+    """``archive`` (a bundle .tar.gz) repacked with spec.json's top-level keys changed;
+    a value of None removes the key."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as src, \
+            tarfile.open(fileobj=out, mode="w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isreg() else None  # type: ignore[union-attr]
+            if data is not None and member.name.rsplit("/", 1)[-1] == "spec.json":
+                spec = json.loads(data)
+                for key, value in changes.items():
+                    if value is None:
+                        spec.pop(key, None)
+                    else:
+                        spec[key] = value
+                data = json.dumps(spec).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 (lifespan on) in a thread; yields
+    ``"127.0.0.1:PORT"`` once it accepts connections, and stops it afterwards."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            pytest.fail("uvicorn did not start", pytrace=False)
+        time.sleep(0.02)
+    try:
+        yield f"{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

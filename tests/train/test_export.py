@@ -27,7 +27,7 @@ from mlaas.data import RootDataset, synth
 from mlaas.data.layout import Layout
 from mlaas.errors import BundleError
 from mlaas.train import export
-from mlaas.train.models import InputLayout, UserModel, build_builtin
+from mlaas.train.models import InputLayout, UserModel, build_builtin, load_user_model
 from mlaas.train.provenance import provenance
 
 
@@ -228,3 +228,56 @@ def test_user_model_without_mask_exports_x_only(ds: RootDataset, tmp_path: Path)
     bundle = Bundle.load(do_export(ds, model, tmp_path))
     assert bundle.input_names == ["x"]
     assert bundle.n_outputs == 1
+
+
+EXPORT_ONLY_FAILURE = '''
+import torch
+
+
+class OnlyInTorch(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.lin = torch.nn.Linear(n, 1)
+
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export():
+            raise NotImplementedError("no ONNX for this layer\\nsecond line of detail")
+        return self.lin(x)
+
+
+def build(n_features, spec):
+    return OnlyInTorch(n_features)
+'''
+
+
+def user_model_dataset(files: dict[str, str], tmp_path: Path, source: str
+                       ) -> tuple[RootDataset, nn.Module]:
+    path = tmp_path / "model.py"
+    path.write_text(source)
+    spec = {**make_spec(files), "model": {"file": str(path)}}
+    ds = RootDataset(spec, "train", shuffle=False)
+    return ds, load_user_model(path, ds.n_features, {**spec, "n_outputs": 1})
+
+
+def test_a_user_model_failing_in_the_onnx_export_is_one_bundle_error(
+        files: dict[str, str], tmp_path: Path) -> None:
+    ds, model = user_model_dataset(files, tmp_path, EXPORT_ONLY_FAILURE)
+    model(torch.zeros(3, ds.n_features), torch.ones(3, 4))  # fine outside the export
+    with pytest.raises(BundleError) as info:
+        do_export(ds, model, tmp_path / "out")
+    first, *rest = str(info.value).splitlines()
+    assert first.startswith("cannot export user model 'model.py' to ONNX: torch.onnx.export "
+                            "raised NotImplementedError: no ONNX for this layer (line 12 of "
+                            "model.py: 'raise NotImplementedError(")
+    assert rest == [f"in file {tmp_path / 'model.py'}"]  # the message's second line is left out
+    assert info.value.file_path == str(tmp_path / "model.py")
+    assert not (tmp_path / "out" / "bundle").exists()
+
+
+def test_a_model_raising_on_the_probe_batch_is_one_bundle_error(
+        files: dict[str, str], tmp_path: Path) -> None:
+    ds, model = user_model_dataset(files, tmp_path, EXPORT_ONLY_FAILURE.replace(
+        "if torch.onnx.is_in_onnx_export():", "if x.shape[0] == 2:"))
+    with pytest.raises(BundleError, match=r"^cannot export user model 'model.py' to ONNX: "
+                       r"forward on a probe batch of 2 events raised NotImplementedError"):
+        do_export(ds, model, tmp_path / "out")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -140,6 +141,43 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints(spec_file: Path,
     assert "Preempted" in err and "--resume" in err and "Traceback" not in err
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["epoch"] >= 1 and len(ckpt["history"]) == ckpt["epoch"]
+
+
+def test_a_model_that_cannot_be_exported_ends_run_with_one_error(spec_file: Path,
+                                                                  tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text(textwrap.dedent("""
+        import torch
+
+        class TrainsButNoOnnx(torch.nn.Module):
+            def __init__(self, n):
+                super().__init__()
+                self.lin = torch.nn.Linear(n, 1)
+
+            def forward(self, x):
+                if torch.onnx.is_in_onnx_export():
+                    raise RuntimeError("unsupported operator")
+                return self.lin(x)
+
+        def build(n_features, spec):
+            return TrainsButNoOnnx(n_features)
+    """))
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["model"] = {"file": "model.py"}
+    spec["train"]["epochs"] = 1
+    for source in spec["data"]["sources"]:
+        source["files"] = [str(spec_file.parent / f) for f in source["files"]]
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "mlaas.cli", "run",
+                           str(tmp_path / "pipeline.yaml"), "-o", str(tmp_path / "out"),
+                           "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("BundleError: cannot export user model 'model.py' to ONNX: "
+                                  "torch.onnx.export raised RuntimeError: unsupported operator "
+                                  "(line 11 of model.py:"), proc.stderr
+    assert (tmp_path / "out" / "checkpoint.pt").exists()  # training itself went through
+    assert not (tmp_path / "out" / "bundle").exists()
 
 
 OUTSIDE_TRAINING_CHILD = """

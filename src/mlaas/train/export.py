@@ -18,6 +18,7 @@ is left in OUTDIR/bundle.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -37,10 +38,10 @@ from mlaas.data import chunks as chunking
 from mlaas.data import sources
 from mlaas.data.layout import Layout, branch_kinds
 from mlaas.data.transform import Transform
-from mlaas.errors import BundleError
+from mlaas.errors import BundleError, MlaasError
 from mlaas.spec import Pipeline
 from mlaas.train.labels import expression_inputs
-from mlaas.train.models import MLP, DeepSets, UserModel
+from mlaas.train.models import MLP, DeepSets, UserModel, user_frame
 
 __all__ = ["ExportModule", "export_bundle", "export_onnx", "check_parity", "raw_batches",
            "uses_mask", "PARITY_TOLERANCE", "PARITY_MAX_EVENTS", "OPSET"]
@@ -104,6 +105,38 @@ def export_onnx(module: ExportModule, path: Path, n_features: int, n_mask: int) 
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     return names
+
+
+def _model_name(pipeline: Pipeline) -> tuple[str, Path | None]:
+    """How an error names the network, and the user's file when there is one."""
+    if pipeline.model.file:
+        path = (Path(pipeline.base_dir) / pipeline.model.file).resolve()
+        return f"user model {path.name!r}", path
+    return f"builtin model {pipeline.model.builtin!r}", None
+
+
+@contextlib.contextmanager
+def _model_errors(pipeline: Pipeline, step: str) -> Iterator[None]:
+    """Any exception of the network or the exporter during ``step`` as a one-line BundleError.
+
+    A user's model that trains may still fail here (an operation ONNX cannot
+    express, a ``forward`` that branches on ``torch.onnx.is_in_onnx_export()``
+    or on the batch size); the user needs the model's name, the exception's
+    first line and their own line, not torch's exporter traceback.
+    """
+    try:
+        yield
+    except MlaasError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything the model or exporter raises
+        name, path = _model_name(pipeline)
+        lines = str(exc).strip().splitlines()
+        where = user_frame(exc, path) if path is not None else ""
+        raise BundleError(
+            f"cannot export {name} to ONNX: {step} raised {type(exc).__name__}: "
+            f"{lines[0] if lines else ''}{where}; the model must run on raw batches of any "
+            f"size and use only operations torch.onnx.export supports (opset {OPSET})",
+            **({"file_path": str(path)} if path is not None else {})) from exc
 
 
 def raw_batches(pipeline: Pipeline, dataset: Any, split: str | None,
@@ -297,7 +330,9 @@ def export_bundle(pipeline: Pipeline, model: nn.Module, dataset: Any, metrics: d
         plots_dir (path): its files are copied to plots/ (skipped when missing).
 
     Raises :class:`BundleError` when ONNX Runtime and torch differ by more than
-    :data:`PARITY_TOLERANCE` on the test split (nothing is left in OUTDIR/bundle).
+    :data:`PARITY_TOLERANCE` on the test split (nothing is left in OUTDIR/bundle),
+    and when the model cannot be run or exported (naming the model, and the
+    line of a user's model file).
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +340,7 @@ def export_bundle(pipeline: Pipeline, model: nn.Module, dataset: Any, metrics: d
     net = copy.deepcopy(model).cpu().eval()
     module = ExportModule(net, dataset.transform.shift, dataset.transform.scale, pipeline.task,
                           uses_mask(net, n_mask)).eval()
-    with torch.no_grad():
+    with torch.no_grad(), _model_errors(pipeline, "forward on a probe batch of 2 events"):
         probe = module(torch.zeros(2, n_features), torch.ones(2, n_mask))
     if probe.dim() != 2 or probe.shape[0] != 2:
         raise BundleError(f"the model gives outputs of shape {tuple(probe.shape)} for a batch of "
@@ -317,9 +352,11 @@ def export_bundle(pipeline: Pipeline, model: nn.Module, dataset: Any, metrics: d
     partial.mkdir()
     try:
         onnx_path = partial / MODEL_FILE
-        inputs = export_onnx(module, onnx_path, n_features, n_mask)
+        with _model_errors(pipeline, "torch.onnx.export"):
+            inputs = export_onnx(module, onnx_path, n_features, n_mask)
         split = "test" if pipeline.data.split.test > 0 else None
-        worst, count = check_parity(onnx_path, module, raw_batches(pipeline, dataset, split))
+        with _model_errors(pipeline, "the parity check of ONNX Runtime against torch"):
+            worst, count = check_parity(onnx_path, module, raw_batches(pipeline, dataset, split))
         types = branch_types(pipeline, dataset)
         spec = bundle_spec(pipeline, dataset, n_outputs, inputs, types)
         spec["parity"] = {"max_abs_diff": worst, "events": count, "split": split or "all",

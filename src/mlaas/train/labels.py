@@ -27,7 +27,8 @@ from mlaas.spec import Pipeline
 __all__ = ["expression_inputs", "train_label_counts"]
 
 
-def expression_inputs(layout: Layout, names: Iterable[str]) -> tuple[list[str], list[tuple[str, Any]]]:
+def expression_inputs(layout: Layout,
+                      names: Iterable[str]) -> tuple[list[str], list[tuple[str, Any]]]:
     """The branches, and the derived names in spec order, that reading ``names`` needs.
 
     ``names`` are what expressions refer to (branches or derived names); a
@@ -43,7 +44,8 @@ def expression_inputs(layout: Layout, names: Iterable[str]) -> tuple[list[str], 
     return sorted(n for n in needed if n in layout.branches), kept[::-1]
 
 
-def train_label_counts(pipeline: Pipeline, dataset: Any, progress: bool = False) -> dict[float, float]:
+def train_label_counts(pipeline: Pipeline, dataset: Any,
+                       progress: bool = False) -> dict[float, float]:
     """Events per label value in the training split, labels from ``data.label``.
 
     Args:

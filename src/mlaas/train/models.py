@@ -48,6 +48,7 @@ __all__ = [
     "build_builtin",
     "load_user_model",
     "select_device",
+    "user_frame",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -325,17 +326,25 @@ def forward_takes_mask(module: nn.Module) -> bool:
 
 def _user_error(path: Path, what: str, exc: BaseException) -> SpecError:
     """A SpecError naming the file, the exception, and the failing line in the user's file."""
-    where = ""
     if isinstance(exc, SyntaxError) and exc.lineno is not None:
         where = f" (line {exc.lineno}: {(exc.text or '').strip()!r})"
     else:
-        mine = [f for f in traceback.extract_tb(exc.__traceback__)
-                if _same_file(f.filename, path)]
-        if mine:
-            last = mine[-1]
-            where = f" (line {last.lineno} of {path.name}: {(last.line or '').strip()!r})"
+        where = user_frame(exc, path)
     return SpecError(f"user model {str(path)!r}: {what}: {type(exc).__name__}: {exc}{where}",
                      file_path=str(path))
+
+
+def user_frame(exc: BaseException, path: Path) -> str:
+    """`` (line N of model.py: 'code')`` for the innermost frame of ``exc`` in the user's file.
+
+    Empty when the traceback never enters ``path``. Errors about a user's
+    model point at the user's line, not at torch's internals.
+    """
+    mine = [f for f in traceback.extract_tb(exc.__traceback__) if _same_file(f.filename, path)]
+    if not mine:
+        return ""
+    last = mine[-1]
+    return f" (line {last.lineno} of {path.name}: {(last.line or '').strip()!r})"
 
 
 def _same_file(name: str, path: Path) -> bool:

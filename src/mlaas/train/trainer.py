@@ -15,8 +15,9 @@ error on ``output[:, 0]``. Each event's loss is multiplied by its weight ``w``
 (``data.weight``, else 1) and, under ``class_weights: balanced``, by
 ``N / (K * N_k)`` for its class (``N_k`` events of class ``k`` in the training
 split; with ``data.label`` counted by a pass over the cut's and label's
-branches, :mod:`mlaas.train.labels`, as pass 1 counts all splits together); the loss of a batch, an epoch or the validation split is the weighted
-mean ``sum(w * l) / sum(w)``. Class weights apply to the validation loss too,
+branches, :mod:`mlaas.train.labels`, as pass 1 counts all splits together);
+the loss of a batch, an epoch or the validation split is the weighted mean
+``sum(w * l) / sum(w)``. Class weights apply to the validation loss too,
 so early stopping watches the quantity being minimised.
 
 The validation loss decides the best weights, early stopping and the
@@ -87,7 +88,6 @@ import random
 import signal
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +101,7 @@ from torch.utils.data import DataLoader
 from mlaas._stop import PREEMPTED_EXIT_CODE  # 75, EX_TEMPFAIL: re-exported here
 from mlaas.errors import MlaasError
 from mlaas.spec import Pipeline
-from mlaas.train.models import InputLayout, build_model, select_device
+from mlaas.train.models import InputLayout, build_model, select_device, user_frame
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
@@ -516,16 +516,6 @@ def cosine_lr(base: float, done: int, total: int) -> float:
     return base * (1.0 + math.cos(math.pi * min(done, total) / total)) / 2.0
 
 
-def _user_frame(exc: BaseException, path: Path) -> str:
-    for f in reversed(traceback.extract_tb(exc.__traceback__)):
-        try:
-            if os.path.samefile(f.filename, path):
-                return f" (line {f.lineno} of {path.name}: {(f.line or '').strip()!r})"
-        except OSError:
-            continue
-    return ""
-
-
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -654,7 +644,7 @@ class _Trainer:
                 raise
             raise TrainingError(
                 f"user model {str(self.user_file)!r} raised in forward ({phase}, epoch {epoch}, "
-                f"batch {index}): {type(exc).__name__}: {exc}{_user_frame(exc, self.user_file)}",
+                f"batch {index}): {type(exc).__name__}: {exc}{user_frame(exc, self.user_file)}",
                 file_path=str(self.user_file)) from exc
         if not isinstance(out, Tensor) or out.dim() != 2 or tuple(out.shape) != (len(x), self.k):
             got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__

@@ -360,7 +360,10 @@ def test_cut_selecting_nothing_names_data_cut() -> None:
 
 def test_zero_variance_feature_is_reported_and_finite() -> None:
     spec = hzz_spec(derived={"one": "MET_px*0 + 1"}, features=["MET_px", "one"])
-    ds = RootDataset(spec, split="all", shuffle=False)
+    with pytest.warns(UserWarning, match=r"^feature 'one' has zero variance \(always 1\) "
+                                         r"over 2421 values") as record:
+        ds = RootDataset(spec, split="all", shuffle=False)
+    assert len(record) == 1  # MET_px varies: one warning, raised where Python users see it
     assert any("'one'" in w and "zero variance" in w for w in ds.stats.warnings)
     assert not any("'MET_px'" in w for w in ds.stats.warnings)
     column = ds.columns().x[:, ds.feature_names.index("one")]
@@ -377,6 +380,36 @@ def test_non_finite_feature_fails_by_default() -> None:
     assert "at spec field data.nan" in text
     assert "policy: replace" in text
     assert "'MET_px'" not in text
+
+
+def test_issue2_non_finite_error_counts_exactly() -> None:
+    spec = hzz_spec(derived={"r": "1 / (NMuon - 1)", "q": "(NMuon - 1) / (NMuon - 1) * MET_px"},
+                    features=["MET_px", "r", "q"], cut="NMuon < 3")
+    text = fails(BadValues, ValueError, dataset(spec))
+    n_muon = uproot.open(HZZ)["events"]["NMuon"].array(library="np")
+    ones = int((n_muon == 1).sum())
+    assert 0 < ones < int((n_muon < 3).sum())
+    assert f"'r': 0 NaN, {ones} inf; 'q': {ones} NaN, 0 inf" in text
+    assert "'MET_px'" not in text
+    assert f"in file {HZZ}" in text and "at spec field data.nan" in text
+
+
+def test_issue2_non_finite_error_names_the_first_file_with_bad_values(tmp_path: Path) -> None:
+    n = 40
+    x = np.linspace(1.0, 2.0, n)
+    with_nan, with_inf = x.copy(), x.copy()
+    with_nan[[3, 7]] = np.nan
+    with_inf[[5]] = np.inf
+    paths = [write_tree(tmp_path / f"{name}.root", {"events": {"x": v, "lab": np.ones(n)}})
+             for name, v in (("clean", x), ("nan", with_nan), ("inf", with_inf))]
+    spec = {"data": {"sources": [{"files": paths}], "label": "lab", "features": ["x"],
+                     "step_size": 25}}
+    with pytest.raises(BadValues) as info:
+        RootDataset(spec, split="all", shuffle=False)
+    assert info.value.file_path == paths[1]  # the counts cover every file; the first bad one
+    text = str(info.value)
+    assert "'x': 2 NaN, 1 inf" in text
+    assert f"in file {paths[1]}" in text and paths[0] not in text and paths[2] not in text
 
 
 def test_non_finite_with_given_stats_still_fails_in_transform() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,7 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         per_source[info.ref.source]["files"].append(info.ref.url)
     labels = _LabelStats()
     split = pipeline.data.split
+    first_bad: str | None = None  # the first file with a NaN or infinite feature value
     for c in plan:
         chunk = chunking.read(pipeline, layout, c)
         n = c.entries
@@ -229,6 +231,8 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         for name, code in SPLITS.items():
             src["splits"][name] += int((codes == code).sum())
         _update_features(layout, env, feats, keep, c.url)
+        if first_bad is None and any(f.moments.nan or f.moments.inf for f in feats.values()):
+            first_bad = c.url
         if layout.label is not None:
             labels.update(as_float64(layout.label.evaluate(env), n)[index])
         else:
@@ -242,7 +246,10 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         entries=sum(s["entries"] for s in per_source),
         compressed_bytes=sum(c.compressed_bytes for c in plan),
     )
-    _check(pipeline, layout, stats)
+    _check(pipeline, layout, stats, first_bad)
+    for note in _zero_variance(stats):
+        stats.warnings.append(note)
+        warnings.warn(note, UserWarning, stacklevel=2)
     stats.max_len = resolve_lengths(layout, stats)
     stats.seconds = time.perf_counter() - started
     return stats
@@ -261,7 +268,12 @@ def _update_features(layout: Layout, env: dict[str, Any], feats: dict[str, Featu
             feats[f.name].moments.update(value)
 
 
-def _check(pipeline: Pipeline, layout: Layout, stats: Stats) -> None:
+def _check(pipeline: Pipeline, layout: Layout, stats: Stats, first_bad: str | None) -> None:
+    """Fail on no entries, nothing selected, or non-finite values under ``nan: error``.
+
+    ``first_bad`` is the first file where a NaN or infinity was seen: the
+    counts cover every file, the file says where to start looking.
+    """
     if stats.entries == 0:
         raise DataError(f"tree {layout.tree!r} has no entries in any input file")
     if stats.selected == 0:
@@ -278,15 +290,23 @@ def _check(pipeline: Pipeline, layout: Layout, stats: Stats) -> None:
     if bad and pipeline.data.nan.policy == "error":
         listed = "; ".join(f"{k!r}: {n} NaN, {i} inf" for k, (n, i) in bad.items())
         raise BadValues(
-            f"non-finite feature values ({listed}); set data.nan: "
-            "{policy: replace, value: 0} to replace them", field_path="data.nan",
+            f"non-finite feature values in the selected events of all files ({listed}), "
+            "the first in the file below; set data.nan: {policy: replace, value: 0} to "
+            "replace them", file_path=first_bad, field_path="data.nan",
         )
-    for k, f in stats.features.items():
-        if f.moments.count and f.moments.std == 0.0:
-            stats.warnings.append(
-                f"feature {k!r} has zero variance (always {f.moments.min:g}) over "
-                f"{f.moments.count} values: it carries no information; its scale is left at 1"
-            )
+
+
+def _zero_variance(stats: Stats) -> list[str]:
+    """A note per constant feature: it carries no information, and its scale stays 1.
+
+    Warned about (``UserWarning``) as well as kept in ``stats.warnings``, so
+    a Python user of ``RootDataset`` and ``mlaas run`` see it, not only ``mlaas stats``.
+    """
+    return [
+        f"feature {k!r} has zero variance (always {f.moments.min:g}) over "
+        f"{f.moments.count} values: it carries no information; its scale is left at 1"
+        for k, f in stats.features.items() if f.moments.count and f.moments.std == 0.0
+    ]
 
 
 def resolve_lengths(layout: Layout, stats: Stats) -> dict[str, int]:

@@ -215,6 +215,39 @@ def test_uploaded_models_are_claimed_by_their_first_uploader(
         assert c.delete("/api/models/mine/versions/1", headers=AS_ALICE).status_code == 200
 
 
+@pytest.mark.slow
+def test_issue4_a_refused_upload_claims_no_name(tmp_path: Path, trained_archive: Any) -> None:
+    """A corrupt or oversized first upload leaves the name free: another user may take it."""
+    from platform_support import AS_ALICE, AS_BOB, USERS, HeaderUsers
+
+    config = PlatformConfig(data_dir=tmp_path, cpus=1,
+                            max_body_bytes=len(trained_archive) + 1000)
+    app = create_platform_app(config, authenticator=HeaderUsers(USERS))
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is hit while reading
+        for _ in range(3):
+            yield trained_archive
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/api/models/contested", content=b"not a bundle", headers=AS_ALICE)
+        assert r.status_code == 400 and r.json()["error"] == "BundleError", r.text
+        r = c.post("/upload", data={"name": "contested"},
+                   files={"model": ("b.tar.gz", b"not a bundle")}, headers=AS_ALICE)
+        assert r.status_code == 400 and r.json()["error"] == "BundleError", r.text
+        r = c.post("/api/models/contested", content=chunks(), headers=AS_ALICE)
+        assert r.status_code == 413, r.text
+        with pytest.raises(NotFound):
+            app.state.platform.store.get_model("contested")
+        r = c.post("/api/models/contested", content=trained_archive, headers=AS_BOB)
+        assert r.status_code == 201, r.text
+        assert app.state.platform.store.get_model("contested").owner == "bob"
+        # a refused upload to a name that has versions keeps its owner
+        r = c.post("/api/models/contested", content=b"not a bundle", headers=AS_BOB)
+        assert r.status_code == 400
+        assert app.state.platform.store.get_model("contested").owner == "bob"
+        assert c.get("/api/models/contested", headers=AS_ALICE).status_code == 404
+
+
 @pytest.fixture(scope="module")
 def trained_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """bundle.tar.gz bytes of a 1-epoch MLP (trained here, in-process)."""

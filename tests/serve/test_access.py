@@ -35,6 +35,7 @@ class OwnersPolicy:
         self.public: set[str] = set()
         self.calls: list[tuple[str, Any, Any]] = []
         self.jobs = 0
+        self.versions: dict[str, int] = {}
 
     def _user(self, request: Request) -> str:
         user = request.headers.get("x-user")
@@ -61,6 +62,13 @@ class OwnersPolicy:
             raise Forbidden(f"model {name!r} belongs to {owner!r}")
         self.jobs += 1
         return {"owner": user, "job_id": f"job-{self.jobs}"}
+
+    def after_upload(self, request: Request, name: str, version: int | None) -> None:
+        self.calls.append(("after_upload", version, name))
+        if version is None and not self.versions.get(name):
+            self.owners.pop(name, None)  # a failed first upload claims nothing
+        elif version is not None:
+            self.versions[name] = version
 
     def visible(self, request: Request, names: list[str]) -> list[str]:
         self.calls.append(("visible", None, tuple(names)))
@@ -99,7 +107,7 @@ def test_upload_metadata_is_stored_and_shown(served: Any, trained: dict[str, Any
     assert r.status_code == 201, r.text
     assert r.json()["version"] == 2
     assert r.json()["metadata"] == {"owner": "alice", "job_id": "job-3"}
-    assert policy.calls == [("on_upload", None, "priv")]
+    assert policy.calls == [("on_upload", None, "priv"), ("after_upload", 2, "priv")]
     described = client.get("/api/models/priv/versions/1", headers=ALICE).json()
     assert described["metadata"] == {"owner": "alice", "job_id": "job-1"}
     assert registry.version("priv", 2)["metadata"]["job_id"] == "job-3"
@@ -117,6 +125,23 @@ def test_upload_refused_leaves_registry_unchanged(served: Any, trained: dict[str
                     data={"name": "priv"}, headers=BOB)
     assert r.status_code == 403
     assert registry.get("priv")["latest"] == 1
+
+
+def test_after_upload_hears_how_each_upload_ended(served: Any,
+                                                 trained: dict[str, Any]) -> None:
+    """A failed upload (corrupt, over the limit) is reported with version None, so the
+    policy can undo what on_upload recorded: here, bob's claim on a new name."""
+    client, policy, registry = served
+    r = client.post("/api/models/fresh", content=b"corrupt", headers=BOB)
+    assert r.status_code == 400
+    r = client.post("/upload", files={"model": ("b.tar.gz", b"corrupt")},
+                    data={"name": "fresh"}, headers=BOB)
+    assert r.status_code == 400
+    assert policy.calls == [("on_upload", None, "fresh"), ("after_upload", None, "fresh")] * 2
+    assert "fresh" not in policy.owners
+    r = client.post("/api/models/fresh", content=trained["bytes"], headers=ALICE)
+    assert r.status_code == 201 and policy.calls[-1] == ("after_upload", 1, "fresh")
+    assert registry.get("fresh")["latest"] == 1
 
 
 def test_listings_are_filtered(served: Any) -> None:

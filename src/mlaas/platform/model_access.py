@@ -12,6 +12,13 @@ visibility), and every check goes through
 - ``on_upload``: the first upload of a new name claims it for the caller
   (``store.ensure_model``); later uploads need ``write`` on it. The version's
   metadata records who uploaded it;
+- ``after_upload``: a claim whose upload failed (a corrupt or oversized
+  bundle, a body over the limit) is dropped again, unless the registry has
+  versions of the name or another upload of it is still running here, so a
+  refused upload does not keep the name from others. The claim is made
+  before the body is read (so nobody else can take the name meanwhile) and
+  rolled back, rather than made after the upload, which would let two users'
+  first uploads of one name both land in the registry;
 - ``visible``: the names whose record the caller may read.
 
 Jobs register their bundles through the job manager, not through here.
@@ -19,7 +26,9 @@ Jobs register their bundles through the job manager, not through here.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from typing import Any
 
 from starlette.requests import Request
@@ -33,7 +42,10 @@ from mlaas.serve.registry import NAME_PATTERN
 
 __all__ = ["PlatformModelAccess"]
 
+log = logging.getLogger("mlaas.platform")
+
 _NAME = re.compile(NAME_PATTERN)
+_CLAIMED = "mlaas.claimed"  # request scope: the name this request's on_upload claimed
 
 
 class PlatformModelAccess:
@@ -44,6 +56,24 @@ class PlatformModelAccess:
     """
 
     blocking = True
+
+    def __init__(self) -> None:
+        self._uploading: dict[str, int] = {}  # name -> uploads allowed and not yet ended
+        self._lock = threading.Lock()
+
+    def _started(self, name: str) -> None:
+        with self._lock:
+            self._uploading[name] = self._uploading.get(name, 0) + 1
+
+    def _ended(self, name: str) -> bool:
+        """Count one upload of ``name`` as ended; True when it was the last one running."""
+        with self._lock:
+            left = self._uploading.get(name, 1) - 1
+            if left > 0:
+                self._uploading[name] = left
+            else:
+                self._uploading.pop(name, None)
+            return left <= 0
 
     @staticmethod
     def _context(request: Request) -> tuple[PlatformContext, Principal]:
@@ -68,10 +98,37 @@ class PlatformModelAccess:
             raise InvalidName(f"model {name!r} is not valid: use 1 to 64 letters, digits, '.', "
                               "'_' or '-', starting with a letter or digit", field="model")
         ctx, principal = self._context(request)
-        record = ctx.store.ensure_model(name, owner=principal.user,
-                                        group=principal.primary_group)
-        authorize(principal, "write", record, kind="model", name=name)
+        self._started(name)  # before the claim: a concurrent failure must not drop it
+        try:
+            try:
+                ctx.store.get_model(name)
+                new = False
+            except NotFound:
+                new = True
+            record = ctx.store.ensure_model(name, owner=principal.user,
+                                            group=principal.primary_group)
+            authorize(principal, "write", record, kind="model", name=name)
+        except BaseException:
+            self._ended(name)
+            raise
+        if new and record.owner == principal.user:
+            request.scope[_CLAIMED] = name
         return {"uploaded_by": principal.user, "owner": record.owner}
+
+    def after_upload(self, request: Request, name: str, version: int | None) -> None:
+        claimed = request.scope.pop(_CLAIMED, None) == name
+        last = self._ended(name)
+        if version is not None or not claimed or not last:
+            return
+        try:
+            if request.app.state.registry.versions(name):
+                return  # versions came some other way (a job, another server): keep it
+            request.app.state.platform.store.delete_model(name)
+            log.info("model name %r released: its first upload failed", name)
+        except NotFound:
+            pass
+        except Exception:  # noqa: BLE001 - the client gets the upload's own error
+            log.exception("could not release the claim on model name %r", name)
 
     def visible(self, request: Request, names: list[str]) -> list[str]:
         ctx, principal = self._context(request)

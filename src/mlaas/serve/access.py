@@ -9,9 +9,11 @@ it on every route that touches a model, before touching it:
 route                                              hook
 =================================================  =========================================
 GET /api/models, GET /models                       ``visible(request, names)``
-POST /api/models/{name}                            ``on_upload(request, name)``
+POST /api/models/{name}                            ``on_upload(request, name)``, then
+                                                   ``after_upload(request, name, version)``
 POST /upload                                       ``authenticate(request)``, then
-                                                   ``on_upload(request, name)``
+                                                   ``on_upload(request, name)``, then
+                                                   ``after_upload(request, name, version)``
 GET /api/models/{name}[/versions/{v}]              ``check(request, "read", name)``
 POST /api/models/{name}/predict                    ``check(request, "read", name)``
 POST /json                                         ``authenticate(request)``, then
@@ -36,6 +38,13 @@ probed), :class:`~mlaas.errors.Forbidden` 403,
 :class:`~mlaas.errors.Unauthorized` 401 with ``WWW-Authenticate: Bearer``
 and :class:`~mlaas.errors.RateLimited` 429 with ``Retry-After``.
 
+Once ``on_upload`` has allowed an upload, the optional
+``after_upload(request, name, version)`` hook hears how it ended: ``version``
+is the new version, or None when the upload failed (a corrupt or oversized
+bundle, a body over the limit, a client gone). A policy that records
+something in ``on_upload`` (the platform claims a new name for the caller)
+undoes it there when the upload failed, so a refused upload leaves no trace.
+
 A policy may also set ``reveal_names = True`` (AllowAll does): only then do
 404 answers for an unknown model suggest similar model names ("did you
 mean"), which are taken from the whole registry.
@@ -54,7 +63,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 __all__ = ["ModelAccess", "AllowAll", "Action", "access_of", "authenticate", "check",
-           "on_upload", "visible"]
+           "on_upload", "after_upload", "visible"]
 
 Action = Literal["read", "write"]
 
@@ -96,6 +105,11 @@ class ModelAccess(Protocol):
     # / RateLimited for what the route demands of the caller) unless the request has
     # a caller allowed on this route at all. Called before a route reads a body
     # that holds the model name (see the module docstring); must be cheap.
+    #
+    # Optional: ``after_upload(request, name, version: int | None) -> None``, called
+    # after every upload ``on_upload`` allowed: the new version, or None when it
+    # failed (see the module docstring). It should not raise: on a failed upload
+    # the client is answered the upload's own error.
 
 
 class AllowAll:
@@ -153,6 +167,18 @@ async def on_upload(request: Request, name: str) -> dict[str, Any]:
     else:
         extra = access.on_upload(request, name)
     return dict(extra or {})
+
+
+async def after_upload(request: Request, name: str, version: int | None) -> None:
+    """Run the app's optional ``after_upload`` hook (nothing when the policy has none)."""
+    access = access_of(request)
+    hook = getattr(access, "after_upload", None)
+    if hook is None:
+        return
+    if getattr(access, "blocking", True):
+        await run_in_threadpool(hook, request, name, version)
+    else:
+        hook(request, name, version)
 
 
 async def visible(request: Request, names: list[str]) -> list[str]:

@@ -72,7 +72,8 @@ import gc
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping,
+                             Sequence)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -312,14 +313,20 @@ def _disposition_filename(header: str | None) -> str | None:
     return message.get_filename()
 
 
-async def _upload(request: Request, name: str, data: bytes,
-                  metadata: dict[str, Any] | None = None) -> JSONResponse:
-    """Create the next version of ``name``; asks the policy's ``on_upload`` first unless
-    the caller already did (and passes its ``metadata``)."""
-    if metadata is None:
-        metadata = await hooks.on_upload(request, name)
-    info = await run_in_threadpool(_registry(request).upload, name, data, metadata)
-    served(request, name, info["version"])
+async def _upload(request: Request, name: str, metadata: dict[str, Any],
+                  read: Callable[[], Awaitable[bytes]]) -> JSONResponse:
+    """Read the archive and create the next version of ``name``, once the policy's
+    ``on_upload`` has allowed it (giving ``metadata``). The policy's ``after_upload``
+    hears how it ended whatever happens, reading the body included: a body over the
+    limit fails there, after ``on_upload`` may have claimed the name."""
+    version = None
+    try:
+        data = await read()
+        info = await run_in_threadpool(_registry(request).upload, name, data, metadata)
+        version = info["version"]
+    finally:
+        await hooks.after_upload(request, name, version)
+    served(request, name, version)
     return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
 
 
@@ -352,8 +359,7 @@ def _models_router() -> APIRouter:
 
     async def upload(name: str, request: Request) -> JSONResponse:
         metadata = await hooks.on_upload(request, name)  # before reading the body
-        data = await request.body()
-        return await _upload(request, name, data, metadata)
+        return await _upload(request, name, metadata, request.body)
 
     async def get_model(name: str, request: Request) -> dict[str, Any]:
         await hooks.check(request, "read", name)
@@ -474,7 +480,12 @@ def _tfaas_router() -> APIRouter:
             raise BadRequest("give the model name as form field 'name' (or ?name= with a raw "
                              "tarball body): the bundle's spec.json has no valid name and the "
                              "upload no file name to take it from", field="name")
-        return await _upload(request, name, data)
+        metadata = await hooks.on_upload(request, name)
+
+        async def read() -> bytes:
+            return data
+
+        return await _upload(request, name, metadata, read)
 
     router.add_api_route("/json", predict_json, methods=["POST"])
     router.add_api_route("/models", models, methods=["GET"])

@@ -249,6 +249,14 @@ class Registry:
                             "aliases": self._aliases(name)})
         return out
 
+    def versions(self, name: str) -> builtins.list[int]:
+        """The versions of ``name`` on disk now, oldest first; empty for an unknown (or
+        invalid) name. Cheap (one directory listing): for callers that only need to know
+        which versions still exist."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            return []
+        return self._versions_of(self.root / name)
+
     def get(self, name: str) -> dict[str, Any]:
         """One model: its versions with metadata (see :meth:`version`) and its aliases."""
         versions = self._versions(name)

@@ -216,6 +216,68 @@ def test_default_max_len_is_95th_percentile_and_sorting_applies_to_collection(sy
     assert np.all(np.diff(np.where(real, pts, -1e30), axis=1) <= 0)  # descending
 
 
+DATAGEN_EXACT = {
+    "derived": {"HT": "sum(Jet_pt)", "Jet_px": "Jet_pt * cos(Jet_phi)"},
+    "cut": "(MET_pt > 20) & (nJet >= 1)",
+    "features": [
+        "MET_pt", "HT",
+        {"branch": "Jet_px", "max_len": 3, "pad": -5.0, "sort_by": "Jet_eta"},
+        {"branch": "Jet_btagDeepB", "max_len": 3},
+        {"branch": "Muon_pt", "max_len": 1, "sort_by": "Muon_eta"},
+        {"branch": "Electron_eta"},
+    ],
+    "normalize": {"default": "standard",
+                  "per_feature": {"Jet_btagDeepB": "minmax", "Electron_eta": "none"}},
+}
+
+
+def test_issue2_datagen_x_and_mask_match_awkward(synth_pair: Path) -> None:
+    """Both files, every column: a cut, a derived flat and a derived jagged feature, jagged
+    collections truncated below their usual multiplicity and sorted by another branch."""
+    ds = RootDataset(synth_spec(synth_pair, **DATAGEN_EXACT), split="all", batch_size=700)
+    got = collect(ds)  # shuffled batches, put back in (file, entry) order
+
+    parts = []
+    for name in ("signal.root", "background.root"):
+        a = uproot.open(synth_pair / name)["Events"].arrays(library="ak")
+        keep = ak.to_numpy((a.MET_pt > 20) & (a.nJet >= 1))
+        parts.append((a[keep], np.flatnonzero(keep)))
+    s = ak.concatenate([p[0] for p in parts])
+    jets = ak.argsort(s.Jet_eta, axis=1, ascending=False, stable=True)
+    muons = ak.argsort(s.Muon_eta, axis=1, ascending=False, stable=True)
+    jet_px = s.Jet_pt * np.cos(s.Jet_phi)
+    ht = ak.to_numpy(ak.sum(s.Jet_pt, axis=1)).astype(np.float64)
+    met = ak.to_numpy(s.MET_pt).astype(np.float64)
+    n_electron = ak.to_numpy(ak.num(s.Electron_eta, axis=1))
+    electrons = max(1, int(np.quantile(n_electron, 0.95, method="inverted_cdf")))
+    assert ak.max(ak.num(s.Jet_pt, axis=1)) > 3 and np.median(ak.num(s.Jet_pt, axis=1)) > 3
+    assert ak.max(ak.num(s.Muon_pt, axis=1)) > 1  # both are truncated
+
+    def pooled(arr: ak.Array) -> np.ndarray:
+        return ak.to_numpy(ak.flatten(arr)).astype(np.float64)
+
+    px, jet_mask = padded(jet_px[jets], 3, -5.0)
+    btag, _ = padded(s.Jet_btagDeepB[jets], 3, 0.0)
+    mu, mu_mask = padded(s.Muon_pt[muons], 1, 0.0)
+    ele, ele_mask = padded(s.Electron_eta, electrons, 0.0)
+    all_btag = pooled(s.Jet_btagDeepB)
+    want_x = np.column_stack([
+        standard(met, met), standard(ht, ht), standard(px, pooled(jet_px)),
+        (btag - all_btag.min()) / (all_btag.max() - all_btag.min()),
+        standard(mu, pooled(s.Muon_pt)), ele,
+    ])
+    assert ds.feature_names == (["MET_pt", "HT"] + [f"Jet_px_{i}" for i in range(3)]
+                                + [f"Jet_btagDeepB_{i}" for i in range(3)] + ["Muon_pt_0"]
+                                + [f"Electron_eta_{i}" for i in range(electrons)])
+    assert ds.mask_names == (["Jet_0", "Jet_1", "Jet_2", "Muon_0"]
+                             + [f"Electron_{i}" for i in range(electrons)])
+    np.testing.assert_array_equal(got.file, np.repeat([0, 1], [len(p[1]) for p in parts]))
+    np.testing.assert_array_equal(got.entry, np.concatenate([p[1] for p in parts]))
+    np.testing.assert_allclose(got.x, want_x, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(got.mask, np.column_stack([jet_mask, mu_mask, ele_mask]))
+    np.testing.assert_array_equal(got.y, np.repeat([1.0, 0.0], [len(p[1]) for p in parts]))
+
+
 def test_splits_are_disjoint_complete_and_independent_of_chunking(synth_pair: Path) -> None:
     seen = {}
     for step in (1500, 4000):

@@ -86,6 +86,7 @@ def test_onnx_matches_torch_on_the_test_split(ds: RootDataset, kind: str, tmp_pa
     spec = json.loads((bundle_dir / "spec.json").read_text())
     assert spec["parity"]["events"] == len(want)
     assert spec["parity"]["max_abs_diff"] <= 1e-5
+    assert spec["parity"]["measure"] == "|onnx - torch|"  # absolute: probabilities
     assert spec["inputs"][0] == {"name": "x", "shape": ["batch", 10], "dtype": "float32"}
     assert [i["name"] for i in spec["inputs"]] == (["x"] if kind == "mlp" else ["x", "mask"])
     assert [i.name for i in onnx.load(bundle_dir / "model.onnx").graph.input] == \
@@ -117,7 +118,7 @@ def perturbed(original: Any) -> Any:
 def test_export_refuses_an_onnx_model_that_differs(ds: RootDataset, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export, "export_onnx", perturbed(export.export_onnx))
-    with pytest.raises(BundleError, match=r"max \|difference\| / max\(1, \|y\|\) [0-9.e-]+ .* above the tolerance"):
+    with pytest.raises(BundleError, match=r"max \|onnx - torch\| [0-9.e-]+ .* above the tolerance"):
         do_export(ds, model_for(ds, "mlp"), tmp_path)
     assert not (tmp_path / "bundle").exists()
     assert not (tmp_path / "bundle.tar.gz").exists()
@@ -281,3 +282,39 @@ def test_a_model_raising_on_the_probe_batch_is_one_bundle_error(
     with pytest.raises(BundleError, match=r"^cannot export user model 'model.py' to ONNX: "
                        r"forward on a probe batch of 2 events raised NotImplementedError"):
         do_export(ds, model, tmp_path / "out")
+
+
+def shifted_bias_onnx(tmp_path: Path, task: str, bias: float, shift: float) -> tuple[Path, Any]:
+    """A constant network (output ``bias``) exported, then its ONNX bias moved by ``shift``."""
+    net = nn.Linear(3, 1)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.fill_(bias)
+    module = export.ExportModule(UserModel(net, takes_mask=False), np.zeros(3), np.ones(3), task,
+                                 False).eval()
+    path = tmp_path / f"{task}.onnx"
+    export.export_onnx(module, path, 3, 0)
+    model = onnx.load(path)
+    init = next(i for i in model.graph.initializer if list(i.dims) == [1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(shift),
+                                          init.name))
+    onnx.save(model, path)
+    return path, module
+
+
+def test_parity_is_relative_for_regression_and_absolute_for_probabilities(
+        tmp_path: Path) -> None:
+    batches = [(np.ones((5, 3), np.float32), np.ones((5, 0), np.float32))]
+    # a 1000 GeV target: 0.005 off is 5e-6 relative (float32 spacing there is 6e-5)
+    path, module = shifted_bias_onnx(tmp_path, "regression", 1000.0, 0.005)
+    worst, count = export.check_parity(path, module, batches)
+    assert count == 5 and worst == pytest.approx(0.005 / 1000, rel=0.02)
+    path, module = shifted_bias_onnx(tmp_path, "regression", 1000.0, 0.05)
+    with pytest.raises(BundleError, match=r"max \|onnx - torch\| / max\(1, \|torch\|\) "
+                       r"5(\.\d+)?e-05 .* over 5 events"):
+        export.check_parity(path, module, batches)
+    # a probability is held to 1e-5 absolute: the logit 1e-4 off at 0 moves it by 2.5e-5
+    path, module = shifted_bias_onnx(tmp_path, "binary", 0.0, 1e-4)
+    with pytest.raises(BundleError, match=r"max \|onnx - torch\| 2\.5\d*e-05 "):
+        export.check_parity(path, module, batches)
+    assert export.parity_measure("multiclass") == "|onnx - torch|"

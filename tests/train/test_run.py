@@ -82,6 +82,41 @@ def test_run_predict_apply(spec_file: Path, tmp_path: Path) -> None:
     assert np.isnan(got[:50][~passed]).all()
 
 
+def test_regression_run_exports_a_bundle_that_predicts(spec_file: Path, tmp_path: Path) -> None:
+    spec = yaml.safe_load(spec_file.read_text())
+    spec.update(task="regression", name="ht-regression")
+    spec["data"]["label"] = "HT"  # GeV, hundreds: parity is relative here
+    spec["model"] = {"builtin": "mlp", "hidden": [16]}
+    spec["train"].update(epochs=2, lr=0.01)
+    for source in spec["data"]["sources"]:
+        source["files"] = [str(spec_file.parent / f) for f in source["files"]]
+        del source["label"]
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(tmp_path / "reg.yaml"), "-o", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "regression" and metrics["test"]["rmse"] > 0
+    bundle_spec = json.loads((out / "bundle" / "spec.json").read_text())
+    parity = bundle_spec["parity"]
+    assert parity["measure"] == "|onnx - torch| / max(1, |torch|)"
+    assert parity["split"] == "test" and parity["events"] == metrics["test"]["n_events"]
+    assert parity["max_abs_diff"] <= 1e-5
+    assert bundle_spec["task"] == "regression" and bundle_spec["label_names"] == ["HT"]
+    events = [{"MET_pt": 50.0, "Jet_pt": [120.0, 40.0, 33.0]},
+              {"MET_pt": 30.0, "Jet_pt": [300.0, 250.0, 80.0, 60.0]},
+              {"MET_pt": 1.0, "Jet_pt": []}]  # fails the cut
+    (tmp_path / "events.json").write_text(json.dumps(events))
+    result = runner.invoke(app, ["predict", str(out / "bundle"), "--input",
+                                 str(tmp_path / "events.json")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert len(scores) == 3 and scores[2] is None
+    assert all(isinstance(v, float) and np.isfinite(v) for v in scores[:2])
+    assert scores[1] > scores[0]  # HT 690 against 193: a trained network knows which is larger
+
+
 def test_sigterm_exits_75_and_resume_finishes(spec_file: Path, tmp_path: Path) -> None:
     spec = yaml.safe_load(spec_file.read_text())
     spec["train"]["epochs"] = 400  # long enough to be interrupted

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +204,34 @@ def test_zero_events_still_has_schema(tmp_path: Path) -> None:
         tree = file[synth.TREE_NAME]
         assert tree.num_entries == 0
         assert set(EXPECTED_TYPES) <= set(tree.keys())
+
+
+_PEAK = """
+import json, sys
+from mlaas.data import synth
+
+def hwm_kb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+before = hwm_kb()
+summary = synth.generate(sys.argv[1], int(sys.argv[2]), chunk_size=10_000, seed=3)
+print(json.dumps({"before": before, "peak": hwm_kb(), "bytes": summary["bytes"]}))
+"""
+
+
+def peak_memory(outdir: Path, events: int) -> dict[str, Any]:
+    """Generate in a fresh interpreter; its VmHWM before and after, in kB."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(outdir), str(events)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_issue2_generation_memory_does_not_grow_with_events(tmp_path: Path) -> None:
+    """4x the events, the same peak: both runs are many 10k-event chunks, so what a
+    non-streaming writer would hold (~60 MB per 100k events) would show as growth."""
+    small = peak_memory(tmp_path / "small", 50_000)
+    large = peak_memory(tmp_path / "large", 200_000)
+    assert large["bytes"]["signal"] > 3 * small["bytes"]["signal"]  # 4x the data was written
+    assert small["peak"] > small["before"]  # the peak includes the generation
+    assert large["peak"] <= 1.25 * small["peak"], (small, large)

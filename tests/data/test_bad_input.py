@@ -325,6 +325,57 @@ def test_features_all_respects_exclude_and_identifiers() -> None:
     assert not {"Type", "Run", "Event"} & set(ds.feature_names)
 
 
+def write_nested(path: Path) -> str:
+    """A tree with fixed-size arrays per event (double[3]) and lists of them (double[][3])."""
+    n = 12
+    per_event = ak.unflatten(ak.Array(np.arange(3.0 * 20).reshape(20, 3)),
+                             [2, 0, 3, 1, 0, 2, 1, 1, 4, 0, 3, 3])
+    with uproot.recreate(path) as f:
+        f.mktree("events", {"x": np.float64, "vec": np.dtype(("f8", (3,))),
+                            "jv": per_event.type.content, "lab": np.float64})
+        f["events"].extend({"x": np.arange(n, dtype=np.float64),
+                            "vec": np.arange(3.0 * n).reshape(n, 3), "jv": per_event,
+                            "lab": np.arange(n) % 2.0})
+    assert uproot.open(path)["events"].typenames()["jv"] == "double[][3]"
+    return str(path)
+
+
+@pytest.mark.parametrize(("features", "cut", "branch", "typename"), [
+    (["x", "vec"], None, "vec", "double[3]"),
+    (["x", {"branch": "jv", "max_len": 2}], None, "jv", "double[][3]"),
+    (["x"], "sum(jv) > 0", "jv", "double[][3]"),  # used only by the cut
+], ids=["fixed-size array", "list of arrays", "in a cut"])
+def test_issue2_nested_objects_are_unsupported(tmp_path: Path, features: list[Any],
+                                               cut: str | None, branch: str,
+                                               typename: str) -> None:
+    path = write_nested(tmp_path / "nested.root")
+    spec = {"data": {"sources": [{"files": [path]}], "label": "lab", "features": features,
+                     **({"cut": cut} if cut else {})}}
+    with pytest.raises(UnsupportedBranch) as info:
+        RootDataset(spec, split="all", shuffle=False)
+    assert isinstance(info.value, TypeError)
+    text = str(info.value)
+    assert text.startswith(f"branch {branch!r} has type {typename!r}, which is not a number")
+    assert f"in file {path}" in text and "in tree events" in text and f"in branch {branch}" in text
+    assert (info.value.file_path, info.value.tree, info.value.branch) == (path, "events", branch)
+
+
+def test_issue2_features_all_skips_nested_objects_with_a_warning(tmp_path: Path) -> None:
+    path = write_nested(tmp_path / "nested.root")
+    spec = {"data": {"sources": [{"files": [path]}], "label": "lab", "features": "all"}}
+    with pytest.warns(UserWarning) as record:
+        ds = RootDataset(spec, split="all", shuffle=False)
+    messages = sorted(str(w.message) for w in record)
+    assert messages == [
+        "features: all skips branch 'jv' of unsupported type 'double[][3]'",
+        "features: all skips branch 'vec' of unsupported type 'double[3]'",
+    ]
+    assert ds.feature_names == ["x", "njv"]  # the list's counter is a plain number
+    cols = ds.columns()
+    np.testing.assert_array_equal(np.sort(cols.entry), np.arange(12))
+    assert np.isfinite(cols.x).all()
+
+
 # ---------------------------------------------------------------- 5-8. data problems
 
 

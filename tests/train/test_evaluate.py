@@ -219,7 +219,8 @@ def test_evaluate_multiclass_and_regression(synth: Path, tmp_path: Path) -> None
     m = evaluate(multi, untrained(multi, ds["test"]), ds["train_eval"], ds["test"], history,
                  tmp_path / "multi")
     assert m["test"]["n_classes"] == 3 and set(m["test"]["roc_auc_per_class"]) == {"0", "1", "2"}
-    assert m["plots"] == ["plots/loss.png"] + [f"plots/scores_class_{c}.png" for c in range(3)]
+    assert m["plots"] == ["plots/loss.png", "plots/roc.png"] + [
+        f"plots/scores_class_{c}.png" for c in range(3)]
     for name in m["plots"]:
         check_png(tmp_path / "multi" / name)
 

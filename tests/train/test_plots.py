@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 import pytest
+from matplotlib.axes import Axes
 
 from mlaas.train import plots
 
@@ -137,3 +139,29 @@ def test_regression_scatter(tmp_path: Path) -> None:
     check_png(out)
     with pytest.raises(ValueError, match="3 true values but 2 predictions"):
         plots.regression_scatter([1, 2, 3], [1, 2], tmp_path / "bad.png")
+
+
+def test_roc_curves_one_vs_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 3000).astype(np.float64)
+    logits = rng.normal(0, 1, (3000, 3)) + 1.5 * np.eye(3)[y.astype(int)]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    w = rng.uniform(0.5, 2.0, 3000)
+    drawn: list[str] = []
+    original = Axes.plot
+
+    def spy(self: Axes, *args: Any, **kwargs: Any) -> Any:
+        drawn.append(str(kwargs.get("label")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    out = plots.roc_curves_ovr(y, p, w, ["a", "b", "c"], tmp_path / "roc.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    for c, name in enumerate("abc"):
+        auc = plots.roc_auc(y == c, p[:, c], w)
+        assert f"{name} (AUC = {auc:.4f})" in drawn
+    drawn.clear()
+    plots.roc_curves_ovr(np.where(y == 2, 0.0, y), p, w, ["a", "b", "c"], tmp_path / "two.png")
+    assert [d.split(" ")[0] for d in drawn] == ["a", "b", "random"]  # class c has no events
+    with pytest.raises(ValueError, match="no class"):
+        plots.roc_curves_ovr(np.zeros(3000), p, w, ["a", "b", "c"], tmp_path / "none.png")

@@ -7,8 +7,9 @@ both for the test and the training split and writes, under ``OUTDIR``::
 
     metrics.json   {"task", "test": {...}, "train": {...}, "overtraining": {...}, "plots": [...]}
     history.json   the trainer's per-epoch list of dicts
-    plots/         loss.png; roc.png and scores.png (binary);
-                   scores_class_<k>.png (multiclass, K <= 10); regression.png
+    plots/         loss.png; roc.png and scores.png (binary); roc.png (one curve per
+                   class, one vs rest) and scores_class_<k>.png (multiclass, K <= 10);
+                   regression.png
 
 Every number is weighted by the event weights ``w`` (``data.weight``, else 1);
 non-finite values are written as ``null`` so the files are strict JSON.
@@ -343,6 +344,10 @@ def evaluate(pipeline: Any, model: nn.Module, train_ds: Any, test_ds: Any,
                 ((y_te > 0.5).astype(np.float64), s_te, w_te), plot_dir / "scores.png"))
     elif task == "multiclass":
         k = test[1].shape[1] if test[1].ndim == 2 else 0
+        if any(a is not None for a in metrics["test"]["roc_auc_per_class"].values()):
+            written.append(plots.roc_curves_ovr(test[0], test[1], test[2],
+                                                [f"class {c}" for c in range(k)],
+                                                plot_dir / "roc.png"))
         if train[0].size and test[0].size and k <= MAX_CLASS_PLOTS:
             for c in range(k):  # class c's score, for events of every class
                 written.append(plots.score_distributions(

@@ -8,7 +8,8 @@ in a ``matplotlib.style.context`` so it never leaks into the caller's rcParams.
 ROC convention (HEP): signal efficiency (true positive rate) on x, background
 rejection ``1 / background efficiency`` (``1 / FPR``) on a log y axis; points
 with zero background efficiency (infinite rejection) are not drawn. The AUC is
-the usual area under TPR versus FPR.
+the usual area under TPR versus FPR. A multiclass classifier gets one curve
+per class, one versus the rest (:func:`roc_curves_ovr`).
 
 The Kolmogorov-Smirnov test of the overtraining plot is computed here with
 numpy (weighted empirical CDFs, effective entries ``(sum w)^2 / sum w^2``,
@@ -35,6 +36,7 @@ __all__ = [
     "ks_test",
     "loss_curves",
     "roc_curve",
+    "roc_curves_ovr",
     "score_distributions",
     "regression_scatter",
 ]
@@ -180,19 +182,51 @@ def roc_curve(y: Any, score: Any, w: Any = None, path: PathLike | None = None) -
     """
     if path is None:
         raise TypeError("roc_curve needs a path")
-    fpr, tpr, _ = roc_points(y, score, w)
-    auc = roc_auc(y, score, w)
-    keep = (fpr > 0) & (tpr > 0)
+    return _roc_figure([("classifier", y, score, w)], path, "signal efficiency",
+                       "background rejection (1 / efficiency)")
+
+
+def roc_curves_ovr(y: Any, scores: Any, w: Any, names: Sequence[str], path: PathLike) -> Path:
+    """One-vs-rest ROC of each class of a multiclass classifier, in one figure.
+
+    Class ``c`` is the signal (events with ``y == c``, scored by ``scores[:, c]``)
+    and every other class the background, as in the per-class AUCs of
+    ``metrics.json``; a class with no events or no positive total weight is
+    left out. Axes as :func:`roc_curve`. Raises ValueError when no class has a curve.
+    """
+    labels = np.asarray(y, dtype=np.float64).reshape(-1)
+    p = np.asarray(scores, dtype=np.float64)
+    curves = []
+    for c, name in enumerate(names):
+        is_c = (labels == c).astype(np.float64)
+        try:
+            roc_points(is_c, p[:, c], w)
+        except ValueError:
+            continue
+        curves.append((name, is_c, p[:, c], w))
+    if not curves:
+        raise ValueError("no class has both events of its own and of other classes")
+    return _roc_figure(curves, path, "class efficiency (one vs rest)",
+                       "rejection of the other classes (1 / efficiency)")
+
+
+def _roc_figure(curves: Sequence[tuple[str, Any, Any, Any]], path: PathLike, xlabel: str,
+                ylabel: str) -> Path:
+    """ROC curves ``(name, y, score, w)`` as rejection (log) against efficiency, with AUCs."""
     with _style():
         fig = Figure(figsize=(8, 7))
         ax = fig.add_subplot()
-        ax.plot(tpr[keep], 1.0 / fpr[keep], lw=2, label=f"classifier (AUC = {auc:.4f})")
+        for name, y, score, w in curves:
+            fpr, tpr, _ = roc_points(y, score, w)
+            keep = (fpr > 0) & (tpr > 0)
+            ax.plot(tpr[keep], 1.0 / fpr[keep], lw=2,
+                    label=f"{name} (AUC = {roc_auc(y, score, w):.4f})")
         eff = np.linspace(0.01, 1.0, 200)
         ax.plot(eff, 1.0 / eff, "k--", lw=1, label="random (AUC = 0.5)")
         ax.set_yscale("log")
         ax.set_xlim(0.0, 1.0)
-        ax.set_xlabel("signal efficiency")
-        ax.set_ylabel("background rejection (1 / efficiency)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="upper right")
         return _save(fig, path)

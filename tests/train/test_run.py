@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +17,10 @@ import numpy as np
 import pytest
 import uproot
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
+from mlaas import _progress
 from mlaas.bundle import Bundle
 from mlaas.cli import app
 from mlaas.data import synth
@@ -115,6 +119,28 @@ def test_regression_run_exports_a_bundle_that_predicts(spec_file: Path, tmp_path
     assert len(scores) == 3 and scores[2] is None
     assert all(isinstance(v, float) and np.isfinite(v) for v in scores[:2])
     assert scores[1] > scores[0]  # HT 690 against 193: a trained network knows which is larger
+
+
+def test_progress_bars_show_epochs_events_per_second_and_loss(
+        spec_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlaas.apply import apply_files
+    from mlaas.train.run import run as run_pipeline
+
+    # not a terminal (a log file, a platform job): rich prints each bar's final state
+    stream = io.StringIO()
+    monkeypatch.setattr(_progress, "err_console",
+                        Console(file=stream, force_terminal=False, width=200))
+    result = run_pipeline(spec_file, tmp_path / "out", progress=True)  # 2 epochs
+    text = stream.getvalue()
+    assert re.search(r"pass 1 .*100%.* [\d,]+ events .*[\d,]+ ev/s", text), text
+    assert re.search(r"epoch 2/2 .*100%.* [\d,]+ ev/s  loss \d\.\d+", text), text
+    assert re.search(r"epochs .*100%.* train \d\.\d+  val \d\.\d+  lr 0\.001", text), text
+
+    stream.truncate(0)
+    apply_files(result.bundle, [str(spec_file.parent / "data" / "signal.root")],
+                tmp_path / "friends", progress=True)
+    assert re.search(r"apply .*100%.* 3,000 events .*[\d,]+ ev/s", stream.getvalue()), \
+        stream.getvalue()
 
 
 def test_sigterm_exits_75_and_resume_finishes(spec_file: Path, tmp_path: Path) -> None:

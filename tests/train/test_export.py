@@ -29,6 +29,7 @@ from mlaas.errors import BundleError
 from mlaas.train import export
 from mlaas.train.models import InputLayout, UserModel, build_builtin, load_user_model
 from mlaas.train.provenance import provenance
+from train_support import EXPORT_ONLY_FAILURE
 
 
 def make_spec(files: dict[str, str], **data: Any) -> dict[str, Any]:
@@ -231,24 +232,6 @@ def test_user_model_without_mask_exports_x_only(ds: RootDataset, tmp_path: Path)
     assert bundle.n_outputs == 1
 
 
-EXPORT_ONLY_FAILURE = '''
-import torch
-
-
-class OnlyInTorch(torch.nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.lin = torch.nn.Linear(n, 1)
-
-    def forward(self, x):
-        if torch.onnx.is_in_onnx_export():
-            raise NotImplementedError("no ONNX for this layer\\nsecond line of detail")
-        return self.lin(x)
-
-
-def build(n_features, spec):
-    return OnlyInTorch(n_features)
-'''
 
 
 def user_model_dataset(files: dict[str, str], tmp_path: Path, source: str

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from mlaas.bundle import Bundle
 from mlaas.cli import app
 from mlaas.data import synth
 from mlaas.train.trainer import load_checkpoint
+from train_support import EXPORT_ONLY_FAILURE
 
 runner = CliRunner()
 
@@ -51,6 +51,23 @@ def spec_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def spec_with_absolute_files(spec_file: Path) -> dict:
+    """The fixture's spec as a dict, its data files named absolutely (to be written elsewhere)."""
+    spec = yaml.safe_load(spec_file.read_text())
+    for source in spec["data"]["sources"]:
+        source["files"] = [str(spec_file.parent / f) for f in source["files"]]
+    return spec
+
+
+def predict_cli(bundle: Path, events: list[dict], tmp_path: Path) -> list:
+    """``mlaas predict BUNDLE --input events.json``: the scores it prints."""
+    (tmp_path / "events.json").write_text(json.dumps(events))
+    result = runner.invoke(app, ["predict", str(bundle), "--input",
+                                 str(tmp_path / "events.json")])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 def test_run_predict_apply(spec_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(spec_file), "-o", str(out), "--no-progress"])
@@ -63,13 +80,10 @@ def test_run_predict_apply(spec_file: Path, tmp_path: Path) -> None:
                  "plots/loss.png", "plots/roc.png", "plots/scores.png"):
         assert (out / name).exists(), name
 
-    events = [{"MET_pt": 50.0, "Jet_pt": [120.0, 40.0, 33.0]},
-              {"MET_pt": 1.0, "Jet_pt": []}]  # fails the cut
-    (tmp_path / "events.json").write_text(json.dumps(events))
-    result = runner.invoke(app, ["predict", str(out / "bundle.tar.gz"), "--input",
-                                 str(tmp_path / "events.json")])
-    assert result.exit_code == 0, result.output
-    scores = json.loads(result.stdout)
+    scores = predict_cli(out / "bundle.tar.gz",
+                         [{"MET_pt": 50.0, "Jet_pt": [120.0, 40.0, 33.0]},
+                          {"MET_pt": 1.0, "Jet_pt": []}],  # fails the cut
+                         tmp_path)
     assert 0.0 <= scores[0] <= 1.0 and scores[1] is None
 
     signal_file = spec_file.parent / "data" / "signal.root"
@@ -87,13 +101,12 @@ def test_run_predict_apply(spec_file: Path, tmp_path: Path) -> None:
 
 
 def test_regression_run_exports_a_bundle_that_predicts(spec_file: Path, tmp_path: Path) -> None:
-    spec = yaml.safe_load(spec_file.read_text())
+    spec = spec_with_absolute_files(spec_file)
     spec.update(task="regression", name="ht-regression")
     spec["data"]["label"] = "HT"  # GeV, hundreds: parity is relative here
     spec["model"] = {"builtin": "mlp", "hidden": [16]}
     spec["train"].update(epochs=2, lr=0.01)
     for source in spec["data"]["sources"]:
-        source["files"] = [str(spec_file.parent / f) for f in source["files"]]
         del source["label"]
     (tmp_path / "reg.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
@@ -108,14 +121,10 @@ def test_regression_run_exports_a_bundle_that_predicts(spec_file: Path, tmp_path
     assert parity["split"] == "test" and parity["events"] == metrics["test"]["n_events"]
     assert parity["max_abs_diff"] <= 1e-5
     assert bundle_spec["task"] == "regression" and bundle_spec["label_names"] == ["HT"]
-    events = [{"MET_pt": 50.0, "Jet_pt": [120.0, 40.0, 33.0]},
-              {"MET_pt": 30.0, "Jet_pt": [300.0, 250.0, 80.0, 60.0]},
-              {"MET_pt": 1.0, "Jet_pt": []}]  # fails the cut
-    (tmp_path / "events.json").write_text(json.dumps(events))
-    result = runner.invoke(app, ["predict", str(out / "bundle"), "--input",
-                                 str(tmp_path / "events.json")])
-    assert result.exit_code == 0, result.output
-    scores = json.loads(result.stdout)
+    scores = predict_cli(out / "bundle", [{"MET_pt": 50.0, "Jet_pt": [120.0, 40.0, 33.0]},
+                                          {"MET_pt": 30.0, "Jet_pt": [300.0, 250.0, 80.0, 60.0]},
+                                          {"MET_pt": 1.0, "Jet_pt": []}],  # fails the cut
+                         tmp_path)
     assert len(scores) == 3 and scores[2] is None
     assert all(isinstance(v, float) and np.isfinite(v) for v in scores[:2])
     assert scores[1] > scores[0]  # HT 690 against 193: a trained network knows which is larger
@@ -176,10 +185,8 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints(spec_file: Path,
     # A batch system signals the whole process group: DataLoader workers get
     # SIGTERM too. They must ignore it, so the main process (which only sets a
     # flag) reaches the next batch boundary, checkpoints and exits 75.
-    spec = yaml.safe_load(spec_file.read_text())
+    spec = spec_with_absolute_files(spec_file)
     spec["train"].update(epochs=400, num_workers=1)
-    for source in spec["data"]["sources"]:
-        source["files"] = [str(spec_file.parent / f) for f in source["files"]]
     path = tmp_path / "workers.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
@@ -206,27 +213,10 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints(spec_file: Path,
 
 def test_a_model_that_cannot_be_exported_ends_run_with_one_error(spec_file: Path,
                                                                   tmp_path: Path) -> None:
-    (tmp_path / "model.py").write_text(textwrap.dedent("""
-        import torch
-
-        class TrainsButNoOnnx(torch.nn.Module):
-            def __init__(self, n):
-                super().__init__()
-                self.lin = torch.nn.Linear(n, 1)
-
-            def forward(self, x):
-                if torch.onnx.is_in_onnx_export():
-                    raise RuntimeError("unsupported operator")
-                return self.lin(x)
-
-        def build(n_features, spec):
-            return TrainsButNoOnnx(n_features)
-    """))
-    spec = yaml.safe_load(spec_file.read_text())
+    (tmp_path / "model.py").write_text(EXPORT_ONLY_FAILURE)
+    spec = spec_with_absolute_files(spec_file)
     spec["model"] = {"file": "model.py"}
     spec["train"]["epochs"] = 1
-    for source in spec["data"]["sources"]:
-        source["files"] = [str(spec_file.parent / f) for f in source["files"]]
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
     proc = subprocess.run([sys.executable, "-m", "mlaas.cli", "run",
                            str(tmp_path / "pipeline.yaml"), "-o", str(tmp_path / "out"),
@@ -235,8 +225,8 @@ def test_a_model_that_cannot_be_exported_ends_run_with_one_error(spec_file: Path
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("BundleError: cannot export user model 'model.py' to ONNX: "
-                                  "torch.onnx.export raised RuntimeError: unsupported operator "
-                                  "(line 11 of model.py:"), proc.stderr
+                                  "torch.onnx.export raised NotImplementedError: no ONNX for "
+                                  "this layer (line 12 of model.py:"), proc.stderr
     assert (tmp_path / "out" / "checkpoint.pt").exists()  # training itself went through
     assert not (tmp_path / "out" / "bundle").exists()
 

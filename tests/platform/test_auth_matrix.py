@@ -291,6 +291,9 @@ MATRIX: dict[tuple[str, str], Row] = {
         body=lambda r, w: {"json": {"version": 1}}),
     ("DELETE", "/api/models/{name}/aliases/{alias}"): Row(
         group_write(), params=lambda r, w: {"name": MODEL, "alias": f"a-{r}"}),
+    ("GET", "/api/models/{name}/serving"): Row(group_read(), params=_model),
+    ("PUT", "/api/models/{name}/serving"): Row(  # {}: the defaults, as it is
+        group_write(), params=_model, body=lambda r, w: {"json": {}}),
     ("POST", "/api/models/{name}/predict"): Row(group_read(), params=_model, body=_predict_body),
     ("GET", "/api/models/{name}/visibility"): Row(group_read(), params=_model),
     ("PUT", "/api/models/{name}/visibility"): Row(  # re-set to what it is: state unchanged
@@ -406,6 +409,9 @@ def _scoped(method: str, path: str, scope: str, want: int) -> Any:
     _scoped("POST", "/upload", "predict", 403),
     _scoped("PUT", "/api/models/{name}/aliases/{alias}", "predict", 403),
     _scoped("PUT", "/api/models/{name}/aliases/{alias}", "submit", 200),
+    _scoped("PUT", "/api/models/{name}/serving", "read", 403),
+    _scoped("PUT", "/api/models/{name}/serving", "submit", 200),
+    _scoped("GET", "/api/models/{name}/serving", "read", 200),
     _scoped("PUT", "/api/models/{name}/visibility", "read", 403),
     _scoped("PUT", "/api/models/{name}/visibility", "submit", 200),
     _scoped("GET", "/api/models/{name}/visibility", "read", 200),

@@ -20,8 +20,10 @@ POST /json                                         ``authenticate(request)``, th
                                                    ``check(request, "read", name)``
 GET /v2/models/{name}[/versions/{v}][/ready]       ``check(request, "read", name)``
 POST /v2/models/{name}[/versions/{v}]/infer        ``check(request, "read", name)``
+GET /api/models/{name}/serving                     ``check(request, "read", name)``
 DELETE /api/models/{name}/versions/{v}             ``check(request, "write", name)``
 PUT|DELETE /api/models/{name}/aliases/{alias}      ``check(request, "write", name)``
+PUT /api/models/{name}/serving                     ``check(request, "write", name)``
 DELETE /delete/{model}                             ``check(request, "write", name)``
 =================================================  =========================================
 
@@ -81,7 +83,8 @@ class ModelAccess(Protocol):
         """Raise unless the caller may ``action`` the model ``name``.
 
         ``read`` covers metadata, readiness, get, predict and infer; ``write``
-        covers deleting versions or the model and changing aliases. Raise
+        covers deleting versions or the model, changing aliases and the model's
+        batching settings. Raise
         :class:`~mlaas.errors.NotFound` when the caller may not even see the
         model, :class:`~mlaas.errors.Forbidden` when they may see but not change it.
         """

@@ -21,6 +21,20 @@ GET        /api/models/{name}/versions/{v}         one version: created, spec su
 DELETE     /api/models/{name}/versions/{v}         also drops aliases pointing at it
 PUT        /api/models/{name}/aliases/{alias}      body ``{"version": N}`` or ``N``
 DELETE     /api/models/{name}/aliases/{alias}
+GET        /api/models/{name}/serving              the model's dynamic batching settings:
+                                                   ``{"model", "max_batch_size",
+                                                   "max_delay_ms", "set", "versions"}``, the
+                                                   two fields as the operator set them or
+                                                   else the server's defaults, ``set`` the
+                                                   fields the operator set, ``versions``
+                                                   what each version batches with (a
+                                                   bundle's own ``serving`` counted)
+PUT        /api/models/{name}/serving              body ``{"max_batch_size": int >= 1,
+                                                   "max_delay_ms": float >= 0}`` (either may
+                                                   be left out: back to the default; ``{}``
+                                                   clears both); needs write access; applies
+                                                   to the next batch, no restart; answers as
+                                                   GET. 400 naming the field when invalid
 POST       /api/models/{name}/predict              ``?version=N`` or ``?alias=A`` (default:
                                                    alias ``production``, else the latest);
                                                    body rows ``[{...}, ...]``, columns
@@ -100,6 +114,7 @@ from mlaas.serve.metrics import Metrics
 from mlaas.serve.registry import (DEFAULT_ALIAS, NAME_PATTERN, ModelNotFound, Registry,
                                   archive_model_name)
 from mlaas.serve.route_metrics import meter, served
+from mlaas.serve.settings import Batching, effective, parse_settings
 
 __all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
 
@@ -330,6 +345,31 @@ async def _upload(request: Request, name: str, metadata: dict[str, Any],
     return JSONResponse(jsonable_encoder({"model": name, **info}), status_code=201)
 
 
+def _serving(request: Request, name: str) -> dict[str, Any]:
+    """The answer of ``GET /api/models/{name}/serving`` (blocking: reads the registry)."""
+    registry = _registry(request)
+    stored = registry.serving(name)
+    runtime = getattr(request.app.state, "runtime", None)
+    defaults: Batching = runtime.defaults if runtime is not None else Batching()
+    versions: dict[str, Any] = {}
+    for described in registry.get(name)["versions"]:
+        try:
+            versions[str(described["version"])] = effective(stored, described["spec"],
+                                                            defaults).to_dict()
+        except MlaasError as exc:  # a bundle put in the directory by hand with bad settings
+            versions[str(described["version"])] = {"error": str(exc)}
+    return {"model": name, **defaults.to_dict(), **stored, "set": sorted(stored),
+            "versions": versions}
+
+
+async def _refresh(request: Request, name: str) -> None:
+    """Let the full server's runtime see a model's new state now: its batchers of deleted
+    versions go, new batching settings apply to the next batch (nothing without one)."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None:
+        await runtime.refresh(name)
+
+
 def _alias_version(body: Any) -> int:
     if isinstance(body, Mapping):
         body = body.get("version")
@@ -376,6 +416,7 @@ def _models_router() -> APIRouter:
     async def delete_version(name: str, version: int, request: Request) -> dict[str, Any]:
         await hooks.check(request, "write", name)
         await run_in_threadpool(_registry(request).delete_version, name, version)
+        await _refresh(request, name)
         served(request, name, version)
         return {"model": name, "deleted": version}
 
@@ -391,6 +432,20 @@ def _models_router() -> APIRouter:
         aliases = await run_in_threadpool(_registry(request).delete_alias, name, alias)
         served(request, name)
         return {"model": name, "aliases": aliases}
+
+    async def get_serving(name: str, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "read", name)
+        answer = await run_in_threadpool(_serving, request, name)
+        served(request, name)
+        return answer
+
+    async def set_serving(name: str, request: Request) -> dict[str, Any]:
+        await hooks.check(request, "write", name)
+        settings = parse_settings(await _json(request))  # 400 naming the field
+        await run_in_threadpool(_registry(request).set_serving, name, settings)
+        await _refresh(request, name)
+        served(request, name)
+        return await run_in_threadpool(_serving, request, name)
 
     async def predict(name: str, request: Request, version: int | None = None,
                       alias: str | None = None) -> Response:
@@ -415,6 +470,8 @@ def _models_router() -> APIRouter:
     router.add_api_route("/{name}/versions/{version}", delete_version, methods=["DELETE"])
     router.add_api_route("/{name}/aliases/{alias}", set_alias, methods=["PUT"])
     router.add_api_route("/{name}/aliases/{alias}", delete_alias, methods=["DELETE"])
+    router.add_api_route("/{name}/serving", get_serving, methods=["GET"])
+    router.add_api_route("/{name}/serving", set_serving, methods=["PUT"])
     router.add_api_route("/{name}/predict", predict, methods=["POST"])
     return router
 
@@ -452,6 +509,7 @@ def _tfaas_router() -> APIRouter:
     async def delete(model: str, request: Request) -> dict[str, Any]:
         await hooks.check(request, "write", model)
         versions = await run_in_threadpool(_registry(request).delete_model, model)
+        await _refresh(request, model)
         served(request, model)
         return {"model": model, "deleted": versions}
 

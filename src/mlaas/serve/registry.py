@@ -9,6 +9,8 @@ Layout on disk, under ``root``::
     root/<name>/<version>/        an extracted bundle (spec.json, model.onnx, ...)
     root/<name>/<version>/.registry.json   created time, archive digest and size
     root/<name>/aliases.json      {"production": 3, "staging": 4, ...}
+    root/<name>/serving.json      the operator's batching settings of the model
+                                  (see :mod:`mlaas.serve.settings`); gone with the model
 
 An upload is extracted with :func:`mlaas.bundle.safe_extract` into a staging
 dir inside ``root`` (so the final ``os.rename`` stays on one file system),
@@ -44,7 +46,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle, bundle_root, safe_extract
-from mlaas.errors import BundleError, InvalidName, ModelNotFound, close_names
+from mlaas.errors import BundleError, InvalidName, MlaasError, ModelNotFound, close_names
+from mlaas.serve.settings import parse_settings
 
 __all__ = [
     "Registry",
@@ -65,6 +68,7 @@ MAX_TOTAL_BYTES = 2 * 1024**3
 MAX_SPEC_BYTES = 16 * 1024**2
 _META_FILE = ".registry.json"
 _ALIASES_FILE = "aliases.json"
+_SERVING_FILE = "serving.json"
 _ALIASES_SUFFIX = os.sep + _ALIASES_FILE
 _SETTLE_NS = 200_000_000  # state younger than this is not trusted by state_token
 
@@ -132,6 +136,7 @@ def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
         "tree": spec.get("tree"),
         "inputs": spec.get("inputs"),
         "outputs": spec.get("outputs"),
+        "serving": spec.get("serving"),
     }
 
 
@@ -418,7 +423,10 @@ class Registry:
                                   "only directory); is it a bundle.tar.gz?")
             if not (bundle_dir / MODEL_FILE).exists():
                 raise BundleError(f"the archive holds no {MODEL_FILE}")
-            Bundle.load(bundle_dir)  # validates spec, ONNX, inputs; the session is dropped
+            loaded = Bundle.load(bundle_dir)  # validates spec, ONNX, inputs
+            if "serving" in loaded.spec:  # the bundle's own batching settings
+                parse_settings(loaded.spec["serving"], error=BundleError, prefix="serving.")
+            del loaded  # its session is not kept
             meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "sha256": digest, "size": size, "metadata": extra}
             (bundle_dir / _META_FILE).write_text(json.dumps(meta))
@@ -431,6 +439,32 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.version(name, version)
+
+    def serving(self, name: str) -> dict[str, Any]:
+        """The batching settings the operator set for model ``name`` (only the fields
+        set; ``{}`` when none). Raises :class:`ModelNotFound` for an unknown model."""
+        self._versions(name)
+        stored = _read_json(self._model_dir(name) / _SERVING_FILE)
+        try:
+            return parse_settings(stored)
+        except MlaasError:  # edited by hand into something invalid: not applied
+            return {}
+
+    def set_serving(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """Store the batching settings of model ``name`` (replacing the previous ones; a
+        field left out falls back to the bundle's own or the server's default, ``{}``
+        clears them all). Validated by :func:`mlaas.serve.settings.parse_settings`
+        (:class:`~mlaas.errors.BadRequest` naming the field). Returns what was stored."""
+        settings = parse_settings(settings)
+        with self._locked():
+            self._versions(name)
+            path = self._model_dir(name) / _SERVING_FILE
+            if settings:
+                _write_json_atomic(path, settings)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return settings
 
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, int]:
         """Point ``alias`` at ``version`` of ``name``; returns all aliases of the model."""
@@ -464,8 +498,9 @@ class Registry:
             aliases = self._aliases(name)
             kept = {a: v for a, v in aliases.items() if v != version}
             if not self._versions_of(model_dir):
-                with contextlib.suppress(FileNotFoundError):
-                    (model_dir / _ALIASES_FILE).unlink()
+                for leftover in (_ALIASES_FILE, _SERVING_FILE):
+                    with contextlib.suppress(FileNotFoundError):
+                        (model_dir / leftover).unlink()
                 os.rename(model_dir, trash / "model")
             elif kept != aliases:
                 _write_json_atomic(model_dir / _ALIASES_FILE, kept)

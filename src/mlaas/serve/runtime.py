@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlaas.errors import InferenceError, MlaasError, Overloaded, ProtocolError
+from mlaas.serve.settings import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, Batching,
+                                  effective)
 
 __all__ = [
     "Batcher",
@@ -46,8 +48,6 @@ __all__ = [
     "DEFAULT_INLINE_ROWS",
 ]
 
-DEFAULT_MAX_BATCH_SIZE = 256
-DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_MAX_QUEUE = 1024
 #: The largest request run on the event loop's thread when alone (~2 ms of the benchmark MLP).
 DEFAULT_INLINE_ROWS = 4096
@@ -108,6 +108,16 @@ class _BatchQueue:
     def waiting(self) -> int:
         """Requests waiting to be batched."""
         return len(self._queue)
+
+    def configure(self, batching: Batching) -> None:
+        """Batch with ``batching`` from the next batch on (a wait under way keeps its
+        deadline; requests already waiting that now fill a batch run at once)."""
+        if batching.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, not {batching.max_batch_size!r}")
+        self.max_batch_size = int(batching.max_batch_size)
+        self.max_delay = max(0.0, float(batching.max_delay_ms)) / 1000.0
+        if self._rows >= self.max_batch_size:
+            self._wake()
 
     @property
     def idle(self) -> bool:
@@ -173,10 +183,12 @@ class _BatchQueue:
                     await asyncio.wait({self._wakeup}, timeout=left)
                 finally:
                     self._wakeup = None
-            # 2. take requests in order while they fit
+            # 2. take requests in order while they fit (the first one always: it may be
+            # larger than a max_batch_size lowered while it waited)
             batch: list[_Waiting] = []
             rows = 0
-            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+            while self._queue and (not batch or
+                                   rows + self._queue[0].rows <= self.max_batch_size):
                 item = self._queue.popleft()
                 self._rows -= item.rows
                 if item.future.done():  # the caller went away
@@ -435,6 +447,25 @@ class _Registry(Protocol):
     def bundle(self, name: str, version: int) -> Any: ...  # Bundle or (version, Bundle)
 
 
+@dataclass
+class _Held:
+    """The batchers of one model version, and the bundle they run."""
+
+    bundle: Any
+    batcher: Batcher
+    events: EventBatcher
+
+
+_ModelState = tuple[frozenset[int] | None, dict[str, Any]]
+"""What the registry says of a model: its versions (None: it cannot list them) and the
+operator's batching settings."""
+
+
+def _spec(bundle: Any) -> dict[str, Any] | None:
+    spec = getattr(bundle, "spec", None)
+    return spec if isinstance(spec, dict) else None
+
+
 def _runner(bundle: Any) -> RunFn:
     """``bundle.run`` with foreign (ONNX Runtime) errors mapped to :class:`InferenceError`."""
 
@@ -477,9 +508,13 @@ class Runtime:
             ``bundle(name, version) -> Bundle`` (raising ``KeyError`` for unknowns);
             optionally ``state_token(name)`` (see :meth:`Registry.state_token
             <mlaas.serve.registry.Registry.state_token>`), which lets a request for
-            an unchanged model skip the registry (and the thread hop) entirely.
-        max_batch_size, max_delay_ms: defaults, overridden per bundle by spec.json's
-            ``serving`` object (``max_batch_size``, ``max_delay_ms``).
+            an unchanged model skip the registry (and the thread hop) entirely;
+            optionally ``versions(name)``, the versions it has now, so that the batchers
+            (and ONNX sessions) of deleted versions are let go (see :meth:`refresh`),
+            and ``serving(name)``, the model's batching settings.
+        max_batch_size, max_delay_ms: defaults, overridden per model by the operator's
+            settings (``serving(name)`` of the registry, when it has it) and per version
+            by the bundle's own ``serving`` object (see :mod:`mlaas.serve.settings`).
         threads: executor threads for ONNX Runtime calls (each batch uses one).
         max_queue: requests allowed to wait per model version.
         metrics: an optional :class:`mlaas.serve.metrics.Metrics` (batch sizes).
@@ -489,6 +524,11 @@ class Runtime:
         inline_rows: the largest raw-input request scored on the event loop's thread
             when it is the only request in flight (see :meth:`score` and
             :meth:`Batcher.submit`); 0 never does.
+
+    Whenever a model's state token changes (a version added or deleted, an alias
+    or the batching settings changed), the next request for it asks the registry
+    again and :meth:`refresh` is applied on the way; the routes that delete
+    versions or change settings call :meth:`refresh` themselves.
 
     ``active`` counts the requests being answered (the v2 infer route holds
     :meth:`request` from its start, :meth:`predict_events` while it scores):
@@ -515,14 +555,24 @@ class Runtime:
             from mlaas.serve.workers import ProcessScorer
 
             self.workers = ProcessScorer(event_workers)
-        self._batchers: dict[tuple[str, int], tuple[Any, Batcher, EventBatcher]] = {}
+        self._held: dict[tuple[str, int], _Held] = {}  # (name, version) -> its batchers
         # (name, version, alias) -> (registry state token, version, bundle, batchers)
         self._resolved: dict[tuple[str, int | None, str | None],
                              tuple[Any, int, Any, Batcher, EventBatcher]] = {}
 
+    @property
+    def defaults(self) -> Batching:
+        """The server's batching settings, for models and bundles that set none."""
+        return Batching(int(self.max_batch_size), float(self.max_delay_ms))
+
+    def held(self) -> list[tuple[str, int]]:
+        """The (model, version) pairs the runtime keeps batchers, and so a bundle and its
+        ONNX Runtime session, for."""
+        return sorted(self._held)
+
     def close(self) -> None:
         """Stop the executor (waits for running batches)."""
-        self._batchers.clear()
+        self._held.clear()
         self._resolved.clear()
         self.executor.shutdown(wait=True)
         if self.workers is not None:
@@ -541,6 +591,55 @@ class Runtime:
         state_token = getattr(self.registry, "state_token", None)
         return state_token(name) if callable(state_token) else None
 
+    def _model_state(self, name: str) -> _ModelState:
+        """What the registry says of ``name`` now (blocking: it lists a directory)."""
+        versions_of = getattr(self.registry, "versions", None)
+        serving_of = getattr(self.registry, "serving", None)
+        versions = frozenset(versions_of(name)) if callable(versions_of) else None
+        stored: dict[str, Any] = {}
+        if callable(serving_of) and versions != frozenset():
+            with contextlib.suppress(KeyError):  # the model was deleted meanwhile
+                stored = serving_of(name)
+        return versions, stored
+
+    def _look(self, name: str, version: int | None, alias: str | None
+              ) -> tuple[_ModelState, tuple[int, Any] | Exception]:
+        """The model's state and ``lookup``'s answer or error, in one trip to a thread."""
+        state = self._model_state(name)
+        try:
+            return state, self.lookup(name, version, alias)
+        except Exception as exc:  # noqa: BLE001 - raised again on the loop, by the caller
+            return state, exc
+
+    def _apply(self, name: str, state: _ModelState, token: Any) -> None:
+        """Bring what the runtime holds for ``name`` in line with ``state``: let go of the
+        batchers of versions the registry no longer has (nothing else refers to their
+        bundles and ONNX sessions then: a deleted version's were kept forever before),
+        give the others the model's current batching settings, and forget resolutions
+        made under another state ``token``."""
+        versions, stored = state
+        for key in [k for k, hit in self._resolved.items()
+                    if k[0] == name and (token is None or hit[0] != token)]:
+            del self._resolved[key]
+        for key in [k for k in self._held if k[0] == name]:
+            held = self._held[key]
+            if versions is not None and key[1] not in versions:
+                del self._held[key]
+                continue
+            batching = effective(stored, _spec(held.bundle), self.defaults)
+            held.batcher.configure(batching)
+            held.events.configure(batching)
+
+    async def refresh(self, name: str) -> None:
+        """Ask the registry for ``name``'s versions and batching settings now and apply
+        them (see :meth:`_apply`): the routes that delete versions or change settings
+        call it, so a deleted version's session is let go at once and new settings
+        apply to the next batch. A request does the same whenever the model's state
+        token changed (other processes' changes included)."""
+        token = self._token(name)
+        state = await asyncio.to_thread(self._model_state, name)
+        self._apply(name, state, token)
+
     async def _batchers_for(self, name: str, version: int | None, alias: str | None
                             ) -> tuple[int, Any, Batcher, EventBatcher]:
         key = (name, version, alias)
@@ -549,19 +648,21 @@ class Runtime:
             hit = self._resolved.get(key)
             if hit is not None and hit[0] == token:
                 return hit[1], hit[2], hit[3], hit[4]
-        resolved, bundle = await asyncio.to_thread(self.lookup, name, version, alias)
-        cached = self._batchers.get((name, resolved))
-        if cached is not None and cached[0] is bundle:
-            batcher, events = cached[1], cached[2]
-        else:
-            batcher, events = self._new_batchers(name, resolved, bundle)
-            self._batchers[(name, resolved)] = (bundle, batcher, events)
+        state, found = await asyncio.to_thread(self._look, name, version, alias)
+        self._apply(name, state, token)
+        if isinstance(found, Exception):
+            raise found
+        resolved, bundle = found
+        held = self._held.get((name, resolved))
+        if held is None or held.bundle is not bundle:
+            held = self._held[(name, resolved)] = self._hold(name, resolved, bundle, state[1])
         if token is not None:
-            self._resolved[key] = (token, resolved, bundle, batcher, events)
-        return resolved, bundle, batcher, events
+            self._resolved[key] = (token, resolved, bundle, held.batcher, held.events)
+        return resolved, bundle, held.batcher, held.events
 
-    def _new_batchers(self, name: str, version: int, bundle: Any) -> tuple[Batcher, EventBatcher]:
-        serving = (bundle.spec.get("serving") or {}) if isinstance(bundle.spec, dict) else {}
+    def _hold(self, name: str, version: int, bundle: Any, stored: dict[str, Any]) -> _Held:
+        """New batchers for a model version, with its batching settings."""
+        batching = effective(stored, _spec(bundle), self.defaults)
         on_batch = None
         if self.metrics is not None:
             metrics = self.metrics
@@ -570,13 +671,13 @@ class Runtime:
                 metrics.observe_batch(name, version, n)
 
         options: dict[str, Any] = dict(
-            max_batch_size=int(serving.get("max_batch_size", self.max_batch_size)),
-            max_delay_ms=float(serving.get("max_delay_ms", self.max_delay_ms)),
+            max_batch_size=batching.max_batch_size, max_delay_ms=batching.max_delay_ms,
             executor=self.executor, max_queue=self.max_queue, on_batch=on_batch)
         run = _runner(bundle)
-        return (Batcher(run, **options),
-                EventBatcher(bundle, run, workers=self.workers,
-                             worker_threads=getattr(self.registry, "threads", None), **options))
+        return _Held(bundle, Batcher(run, **options),
+                     EventBatcher(bundle, run, workers=self.workers,
+                                  worker_threads=getattr(self.registry, "threads", None),
+                                  **options))
 
     async def batcher(self, name: str, version: int | None = None, alias: str | None = None
                       ) -> tuple[int, Any, Batcher]:

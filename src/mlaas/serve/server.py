@@ -35,7 +35,9 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
         models_dir: the registry root (created if missing); may be None when
             ``registry`` is given.
         max_batch_size, max_delay_ms: default dynamic batching of v2 and predict
-            requests; a bundle's ``serving`` entry in spec.json overrides them.
+            requests; a bundle's ``serving`` entry in spec.json overrides them for its
+            version, and the operator's ``PUT /api/models/{name}/serving`` for the
+            whole model (see :mod:`mlaas.serve.settings`).
         max_body_bytes: the largest request body (413 above).
         access: who may use which model; called on every model route (see
             :mod:`mlaas.serve.access`). Default: everything allowed.

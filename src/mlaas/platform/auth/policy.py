@@ -81,6 +81,8 @@ ROUTE_RULES: Mapping[tuple[str, str], RouteRule] = {
     ("DELETE", "/api/models/{name}/versions/{version}"): SUBMIT,
     ("PUT", "/api/models/{name}/aliases/{alias}"): SUBMIT,
     ("DELETE", "/api/models/{name}/aliases/{alias}"): SUBMIT,
+    ("GET", "/api/models/{name}/serving"): READ,
+    ("PUT", "/api/models/{name}/serving"): SUBMIT,
     ("POST", "/api/models/{name}/predict"): PREDICT,
     ("GET", "/api/models/{name}/visibility"): READ,
     ("PUT", "/api/models/{name}/visibility"): SUBMIT,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from mlaas.serve.runtime import Batcher, InferenceError, Overloaded, Runtime, _runner
+from mlaas.serve.registry import Registry
+from mlaas.serve.runtime import Batcher, InferenceError, Overloaded, Runtime, _ModelState, _runner
 
 
 class Recorder:
@@ -349,5 +354,58 @@ def test_a_request_over_the_same_connection_as_the_last_skips_the_loop_turns() -
 
         assert asyncio.run(turns_see_a_newcomer()) is False
         assert rt.active == 0
+    finally:
+        rt.close()
+
+
+def test_issue4_runtime_lets_go_of_deleted_versions(tmp_path: Path,
+                                                    trained: dict[str, Any]) -> None:
+    """Deleted versions' batchers, bundles and ONNX sessions are not kept: deleted here
+    (refresh), or by another process (seen by the next request for the model)."""
+    registry = Registry(tmp_path)
+    for _ in range(3):
+        registry.upload("m", trained["bytes"])
+    other = Registry(tmp_path)  # another server on the same directory
+    rt = Runtime(registry, threads=1)
+    rows = trained["rows"]
+
+    async def main() -> None:
+        for v in (1, 2, 3):
+            assert (await rt.predict_events("m", v, None, rows))[0] == v
+        assert rt.held() == [("m", 1), ("m", 2), ("m", 3)]
+        gone = weakref.ref((await rt.event_batcher("m", 1))[1].bundle)
+        other.delete_version("m", 1)
+        assert (await rt.predict_events("m", None, None, rows))[0] == 3
+        assert rt.held() == [("m", 2), ("m", 3)]
+        gc.collect()
+        assert gone() is None  # nothing refers to the deleted version's bundle any more
+        registry.delete_version("m", 3)
+        await rt.refresh("m")  # what the server's delete routes do
+        assert rt.held() == [("m", 2)]
+        other.delete_model("m")
+        with pytest.raises(KeyError):
+            await rt.predict_events("m", None, None, rows)
+        assert rt.held() == []
+
+    try:
+        asyncio.run(main())
+    finally:
+        rt.close()
+
+
+def test_an_older_reading_of_a_model_is_not_applied_over_a_newer_one() -> None:
+    """A request's look at the registry can finish after a delete's refresh that started
+    later; applying it would bring back what the refresh let go."""
+    reg = FakeRegistry()
+    rt = Runtime(reg, max_batch_size=100, threads=1)
+    try:
+        asyncio.run(rt.batcher("m", 1))
+        batcher = asyncio.run(rt.batcher("m", 2))[2]
+        old = rt._model_state("m")  # read first...
+        new = _ModelState(old.read + 1, frozenset({2}), {"max_batch_size": 7})
+        assert rt._apply("m", new, None)  # ...but the newer reading is applied first
+        assert rt.held() == [("m", 2)] and batcher.max_batch_size == 7
+        assert not rt._apply("m", _ModelState(old.read, frozenset({1, 2}), {}), None)
+        assert rt.held() == [("m", 2)] and batcher.max_batch_size == 7
     finally:
         rt.close()

@@ -180,3 +180,21 @@ def test_issue4_every_model_route_is_in_the_metrics(tmp_path: Path,
     buckets = _samples(text, "mlaas_request_seconds_bucket")
     assert buckets[(("le", "+Inf"), *key(predict))] == 2
     assert 'version="1"' in text
+
+
+def test_issue4_delete_routes_let_go_of_the_versions(tmp_path: Path,
+                                                     trained: dict[str, Any]) -> None:
+    """After DELETE, the runtime holds no batcher (and so no ONNX session) for the version."""
+    app = create_server(tmp_path / "models", freeze_gc=False)
+    with TestClient(app) as client:
+        for _ in range(2):
+            assert client.post("/api/models/higgs", content=trained["bytes"]).status_code == 201
+        for v in (1, 2):
+            r = client.post(f"/api/models/higgs/predict?version={v}", json=trained["rows"])
+            assert r.status_code == 200
+        runtime = app.state.runtime
+        assert runtime.held() == [("higgs", 1), ("higgs", 2)]
+        assert client.delete("/api/models/higgs/versions/1").status_code == 200
+        assert runtime.held() == [("higgs", 2)]
+        assert client.delete("/delete/higgs").status_code == 200
+        assert runtime.held() == []

@@ -257,10 +257,17 @@ class Registry:
     def versions(self, name: str) -> builtins.list[int]:
         """The versions of ``name`` on disk now, oldest first; empty for an unknown (or
         invalid) name. Cheap (one directory listing): for callers that only need to know
-        which versions still exist."""
+        which versions still exist. Loaded bundles of versions no longer there (deleted
+        by another process or another Registry on the root) are forgotten on the way."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             return []
-        return self._versions_of(self.root / name)
+        versions = self._versions_of(self.root / name)
+        with self._cache_lock:  # versions deleted by another process: let their bundles go
+            for key in [k for k in (*self._cache, *self._loading)
+                        if k[0] == name and k[1] not in versions]:
+                self._cache.pop(key, None)
+                self._loading.pop(key, None)
+        return versions
 
     def get(self, name: str) -> dict[str, Any]:
         """One model: its versions with metadata (see :meth:`version`) and its aliases."""
@@ -507,6 +514,7 @@ class Registry:
         shutil.rmtree(trash, ignore_errors=True)
         with self._cache_lock:
             self._cache.pop((name, version), None)
+            self._loading.pop((name, version), None)
 
     def delete_model(self, name: str) -> builtins.list[int]:
         """Remove every version of ``name``; returns the versions removed."""
@@ -516,8 +524,9 @@ class Registry:
             os.rename(self._model_dir(name), trash / "model")
         shutil.rmtree(trash, ignore_errors=True)
         with self._cache_lock:
-            for k in [k for k in self._cache if k[0] == name]:
-                del self._cache[k]
+            for k in [k for k in (*self._cache, *self._loading) if k[0] == name]:
+                self._cache.pop(k, None)
+                self._loading.pop(k, None)
         return versions
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 from collections import deque
@@ -456,9 +457,15 @@ class _Held:
     events: EventBatcher
 
 
-_ModelState = tuple[frozenset[int] | None, dict[str, Any]]
-"""What the registry says of a model: its versions (None: it cannot list them) and the
-operator's batching settings."""
+@dataclass(frozen=True)
+class _ModelState:
+    """What the registry said of a model: its ``versions`` (None: it cannot list them)
+    and the operator's batching settings (``stored``); ``read`` numbers the readings in
+    the order they started, so an older one that finishes late is not applied."""
+
+    read: int
+    versions: frozenset[int] | None
+    stored: dict[str, Any]
 
 
 def _spec(bundle: Any) -> dict[str, Any] | None:
@@ -556,6 +563,10 @@ class Runtime:
 
             self.workers = ProcessScorer(event_workers)
         self._held: dict[tuple[str, int], _Held] = {}  # (name, version) -> its batchers
+        self._reads = itertools.count()  # numbers _model_state's readings
+        # name -> the newest reading applied (names the registry has had, not every name
+        # a client asked for)
+        self._applied: dict[str, int] = {}
         # (name, version, alias) -> (registry state token, version, bundle, batchers)
         self._resolved: dict[tuple[str, int | None, str | None],
                              tuple[Any, int, Any, Batcher, EventBatcher]] = {}
@@ -593,6 +604,7 @@ class Runtime:
 
     def _model_state(self, name: str) -> _ModelState:
         """What the registry says of ``name`` now (blocking: it lists a directory)."""
+        read = next(self._reads)
         versions_of = getattr(self.registry, "versions", None)
         serving_of = getattr(self.registry, "serving", None)
         versions = frozenset(versions_of(name)) if callable(versions_of) else None
@@ -600,7 +612,7 @@ class Runtime:
         if callable(serving_of) and versions != frozenset():
             with contextlib.suppress(KeyError):  # the model was deleted meanwhile
                 stored = serving_of(name)
-        return versions, stored
+        return _ModelState(read, versions, stored)
 
     def _look(self, name: str, version: int | None, alias: str | None
               ) -> tuple[_ModelState, tuple[int, Any] | Exception]:
@@ -611,13 +623,20 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - raised again on the loop, by the caller
             return state, exc
 
-    def _apply(self, name: str, state: _ModelState, token: Any) -> None:
+    def _apply(self, name: str, state: _ModelState, token: Any) -> bool:
         """Bring what the runtime holds for ``name`` in line with ``state``: let go of the
         batchers of versions the registry no longer has (nothing else refers to their
         bundles and ONNX sessions then: a deleted version's were kept forever before),
         give the others the model's current batching settings, and forget resolutions
-        made under another state ``token``."""
-        versions, stored = state
+        made under another state ``token``.
+
+        Returns False, changing nothing, when a newer reading was applied already
+        (a request's reading can finish after a delete's refresh started later)."""
+        if state.read < self._applied.get(name, -1):
+            return False
+        versions, stored = state.versions, state.stored
+        if versions != frozenset() or name in self._applied:
+            self._applied[name] = state.read  # not for names that never existed
         for key in [k for k, hit in self._resolved.items()
                     if k[0] == name and (token is None or hit[0] != token)]:
             del self._resolved[key]
@@ -629,6 +648,7 @@ class Runtime:
             batching = effective(stored, _spec(held.bundle), self.defaults)
             held.batcher.configure(batching)
             held.events.configure(batching)
+        return True
 
     async def refresh(self, name: str) -> None:
         """Ask the registry for ``name``'s versions and batching settings now and apply
@@ -649,14 +669,16 @@ class Runtime:
             if hit is not None and hit[0] == token:
                 return hit[1], hit[2], hit[3], hit[4]
         state, found = await asyncio.to_thread(self._look, name, version, alias)
-        self._apply(name, state, token)
+        fresh = self._apply(name, state, token)
         if isinstance(found, Exception):
             raise found
         resolved, bundle = found
         held = self._held.get((name, resolved))
         if held is None or held.bundle is not bundle:
-            held = self._held[(name, resolved)] = self._hold(name, resolved, bundle, state[1])
-        if token is not None:
+            held = self._hold(name, resolved, bundle, state.stored)
+            if fresh:  # else the version may be gone since: this request's batchers only
+                self._held[(name, resolved)] = held
+        if token is not None and fresh:
             self._resolved[key] = (token, resolved, bundle, held.batcher, held.events)
         return resolved, bundle, held.batcher, held.events
 

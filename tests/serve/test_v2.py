@@ -1,10 +1,13 @@
-"""The KServe v2 routes end to end: a real uvicorn server on 127.0.0.1, a real tritonclient."""
+"""The KServe v2 routes end to end: real uvicorn servers on 127.0.0.1, a real tritonclient.
+
+Against a bare app of the v2 router (one model, a stand-in registry) and
+against ``mlaas serve`` itself (create_server, a real registry holding two
+versions).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from mlaas.bundle import Bundle
@@ -20,8 +22,9 @@ from mlaas.data import synth
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.routes_v2 import v2_router
 from mlaas.serve.runtime import Runtime
+from mlaas.serve.server import create_server
 from mlaas.train.run import run
-from servers import HOST, free_port
+from serve_support import running
 
 import tritonclient.http as triton
 
@@ -68,22 +71,23 @@ def server(bundle: Bundle) -> Iterator[tuple[str, Metrics]]:
     runtime = Runtime(registry, max_delay_ms=1.0, metrics=metrics)
     app = FastAPI()
     app.include_router(v2_router(runtime, registry, metrics))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning",
-                                        lifespan="off"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start", pytrace=False)
-        time.sleep(0.02)
     try:
-        yield f"{HOST}:{port}", metrics
+        with running(app) as address:
+            yield address, metrics
     finally:
-        srv.should_exit = True
-        thread.join(10)
         runtime.close()
+
+
+@pytest.fixture(scope="module")
+def mlaas_serve(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlaas serve`` (create_server) under uvicorn, model ``m`` at versions 1 and 2."""
+    app = create_server(tmp_path_factory.mktemp("served") / "models", freeze_gc=False)
+    archive = (Path(bundle.path).parent / "bundle.tar.gz").read_bytes()
+    with running(app) as address:
+        for v in (1, 2):
+            r = httpx.post(f"http://{address}/api/models/m", content=archive)
+            assert r.status_code == 201 and r.json()["version"] == v, r.text
+        yield address
 
 
 def _inputs(n: int = 7) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +126,40 @@ def test_tritonclient_infer(server: tuple[str, Metrics], bundle: Bundle, binary_
         assert response["model_version"] == "1" and response["id"] == "abc"
         result = client.infer("m", ins, model_version="1")  # no outputs named: binary by default
         np.testing.assert_allclose(result.as_numpy("score"), bundle.run(x, mask), atol=1e-6)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_issue4_tritonclient_against_mlaas_serve(mlaas_serve: str, bundle: Bundle,
+                                                 binary: bool) -> None:
+    x, mask = _inputs()
+    want = bundle.run(x, mask)
+    client = triton.InferenceServerClient(mlaas_serve)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("m")
+        assert client.is_model_ready("m", "1") and client.is_model_ready("m", "2")
+        assert not client.is_model_ready("m", "3") and not client.is_model_ready("nope")
+        meta = client.get_model_metadata("m", "2")
+        assert meta["name"] == "m" and meta["versions"] == ["2"]
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 5]},
+                                  {"name": "mask", "datatype": "FP32", "shape": [-1, 4]}]
+        assert client.get_model_metadata("m")["versions"] == ["1", "2"]
+        ins = [triton.InferInput("x", list(x.shape), "FP32"),
+               triton.InferInput("mask", list(mask.shape), "FP32")]
+        ins[0].set_data_from_numpy(x, binary_data=binary)
+        ins[1].set_data_from_numpy(mask, binary_data=binary)
+        outs = [triton.InferRequestedOutput("score", binary_data=binary)]
+        for version, served in (("1", "1"), ("2", "2"), ("", "2")):  # "": the default
+            result = client.infer("m", ins, model_version=version, outputs=outs,
+                                  request_id=f"r{version}")
+            np.testing.assert_allclose(result.as_numpy("score"), want, rtol=0, atol=1e-6)
+            response = result.get_response()
+            assert response["model_version"] == served and response["id"] == f"r{version}"
+        with pytest.raises(triton.InferenceServerException) as info:
+            client.infer("m", ins, model_version="one", outputs=outs)
+        assert info.value.status() == "400" and "'one'" in info.value.message()
     finally:
         client.close()
 

@@ -1,4 +1,5 @@
-"""Helpers of the serving tests: bundle archives with an edited spec, apps under uvicorn."""
+"""Helpers of the serving tests: bundle archives with an edited spec, apps under uvicorn,
+Prometheus text as samples."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from servers import HOST, free_port
 
@@ -35,6 +37,16 @@ def with_spec(archive: bytes, **changes: Any) -> bytes:
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
     return out.getvalue()
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def samples(text: str, name: str) -> dict[Labels, float]:
+    """The Prometheus samples called ``name`` in ``text``, keyed by their sorted labels."""
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from mlaas.bundle import Bundle
 from mlaas.cli import app as cli
 from mlaas.serve.server import create_server
+from serve_support import samples
 
 with warnings.catch_warnings():
     # starlette >= 1.x asks for its httpx fork ("httpx2"); httpx works the same here
@@ -131,15 +132,6 @@ def test_infer_routes_answered_directly_behave_as_routed(tmp_path: Path,
         assert r.status_code == 400 and "version 'x'" in r.json()["error"]
 
 
-def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """Prometheus samples called ``name``, keyed by their sorted labels."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {tuple(sorted(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name}
-
-
 def test_issue4_every_model_route_is_in_the_metrics(tmp_path: Path,
                                                     trained: dict[str, Any]) -> None:
     """Raw-event, TFaaS and registry routes count requests, errors and latency by route
@@ -158,9 +150,9 @@ def test_issue4_every_model_route_is_in_the_metrics(tmp_path: Path,
         assert client.get("/models").status_code == 200
         text = client.get("/metrics").text
 
-    requests = _samples(text, "mlaas_requests_total")
-    errors = _samples(text, "mlaas_errors_total")
-    seconds = _samples(text, "mlaas_request_seconds_count")
+    requests = samples(text, "mlaas_requests_total")
+    errors = samples(text, "mlaas_errors_total")
+    seconds = samples(text, "mlaas_request_seconds_count")
 
     def key(route: str, status: int | None = None, model: str = "higgs",
             version: str = "1") -> tuple[tuple[str, str], ...]:
@@ -177,7 +169,7 @@ def test_issue4_every_model_route_is_in_the_metrics(tmp_path: Path,
     # an unknown name is not a label value
     assert errors[key("/api/models/{name}", 404, model="", version="")] == 1
     assert requests[key("/models", 200, model="", version="")] == 1
-    buckets = _samples(text, "mlaas_request_seconds_bucket")
+    buckets = samples(text, "mlaas_request_seconds_bucket")
     assert buckets[(("le", "+Inf"), *key(predict))] == 2
     assert 'version="1"' in text
 

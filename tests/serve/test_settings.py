@@ -10,13 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mlaas.errors import BadRequest, BundleError
 from mlaas.serve.registry import Registry
 from mlaas.serve.server import create_server
 from mlaas.serve.settings import Batching, effective, parse_settings
-from serve_support import with_spec
+from serve_support import samples, with_spec
 
 BAD = [  # (body, the field the 400 names)
     ({"max_batch_size": 0}, "max_batch_size"),
@@ -81,10 +80,9 @@ def test_registry_stores_settings_per_model(tmp_path: Path, trained: dict[str, A
 
 def _batches(text: str, model: str = "higgs", version: str = "1") -> tuple[float, float]:
     """(count, sum) of the batch-size histogram of one model version."""
-    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-           if s.name.startswith("mlaas_batch_size_")
-           and s.labels.get("model") == model and s.labels.get("version") == version}
-    return got.get("mlaas_batch_size_count", 0.0), got.get("mlaas_batch_size_sum", 0.0)
+    labels = (("model", model), ("version", version))
+    return (samples(text, "mlaas_batch_size_count").get(labels, 0.0),
+            samples(text, "mlaas_batch_size_sum").get(labels, 0.0))
 
 
 def test_issue4_settings_route_takes_effect_on_the_next_batches(

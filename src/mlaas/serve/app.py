@@ -69,7 +69,12 @@ DELETE     /delete/{model}                         TFaaS: every version of the m
 
 Every route that touches a model asks the app's
 :class:`~mlaas.serve.access.ModelAccess` first (``app.state.access``; see
-:mod:`mlaas.serve.access` for which hook each route calls).
+:mod:`mlaas.serve.access` for which hook each route calls). Given ``metrics``
+(:func:`~mlaas.serve.server.create_server` does), every route here but
+``/healthz`` counts its requests, errors and latency in them
+(:mod:`mlaas.serve.route_metrics`). Where batching settings come from and how
+they are checked: :mod:`mlaas.serve.settings`; the same for users:
+``docs/serving.md``.
 
 Errors are JSON ``{"error": <class name>, "message": ..., <context>}``, with
 the status from :data:`~mlaas.serve.http_errors.ERROR_STATUS` (unknown

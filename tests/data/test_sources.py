@@ -83,3 +83,18 @@ def test_a_server_that_comes_back_during_the_retries_is_read(xrootd_server) -> N
     assert n == 2421
     assert not restart.is_alive()
     assert np.isfinite(ds.stats.features["MET_px"].moments.mean)
+
+
+def test_local_paths_are_read_with_plain_reads_and_file_urls_with_uproots_default() -> None:
+    # plain reads peaked lower than the memory map for the same epoch (BENCHMARKS.md)
+    import uproot
+
+    plain = sources.open_file(str(HZZ), RetrySpec())
+    via_url = sources.open_file(HZZ.as_uri(), RetrySpec())
+    try:
+        assert isinstance(plain.file.source, uproot.source.file.MultithreadedFileSource)
+        assert not isinstance(via_url.file.source, uproot.source.file.MultithreadedFileSource)
+        assert plain["events"].num_entries == via_url["events"].num_entries == 2421
+    finally:
+        plain.close()
+        via_url.close()

@@ -12,6 +12,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -100,16 +101,20 @@ def stats(
     from mlaas.spec import load
 
     pipeline = load(spec)
-    layout, files, plan = prepare(pipeline)
-    total = sum(c.entries for c in plan)
-    with event_progress("pass 1", total, progress) as advance:
-        result = pass1.compute(pipeline, layout, files, plan, advance)
+    # the data layer's warnings (skipped branches, zero variance) are printed once,
+    # in the table's style, not also by Python's warning display
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layout, files, plan = prepare(pipeline)
+        total = sum(c.entries for c in plan)
+        with event_progress("pass 1", total, progress) as advance:
+            result = pass1.compute(pipeline, layout, files, plan, advance)
     if output:
         result.save(output)
-    _print_stats(result)
+    _print_stats(result, [str(w.message) for w in caught])
 
 
-def _print_stats(result: Any) -> None:
+def _print_stats(result: Any, caught: list[str]) -> None:
     table = Table(title="features (pass 1)", title_justify="left")
     for col in ("feature", "count", "NaN", "inf", "min", "max", "mean", "std", "p95 len"):
         table.add_column(col, justify="left" if col == "feature" else "right")
@@ -126,7 +131,7 @@ def _print_stats(result: Any) -> None:
         src.add_row(s["name"], str(s["label"]), f"{s['entries']:,}", f"{s['selected']:,}",
                     *(f"{s['splits'][k]:,}" for k in ("train", "validation", "test")))
     console.print(src)
-    for w in result.warnings:
+    for w in dict.fromkeys([*caught, *result.warnings]):  # each once, in order
         err_console.print(f"[yellow]warning:[/] {w}")
 
 

@@ -181,6 +181,8 @@ def test_class_weights_balanced_count_the_training_split_of_data_label(
         for v, n in zip(*np.unique(batch["y"], return_counts=True), strict=True):
             seen[float(v)] = seen.get(float(v), 0) + int(n)
     assert sorted(seen) == [0.0, 1.0, 2.0]
+    # pass 1 counts the training split's labels as the batches carry them
+    assert {float(k): v for k, v in tr.stats.label["train_counts"].items()} == seen
     total = sum(seen.values())
     want = [total / (3 * seen[c]) for c in (0.0, 1.0, 2.0)]
     table = trainer._class_table(p, tr, 3)

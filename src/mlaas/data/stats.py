@@ -192,6 +192,14 @@ class _LabelStats:
         return out
 
 
+def _label_dict(labels: _LabelStats, train: _LabelStats) -> dict[str, Any]:
+    """Label moments and counts over every split, and the training split's counts."""
+    out = labels.to_dict()
+    if "counts" in out:
+        out["train_counts"] = train.to_dict().get("counts", {})
+    return out
+
+
 def _label_key(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
@@ -216,6 +224,7 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
     for info in files:
         per_source[info.ref.source]["files"].append(info.ref.url)
     labels = _LabelStats()
+    train_labels = _LabelStats()  # class_weights: balanced weighs the training split
     split = pipeline.data.split
     first_bad: str | None = None  # the first file with a NaN or infinite feature value
     for c in plan:
@@ -234,15 +243,17 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         if first_bad is None and any(f.moments.nan or f.moments.inf for f in feats.values()):
             first_bad = c.url
         if layout.label is not None:
-            labels.update(as_float64(layout.label.evaluate(env), n)[index])
+            y = as_float64(layout.label.evaluate(env), n)[index]
         else:
-            labels.update(np.full(index.size, pipeline.data.sources[c.source].label))
+            y = np.full(index.size, float(pipeline.data.sources[c.source].label))
+        labels.update(y)
+        train_labels.update(y[codes == SPLITS["train"]])
         if progress:
             progress(n, c.compressed_bytes)
     stats = Stats(
         features=feats, sources=per_source,
         splits={k: sum(s["splits"][k] for s in per_source) for k in SPLITS},
-        label=labels.to_dict(), max_len={}, warnings=list(layout.warnings),
+        label=_label_dict(labels, train_labels), max_len={}, warnings=list(layout.warnings),
         entries=sum(s["entries"] for s in per_source),
         compressed_bytes=sum(c.compressed_bytes for c in plan),
     )

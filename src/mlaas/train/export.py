@@ -50,7 +50,6 @@ from mlaas.data.layout import Layout, branch_kinds
 from mlaas.data.transform import Transform
 from mlaas.errors import BundleError, MlaasError
 from mlaas.spec import Pipeline
-from mlaas.train.labels import expression_inputs
 from mlaas.train.models import MLP, DeepSets, UserModel, user_frame
 
 __all__ = ["ExportModule", "export_bundle", "export_onnx", "check_parity", "raw_batches",
@@ -220,7 +219,13 @@ def inference_inputs(layout: Layout) -> tuple[list[str], list[tuple[str, Any]]]:
     for e in [f.expression for f in layout.features] + ([layout.cut] if layout.cut else []):
         needed |= set(e.names)
     needed |= {c.sort_by for c in layout.collections.values() if c.sort_by}
-    return expression_inputs(layout, needed)
+    kept: list[tuple[str, Any]] = []
+    for name, e in reversed(layout.derived):
+        if name in needed:
+            needed |= set(e.names)
+            kept.append((name, e))
+    branches = sorted(n for n in needed if n in layout.branches)
+    return branches, kept[::-1]
 
 
 def branch_types(pipeline: Pipeline, dataset: Any) -> dict[str, dict[str, str]]:

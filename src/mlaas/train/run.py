@@ -47,7 +47,10 @@ def _stats(pipeline: Pipeline, prepared: Prepared, outdir: Path, resume: bool,
     path = outdir / "stats.json"
     if resume and path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("data_digest") == pipeline.data_digest():
+        label = saved.get("label") or {}
+        # a stats.json from before pass 1 counted the training split's labels is redone
+        if (saved.get("data_digest") == pipeline.data_digest()
+                and ("counts" not in label or "train_counts" in label)):
             return pass1.Stats.from_dict(saved)
     layout, files, plan = prepared
     with event_progress("pass 1", sum(c.entries for c in plan), progress) as advance:

@@ -14,8 +14,7 @@ Loss
 error on ``output[:, 0]``. Each event's loss is multiplied by its weight ``w``
 (``data.weight``, else 1) and, under ``class_weights: balanced``, by
 ``N / (K * N_k)`` for its class (``N_k`` events of class ``k`` in the training
-split; with ``data.label`` counted by a pass over the cut's and label's
-branches, :mod:`mlaas.train.labels`, as pass 1 counts all splits together);
+split, counted by pass 1);
 the loss of a batch, an epoch or the validation split is the weighted mean
 ``sum(w * l) / sum(w)``. Class weights apply to the validation loss too,
 so early stopping watches the quantity being minimised.
@@ -207,14 +206,9 @@ def n_outputs(pipeline: Pipeline, stats: Any) -> int:
     return k
 
 
-def _class_counts(pipeline: Pipeline, train_ds: Any, progress: bool) -> dict[float, float]:
-    """Training events per label value.
-
-    Sources that carry the labels: pass 1's per-source training-split counts.
-    ``data.label``: pass 1 counted every split together, so the training split
-    is counted by a pass over the cut's and the label's branches only
-    (:func:`mlaas.train.labels.train_label_counts`).
-    """
+def _class_counts(pipeline: Pipeline, train_ds: Any) -> dict[float, float]:
+    """Training events per label value, from pass 1: per source and split when the
+    sources carry the labels, else the training split's label counts."""
     stats = train_ds.stats
     if pipeline.data.label is None:
         counts: dict[float, float] = {}
@@ -222,23 +216,21 @@ def _class_counts(pipeline: Pipeline, train_ds: Any, progress: bool) -> dict[flo
             lab = float(s["label"])
             counts[lab] = counts.get(lab, 0.0) + float(s["splits"]["train"])
         return counts
-    if _label_info(stats).get("counts") is None:
+    found = _label_info(stats).get("train_counts")
+    if found is None:
         raise TrainingError("class_weights: balanced needs discrete labels, but pass 1 saw "
                             "more than 64 distinct label values", field_path="train.class_weights")
-    from mlaas.train.labels import train_label_counts
-
-    return train_label_counts(pipeline, train_ds, progress)
+    return {float(k): float(v) for k, v in found.items()}
 
 
-def _class_table(pipeline: Pipeline, train_ds: Any, k: int,
-                 progress: bool = False) -> Tensor | None:
+def _class_table(pipeline: Pipeline, train_ds: Any, k: int) -> Tensor | None:
     """Per class index, the factor N / (K * N_k) of ``class_weights: balanced``."""
     if pipeline.train.class_weights != "balanced":
         return None
     if pipeline.task == "regression":
         raise TrainingError("class_weights: balanced needs classes; task regression has none",
                             field_path="train.class_weights")
-    counts = _class_counts(pipeline, train_ds, progress)
+    counts = _class_counts(pipeline, train_ds)
     size = 2 if pipeline.task == "binary" else k
     bad = sorted(v for v in counts if not (v.is_integer() and 0 <= v < size))
     if bad:
@@ -540,7 +532,7 @@ class _Trainer:
         self.layout = InputLayout.from_layout(train_ds.layout)
         self.k = n_outputs(pipeline, train_ds.stats)
         self.loss = _Loss(pipeline.task, self.k,
-                          _class_table(pipeline, train_ds, self.k, progress), self.device)
+                          _class_table(pipeline, train_ds, self.k), self.device)
         self.user_file = (Path(pipeline.base_dir) / pipeline.model.file).resolve() \
             if pipeline.model.file else None
         _seed(self.t.seed)

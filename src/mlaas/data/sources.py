@@ -245,7 +245,7 @@ def open_file(url: str, retry: RetrySpec) -> Any:
 def _is_local(url: str) -> bool:
     """A plain path; ``file://`` URLs stay with uproot's default source, which strips
     the scheme (the plain-read source would not)."""
-    return "://" not in url
+    return not is_remote(url) and not url.startswith("file:")
 
 
 def trees_in(file: Any) -> list[str]:

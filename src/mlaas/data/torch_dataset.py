@@ -35,15 +35,14 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         self.dataset = dataset
         self.epoch = dataset.epoch  # the epoch of the next pass, before workers' passes
         self.advance = advance  # False: every pass repeats the same epoch (validation)
-        self._passes: _SharedPasses | None = _SharedPasses()
+        self._passes = _SharedPasses()
         self._runs = 0  # passes this copy has made (a persistent worker's own count)
 
     def set_epoch(self, epoch: int) -> None:
         """The next pass uses ``epoch``; the ones after it ``epoch + 1``, ``epoch + 2``..."""
         self.epoch = epoch
         self._runs = 0
-        if self._passes is not None:
-            self._passes.reset()
+        self._passes.reset()
 
     def _epoch(self, info: Any) -> int:
         """The epoch of this pass, in the main process (``info`` None) or a worker.
@@ -54,7 +53,7 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         """
         if not self.advance:
             return self.epoch
-        done = self._passes.take(info.seed - info.id if info else None) if self._passes else 0
+        done = self._passes.take(info.seed - info.id if info else None)
         if info is None:
             epoch = self.epoch + done
             self.epoch, self._runs = epoch + 1, 0

@@ -242,5 +242,8 @@ def test_archive_model_name_reads_only_a_valid_spec_name(trained: dict[str, Any]
                                          None)])) is None
     assert archive_model_name(make_tar([(_member("spec.json"), b"{oops")])) is None
     assert archive_model_name(named, max_spec_bytes=10) is None
+    many = make_tar([(_member(f"f{i}"), b"x") for i in range(5)] + [(_member("spec.json"), spec)])
+    assert archive_model_name(many) == "flat"
+    assert archive_model_name(many, max_members=5) is None  # not listed past the bound
     for data in _bad_archives(trained).values():
         archive_model_name(data)  # never raises

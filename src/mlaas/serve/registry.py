@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle, bundle_root, safe_extract
+from mlaas.bundle import MAX_MEMBERS, MODEL_FILE, SPEC_FILE, Bundle, bundle_root, safe_extract
 from mlaas.errors import BundleError, InvalidName, MlaasError, ModelNotFound, close_names
 from mlaas.serve.settings import parse_settings
 
@@ -530,7 +530,8 @@ class Registry:
         return versions
 
 
-def archive_model_name(archive: bytes, *, max_spec_bytes: int = MAX_SPEC_BYTES) -> str | None:
+def archive_model_name(archive: bytes, *, max_spec_bytes: int = MAX_SPEC_BYTES,
+                       max_members: int = MAX_MEMBERS) -> str | None:
     """The ``name`` in the spec.json of a bundle archive, when it is a valid model name.
 
     For uploads that do not say the name (TFaaS clients send a bare tarball).
@@ -542,7 +543,11 @@ def archive_model_name(archive: bytes, *, max_spec_bytes: int = MAX_SPEC_BYTES) 
     """
     try:
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            members = {PurePosixPath(m.name).parts: m for m in tar.getmembers()}
+            members = {}
+            for m in tar:  # bounded as extraction is: a bomb of members is not listed whole
+                if len(members) >= max_members:
+                    return None
+                members[PurePosixPath(m.name).parts] = m
             spec = members.get((SPEC_FILE,))
             if spec is None:
                 dirs = {parts[0] for parts, m in members.items() if len(parts) > 1 or m.isdir()}

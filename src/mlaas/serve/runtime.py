@@ -91,10 +91,6 @@ class _BatchQueue:
                  max_delay_ms: float = DEFAULT_MAX_DELAY_MS, executor: Executor,
                  max_queue: int = DEFAULT_MAX_QUEUE,
                  on_batch: Callable[[int], None] | None = None) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, not {max_batch_size!r}")
-        self.max_batch_size = int(max_batch_size)
-        self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
         self.executor = executor
         self.max_queue = int(max_queue)
         self.on_batch = on_batch
@@ -104,6 +100,7 @@ class _BatchQueue:
         self._wakeup: asyncio.Future[None] | None = None
         self._free_since = 0.0  # loop time the previous batch finished
         self._running = 0  # calls of this queue in the executor (or a worker) right now
+        self.configure(Batching(max_batch_size, max_delay_ms))
 
     @property
     def waiting(self) -> int:

@@ -408,9 +408,8 @@ def _sigterm_flag() -> Iterator[_Flag]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _worker_ignores_sigterm(worker_id: int,
-                            then: Callable[[int], None] | None = None) -> None:
-    """DataLoader worker start: ignore SIGTERM, then run ``then`` (another init, to compose one).
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """DataLoader worker start: ignore SIGTERM.
 
     A batch system (or ``kill -TERM -PGID``) signals the whole process group.
     A worker that died of it made the main process fail at its next batch
@@ -421,8 +420,6 @@ def _worker_ignores_sigterm(worker_id: int,
     or dies (torch's watchdog in each worker sees the parent gone).
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if then is not None:
-        then(worker_id)
 
 
 class _Bars:

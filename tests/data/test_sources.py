@@ -98,3 +98,12 @@ def test_local_paths_are_read_with_plain_reads_and_file_urls_with_uproots_defaul
     finally:
         plain.close()
         via_url.close()
+
+
+def test_a_port_with_404_in_it_does_not_make_a_connection_error_final() -> None:
+    # seen in CI: the test server's port 40487 read as an HTTP 404, so no retry
+    url = "root://127.0.0.1:40487//retry/x.root"
+    down = OSError(f"XRootD error: [FATAL] Connection error in file {url}")
+    assert sources._is_transient(url, down)
+    assert not sources._is_transient("https://h:40487/x.root", OSError("HTTP 404 Not Found"))
+    assert not sources._is_transient(url, OSError(f"[3011] No such file in file {url}"))

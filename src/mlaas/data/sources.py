@@ -16,6 +16,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import time
 import warnings
 import zlib
@@ -94,7 +95,8 @@ __all__ = [
 
 T = TypeVar("T")
 REMOTE_SCHEMES = ("root://", "http://", "https://")
-_NOT_TRANSIENT = ("No such file", "[3011]", "404", "not a ROOT file", "Permission denied")
+_NOT_TRANSIENT = re.compile(
+    r"No such file|\[3011\]|(?<!\d)404(?!\d)|not a ROOT file|Permission denied")
 
 
 @dataclass(frozen=True)
@@ -155,10 +157,10 @@ def _basename(url: str) -> str:
 def _is_transient(url: str, exc: BaseException) -> bool:
     if not is_remote(url) or isinstance(exc, (FileNotFoundError, PermissionError)):
         return False
-    text = str(exc)
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not any(
-        marker in text for marker in _NOT_TRANSIENT
-    )
+    # the URL is left out: a port such as 40487 is not an HTTP 404
+    text = str(exc).replace(url, "")
+    return (isinstance(exc, (OSError, TimeoutError, ConnectionError))
+            and _NOT_TRANSIENT.search(text) is None)
 
 
 def _summary(exc: BaseException, url: str) -> str:

@@ -367,6 +367,8 @@ def test_issue2_features_all_skips_nested_objects_with_a_warning(tmp_path: Path)
         ds = RootDataset(spec, split="all", shuffle=False)
     messages = sorted(str(w.message) for w in record)
     assert messages == [
+        "features: all leaves out branch 'lab': data.label is computed from it "
+        "(a feature must not hand the model the answer)",
         "features: all skips branch 'jv' of unsupported type 'double[][3]'",
         "features: all skips branch 'vec' of unsupported type 'double[3]'",
     ]

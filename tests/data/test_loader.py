@@ -115,18 +115,30 @@ def test_hzz_matches_awkward_reference() -> None:
 HZZ_COLLECTIONS = {"Jet": "NJet", "Muon": "NMuon", "Electron": "NElectron", "Photon": "NPhoton"}
 
 
+LABEL_NOTE = "data.label is computed from it (a feature must not hand the model the answer)"
+WEIGHT_NOTE = "data.weight is computed from it (the weight describes the sample, not the event)"
+
+
 @pytest.mark.filterwarnings("ignore:feature .* has zero variance")  # HZZ's MC truth, trigger
-@pytest.mark.parametrize(("label", "weight", "derived", "answer"), [
-    ("triggerIsoMu24", "EventWeight", {}, {"triggerIsoMu24", "EventWeight"}),
+@pytest.mark.parametrize(("label", "weight", "derived", "notes"), [
+    ("triggerIsoMu24", "EventWeight", {},
+     {"branch 'triggerIsoMu24'": LABEL_NOTE, "branch 'EventWeight'": WEIGHT_NOTE}),
     # through a derived name and an expression: what they are made of is left out too
     ("twoMuons", "EventWeight * 2", {"twoMuons": "NMuon >= 2", "HT": "sum(Jet_Px)"},
-     {"twoMuons", "NMuon", "EventWeight"}),
+     {"derived name 'twoMuons'": LABEL_NOTE, "branch 'NMuon'": LABEL_NOTE,
+      "branch 'EventWeight'": WEIGHT_NOTE}),
 ], ids=["branches", "expressions"])
 def test_issue2_features_all_leaves_out_label_and_weight(
-        label: str, weight: str, derived: dict[str, str], answer: set[str]) -> None:
+        label: str, weight: str, derived: dict[str, str], notes: dict[str, str]) -> None:
     spec = {"data": {"sources": [{"files": [HZZ]}], "label": label, "weight": weight,
                      "derived": derived, "features": "all"}}
-    ds = RootDataset(spec, split="all", shuffle=False)
+    with pytest.warns(UserWarning, match="features: all leaves out") as record:
+        ds = RootDataset(spec, split="all", shuffle=False)
+    # said once per name, naming it and why it is not a feature
+    said = sorted(str(w.message) for w in record if "leaves out" in str(w.message))
+    assert said == sorted(f"features: all leaves out {what}: {why}" for what, why in notes.items())
+    assert sorted(n for n in ds.stats.warnings if "leaves out" in n) == said  # mlaas stats
+    answer = {what.split("'")[1] for what in notes}
     features = {f.name for f in ds.layout.features}
     assert not answer & features
     assert not answer & set(ds.feature_names)

@@ -210,8 +210,7 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     weight = bound(data.weight, "data.weight")
 
     if data.features == "all":
-        answer = _inputs_of([e for e in (label, weight) if e is not None], dict(derived))
-        items = _all_features(data, kinds, answer, notes)
+        items = _all_features(data, kinds, _answer_inputs(label, weight, dict(derived)), notes)
     else:
         items = list(data.features)
 
@@ -252,25 +251,64 @@ def _inputs_of(exprs: list[expr.Expression], derived: Mapping[str, expr.Expressi
     return seen
 
 
-def _all_features(data: Any, kinds: dict[str, str], answer: set[str],
+#: Why ``features: all`` leaves out what each answer field is computed from.
+_ANSWER_REASONS = {
+    "data.label": "a feature must not hand the model the answer",
+    "data.weight": "the weight describes the sample, not the event",
+}
+
+
+def _answer_inputs(label: expr.Expression | None, weight: expr.Expression | None,
+                   derived: Mapping[str, expr.Expression]) -> dict[str, list[str]]:
+    """Each name the label or the weight is computed from, with the fields that read it."""
+    readers: dict[str, list[str]] = {}
+    for path, e in (("data.label", label), ("data.weight", weight)):
+        if e is not None:
+            for name in sorted(_inputs_of([e], derived)):
+                readers.setdefault(name, []).append(path)
+    return readers
+
+
+def _answer_note(what: str, name: str, fields: list[str]) -> str:
+    """The warning for a name ``features: all`` leaves out because ``fields`` read it.
+
+    Said aloud because leaving a branch out silently looks like a lost
+    feature: the user should learn that the label or weight took it.
+    """
+    reasons = "; ".join(_ANSWER_REASONS[f] for f in fields)
+    return (f"features: all leaves out {what} {name!r}: {' and '.join(fields)} "
+            f"{'is' if len(fields) == 1 else 'are'} computed from it ({reasons})")
+
+
+def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]],
                   notes: list[str]) -> list[str | JaggedFeature]:
     """Every numeric branch and derived name, except identifiers, ``exclude`` and ``answer``.
 
-    ``answer`` holds what the label and the weight are computed from: as a
-    feature, the label (or a branch it is made of) hands the model the answer,
-    and the weight describes the sample, not the event.
+    ``answer`` maps what the label and the weight are computed from to the
+    fields that read it: as a feature, the label (or a branch it is made of)
+    hands the model the answer, and the weight describes the sample, not the
+    event. Each such name, and each branch of a type we cannot read, gets a
+    note (warned about by :func:`resolve_layout`); names the user left out
+    (``exclude``, ``identifiers``) are left out quietly.
     """
-    skip = set(data.exclude) | set(data.identifiers) | answer
+    skip = set(data.exclude) | set(data.identifiers)
     items: list[str | JaggedFeature] = []
     for name, kind in kinds.items():
         if name in skip:
+            continue
+        if name in answer:
+            notes.append(_answer_note("branch", name, answer[name]))
             continue
         if kind.startswith("unsupported"):
             notes.append(f"features: all skips branch {name!r} of unsupported type "
                          f"{kind.split(':', 1)[1]!r}")
             continue
         items.append(JaggedFeature(branch=name) if kind == "jagged" else name)
-    items.extend(name for name in data.derived if name not in skip)
+    for name in data.derived:
+        if name in answer and name not in skip:
+            notes.append(_answer_note("derived name", name, answer[name]))
+        elif name not in skip:
+            items.append(name)
     return items
 
 

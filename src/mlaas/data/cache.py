@@ -7,6 +7,13 @@ range. Change any of them and the key changes, so a stale entry is never read.
 Disk entries are written to a temporary directory and renamed into place, so
 an interrupted epoch or two workers writing at once never leave a half entry;
 they are read back memory-mapped.
+
+Temporary directories (``.<chunk>-<random>~<pid>@<host>``) are never cache
+content: the room check counts complete entries only, and removes the
+temporary directories of writers on this host that are no longer running, so
+the half entries of a killed run neither pass for room nor take it. Those of
+running writers, of other hosts (a shared file system) and untagged ones are
+left alone and not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,7 +109,8 @@ class DiskCache(ChunkCache):
         final = self.directory / name
         if final.exists():
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.directory))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=_writer_tag(),
+                                    dir=self.directory))
         try:
             for k, v in columns.as_dict().items():
                 np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
@@ -135,6 +144,7 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     if not directory.is_absolute():
         directory = base_dir / directory
     directory.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers(directory / key)  # before measuring: what they held is free again
     free = int(shutil.disk_usage(directory).free * 0.9)
     room = max_bytes or free + written_bytes(directory / key)
     _fits(needed_bytes, room, f"disk at {directory}", "free space or choose another directory")
@@ -142,13 +152,56 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
 
 
 def written_bytes(directory: Path) -> int:
-    """Bytes of the files under ``directory``: a dataset's entries already on disk.
+    """Bytes of the complete entries under ``directory``: a dataset's entries on disk.
 
     They count as room for the cache they belong to: they are its own data,
     read back instead of written again, so a cache that fit once fits again.
+    Temporary directories do not count: a half entry is never read back (its
+    chunk is written again), so its bytes are not room this cache can reuse.
     """
     if not directory.is_dir():
         return 0
+    return sum(_size(entry) for entry in directory.iterdir()
+               if not entry.name.startswith(".") and (entry / "complete").is_file())
+
+
+def remove_dead_writers(directory: Path) -> list[Path]:
+    """Delete the temporary directories whose writer, on this host, has ended.
+
+    A writer killed before its rename (an interrupted run, an OOM-killed
+    DataLoader worker) leaves its temporary directory behind; nobody will
+    finish it, and its bytes would keep a later cache from fitting. A writer
+    is known by the ``~<pid>@<host>`` tag of :func:`_writer_tag`; one that
+    may still run (its pid exists, another host, no tag) is left alone.
+    Returns the directories removed.
+    """
+    if not directory.is_dir():
+        return []
+    host = socket.gethostname()
+    removed = []
+    for tmp in directory.iterdir():
+        writer = _writer_of(tmp.name) if tmp.name.startswith(".") else None
+        if writer is not None and writer[1] == host and not psutil.pid_exists(writer[0]):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _writer_tag() -> str:
+    """``~<pid>@<host>``, the suffix naming who writes a temporary directory."""
+    return f"~{os.getpid()}@{socket.gethostname()}"
+
+
+def _writer_of(name: str) -> tuple[int, str] | None:
+    """The ``(pid, host)`` of a temporary directory's name, or None when it has no tag."""
+    rest, at, host = name.rpartition("@")
+    pid = rest.rpartition("~")[2]
+    if not at or not host or not pid.isdigit():
+        return None
+    return int(pid), host
+
+
+def _size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 

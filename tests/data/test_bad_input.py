@@ -465,6 +465,43 @@ def test_issue2_non_finite_error_names_the_first_file_with_bad_values(tmp_path: 
     assert f"in file {paths[1]}" in text and paths[0] not in text and paths[2] not in text
 
 
+def test_issue2_first_bad_file_counts_selected_jagged_values_of_any_chunk(
+        tmp_path: Path) -> None:
+    """The file named is the first whose *selected* events hold a bad value, in any chunk.
+
+    A NaN in an event the cut removes does not count; a bad jagged element
+    in the second chunk of a file does.
+    """
+    n = 40
+    x = np.linspace(1.0, 2.0, n)
+    counts = np.full(n, 2)
+
+    def jets(bad: dict[int, float]) -> ak.Array:
+        flat = np.linspace(10.0, 90.0, 2 * n)
+        for event, value in bad.items():
+            flat[2 * event + 1] = value
+        return ak.unflatten(flat, counts)
+
+    cut_away = x.copy()
+    cut_away[2] = 1000.0  # event 2 fails the cut, and only it holds a NaN
+    trees = {"cut-away": (cut_away, jets({2: np.nan})), "late": (x, jets({33: np.nan})),
+             "inf": (x, jets({5: np.inf}))}
+    paths = [write_tree(tmp_path / f"{name}.root",
+                        {"events": {"x": xs, "Jet_pt": jet, "lab": np.ones(n)}})
+             for name, (xs, jet) in trees.items()]
+    spec = {"data": {"sources": [{"files": paths}], "label": "lab", "cut": "x < 100",
+                     "features": ["x", {"branch": "Jet_pt", "max_len": 2}], "step_size": 25}}
+    lenient = {"data": {**spec["data"], "nan": {"policy": "replace", "value": 0}}}
+    late = [c for c in RootDataset(lenient, split="all").chunks if c.url == paths[1]]
+    assert len(late) == 2 and late[1].start <= 33 < late[1].stop  # the NaN is in chunk 2
+    with pytest.raises(BadValues) as info:
+        RootDataset(spec, split="all", shuffle=False)
+    assert info.value.file_path == paths[1]
+    text = str(info.value)
+    assert "'Jet_pt': 1 NaN, 1 inf" in text and "'x'" not in text
+    assert f"in file {paths[1]}" in text and paths[0] not in text and paths[2] not in text
+
+
 def test_non_finite_with_given_stats_still_fails_in_transform() -> None:
     good = RootDataset(hzz_spec(derived={"r": "1 / (NMuon - 1)"}, features=["MET_px", "r"],
                                 nan={"policy": "replace", "value": 0}),

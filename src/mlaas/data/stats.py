@@ -49,14 +49,21 @@ class Moments:
     mean: float = 0.0
     m2: float = 0.0
 
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray) -> bool:
+        """Merge ``values`` in; True when some of them are NaN or infinite.
+
+        The NaN and inf counts are only taken when a value is not finite, so
+        clean data (the usual case) costs one ``isfinite`` pass.
+        """
         finite = np.isfinite(values)
-        self.nan += int(np.isnan(values).sum())
-        self.inf += int(np.isinf(values).sum())
-        v = values[finite] if not finite.all() else values
+        clean = bool(finite.all())
+        if not clean:
+            self.nan += int(np.isnan(values).sum())
+            self.inf += int(np.isinf(values).sum())
+        v = values if clean else values[finite]
         n = int(v.size)
         if n == 0:
-            return
+            return not clean
         mean = float(v.mean())
         m2 = float(((v - mean) ** 2).sum())
         total = self.count + n
@@ -66,6 +73,7 @@ class Moments:
         self.count = total
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
+        return not clean
 
     @property
     def std(self) -> float:
@@ -239,8 +247,7 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         src["selected"] += int(index.size)
         for name, code in SPLITS.items():
             src["splits"][name] += int((codes == code).sum())
-        _update_features(layout, env, feats, keep, c.url)
-        if first_bad is None and any(f.moments.nan or f.moments.inf for f in feats.values()):
+        if _update_features(layout, env, feats, keep, c.url) and first_bad is None:
             first_bad = c.url
         if layout.label is not None:
             y = as_float64(layout.label.evaluate(env), n)[index]
@@ -267,16 +274,23 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
 
 
 def _update_features(layout: Layout, env: dict[str, Any], feats: dict[str, FeatureStats],
-                     keep: np.ndarray, url: str) -> None:
+                     keep: np.ndarray, url: str) -> bool:
+    """Add one chunk's selected values; True when one of them is NaN or infinite.
+
+    The answer comes from the scan the moments make anyway, so finding the
+    first file with a bad value costs nothing on clean chunks.
+    """
     jagged = jagged_values(layout, env, keep, url) if layout.collections else {}
+    bad = False
     for f in layout.features:
         if f.jagged:
             content, counts = jagged[f.name]
-            feats[f.name].moments.update(content)
+            bad |= feats[f.name].moments.update(content)
             feats[f.name].add_counts(counts)
         else:
             value = as_float64(f.expression.evaluate(env), len(keep))[keep]
-            feats[f.name].moments.update(value)
+            bad |= feats[f.name].moments.update(value)
+    return bad
 
 
 def _check(pipeline: Pipeline, layout: Layout, stats: Stats, first_bad: str | None) -> None:

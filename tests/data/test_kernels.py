@@ -4,14 +4,22 @@
 outputs must not change by one bit (caches and bundles compare them), so
 each content dtype the reader can hand over is checked against the numpy
 formula: float64 of the value, ``(v - shift) * scale``, rounded to float32.
+The last test checks the numba warm-up's at-fork hook in a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from mlaas.data import kernels
+from mlaas.data import kernels, synth
 
 
 def _reference(rows, offsets, order, content, width, shift, scale, pad):
@@ -60,3 +68,47 @@ def test_fill_slots_leaves_the_mask_alone_when_told() -> None:
                        np.array([1.0, 2.0, 3.0], np.float32), 0.0, 2.0, 0.0, 0, 2)
     assert x.tolist() == [[2.0, 4.0], [6.0, 0.0]]
     assert (mask == 7.0).all()
+
+
+_FORK_RIGHT_AFTER_THE_DATASET = """
+import json, sys
+from torch.utils.data import DataLoader
+from mlaas.data import RootDataset, kernels
+
+d = sys.argv[1]
+spec = {"data": {"sources": [{"files": [d + "/signal.root"], "label": 1},
+                             {"files": [d + "/background.root"], "label": 0}],
+                 "features": ["MET_pt", {"branch": "Jet_pt", "max_len": 3}],
+                 "step_size": 1500}}
+ds = RootDataset(spec, split="all", batch_size=500)  # starts the numba warm-up thread
+warming = bool(kernels._WARMING) and kernels._WARMING[0].is_alive() and not kernels._FILL
+loader = DataLoader(ds.torch(), batch_size=None, num_workers=2,
+                    multiprocessing_context="fork")
+events = sum(len(b["y"]) for b in loader)  # the workers fork now
+print(json.dumps({"warming": warming, "events": events, "want": ds.num_events}))
+"""
+
+
+def test_a_dataloader_forked_right_after_the_dataset_gets_a_whole_numba(tmp_path: Path) -> None:
+    """The at-fork hook joins the warm-up, so workers never inherit a half-imported numba.
+
+    Without it a worker forked while the warm-up thread imports numba finds
+    ``numba`` partially initialised (``numba.njit`` missing) or waits on an
+    import lock whose owner thread does not exist in the child: so the
+    DataLoader fails or hangs. A fresh interpreter is needed (numba must not
+    be imported yet), and a timeout turns a hang into a failure.
+    """
+    synth.generate(tmp_path, 4000, seed=3)
+    child = subprocess.Popen([sys.executable, "-c", _FORK_RIGHT_AFTER_THE_DATASET,
+                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the child and its DataLoader workers
+        child.communicate()
+        pytest.fail("the DataLoader forked during the numba warm-up hung")
+    assert child.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["warming"], "the warm-up had finished before the fork: nothing was tested"
+    assert result["events"] == result["want"] > 0

@@ -165,3 +165,23 @@ def test_roc_curves_one_vs_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert [d.split(" ")[0] for d in drawn] == ["a", "b", "random"]  # class c has no events
     with pytest.raises(ValueError, match="no class"):
         plots.roc_curves_ovr(np.zeros(3000), p, w, ["a", "b", "c"], tmp_path / "none.png")
+
+
+def test_roc_curves_sort_each_sample_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ``roc_points`` (one sort) per curve gives both the curve and its AUC."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 2000).astype(np.float64)
+    p = rng.dirichlet(np.ones(4), 2000)
+    calls: list[int] = []
+    original = plots.roc_points
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "roc_points", counted)
+    plots.roc_curves_ovr(y, p, None, ["a", "b", "c", "d"], tmp_path / "ovr.png")
+    assert len(calls) == 4  # once per class, not three times
+    calls.clear()
+    plots.roc_curve(y == 0, p[:, 0], None, path=tmp_path / "roc.png")
+    assert len(calls) == 1

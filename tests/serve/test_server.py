@@ -190,3 +190,79 @@ def test_issue4_delete_routes_let_go_of_the_versions(tmp_path: Path,
         assert runtime.held() == [("higgs", 2)]
         assert client.delete("/delete/higgs").status_code == 200
         assert runtime.held() == []
+
+
+def test_predict_answered_directly_keeps_the_routed_answers(tmp_path: Path,
+                                                            trained: dict[str, Any]) -> None:
+    """create_server hands raw-event predicts to their plain ASGI handler from its innermost
+    middleware (mlaas.serve.direct): the access policy still sees the route, and every
+    answer, limit and error is the one the FastAPI route gave."""
+    access = RecordingAccess()
+    limit = len(trained["bytes"]) + 100_000
+    with TestClient(create_server(tmp_path / "models", access=access,
+                                  max_body_bytes=limit)) as client:
+        for _ in range(2):
+            assert client.post("/api/models/higgs", content=trained["bytes"]).status_code == 201
+        assert client.put("/api/models/higgs/aliases/production", json=1).status_code == 200
+        url = "/api/models/higgs/predict"
+        want = Bundle.load(trained["dir"]).predict_events(trained["rows"])[:, 0]
+        for query, version in (("", 1), ("?version=2", 2), ("?alias=production", 1),
+                               ("?version=1&version=2", 2)):
+            r = client.post(url + query, json=trained["rows"])
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"] == "application/json"
+            assert r.json()["version"] == version and r.json()["model"] == "higgs"
+            got = np.array([np.nan if g is None else g for g in r.json()["outputs"]])
+            np.testing.assert_allclose(got, want, atol=1e-6)
+        assert access.seen[-1] == ("/api/models/{name}/predict", True)
+
+        r = client.post(url + "?version=abc", json=trained["rows"])
+        assert r.status_code == 400
+        assert r.json()["problems"] == [["query.version", "Input should be a valid integer, "
+                                         "unable to parse string as an integer"]]
+        r = client.post(url + "?version=7", json=trained["rows"])
+        assert r.status_code == 404 and r.json()["error"] == "ModelNotFound", r.text
+        r = client.post(url + "?alias=nope", json=trained["rows"])
+        assert r.status_code == 404 and "nope" in r.json()["message"], r.text
+        r = client.post("/api/models/nope/predict", json=trained["rows"])
+        assert r.status_code == 404 and "nope" in r.json()["message"], r.text
+        r = client.post(url, content=b"[{")
+        assert r.status_code == 400 and "not valid JSON" in r.json()["message"], r.text
+        r = client.post(url, json=[{"MET_pt": "x", "Jet_pt": []}])
+        assert r.status_code == 400 and "MET_pt" in r.json()["message"], r.text
+        r = client.post(url, content=b"[" + b"1," * limit + b"1]")
+        assert r.status_code == 413, r.text
+        r = client.get(url)
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_predict_query_is_bound_as_fastapi_binds_it() -> None:
+    """The direct predict handler parses ?version= and ?alias= itself; for each query it
+    must give what FastAPI gives for the documented signature (version: int | None)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+
+    from mlaas.serve.app import _version_and_alias
+
+    reference = FastAPI()
+
+    @reference.get("/q")
+    def bound(version: int | None = None, alias: str | None = None) -> dict[str, Any]:
+        return {"version": version, "alias": alias}
+
+    queries = ["", "version=3", "version=%2B3", "version=-2", "version=%203%20", "version=1.0",
+               "version=1_0", "version=abc", "version=", "alias=prod", "alias=",
+               "version=1&version=2", "alias=a&alias=b&version=4", "other=1"]
+    with TestClient(reference) as client:
+        for query in queries:
+            r = client.get("/q?" + query)
+            scope = {"query_string": query.encode()}
+            if r.status_code == 422:
+                try:
+                    _version_and_alias(scope)
+                except RequestValidationError as exc:
+                    assert [e["loc"] for e in exc.errors()] == [("query", "version")], query
+                    continue
+                raise AssertionError(f"{query!r}: FastAPI refuses it, the handler took it")
+            assert r.status_code == 200, query
+            assert list(_version_and_alias(scope)) == [r.json()["version"], r.json()["alias"]], query

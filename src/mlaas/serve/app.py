@@ -103,8 +103,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -113,6 +114,7 @@ from mlaas.errors import BadRequest, MlaasError, RequestTooLarge
 from mlaas.serve import access as hooks
 from mlaas.serve import jsonio
 from mlaas.serve.access import AllowAll, ModelAccess
+from mlaas.serve.direct import AsgiRoute, error_response, read_body
 from mlaas.serve.http_errors import (ERROR_STATUS, headers_of, http_error, internal_error,
                                      redact, status_of, validation_error)
 from mlaas.serve.metrics import Metrics
@@ -121,7 +123,8 @@ from mlaas.serve.registry import (DEFAULT_ALIAS, NAME_PATTERN, ModelNotFound, Re
 from mlaas.serve.route_metrics import meter, served
 from mlaas.serve.settings import Batching, effective, parse_settings
 
-__all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES"]
+__all__ = ["create_app", "BadRequest", "RequestTooLarge", "ERROR_STATUS", "MAX_BODY_BYTES",
+           "PREDICT_PATH"]
 
 log = logging.getLogger("mlaas.serve")
 
@@ -198,7 +201,7 @@ def _registry(request: Request) -> Registry:
 
 
 async def _json(request: Request) -> Any:
-    body = await request.body()
+    body = await read_body(request)
     try:
         return jsonio.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -212,6 +215,29 @@ def _outputs(scores: np.ndarray) -> list[Any]:
         clean = [None if (v is None or math.isnan(v)) else v for v in row]
         rows.append(clean[0] if len(clean) == 1 else clean)
     return rows
+
+
+PREDICT_PATH = "/api/models/{name}/predict"
+"""The raw-event predict route (the server hands it its requests directly)."""
+_VERSION = TypeAdapter(int)  # as FastAPI validates ``version: int`` (lax: "3", "3.0")
+
+
+def _version_and_alias(scope: Scope) -> tuple[int | None, str | None]:
+    """``?version=`` and ``?alias=`` of the predict route, bound as FastAPI binds
+    ``version: int | None, alias: str | None``: the last value of a repeated parameter;
+    a version that is not an integer (an empty one too) is the same 400 naming
+    ``query.version``."""
+    if not scope["query_string"]:
+        return None, None
+    query = QueryParams(scope["query_string"])
+    version, alias = query.get("version"), query.get("alias")
+    if version is None:
+        return None, alias
+    try:
+        return _VERSION.validate_python(version), alias
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("query", "version")} for e in exc.errors()]) from None
 
 
 def _predict(request: Request, name: str, version: int | None, alias: str | None,
@@ -452,21 +478,40 @@ def _models_router() -> APIRouter:
         served(request, name)
         return await run_in_threadpool(_serving, request, name)
 
-    async def predict(name: str, request: Request, version: int | None = None,
-                      alias: str | None = None) -> Response:
-        await hooks.check(request, "read", name)
-        events = await _json(request)
-        runtime = getattr(request.app.state, "runtime", None)
-        if runtime is not None:  # the full server: batched with concurrent requests
-            with runtime.request():
-                v, batcher = await runtime.event_batcher(name, version, alias)
-                served(request, name, v)
-                scores = await batcher.submit(events)
-            answer = {"model": name, "version": v, "outputs": _outputs(scores)}
-        else:
-            answer = await run_in_threadpool(_predict, request, name, version, alias, events)
-        # plain JSON types already: skip FastAPI's jsonable_encoder on the hot path
-        return Response(jsonio.dumps(answer), media_type="application/json")
+    async def predict(scope: Scope, receive: Receive, send: Send) -> None:
+        # The server's hottest route, a plain ASGI handler (see mlaas.serve.direct): the
+        # same answers and errors as a FastAPI endpoint, without its per-request machinery.
+        request = Request(scope, receive, send)
+        name: str = scope["path_params"]["name"]
+        try:
+            version, alias = _version_and_alias(scope)
+            await hooks.check(request, "read", name)
+            events = await _json(request)
+            runtime = getattr(request.app.state, "runtime", None)
+            if runtime is not None:  # the full server: batched with concurrent requests
+                with runtime.request():
+                    v, batcher = await runtime.event_batcher(name, version, alias)
+                    served(request, name, v)
+                    scores = await batcher.submit(events)
+                answer = {"model": name, "version": v, "outputs": _outputs(scores)}
+            else:
+                answer = await run_in_threadpool(_predict, request, name, version, alias,
+                                                 events)
+            # plain JSON types already: no jsonable_encoder
+            content = jsonio.dumps(answer)
+        except Exception as exc:  # noqa: BLE001 - answered as the app answers it
+            response = await error_response(request, exc)
+            await response(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(content)).encode()),
+                                (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": content})
+
+    async def predict_endpoint(name: str, request: Request, version: int | None = None,
+                               alias: str | None = None) -> Any:
+        """Score raw events (rows or columns of branches) with a model version."""
+        raise AssertionError("answered by predict()")  # pragma: no cover - documentation
 
     router.add_api_route("", list_models, methods=["GET"])
     router.add_api_route("/{name}", upload, methods=["POST"], status_code=201)
@@ -477,7 +522,8 @@ def _models_router() -> APIRouter:
     router.add_api_route("/{name}/aliases/{alias}", delete_alias, methods=["DELETE"])
     router.add_api_route("/{name}/serving", get_serving, methods=["GET"])
     router.add_api_route("/{name}/serving", set_serving, methods=["PUT"])
-    router.add_api_route("/{name}/predict", predict, methods=["POST"])
+    router.routes.append(AsgiRoute(PREDICT_PATH, predict_endpoint, predict, methods=["POST"],
+                                   tags=router.tags))
     return router
 
 

@@ -23,8 +23,9 @@ import time
 
 from starlette.requests import Request
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlaas.serve.direct import AsgiRoute
 from mlaas.serve.metrics import Metrics
 
 __all__ = ["meter", "served"]
@@ -39,10 +40,14 @@ def served(request: Request, model: str, version: int | None = None) -> None:
 
 
 def meter(route: Route, metrics: Metrics) -> None:
-    """Count every request ``route`` answers in ``metrics`` (see the module docstring)."""
-    inner = route.app
-    template = route.path_format
+    """Count every request ``route`` answers in ``metrics`` (see the module docstring);
+    for an :class:`~mlaas.serve.direct.AsgiRoute`, also those its plain ASGI app answers."""
+    route.app = _metered(route.app, route.path_format, metrics)
+    if isinstance(route, AsgiRoute):
+        route.asgi = _metered(route.asgi, route.path_format, metrics)
 
+
+def _metered(inner: ASGIApp, template: str, metrics: Metrics) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         status = 500  # what the server-error handler answers if nothing was sent
 
@@ -60,4 +65,4 @@ def meter(route: Route, metrics: Metrics) -> None:
             metrics.observe_request(template, model, version, status,
                                     time.perf_counter() - started)
 
-    route.app = app
+    return app

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from starlette.requests import ClientDisconnect
-from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from mlaas.errors import BadRequest, MlaasError
 from mlaas.serve import access as hooks
+from mlaas.serve.direct import AsgiRoute, header, read_body
 from mlaas.serve.http_errors import headers_of, redact, status_of
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.protocol import (
@@ -40,7 +38,7 @@ from mlaas.serve.protocol import (
 )
 from mlaas.serve.runtime import Runtime
 
-__all__ = ["v2_router", "INFER_PATHS", "DirectRoutes"]
+__all__ = ["v2_router", "INFER_PATHS"]
 
 
 def _error(exc: Exception) -> JSONResponse:
@@ -56,26 +54,6 @@ def _message(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _body(request: Request) -> bytes:
-    """The request body, as ``await request.body()`` (which it uses when something read
-    the body already), with one join instead of Starlette's async generator."""
-    if hasattr(request, "_body"):
-        return await request.body()
-    chunks: list[bytes] = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        if chunk:
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    request._body = body  # as Request.body() keeps it
-    return body
-
-
 _TENSORS: weakref.WeakKeyDictionary[Any, tuple[list[TensorSpec], list[TensorSpec]]] = (
     weakref.WeakKeyDictionary())
 
@@ -87,15 +65,6 @@ def _tensors(bundle: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     if got is None:
         got = _TENSORS[bundle] = model_tensors(bundle)
     return got
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    """The first value of header ``name`` (lower case), as ``request.headers.get`` gives it,
-    without building the headers object."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _version(name: str, v: str) -> int:
@@ -128,64 +97,6 @@ INFER_PATHS = frozenset({_INFER, _INFER_VERSION})
 _JSON = b"application/json"
 _BINARY = b"application/octet-stream"
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
-
-
-class _AsgiRoute(APIRoute):
-    """An APIRoute answered by a plain ASGI app.
-
-    It is documented in the OpenAPI schema from ``endpoint``'s signature,
-    matched, and sets ``scope["route"]`` (which the platform's token scopes
-    read) like any route, also when its router is included or its routes are
-    copied into another app; but a request of its methods goes straight to
-    ``asgi(scope, receive, send)``, with the path parameters in
-    ``scope["path_params"]``. Exceptions ``asgi`` lets through reach the app's
-    exception handlers, as from any route.
-    """
-
-    def __init__(self, path: str, endpoint: Callable[..., Any], asgi: ASGIApp,
-                 **kwargs: Any) -> None:
-        super().__init__(path, endpoint, **kwargs)
-        self.asgi = asgi
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] in self.methods:
-            await self.asgi(scope, receive, send)
-        else:
-            await super().handle(scope, receive, send)  # 405
-
-
-class DirectRoutes:
-    """ASGI middleware: a request for one of ``routes`` is handed to it at once.
-
-    Added innermost of the app's own middleware (inside its body limit), it
-    skips what the app would do between it and the route: the exception
-    middleware (which the v2 infer handler needs not: it answers its own errors,
-    and anything else still reaches the server-error handler, as before), the
-    exit stack and the router's walk. The route's own ``matches`` decides, so
-    a request it would not fully match (another method, another path) goes on
-    to the app unchanged. ~10 us of the ~65 us of Python a 1024-event infer
-    request cost on the event loop.
-    """
-
-    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute], router: Any = None) -> None:
-        self.app = app
-        self.routes = list(routes)
-        self.router = router
-        # what each path ends with after its last parameter ("/infer"): other requests
-        # (single-event predicts above all) pass on after one str.endswith
-        self.tails = tuple(getattr(r, "path", "").rpartition("}")[2] for r in self.routes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].endswith(self.tails):
-            for route in self.routes:
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child_scope)
-                    if self.router is not None and "router" not in scope:
-                        scope["router"] = self.router  # as the router would set it
-                    await route.handle(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
 
 
 def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -> APIRouter:
@@ -258,7 +169,7 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
         return await readiness("/v2/models/{name}/versions/{v}/ready", request, name, v)
 
     async def infer(scope: Scope, receive: Receive, send: Send) -> None:
-        # A plain ASGI handler (see _AsgiRoute) doing what a FastAPI endpoint would,
+        # A plain ASGI handler (see mlaas.serve.direct) doing what a FastAPI endpoint would,
         # without dependency solving, two exit stacks and a Response object per request.
         params = scope["path_params"]
         name: str = params["name"]
@@ -274,9 +185,9 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
                 resolved, bundle, batcher = await runtime.batcher(name, v)
                 model = name
                 inputs, outputs = _tensors(bundle)
-                body = await _body(request)
+                body = await read_body(request)
                 req = decode_infer_request(body, inputs, outputs,
-                                           header_length=_header(scope, _HEADER_LENGTH))
+                                           header_length=header(scope, _HEADER_LENGTH))
                 scores = await runtime.score(bundle, batcher, req.inputs, inline=True,
                                              again=again)
                 results = {n: scores for n in req.outputs}  # one output, "score"
@@ -307,6 +218,6 @@ def v2_router(runtime: Runtime, registry: Any, metrics: Metrics | None = None) -
         raise AssertionError("answered by infer()")  # pragma: no cover - documentation only
 
     for path, endpoint in ((_INFER, model_infer), (_INFER_VERSION, model_version_infer)):
-        router.routes.append(_AsgiRoute(path, endpoint, infer, methods=["POST"], tags=["v2"]))
+        router.routes.append(AsgiRoute(path, endpoint, infer, methods=["POST"], tags=["v2"]))
 
     return router

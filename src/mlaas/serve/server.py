@@ -14,10 +14,11 @@ from fastapi import FastAPI, Response
 from starlette.middleware import Middleware
 
 from mlaas.serve.access import ModelAccess
-from mlaas.serve.app import MAX_BODY_BYTES, create_app
+from mlaas.serve.app import MAX_BODY_BYTES, PREDICT_PATH, create_app
 from mlaas.serve.metrics import Metrics
 from mlaas.serve.registry import Registry
-from mlaas.serve.routes_v2 import INFER_PATHS, DirectRoutes, v2_router
+from mlaas.serve.direct import DirectRoutes
+from mlaas.serve.routes_v2 import INFER_PATHS, v2_router
 from mlaas.serve.runtime import DEFAULT_INLINE_ROWS, Runtime
 
 __all__ = ["create_server"]
@@ -74,12 +75,14 @@ def create_server(models_dir: str | Path | None, *, max_batch_size: int = 256,
                      freeze_gc=freeze_gc, metrics=metrics)
     app.state.runtime = runtime
     app.state.metrics = metrics
-    # The v2 infer routes are handed to directly by the innermost middleware (see
-    # DirectRoutes): a 1024-event request's fixed cost is what limits it (BENCHMARKS.md,
-    # "Serving", (c)). Only in this app: an app that copies the routes (the platform)
-    # serves them through its router.
-    infer = [route for route in app.router.routes if getattr(route, "path", None) in INFER_PATHS]
-    app.user_middleware.append(Middleware(DirectRoutes, routes=infer, router=app.router))
+    # The v2 infer and raw-event predict routes are handed to directly by the innermost
+    # middleware (see mlaas.serve.direct): a 1024-event request's fixed cost and a single
+    # event's whole cost are mostly HTTP machinery (BENCHMARKS.md, "Serving", (a), (c)).
+    # Only in this app: an app that copies the routes (the platform) serves them through
+    # its router.
+    hot = INFER_PATHS | {PREDICT_PATH}
+    direct = [route for route in app.router.routes if getattr(route, "path", None) in hot]
+    app.user_middleware.append(Middleware(DirectRoutes, routes=direct, router=app.router))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from mlaas.serve.registry import Registry
-from mlaas.serve.runtime import Batcher, InferenceError, Overloaded, Runtime, _ModelState, _runner
+from mlaas.serve.runtime import (Batcher, InferenceError, Overloaded, Runtime, _BatchQueue,
+                                 _ModelState, _runner)
+from mlaas.serve.settings import Batching, ServingSettings
+from serve_support import with_spec
 
 
 class Recorder:
@@ -407,5 +410,83 @@ def test_an_older_reading_of_a_model_is_not_applied_over_a_newer_one() -> None:
         assert rt.held() == [("m", 2)] and batcher.max_batch_size == 7
         assert not rt._apply("m", _ModelState(old.read, frozenset({1, 2}), {}), None)
         assert rt.held() == [("m", 2)] and batcher.max_batch_size == 7
+    finally:
+        rt.close()
+
+
+class UncachedRegistry(Registry):
+    """A real registry whose state token is always None (as for a model changed in the
+    last moments), so every request asks it again; counts its directory listings."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.listings = 0
+
+    def state_token(self, name: str) -> None:
+        return None
+
+    def _versions_of(self, model_dir: Path) -> list[int]:  # type: ignore[override]
+        self.listings += 1
+        return Registry._versions_of(model_dir)
+
+
+def test_an_uncached_request_lists_once_and_reconfigures_only_on_change(
+        tmp_path: Path, trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a state token every request reads the model's state again: one listing of
+    its directory, no validation of the held bundles' own settings (parsed once, when
+    held) and no re-configuring of batchers whose settings did not change; a change by
+    another process still applies to the next batch, and a deleted version is let go."""
+    own = {"max_delay_ms": 7}
+    registry = UncachedRegistry(tmp_path)
+    registry.upload("m", trained["bytes"])
+    registry.upload("m", with_spec(trained["bytes"], serving=own))
+    validated: list[Any] = []
+    real_validate = ServingSettings.model_validate.__func__  # type: ignore[attr-defined]
+
+    def validate(cls: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+        validated.append(data)
+        return real_validate(cls, data, *args, **kwargs)
+
+    configured: list[Batching] = []
+    real_configure = _BatchQueue.configure
+
+    def configure(self: _BatchQueue, batching: Batching) -> None:
+        configured.append(batching)
+        real_configure(self, batching)
+
+    monkeypatch.setattr(ServingSettings, "model_validate", classmethod(validate))
+    monkeypatch.setattr(_BatchQueue, "configure", configure)
+    rt = Runtime(registry, threads=1)
+    rows = trained["rows"]
+
+    async def main() -> None:
+        assert (await rt.predict_events("m", 1, None, rows))[0] == 1
+        assert (await rt.predict_events("m", None, None, rows))[0] == 2
+        assert rt.held() == [("m", 1), ("m", 2)]
+        assert validated.count(own) == 1  # when version 2 was held
+        registry.listings = 0
+        configured.clear()
+        for _ in range(3):
+            for version, want in ((None, 2), (1, 1)):
+                assert (await rt.predict_events("m", version, None, rows))[0] == want
+        assert registry.listings == 6  # one per request (2 or 3 before)
+        assert validated.count(own) == 1 and configured == []
+
+        other = Registry(tmp_path)  # another server on the same directory
+        other.set_serving("m", {"max_batch_size": 3})
+        assert (await rt.predict_events("m", 1, None, rows))[0] == 1
+        batchers = [(await rt.batcher("m", v))[2] for v in (1, 2)]
+        events = [(await rt.event_batcher("m", v))[1] for v in (1, 2)]
+        assert [b.max_batch_size for b in batchers + events] == [3] * 4
+        assert (batchers[1].max_delay, events[1].max_delay) == (0.007, 0.007)
+        assert configured == [Batching(3, 2.0)] * 2 + [Batching(3, 7.0)] * 2
+        assert validated.count(own) == 1
+
+        other.delete_version("m", 1)
+        assert (await rt.predict_events("m", None, None, rows))[0] == 2
+        assert rt.held() == [("m", 2)]
+
+    try:
+        asyncio.run(main())
     finally:
         rt.close()

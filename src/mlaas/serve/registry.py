@@ -311,18 +311,21 @@ class Registry:
                                 f"{', '.join(map(str, versions))})", model=name, version=version)
         return path
 
-    def resolve(self, name: str, version: int | None = None, alias: str | None = None
-                ) -> tuple[int, Path]:
+    def resolve(self, name: str, version: int | None = None, alias: str | None = None, *,
+                versions: builtins.list[int] | None = None) -> tuple[int, Path]:
         """The version number and directory to serve.
 
         Args:
             name: the model.
             version: an explicit version (wins over ``alias``).
             alias: an alias; default ``production`` when set, else the latest version.
+            versions: the model's versions as the caller just listed them
+                (:meth:`versions`, oldest first), so that the directory is not listed
+                again: a server asks for them on every request it cannot cache.
         """
         if version is not None:
             return version, self._version_dir(name, version)
-        versions = self._versions(name)
+        versions = list(versions) if versions else self._versions(name)
         aliases = self._aliases(name)
         if alias is not None:
             _check_alias(alias)
@@ -447,10 +450,18 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
         return self.version(name, version)
 
-    def serving(self, name: str) -> dict[str, Any]:
+    def serving(self, name: str, *, versions: builtins.list[int] | None = None
+                ) -> dict[str, Any]:
         """The batching settings the operator set for model ``name`` (only the fields
-        set; ``{}`` when none). Raises :class:`ModelNotFound` for an unknown model."""
-        self._versions(name)
+        set; ``{}`` when none). Raises :class:`ModelNotFound` for an unknown model.
+
+        Args:
+            name: the model.
+            versions: as in :meth:`resolve`: the caller listed them already, so the
+                model is known to exist and its directory is not listed again.
+        """
+        if not versions:
+            self._versions(name)
         stored = _read_json(self._model_dir(name) / _SERVING_FILE)
         try:
             return parse_settings(stored)

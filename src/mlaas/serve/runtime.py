@@ -33,7 +33,7 @@ import numpy as np
 
 from mlaas.errors import InferenceError, MlaasError, Overloaded, ProtocolError
 from mlaas.serve.settings import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, Batching,
-                                  effective)
+                                  bundle_settings, combine)
 
 __all__ = [
     "Batcher",
@@ -447,11 +447,24 @@ class _Registry(Protocol):
 
 @dataclass
 class _Held:
-    """The batchers of one model version, and the bundle they run."""
+    """The batchers of one model version, the bundle they run, the bundle's own batching
+    settings (``own``, parsed once when the version is held: they cannot change without
+    a new bundle object) and the settings the batchers run with now (``batching``)."""
 
     bundle: Any
     batcher: Batcher
     events: EventBatcher
+    own: dict[str, Any]
+    batching: Batching
+
+    def configure(self, batching: Batching) -> None:
+        """Both batchers batch with ``batching`` from their next batch on; nothing is
+        done when that is what they run with already (the common case: every request
+        that cannot reuse a resolution applies the model's state again)."""
+        if batching != self.batching:
+            self.batching = batching
+            self.batcher.configure(batching)
+            self.events.configure(batching)
 
 
 @dataclass(frozen=True)
@@ -515,7 +528,10 @@ class Runtime:
             an unchanged model skip the registry (and the thread hop) entirely;
             optionally ``versions(name)``, the versions it has now, so that the batchers
             (and ONNX sessions) of deleted versions are let go (see :meth:`refresh`),
-            and ``serving(name)``, the model's batching settings.
+            and ``serving(name)``, the model's batching settings. A registry with
+            ``versions`` takes that list back as ``resolve(..., versions=...)`` and
+            ``serving(name, versions=...)`` (as :class:`~mlaas.serve.registry.Registry`
+            does), so a request it cannot cache lists the model's directory once.
         max_batch_size, max_delay_ms: defaults, overridden per model by the operator's
             settings (``serving(name)`` of the registry, when it has it) and per version
             by the bundle's own ``serving`` object (see :mod:`mlaas.serve.settings`).
@@ -586,12 +602,19 @@ class Runtime:
         if self.workers is not None:
             self.workers.close()
 
-    def lookup(self, name: str, version: int | None, alias: str | None) -> tuple[int, Any]:
+    def lookup(self, name: str, version: int | None, alias: str | None, *,
+               versions: list[int] | None = None) -> tuple[int, Any]:
         """``(version, bundle)`` from the registry (blocking: it may load the bundle).
 
         Accepts registries whose ``bundle`` returns the bundle or ``(version, bundle)``.
+        ``versions``, the model's versions just listed by the registry's ``versions``,
+        is handed to its ``resolve`` so the model directory is not listed again.
         """
-        resolved, _ = self.registry.resolve(name, version, alias)
+        if versions is None:
+            resolved, _ = self.registry.resolve(name, version, alias)
+        else:
+            resolved, _ = self.registry.resolve(name, version, alias,  # type: ignore[call-arg]
+                                                versions=versions)
         got = self.registry.bundle(name, resolved)
         return resolved, (got[1] if isinstance(got, tuple) else got)
 
@@ -600,23 +623,27 @@ class Runtime:
         return state_token(name) if callable(state_token) else None
 
     def _model_state(self, name: str) -> _ModelState:
-        """What the registry says of ``name`` now (blocking: it lists a directory)."""
+        """What the registry says of ``name`` now (blocking: it lists the model's directory,
+        once: ``serving`` is told the versions so it does not list them again)."""
         read = next(self._reads)
         versions_of = getattr(self.registry, "versions", None)
         serving_of = getattr(self.registry, "serving", None)
-        versions = frozenset(versions_of(name)) if callable(versions_of) else None
+        listed = sorted(versions_of(name)) if callable(versions_of) else None
+        versions = frozenset(listed) if listed is not None else None
         stored: dict[str, Any] = {}
         if callable(serving_of) and versions != frozenset():
             with contextlib.suppress(KeyError):  # the model was deleted meanwhile
-                stored = serving_of(name)
+                stored = serving_of(name, versions=listed) if listed else serving_of(name)
         return _ModelState(read, versions, stored)
 
     def _look(self, name: str, version: int | None, alias: str | None
               ) -> tuple[_ModelState, tuple[int, Any] | Exception]:
-        """The model's state and ``lookup``'s answer or error, in one trip to a thread."""
+        """The model's state and ``lookup``'s answer or error, in one trip to a thread
+        and one listing of the model's directory."""
         state = self._model_state(name)
         try:
-            return state, self.lookup(name, version, alias)
+            listed = sorted(state.versions) if state.versions else None
+            return state, self.lookup(name, version, alias, versions=listed)
         except Exception as exc:  # noqa: BLE001 - raised again on the loop, by the caller
             return state, exc
 
@@ -637,14 +664,13 @@ class Runtime:
         for key in [k for k, hit in self._resolved.items()
                     if k[0] == name and (token is None or hit[0] != token)]:
             del self._resolved[key]
+        defaults = self.defaults
         for key in [k for k in self._held if k[0] == name]:
             held = self._held[key]
             if versions is not None and key[1] not in versions:
                 del self._held[key]
                 continue
-            batching = effective(stored, _spec(held.bundle), self.defaults)
-            held.batcher.configure(batching)
-            held.events.configure(batching)
+            held.configure(combine(stored, held.own, defaults))
         return True
 
     async def refresh(self, name: str) -> None:
@@ -680,8 +706,11 @@ class Runtime:
         return resolved, bundle, held.batcher, held.events
 
     def _hold(self, name: str, version: int, bundle: Any, stored: dict[str, Any]) -> _Held:
-        """New batchers for a model version, with its batching settings."""
-        batching = effective(stored, _spec(bundle), self.defaults)
+        """New batchers for a model version, with its batching settings; the bundle's own
+        are parsed here, once (a bad ``serving`` in a bundle planted by hand raises
+        :class:`~mlaas.errors.BundleError` naming the field, as before)."""
+        own = bundle_settings(_spec(bundle))
+        batching = combine(stored, own, self.defaults)
         on_batch = None
         if self.metrics is not None:
             metrics = self.metrics
@@ -696,7 +725,7 @@ class Runtime:
         return _Held(bundle, Batcher(run, **options),
                      EventBatcher(bundle, run, workers=self.workers,
                                   worker_threads=getattr(self.registry, "threads", None),
-                                  **options))
+                                  **options), own, batching)
 
     async def batcher(self, name: str, version: int | None = None, alias: str | None = None
                       ) -> tuple[int, Any, Batcher]:

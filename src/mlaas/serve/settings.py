@@ -39,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlaas.errors import BadRequest, BundleError, MlaasError
 
-__all__ = ["ServingSettings", "Batching", "parse_settings", "effective", "FIELDS",
+__all__ = ["ServingSettings", "Batching", "parse_settings", "bundle_settings", "combine",
+           "effective", "FIELDS",
            "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_DELAY_MS"]
 
 DEFAULT_MAX_BATCH_SIZE = 256
@@ -95,14 +96,32 @@ def parse_settings(data: Any, *, error: type[MlaasError] = BadRequest,
     return parsed.model_dump(exclude_none=True)
 
 
+def bundle_settings(bundle_spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields a bundle's own ``serving`` object sets, validated (a bundle may have
+    been put in the registry directory by hand, past the upload's check).
+
+    Args:
+        bundle_spec: the bundle's spec.json (None: a bundle without one sets nothing).
+
+    Raises :class:`~mlaas.errors.BundleError` naming ``serving.<field>``. Its own
+    function so a server parses each bundle once, when it loads it, not per batch.
+    """
+    own_raw = (bundle_spec or {}).get("serving")
+    return {} if own_raw is None else parse_settings(own_raw, error=BundleError,
+                                                     prefix="serving.")
+
+
+def combine(stored: Mapping[str, Any], own: Mapping[str, Any], defaults: Batching) -> Batching:
+    """The settings of one model version from sources already valid: per field the
+    operator's (``stored``), else the bundle's (``own``, from :func:`bundle_settings`),
+    else ``defaults``. No validation, so it is cheap enough for every request."""
+    merged = {**defaults.to_dict(), **own, **stored}
+    return Batching(int(merged["max_batch_size"]), float(merged["max_delay_ms"]))
+
+
 def effective(stored: Mapping[str, Any], bundle_spec: Mapping[str, Any] | None,
               defaults: Batching) -> Batching:
     """The settings of one model version: the operator's (``stored``, already valid),
     else the bundle's own ``serving`` (validated here: a bundle may have been put in
     the registry directory by hand), else ``defaults``."""
-    own_raw = (bundle_spec or {}).get("serving")
-    own = {} if own_raw is None else parse_settings(own_raw, error=BundleError,
-                                                    prefix="serving.")
-    merged = {**defaults.to_dict(), **own, **stored}
-    return Batching(int(merged["max_batch_size"]), float(merged["max_delay_ms"]))
-
+    return combine(stored, bundle_settings(bundle_spec), defaults)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mlaas.bundle import Bundle
+from mlaas.errors import BadRequest
 from mlaas.serve.registry import Registry
 from mlaas.serve.runtime import (Batcher, InferenceError, Overloaded, Runtime, _BatchQueue,
                                  _ModelState, _runner)
@@ -485,6 +487,56 @@ def test_an_uncached_request_lists_once_and_reconfigures_only_on_change(
         other.delete_version("m", 1)
         assert (await rt.predict_events("m", None, None, rows))[0] == 2
         assert rt.held() == [("m", 2)]
+
+    try:
+        asyncio.run(main())
+    finally:
+        rt.close()
+
+
+def test_predict_events_tells_the_version_before_scoring(tmp_path: Path,
+                                                         trained: dict[str, Any]) -> None:
+    """``on_resolved`` hears the version once it is known, also when the events then fail
+    (the routes label their metrics there); ``prepare`` turns the request into events
+    with the model's bundle, after it."""
+    registry = Registry(tmp_path)
+    for _ in range(2):
+        registry.upload("m", trained["bytes"])
+    rt = Runtime(registry, threads=1)
+    rows = trained["rows"]
+    want = Bundle.load(trained["dir"]).predict_events(rows)
+    seen: list[Any] = []
+
+    async def main() -> None:
+        v, scores = await rt.predict_events("m", 1, None, rows, on_resolved=seen.append)
+        assert v == 1 and seen == [1]
+        np.testing.assert_array_equal(scores, want)
+        with pytest.raises(ValueError, match="MET_pt"):
+            await rt.predict_events("m", None, None, [{"MET_pt": "x", "Jet_pt": []}],
+                                    on_resolved=seen.append)
+        assert seen == [1, 2]
+        with pytest.raises(KeyError):  # never resolved: nothing to tell
+            await rt.predict_events("nope", None, None, rows, on_resolved=seen.append)
+        assert seen == [1, 2]
+
+        bundle = (await rt.event_batcher("m", 2))[1].bundle
+
+        def prepare(got: Any, sent: Any) -> Any:
+            seen.append(("prepare", got is bundle, sent["rows"] is rows))
+            return sent["rows"]
+
+        v, scores = await rt.predict_events("m", 2, None, {"rows": rows},
+                                            on_resolved=seen.append, prepare=prepare)
+        assert v == 2 and seen[2:] == [2, ("prepare", True, True)]
+        np.testing.assert_array_equal(scores, want)
+
+        def refuse(got: Any, sent: Any) -> Any:
+            raise BadRequest("values[0] must be a list")
+
+        with pytest.raises(BadRequest, match="values"):
+            await rt.predict_events("m", 2, None, rows, on_resolved=seen.append,
+                                    prepare=refuse)
+        assert seen[4:] == [2] and rt.active == 0
 
     try:
         asyncio.run(main())

@@ -94,6 +94,7 @@ import re
 from collections.abc import (AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping,
                              Sequence)
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,13 @@ def _tfaas_events(bundle: Bundle, keys: list[str], values: list[Any]) -> list[di
                              event=i)
         rows.append(dict(zip(keys, event)))
     return rows
+
+
+def _tfaas_rows(bundle: Bundle, sent: tuple[list[str], list[Any]]) -> list[dict[str, Any]]:
+    """``/json``'s ``prepare`` for :meth:`~mlaas.serve.runtime.Runtime.predict_events`:
+    the request's ``(keys, values)`` read as rows once the model is known."""
+    keys, values = sent
+    return _tfaas_events(bundle, keys, values)
 
 
 def _tfaas_request(body: Any) -> tuple[list[str], list[Any], str | None]:
@@ -489,10 +497,8 @@ def _models_router() -> APIRouter:
             events = await _json(request)
             runtime = getattr(request.app.state, "runtime", None)
             if runtime is not None:  # the full server: batched with concurrent requests
-                with runtime.request():
-                    v, batcher = await runtime.event_batcher(name, version, alias)
-                    served(request, name, v)
-                    scores = await batcher.submit(events)
+                v, scores = await runtime.predict_events(
+                    name, version, alias, events, on_resolved=partial(served, request, name))
                 answer = {"model": name, "version": v, "outputs": _outputs(scores)}
             else:
                 answer = await run_in_threadpool(_predict, request, name, version, alias,
@@ -547,10 +553,9 @@ def _tfaas_router() -> APIRouter:
         if runtime is None:
             return await run_in_threadpool(_tfaas_predict, request, name, keys, values)
         # the full server: batched with concurrent requests, as /api/models/{name}/predict
-        with runtime.request():
-            v, batcher = await runtime.event_batcher(name)
-            served(request, name, v)
-            scores = await batcher.submit(_tfaas_events(batcher.bundle, keys, values))
+        _, scores = await runtime.predict_events(
+            name, None, None, (keys, values), on_resolved=partial(served, request, name),
+            prepare=_tfaas_rows)
         return Response(jsonio.dumps(_outputs(scores)), media_type="application/json")
 
     async def models(request: Request) -> list[dict[str, Any]]:

@@ -815,8 +815,21 @@ class Runtime:
         return await batcher.submit(x, mask, inline_rows=inline_rows)
 
     async def predict_events(self, name: str, version: int | None, alias: str | None,
-                             events: Any) -> tuple[int, np.ndarray]:
+                             events: Any, *, on_resolved: Callable[[int], None] | None = None,
+                             prepare: Callable[[Any, Any], Any] | None = None
+                             ) -> tuple[int, np.ndarray]:
         """Scores of JSON-like events (see :meth:`mlaas.bundle.Bundle.predict_events`).
+
+        Args:
+            name, version, alias: the model, as :meth:`batcher` finds it.
+            events: the events as the client sent them.
+            on_resolved: called with the version once it is known, before anything is
+                scored: the HTTP routes label their metrics with it there, so that an
+                error in the events still counts against a known model version.
+            prepare: ``prepare(bundle, events)`` gives the events to score, for a
+                request that needs the model to read them (TFaaS ``keys``/``values``
+                become rows by the branch kinds); called after ``on_resolved``, and
+                its errors are the request's.
 
         Concurrent event requests for one model version are merged by an
         :class:`EventBatcher`: preprocessing and the model call run once per
@@ -825,13 +838,17 @@ class Runtime:
         """
         with self.request():
             resolved, events_batcher = await self.event_batcher(name, version, alias)
+            if on_resolved is not None:
+                on_resolved(resolved)
+            if prepare is not None:
+                events = prepare(events_batcher.bundle, events)
             return resolved, await events_batcher.submit(events)
 
     async def event_batcher(self, name: str, version: int | None = None,
                             alias: str | None = None) -> tuple[int, EventBatcher]:
         """``(version, event batcher)`` of a model, found as :meth:`batcher` finds its
         batcher. A route that must know the version before the events are scored
-        (to label its metrics, also when scoring fails) submits to it itself, inside
-        :meth:`request`, as :meth:`predict_events` does."""
+        (to label its metrics, also when scoring fails) gives :meth:`predict_events`
+        its ``on_resolved``."""
         resolved, _, _, events_batcher = await self._batchers_for(name, version, alias)
         return resolved, events_batcher

@@ -6,18 +6,24 @@ real job manager and local executor); no job is started here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 
 from mlaas.errors import ConfigError, Conflict, Forbidden, NotFound, PathError, QuotaExceeded
 from mlaas.errors import RateLimited, SpecError, Unauthorized
 from mlaas.platform.app import SINGLE_USER_NOTICE, _error_body, _status_of, create_platform_app
 from mlaas.platform.config import PlatformConfig, load_config
 from platform_support import TestClient
+from servers import HOST, free_port
 
 # -- configuration -------------------------------------------------------------------------
 
@@ -246,6 +252,117 @@ def test_issue4_a_refused_upload_claims_no_name(tmp_path: Path, trained_archive:
         assert r.status_code == 400
         assert app.state.platform.store.get_model("contested").owner == "bob"
         assert c.get("/api/models/contested", headers=AS_ALICE).status_code == 404
+
+
+def _counting(store: Any, monkeypatch: pytest.MonkeyPatch, *methods: str) -> list[str]:
+    """The names of ``store``'s ``methods`` in the order they are called (each still
+    calls the real one)."""
+    calls: list[str] = []
+    for method in methods:
+        real = getattr(store, method)
+
+        def counted(*args: Any, _real: Any = real, _method: str = method,
+                    **kwargs: Any) -> Any:
+            calls.append(_method)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(store, method, counted)
+    return calls
+
+
+def test_an_upload_asks_the_store_for_the_model_name_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``on_upload`` learns from ``ensure_model`` whether it created the name: no
+    ``get_model`` before it."""
+    from platform_support import AS_ALICE, AS_BOB, USERS, HeaderUsers
+
+    app = create_platform_app(PlatformConfig(data_dir=tmp_path, cpus=1),
+                              authenticator=HeaderUsers(USERS))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        store = app.state.platform.store
+        store.ensure_model("theirs", owner="bob", group="atlas")
+        calls = _counting(store, monkeypatch, "get_model", "ensure_model")
+        r = c.post("/api/models/mine", content=b"not a bundle", headers=AS_ALICE)
+        assert r.status_code == 400 and r.json()["error"] == "BundleError", r.text
+        assert calls == ["ensure_model"]  # a new name, claimed, then released
+        with pytest.raises(NotFound):
+            store.get_model("mine")
+        calls.clear()
+        assert c.post("/api/models/theirs", content=b"x", headers=AS_ALICE).status_code == 404
+        assert calls == ["ensure_model"]  # found, bob's: alice may not write it
+        calls.clear()
+        r = c.post("/api/models/theirs", content=b"not a bundle", headers=AS_BOB)
+        assert r.status_code == 400 and calls == ["ensure_model"]
+        assert store.get_model("theirs").owner == "bob"  # not bob's claim: kept
+
+
+@contextlib.contextmanager
+def _live(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn on 127.0.0.1 (lifespan on); yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            pytest.fail("uvicorn did not start", pytrace=False)
+        time.sleep(0.02)
+    try:
+        yield f"http://{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_overlapping_failed_first_uploads_leave_the_name_free(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alice's first upload A claims a name; her second, B, starts while A is running
+    (the name is taken then, by her). A fails and ends first, B fails last: the claim
+    belongs to the uploads running, so the last to end lets the name go."""
+    from platform_support import AS_ALICE, USERS, HeaderUsers
+
+    app = create_platform_app(PlatformConfig(data_dir=tmp_path, cpus=1),
+                              authenticator=HeaderUsers(USERS))
+    ensured = [threading.Event(), threading.Event()]
+    send = [threading.Event(), threading.Event()]
+    status: list[int] = [0, 0]
+
+    def body(i: int) -> Iterator[bytes]:
+        send[i].wait(60)  # the server reads the body only after on_upload
+        yield b"not a bundle"
+
+    def upload(base: str, i: int) -> None:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            status[i] = client.post("/api/models/twice", content=body(i),
+                                    headers=AS_ALICE).status_code
+
+    with _live(app) as base:
+        store = app.state.platform.store
+        real = store.ensure_model
+
+        def ensure_model(*args: Any, **kwargs: Any) -> Any:
+            got = real(*args, **kwargs)
+            next(e for e in ensured if not e.is_set()).set()
+            return got
+
+        monkeypatch.setattr(store, "ensure_model", ensure_model)
+        a = threading.Thread(target=upload, args=(base, 0))
+        a.start()
+        assert ensured[0].wait(60)
+        b = threading.Thread(target=upload, args=(base, 1))
+        b.start()
+        assert ensured[1].wait(60)
+        send[0].set()
+        a.join(60)
+        assert status[0] == 400
+        assert store.get_model("twice").owner == "alice"  # B is still running
+        send[1].set()
+        b.join(60)
+        assert status[1] == 400
+        with pytest.raises(NotFound):
+            store.get_model("twice")
 
 
 @pytest.fixture(scope="module")

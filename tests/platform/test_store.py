@@ -317,10 +317,11 @@ def test_files_metadata(store: SqlStore) -> None:
 
 
 def test_models(store: SqlStore) -> None:
-    m = store.ensure_model("higgs", owner="alice", group="/cms")
-    assert (m.owner, m.visibility) == ("alice", "private")
-    again = store.ensure_model("higgs", owner="bob", group="/atlas", visibility="public")
-    assert again == m  # an existing name keeps its owner
+    m, created = store.ensure_model("higgs", owner="alice", group="/cms")
+    assert (m.owner, m.visibility, created) == ("alice", "private", True)
+    again, created = store.ensure_model("higgs", owner="bob", group="/atlas",
+                                        visibility="public")
+    assert again == m and not created  # an existing name keeps its owner
     store.ensure_model("dijet", owner="bob", group="/atlas", visibility="group")
     assert [x.name for x in store.list_models()] == ["dijet", "higgs"]
     assert store.set_model_visibility("higgs", "public").visibility == "public"
@@ -337,10 +338,14 @@ def test_models(store: SqlStore) -> None:
 def test_ensure_model_racing_creators_agree(store: SqlStore) -> None:
     barrier = threading.Barrier(6)
 
-    def claim(i: int) -> str:
+    def claim(i: int) -> tuple[str, bool]:
         barrier.wait()
-        return store.ensure_model("shared", owner=f"user{i}", group="g").owner
+        record, created = store.ensure_model("shared", owner=f"user{i}", group="g")
+        return record.owner, created
 
     with ThreadPoolExecutor(6) as pool:
-        owners = set(pool.map(claim, range(6)))
+        claims = list(pool.map(claim, range(6)))
+    owners = {owner for owner, _ in claims}
     assert len(owners) == 1 and store.get_model("shared").owner in owners
+    assert [created for _, created in claims].count(True) == 1  # one creator, who owns it
+    assert next(owner for owner, created in claims if created) in owners

@@ -14,8 +14,9 @@ visibility), and every check goes through
   metadata records who uploaded it;
 - ``after_upload``: a claim whose upload failed (a corrupt or oversized
   bundle, a body over the limit) is dropped again, unless the registry has
-  versions of the name or another upload of it is still running here, so a
-  refused upload does not keep the name from others. The claim is made
+  versions of the name or another upload of it is still running here (the
+  last of those to end then decides), so a refused upload does not keep the
+  name from others. The claim is made
   before the body is read (so nobody else can take the name meanwhile) and
   rolled back, rather than made after the upload, which would let two users'
   first uploads of one name both land in the registry;
@@ -45,7 +46,6 @@ __all__ = ["PlatformModelAccess"]
 log = logging.getLogger("mlaas.platform")
 
 _NAME = re.compile(NAME_PATTERN)
-_CLAIMED = "mlaas.claimed"  # request scope: the name this request's on_upload claimed
 
 
 class PlatformModelAccess:
@@ -59,21 +59,31 @@ class PlatformModelAccess:
 
     def __init__(self) -> None:
         self._uploading: dict[str, int] = {}  # name -> uploads allowed and not yet ended
+        # names that one of the uploads running now claimed (created in the store): the
+        # claim is the running uploads', so the last of them to end drops it if all failed
+        self._claimed: set[str] = set()
         self._lock = threading.Lock()
 
     def _started(self, name: str) -> None:
         with self._lock:
             self._uploading[name] = self._uploading.get(name, 0) + 1
 
+    def _claim(self, name: str) -> None:
+        with self._lock:
+            self._claimed.add(name)
+
     def _ended(self, name: str) -> bool:
-        """Count one upload of ``name`` as ended; True when it was the last one running."""
+        """Count one upload of ``name`` as ended; True when it was the last one running
+        and one of the uploads since the name was last free claimed it."""
         with self._lock:
             left = self._uploading.get(name, 1) - 1
             if left > 0:
                 self._uploading[name] = left
-            else:
-                self._uploading.pop(name, None)
-            return left <= 0
+                return False
+            self._uploading.pop(name, None)
+            claimed = name in self._claimed
+            self._claimed.discard(name)
+            return claimed
 
     @staticmethod
     def _context(request: Request) -> tuple[PlatformContext, Principal]:
@@ -100,25 +110,19 @@ class PlatformModelAccess:
         ctx, principal = self._context(request)
         self._started(name)  # before the claim: a concurrent failure must not drop it
         try:
-            try:
-                ctx.store.get_model(name)
-                new = False
-            except NotFound:
-                new = True
-            record = ctx.store.ensure_model(name, owner=principal.user,
-                                            group=principal.primary_group)
+            record, created = ctx.store.ensure_model(name, owner=principal.user,
+                                                     group=principal.primary_group)
             authorize(principal, "write", record, kind="model", name=name)
         except BaseException:
             self._ended(name)
             raise
-        if new and record.owner == principal.user:
-            request.scope[_CLAIMED] = name
+        if created:
+            self._claim(name)
         return {"uploaded_by": principal.user, "owner": record.owner}
 
     def after_upload(self, request: Request, name: str, version: int | None) -> None:
-        claimed = request.scope.pop(_CLAIMED, None) == name
-        last = self._ended(name)
-        if version is not None or not claimed or not last:
+        claimed_and_last = self._ended(name)
+        if version is not None or not claimed_and_last:
             return
         try:
             if request.app.state.registry.versions(name):

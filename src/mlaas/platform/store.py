@@ -299,23 +299,26 @@ class SqlStore:
     # -- model names --------------------------------------------------------
 
     def ensure_model(self, name: str, *, owner: str, group: str,
-                     visibility: str = "private") -> ModelRecord:
-        """The model name's record, created with this owner if it is new.
+                     visibility: str = "private") -> tuple[ModelRecord, bool]:
+        """The model name's record, created with this owner if it is new, and whether
+        this call created it.
 
         An existing name is returned unchanged (whoever owns it): the caller
-        authorises against the returned record.
+        authorises against the returned record. Saying whether it was created
+        spares a caller that claims new names a read of its own before this one.
         """
         _check_visibility(visibility)
         for _ in range(3):
             try:
                 with self.db.write() as session:
                     row = session.get(ModelRow, name)
+                    created = row is None
                     if row is None:
                         row = ModelRow(name=name, owner=owner, group=group,
                                        visibility=visibility, created_at=self._now())
                         session.add(row)
                         session.flush()
-                    return _model(row)
+                    return _model(row), created
             except IntegrityError:
                 continue
         raise RuntimeError(f"could not record model {name!r}")  # pragma: no cover

@@ -17,6 +17,7 @@ from fastapi import APIRouter
 
 from mlaas.bundle import Bundle
 from mlaas.serve.app import create_app
+from mlaas.serve import registry as registry_module
 from mlaas.serve.registry import Registry
 from serve_support import with_spec
 
@@ -253,6 +254,42 @@ def test_tfaas_routes(client: TestClient, trained: dict[str, Any]) -> None:
     assert [m["name"] for m in client.get("/models").json()] == ["raw"]
     # with one model left, "model" may be omitted
     assert client.post("/json", json={"keys": keys, "values": [1.0, [1.0]]}).status_code == 200
+
+
+def test_tfaas_models_reads_two_files_per_model(client: TestClient, trained: dict[str, Any],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GET /models`` reads each model's aliases (the listing) and, of the version served
+    by default, only its .registry.json and spec.json, once; the answer is what
+    :meth:`Registry.version` describes."""
+    for name in ("tf", "tf", "raw"):
+        assert client.post(f"/api/models/{name}", content=trained["bytes"]).status_code == 201
+    assert client.put("/api/models/tf/aliases/production", json=1).status_code == 200
+    registry: Registry = client.app.state.registry  # type: ignore[attr-defined]
+
+    def params(name: str, version: int) -> dict[str, Any]:
+        info = registry.version(name, version)
+        spec = info["spec"]
+        return {"name": name, "model": "model.onnx",
+                "inputNode": ",".join(t["name"] for t in spec["inputs"]),
+                "outputNode": ",".join(t["name"] for t in spec["outputs"]),
+                "description": f"mlaas bundle {spec['name'] or name}, task {spec['task']}, "
+                               f"version {version}",
+                "timestamp": info["created"]}
+
+    want = [{**params("raw", 1), "versions": [1], "latest": 1, "aliases": {}},
+            {**params("tf", 1), "versions": [1, 2], "latest": 2,
+             "aliases": {"production": 1}}]
+    reads: list[str] = []
+    real = registry_module._read_json
+
+    def read_json(path: Path) -> dict[str, Any]:
+        reads.append(path.relative_to(registry.root).as_posix())
+        return real(path)
+
+    monkeypatch.setattr(registry_module, "_read_json", read_json)
+    assert client.get("/models").json() == want
+    assert sorted(reads) == ["raw/1/.registry.json", "raw/1/spec.json", "raw/aliases.json",
+                             "tf/1/.registry.json", "tf/1/spec.json", "tf/aliases.json"]
 
 
 def test_issue4_tfaas_upload_without_a_name(client: TestClient,

@@ -325,7 +325,7 @@ def _tfaas_params(registry: Registry, models: list[dict[str, Any]]) -> list[dict
     for m in models:
         version = m["aliases"].get(DEFAULT_ALIAS, m["latest"])
         try:
-            info = registry.version(m["name"], version)
+            info = registry.summary(m["name"], version)  # the two files read here, once
         except ModelNotFound:
             continue  # deleted since the listing
         spec = info["spec"]

@@ -286,6 +286,15 @@ class Registry:
         self._versions(name)
         return self._describe(name, version, self._aliases(name))
 
+    def summary(self, name: str, version: int) -> dict[str, Any]:
+        """One version's ``created`` time and ``spec`` summary, as :meth:`version` gives
+        them, from its two files that hold them and nothing else (no listing, no
+        aliases, metrics or provenance): for listings that describe many models
+        (TFaaS ``GET /models``). Raises :class:`ModelNotFound` when it is gone."""
+        path = self._version_dir(name, version)
+        return {"version": version, "created": _read_json(path / _META_FILE).get("created"),
+                "spec": _spec_summary(_read_json(path / SPEC_FILE))}
+
     def _describe(self, name: str, version: int, aliases: dict[str, int]) -> dict[str, Any]:
         path = self._version_dir(name, version)
         meta = _read_json(path / _META_FILE)

@@ -228,7 +228,10 @@ class DataSpec(_Model):
     weight: str | None = Field(default=None, description="Event weight branch or expression.")
     normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
     split: SplitSpec = Field(default_factory=SplitSpec)
-    step_size: str | int = Field(default="100 MB", description="Chunk size: bytes or entries.")
+    step_size: str | int = Field(
+        default="100 MB",
+        description="How much is read at a time: a size is the memory of the arrays in "
+                    "flight (chunks of a quarter of it), an entry count the chunk length.")
     balance: Literal["proportional", "equal"] = Field(default="proportional")
     cache: CacheSpec = Field(default_factory=CacheSpec)
     nan: NanSpec = Field(default_factory=NanSpec)

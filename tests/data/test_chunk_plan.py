@@ -9,7 +9,7 @@ import pytest
 import uproot
 
 from mlaas.data import RootDataset, synth
-from mlaas.data.chunks import bounds
+from mlaas.data.chunks import READS_PER_STEP, bounds
 from mlaas.data.transform import Columns
 
 BASKET = 500  # synth writes one basket per branch per chunk_size events
@@ -57,13 +57,29 @@ def test_bounds_cover_every_entry_once_within_the_step(step: int) -> None:
 
 
 def test_byte_steps_cut_on_basket_boundaries(pair: Path) -> None:
-    ds = RootDataset(spec(pair, "30 kB"), split="all", shuffle=False)
+    ds = RootDataset(spec(pair, "120 kB"), split="all", shuffle=False)
     tree = uproot.open(pair / "signal.root")["Events"]
     assert tree["Jet_pt"].entry_offsets[:3] == [0, BASKET, 2 * BASKET]
     steps = {c.stop - c.start for c in ds.chunks}
     assert len(ds.chunks) > 4 and max(steps) >= BASKET  # a real multi-chunk plan
     assert all(c.start % BASKET == 0 for c in ds.chunks), [(c.start, c.stop) for c in ds.chunks]
     assert all(c.stop % BASKET == 0 or c.stop == 6000 for c in ds.chunks)
+
+
+def test_a_byte_step_is_read_as_four_chunks(pair: Path) -> None:
+    """A size is the memory of the arrays in flight (two chunks preprocessed, two read
+    ahead), so a chunk is a quarter of the entries uproot fits in that size."""
+    step = "100 kB"
+    tree = uproot.open(pair / "signal.root")["Events"]
+    whole = tree.num_entries_for(step, filter_name=lambda n: n in {"MET_pt", "Jet_pt",
+                                                                    "PV_npvs"})
+    assert whole < tree.num_entries  # else the file is one chunk whatever the rule
+    plan = RootDataset(spec(pair, step), split="all", shuffle=False).chunks
+    quarter = whole // READS_PER_STEP
+    assert READS_PER_STEP == 4
+    assert max(c.entries for c in plan) <= quarter
+    # cut on the last basket start that fits in the quarter
+    assert max(c.entries for c in plan) == quarter // BASKET * BASKET or quarter < BASKET
 
 
 def test_entry_count_steps_are_kept_exactly(pair: Path) -> None:
@@ -73,7 +89,7 @@ def test_entry_count_steps_are_kept_exactly(pair: Path) -> None:
 
 
 def test_aligned_and_unaligned_plans_give_the_same_events(pair: Path) -> None:
-    aligned = RootDataset(spec(pair, "30 kB"), split="all", shuffle=False).columns()
+    aligned = RootDataset(spec(pair, "120 kB"), split="all", shuffle=False).columns()
     exact = RootDataset(spec(pair, 700), split="all", shuffle=False, stats=None).columns()
 
     def by_event(c: Columns) -> np.ndarray:

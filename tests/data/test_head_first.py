@@ -42,7 +42,7 @@ def spec(d: Path) -> dict:
         "features": ["MET_pt", {"branch": "Jet_pt", "max_len": 4, "sort_by": "Jet_pt"},
                      {"branch": "Muon_eta", "max_len": 2}],
         "cut": "MET_pt > 15",
-        "step_size": "30 kB",
+        "step_size": "120 kB",
     }}
 
 

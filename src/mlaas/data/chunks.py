@@ -23,7 +23,17 @@ from mlaas.data.transform import Chunk
 from mlaas.errors import BranchNotFound, DataError, close_names
 from mlaas.spec import Pipeline
 
-__all__ = ["ChunkRange", "FileInfo", "plan", "bounds", "read", "interleave", "shard"]
+__all__ = ["ChunkRange", "FileInfo", "plan", "bounds", "read", "interleave", "shard",
+           "READS_PER_STEP"]
+
+#: A ``step_size`` in bytes is the memory the loader's arrays in flight may take, so a
+#: chunk is a quarter of it: the loader holds two chunks being preprocessed (one per
+#: source in a shuffle buffer) and reads two ahead. Whole-step chunks held four steps:
+#: a 4M-event pair peaked at 1.55x a 1M-event one (RSS from 2M events up was flat, but a
+#: 1M pair had too few chunks to read ahead), quarter-step chunks 1.0x at half the
+#: peak and the same speed (BENCHMARKS.md, "Data layer", session 14). An entry count
+#: is taken as given: the user chose the chunk's length.
+READS_PER_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,8 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
             empty.append(ref.url)
             continue
         step = sources.entries_per_step(tree, layout.branches, data.step_size)
+        if isinstance(data.step_size, str):
+            step = max(1, step // READS_PER_STEP)
         clusters = (sources.cluster_starts(tree, layout.branches)
                     if isinstance(data.step_size, str) else [])
         for start, stop in bounds(entries, step, clusters):

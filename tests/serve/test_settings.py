@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -197,5 +200,106 @@ def test_issue4_bundle_serving_is_checked_at_upload(tmp_path: Path,
                                                                     "max_delay_ms": 3.0}
             _, batcher = await app.state.runtime.event_batcher("m", 1)
             assert (batcher.max_batch_size, batcher.max_delay) == (256, 0.003)
+
+    asyncio.run(main())
+
+
+def _plant(path: Path, text: str) -> None:
+    """Write ``path`` as an editor saving it would: a new file renamed over the old."""
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+HAND_EDITED = [  # (serving.json as edited by hand, the field the error names or None)
+    ('{"max_batch_size": 0}', "max_batch_size"),
+    ('{"max_batch_size": 8, "max_delay": 2}', "max_delay"),
+    ('{"max_batch_size": 8,}', None),  # not JSON
+    ("[8]", None),
+]
+
+
+def test_a_hand_edited_invalid_serving_json_is_reported_and_not_applied(
+        tmp_path: Path, trained: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """GET .../serving answers 500 ServeError naming the file and the field; predictions
+    go on with the bundle's or the server's settings, with one warning per problem in
+    the log; PUT replaces the file."""
+    app = create_server(tmp_path / "models", max_batch_size=256, freeze_gc=False)
+    path = tmp_path / "models" / "m" / "serving.json"
+    rows = trained["rows"]
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as c:
+            assert (await c.post("/api/models/m", content=trained["bytes"])).status_code == 201
+            assert (await c.put("/api/models/m/serving",
+                                json={"max_batch_size": 4})).status_code == 200
+            want = (await c.post("/api/models/m/predict", json=rows)).json()
+            _, batcher = await app.state.runtime.event_batcher("m")
+            assert batcher.max_batch_size == 4
+            for text, field in HAND_EDITED:
+                caplog.clear()
+                _plant(path, text)
+                await app.state.runtime.refresh("m")  # as a request does once it sees it
+                r = await c.get("/api/models/m/serving")
+                assert r.status_code == 500, r.text
+                body = r.json()
+                assert body["error"] == "ServeError" and body["file_path"] == "m/serving.json"
+                assert body.get("field") == field
+                assert "PUT /api/models/m/serving" in body["message"]
+                if field is not None:
+                    assert field in body["message"]
+                for _ in range(2):
+                    r = await c.post("/api/models/m/predict", json=rows)
+                    assert r.status_code == 200 and r.json() == want, r.text
+                    await app.state.runtime.refresh("m")
+                assert batcher.max_batch_size == 256  # the server's default again
+                warnings = [rec.getMessage() for rec in caplog.records
+                            if rec.name == "mlaas.serve" and rec.levelname == "WARNING"]
+                assert len(warnings) == 1, caplog.text  # once per problem
+                assert "m/serving.json" in warnings[0]
+                assert field is None or field in warnings[0]
+            r = await c.put("/api/models/m/serving", json={"max_batch_size": 8})
+            assert r.status_code == 200 and r.json()["max_batch_size"] == 8
+            assert json.loads(path.read_text()) == {"max_batch_size": 8}
+            assert (await c.post("/api/models/m/predict", json=rows)).json() == want
+            assert batcher.max_batch_size == 8
+
+    with caplog.at_level(logging.WARNING, logger="mlaas.serve"):
+        asyncio.run(main())
+
+
+def test_a_planted_bundle_with_invalid_serving_is_shown_not_served(
+        tmp_path: Path, trained: dict[str, Any]) -> None:
+    """A version put in the registry directory by hand whose spec.json carries an invalid
+    ``serving`` (upload refuses such bundles): GET .../serving shows the other versions'
+    settings and, for it, the error naming the file and the field; it is not served."""
+    app = create_server(tmp_path / "models", freeze_gc=False)
+    model = tmp_path / "models" / "m"
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as c:
+            assert (await c.post("/api/models/m", content=trained["bytes"])).status_code == 201
+            shutil.copytree(model / "1", model / ".2")
+            spec = json.loads((model / ".2" / "spec.json").read_text())
+            (model / ".2" / "spec.json").write_text(
+                json.dumps({**spec, "serving": {"max_batch_size": 0}}))
+            os.rename(model / ".2", model / "2")
+            r = await c.get("/api/models/m/serving")
+            assert r.status_code == 200, r.text
+            assert r.json() == {
+                "model": "m", "max_batch_size": 256, "max_delay_ms": 2.0, "set": [],
+                "versions": {
+                    "1": {"max_batch_size": 256, "max_delay_ms": 2.0},
+                    "2": {"error": "BundleError",
+                          "message": "invalid serving settings: serving.max_batch_size: "
+                                     "Input should be greater than or equal to 1",
+                          "field": "serving.max_batch_size", "file_path": "m/2/spec.json"}}}
+            r = await c.post("/api/models/m/predict", json=trained["rows"])  # the latest: 2
+            assert r.status_code == 400 and r.json()["error"] == "BundleError", r.text
+            assert r.json()["field"] == "serving.max_batch_size"
+            r = await c.post("/api/models/m/predict?version=1", json=trained["rows"])
+            assert r.status_code == 200 and r.json()["version"] == 1, r.text
 
     asyncio.run(main())

@@ -28,7 +28,15 @@ GET        /api/models/{name}/serving              the model's dynamic batching 
                                                    else the server's defaults, ``set`` the
                                                    fields the operator set, ``versions``
                                                    what each version batches with (a
-                                                   bundle's own ``serving`` counted)
+                                                   bundle's own ``serving`` counted; for a
+                                                   bundle with an invalid one, put there
+                                                   by hand, its error with ``field`` and
+                                                   ``file_path``). 500 ``ServeError`` naming
+                                                   ``file_path`` and ``field`` when the
+                                                   model's serving.json was edited by hand
+                                                   into something invalid (its batches use
+                                                   the bundle's or the server's settings
+                                                   meanwhile; see docs/serving.md)
 PUT        /api/models/{name}/serving              body ``{"max_batch_size": int >= 1,
                                                    "max_delay_ms": float >= 0}`` (either may
                                                    be left out: back to the default; ``{}``
@@ -110,7 +118,7 @@ from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlaas.bundle import MODEL_FILE, Bundle
+from mlaas.bundle import MODEL_FILE, SPEC_FILE, Bundle
 from mlaas.errors import BadRequest, MlaasError, RequestTooLarge
 from mlaas.serve import access as hooks
 from mlaas.serve import jsonio
@@ -385,18 +393,24 @@ async def _upload(request: Request, name: str, metadata: dict[str, Any],
 
 
 def _serving(request: Request, name: str) -> dict[str, Any]:
-    """The answer of ``GET /api/models/{name}/serving`` (blocking: reads the registry)."""
+    """The answer of ``GET /api/models/{name}/serving`` (blocking: reads the registry).
+
+    An invalid serving.json raises (from :meth:`Registry.serving`): the operator
+    asked what the settings are, and the honest answer is the file to fix. A
+    version whose bundle's own ``serving`` is invalid is one entry among the
+    versions, shown as its error (the error body's fields, and the file), so the
+    other versions' settings are still answered."""
     registry = _registry(request)
     stored = registry.serving(name)
     runtime = getattr(request.app.state, "runtime", None)
     defaults: Batching = runtime.defaults if runtime is not None else Batching()
     versions: dict[str, Any] = {}
     for described in registry.get(name)["versions"]:
+        key = str(described["version"])
         try:
-            versions[str(described["version"])] = effective(stored, described["spec"],
-                                                            defaults).to_dict()
+            versions[key] = effective(stored, described["spec"], defaults).to_dict()
         except MlaasError as exc:  # a bundle put in the directory by hand with bad settings
-            versions[str(described["version"])] = {"error": str(exc)}
+            versions[key] = {**exc.to_dict(), "file_path": f"{name}/{key}/{SPEC_FILE}"}
     return {"model": name, **defaults.to_dict(), **stored, "set": sorted(stored),
             "versions": versions}
 

@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mlaas.bundle import MAX_MEMBERS, MODEL_FILE, SPEC_FILE, Bundle, bundle_root, safe_extract
-from mlaas.errors import BundleError, InvalidName, MlaasError, ModelNotFound, close_names
+from mlaas.errors import BundleError, InvalidName, ModelNotFound, ServeError, close_names
 from mlaas.serve.settings import parse_settings
 
 __all__ = [
@@ -118,6 +118,27 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         return dict(json.loads(json.dumps(metadata)))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"upload metadata is not JSON-serialisable: {exc}") from None
+
+
+def _parse_serving_file(name: str, text: str) -> dict[str, Any]:
+    """The settings in model ``name``'s ``serving.json`` (``text``), or a
+    :class:`ServeError` naming the file and the field (see :meth:`Registry.serving`)."""
+    where = f"{name}/{_SERVING_FILE}"
+    fix = f"fix the file or replace it with PUT /api/models/{name}/serving"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ServeError(f"the serving settings of model {name!r} are not valid JSON ({exc}); "
+                         f"{fix}", model=name, file_path=where) from None
+    if not isinstance(data, dict):
+        raise ServeError(f"the serving settings of model {name!r} must be a JSON object, not "
+                         f"{type(data).__name__}; {fix}", model=name, file_path=where)
+    try:
+        return parse_settings(data, error=ServeError)
+    except ServeError as exc:
+        raise ServeError(f"{exc.message} (the serving settings of model {name!r}); {fix}",
+                         model=name, field=exc.context.get("field"),
+                         file_path=where) from None
 
 
 def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
@@ -462,20 +483,30 @@ class Registry:
     def serving(self, name: str, *, versions: builtins.list[int] | None = None
                 ) -> dict[str, Any]:
         """The batching settings the operator set for model ``name`` (only the fields
-        set; ``{}`` when none). Raises :class:`ModelNotFound` for an unknown model.
+        set; ``{}`` when none).
 
         Args:
             name: the model.
             versions: as in :meth:`resolve`: the caller listed them already, so the
                 model is known to exist and its directory is not listed again.
+
+        Raises :class:`ModelNotFound` for an unknown model, and
+        :class:`~mlaas.errors.ServeError` (HTTP 500) naming the file
+        (``file_path``, ``<name>/serving.json`` under the registry root) and the
+        bad field (``field``) when ``serving.json`` was edited by hand into
+        something invalid: not JSON, not an object, an unknown field or a bad
+        value. They are the operator's settings, so they are not guessed at: the
+        error says what to fix, and ``PUT /api/models/{name}/serving`` replaces
+        the file. (The runtime batches the model with its bundle's or the
+        server's settings meanwhile, with a warning in the log.)
         """
         if not versions:
             self._versions(name)
-        stored = _read_json(self._model_dir(name) / _SERVING_FILE)
         try:
-            return parse_settings(stored)
-        except MlaasError:  # edited by hand into something invalid: not applied
+            text = (self._model_dir(name) / _SERVING_FILE).read_text()
+        except FileNotFoundError:
             return {}
+        return _parse_serving_file(name, text)
 
     def set_serving(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
         """Store the batching settings of model ``name`` (replacing the previous ones; a

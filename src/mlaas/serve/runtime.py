@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import time
 from collections import deque
@@ -48,6 +49,8 @@ __all__ = [
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_INLINE_ROWS",
 ]
+
+log = logging.getLogger("mlaas.serve")
 
 DEFAULT_MAX_QUEUE = 1024
 #: The largest request run on the event loop's thread when alone (~2 ms of the benchmark MLP).
@@ -577,6 +580,7 @@ class Runtime:
             self.workers = ProcessScorer(event_workers)
         self._held: dict[tuple[str, int], _Held] = {}  # (name, version) -> its batchers
         self._reads = itertools.count()  # numbers _model_state's readings
+        self._bad_settings: dict[str, str] = {}  # name -> the invalid settings last warned of
         # name -> the newest reading applied (names the registry has had, not every name
         # a client asked for)
         self._applied: dict[str, int] = {}
@@ -632,9 +636,30 @@ class Runtime:
         versions = frozenset(listed) if listed is not None else None
         stored: dict[str, Any] = {}
         if callable(serving_of) and versions != frozenset():
-            with contextlib.suppress(KeyError):  # the model was deleted meanwhile
-                stored = serving_of(name, versions=listed) if listed else serving_of(name)
+            stored = self._stored(serving_of, name, listed)
         return _ModelState(read, versions, stored)
+
+    def _stored(self, serving_of: Callable[..., dict[str, Any]], name: str,
+                listed: list[int] | None) -> dict[str, Any]:
+        """The operator's settings of ``name``, or ``{}`` when the model was deleted
+        meanwhile or its settings file is invalid (edited by hand). Then the model is
+        batched with its bundle's or the server's settings and a warning naming the
+        file and field is logged, once per problem: a slip in a tuning file should
+        not stop a model from being served (``GET /api/models/{name}/serving``
+        answers the error, so the operator sees what to fix)."""
+        try:
+            stored = serving_of(name, versions=listed) if listed else serving_of(name)
+        except KeyError:
+            return {}
+        except MlaasError as exc:
+            problem = str(exc)
+            if self._bad_settings.get(name) != problem:
+                self._bad_settings[name] = problem
+                log.warning("model %r is batched with its bundle's or the server's settings, "
+                            "not its own: %s", name, problem)
+            return {}
+        self._bad_settings.pop(name, None)
+        return stored
 
     def _look(self, name: str, version: int | None, alias: str | None
               ) -> tuple[_ModelState, tuple[int, Any] | Exception]:

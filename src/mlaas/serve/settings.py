@@ -26,7 +26,9 @@ They come from three places; per field, the first that sets it wins:
 Both sources that come from outside (a request body, a bundle) go through
 :func:`parse_settings`, so they are refused the same way: strict types (no
 ``"8"`` for 8, no ``true`` for 1), no unknown fields, and an error naming
-the field.
+the field. So does the operator's stored file when it is read back: one
+edited by hand into something invalid is reported, not applied (see
+:meth:`mlaas.serve.registry.Registry.serving`).
 """
 
 from __future__ import annotations

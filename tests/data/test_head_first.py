@@ -97,21 +97,41 @@ def test_every_event_once_with_the_values_of_columns(pair: Path, monkeypatch) ->
 
 
 def test_threads_give_the_batches_of_the_serial_epoch(pair: Path, monkeypatch) -> None:
+    """Reader threads, the padding's second thread (every other row tile of a piece) and
+    its gathering of every other batch change nothing: the same batches, bit for bit,
+    in the same order as one thread doing everything."""
+    from mlaas.data import kernels, transform
+
     monkeypatch.setattr(loader, "PIECE_ROWS", 300)
+    monkeypatch.setattr(kernels, "TILE_ROWS", 16)  # many tiles per piece
+    helped = []
+    features = transform.Transform._features
+
+    def recording(self, env, chunk, keep, index, out, fill=None):  # type: ignore[no-untyped-def]
+        helped.append(fill is not None and len(index) > kernels.TILE_ROWS)
+        return features(self, env, chunk, keep, index, out, fill)
+
+    monkeypatch.setattr(transform.Transform, "_features", recording)
     threaded = RootDataset(spec(pair), split="all", batch_size=64, seed=9)
     serial = RootDataset(spec(pair), split="all", batch_size=64, seed=9, prefetch=False)
     for epoch in range(2):
-        a, b = list(threaded.iter_epoch(epoch)), list(serial.iter_epoch(epoch))
+        helped.clear()
+        a = list(threaded.iter_epoch(epoch))
+        assert sum(helped) > 10  # pieces of several tiles, padded by two threads
+        helped.clear()
+        b = list(serial.iter_epoch(epoch))
+        assert helped and not any(helped)
         assert len(a) == len(b) > 10
         for x, y in zip(a, b, strict=True):
             for key in x:
+                assert x[key].dtype == y[key].dtype
                 np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_leaving_an_epoch_early_stops_its_threads(pair: Path, monkeypatch) -> None:
     monkeypatch.setattr(loader, "PIECE_ROWS", 300)
     ds = RootDataset(spec(pair), split="all", batch_size=16)
-    names = ("mlaas-batches", "mlaas-prefetch")
+    names = ("mlaas-batches", "mlaas-prefetch", "mlaas-fill")
     before = {t for t in threading.enumerate() if t.name.startswith(names)}
     it = ds.iter_epoch(0)
     for _ in range(3):

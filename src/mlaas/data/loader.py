@@ -20,7 +20,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -245,14 +245,19 @@ class RootDataset:
             mine = self._chunk_order(rng, self.chunks)
         buffer = self._shuffle_buffer()
         in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
+        # a second thread for the compiled padding (see Transform._features): the batch
+        # thread is an epoch's critical path and the readers leave part of a core free
+        fill = ThreadPoolExecutor(1, thread_name_prefix="mlaas-fill") if threads else None
         try:
-            for cols, last in self._pieces(mine, buffer if in_place else None, threads):
+            for cols, last in self._pieces(mine, buffer if in_place else None, threads, fill):
                 buffer.add(self._balanced(cols, epoch))
                 if last:
-                    rest = yield from self._flush(buffer.filled(), rng, final=False)
+                    rest = yield from self._flush(buffer.filled(), rng, False, fill)
                     buffer.restart(rest)
-            yield from self._flush(buffer.filled(), rng, final=True)
+            yield from self._flush(buffer.filled(), rng, True, fill)
         finally:
+            if fill is not None:  # before the buffer is lent again: a take may still read it
+                fill.shutdown(wait=True)
             buffer.give_back()
 
     def _shuffle_buffer(self) -> _ShuffleBuffer:
@@ -294,7 +299,7 @@ class RootDataset:
         return chunking.interleave(shuffled)
 
     def _pieces(self, chunks: list[chunking.ChunkRange], outputs: _ShuffleBuffer | None,
-                threads: bool) -> Iterator[tuple[Columns, bool]]:
+                threads: bool, fill: Executor | None = None) -> Iterator[tuple[Columns, bool]]:
         """Each chunk's columns in pieces, and whether a piece completes a shuffle buffer.
 
         Chunks are taken ``shuffle_chunks`` at a time (consecutive in the
@@ -311,10 +316,10 @@ class RootDataset:
         for item in self._fetched(chunks, threads):
             group.append(item)
             if len(group) == self._group_size():
-                yield from self._group_pieces(group, outputs, first)
+                yield from self._group_pieces(group, outputs, first, fill)
                 group, first = [], False
         if group:
-            yield from self._group_pieces(group, outputs, first)
+            yield from self._group_pieces(group, outputs, first, fill)
 
     def _group_size(self) -> int:
         """Chunks cut into pieces together: ``shuffle_chunks``, or 1 without shuffling.
@@ -325,8 +330,8 @@ class RootDataset:
         return self.shuffle_chunks if self.shuffle else 1
 
     def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]],
-                      outputs: _ShuffleBuffer | None,
-                      first: bool = False) -> Iterator[tuple[Columns, bool]]:
+                      outputs: _ShuffleBuffer | None, first: bool = False,
+                      fill: Executor | None = None) -> Iterator[tuple[Columns, bool]]:
         parts = self._parts([chunk for chunk, _ in group], first)
         kept: dict[str, list[Columns]] = {chunk.name: [] for chunk, _ in group}
         for j in range(parts):
@@ -336,7 +341,7 @@ class RootDataset:
                     cols = fetched.take(slice(j * n // parts, (j + 1) * n // parts))
                 else:
                     start, stop = _piece_range(chunk, j, parts, first)
-                    cols = self._transform_piece(fetched, start, stop, outputs)
+                    cols = self._transform_piece(fetched, start, stop, outputs, fill)
                     if self.cache.enabled:  # the buffer's rows are overwritten: keep a copy
                         kept[chunk.name].append(Columns.concat([cols]))
                         if j == parts - 1:
@@ -357,11 +362,12 @@ class RootDataset:
         return parts
 
     def _transform_piece(self, chunk: Chunk | _HeadFirst, start: int, stop: int,
-                         outputs: _ShuffleBuffer | None) -> Columns:
+                         outputs: _ShuffleBuffer | None, fill: Executor | None = None
+                         ) -> Columns:
         piece = chunk.piece(start, stop) if isinstance(chunk, _HeadFirst) else _slice(
             chunk, start, stop)
         return self.transform(piece, None if self.split == "all" else self.split,
-                              outputs.lend if outputs is not None else None)
+                              outputs.lend if outputs is not None else None, fill=fill)
 
     def _fetched(self, chunks: list[chunking.ChunkRange], threads: bool = True,
                  ) -> Iterator[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]]:
@@ -457,14 +463,26 @@ class RootDataset:
             keep[rows] = u < self._keep_fraction[info.ref.source]
         return cols.take(np.flatnonzero(keep))
 
-    def _flush(self, buf: Columns, rng: np.random.Generator,
-               final: bool) -> Iterator[Batch]:
-        """Shuffle the buffer, yield full batches, return the rest (a copy) for the next one."""
+    def _flush(self, buf: Columns, rng: np.random.Generator, final: bool,
+               fill: Executor | None = None) -> Iterator[Batch]:
+        """Shuffle the buffer, yield full batches, return the rest (a copy) for the next one.
+
+        With ``fill`` (the padding's second thread, idle meanwhile) every other batch
+        is gathered there while this thread gathers the one before it: the gathers
+        were a fifth of the batch thread's time, and numpy's take runs without the GIL.
+        """
         n, b = len(buf), self.batch_size
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         full = n // b
-        for i in range(full):
-            yield buf.take(order[i * b:(i + 1) * b]).as_dict()
+
+        def batch(i: int) -> Batch:
+            return buf.take(order[i * b:(i + 1) * b]).as_dict()
+
+        for i in range(0, full, 2 if fill is not None else 1):
+            second = fill.submit(batch, i + 1) if fill is not None and i + 1 < full else None
+            yield batch(i)
+            if second is not None:
+                yield second.result()
         rest = buf.take(order[full * b:])
         if final and len(rest) and not self.drop_last:
             yield rest.as_dict()

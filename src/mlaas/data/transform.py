@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -396,12 +397,15 @@ class Transform:
         entries = np.arange(chunk.entry_start, chunk.entry_start + n, dtype=np.int64)
         return split_codes(chunk.file_key, entries, s.validation, s.test, s.seed)
 
-    def __call__(self, chunk: Chunk, split: str | None, out: Outputs | None = None) -> Columns:
+    def __call__(self, chunk: Chunk, split: str | None, out: Outputs | None = None,
+                 fill: Executor | None = None) -> Columns:
         """Preprocess one chunk, keeping events of ``split`` (None: every split).
 
         ``out(m)`` may hand over ``x`` [m, n_columns] and ``mask`` [m, n_mask]
         float32 arrays to write into (views of reused buffers): fresh arrays of
-        a chunk's size cost their page faults on every chunk.
+        a chunk's size cost their page faults on every chunk. ``fill``, a
+        one-thread executor, pads half of the row tiles of jagged branches
+        while the calling thread pads the other half (see :meth:`_features`).
         """
         n = len(next(iter(chunk.arrays.values()))) if chunk.arrays else 0
         keep = np.ones(n, dtype=bool)
@@ -414,7 +418,7 @@ class Transform:
         w = self._weight(env, chunk, n)[index]
         self._finite(y, "the label", "data.label", chunk)
         self._finite(w, "the weight", "data.weight", chunk)
-        x, mask = self._features(env, chunk, keep, index, out)
+        x, mask = self._features(env, chunk, keep, index, out, fill)
         m = len(index)
         return Columns(
             x=x, y=y, w=w, mask=mask,
@@ -442,7 +446,8 @@ class Transform:
                             file_path=chunk.url, field_path=path)
 
     def _features(self, env: Mapping[str, Any], chunk: Chunk, keep: np.ndarray,
-                  index: np.ndarray, out: Outputs | None) -> tuple[np.ndarray, np.ndarray]:
+                  index: np.ndarray, out: Outputs | None, fill: Executor | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """Write each feature straight into float32 ``x``, normalised on the way.
 
         Flat features are one numpy column write each. Jagged branches are
@@ -482,11 +487,26 @@ class Transform:
                 width = 1
                 x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
             col += width
-        for first in range(0, m, kernels.TILE_ROWS):
-            last = min(m, first + kernels.TILE_ROWS)
-            for (c, width, mcol, offsets, order, content, shift, scale, pad) in jagged:
-                kernels.fill_slots(x, c, width, mask, mcol, rows, offsets, order, content,
-                                   shift, scale, pad, first, last)
+        tiles = range(0, m, kernels.TILE_ROWS)
+
+        def pad(starts: range) -> None:
+            for first in starts:
+                last = min(m, first + kernels.TILE_ROWS)
+                for (c, width, mcol, offsets, order, content, shift, scale, value) in jagged:
+                    kernels.fill_slots(x, c, width, mask, mcol, rows, offsets, order,
+                                       content, shift, scale, value, first, last)
+
+        if fill is None or len(tiles) < 2 or not jagged:
+            pad(tiles)
+            return x, mask
+        # Tiles are disjoint rows, and the compiled loop holds no GIL: two threads pad
+        # at once, each value written by exactly one of them (bit for bit as one thread).
+        other = fill.submit(pad, tiles[1::2])
+        try:
+            pad(tiles[0::2])
+        finally:
+            wait([other])
+        other.result()
         return x, mask
 
     def _clean_content(self, coll: _Collection, raw: np.ndarray, keep: np.ndarray,

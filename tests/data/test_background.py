@@ -1,13 +1,15 @@
-"""The background batch thread: order kept, errors raised in the caller, early stop cleans up."""
+"""The background batch thread: order kept, errors raised in the caller, early stop cleans up,
+the backlog seen by the producer."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from mlaas.data.background import in_background
+from mlaas.data.background import Backlog, in_background
 from mlaas.errors import BadValues
 
 
@@ -73,3 +75,27 @@ def test_nothing_starts_before_the_first_item_is_asked_for() -> None:
     it = in_background(work(), depth=1, name="bg-lazy")
     assert not started.is_set() and "bg-lazy" not in _threads()
     assert list(it) == [1]
+
+
+def test_the_backlog_tells_the_producer_whether_the_consumer_waits() -> None:
+    """Low while the queue is under a quarter full (the consumer waits: a producer may
+    take a second core), not low while it is fuller (the consumer is the slower one)."""
+    backlog = Backlog()
+    assert backlog.low()  # no queue yet
+    seen: list[bool] = []
+
+    def items() -> Iterator[int]:
+        for i in range(12):
+            seen.append(backlog.low())
+            yield i
+
+    it = in_background(items(), depth=8, backlog=backlog)
+    assert next(it) == 0
+    for _ in range(2000):  # the producer fills the queue while nobody reads it
+        if backlog._queue is not None and backlog._queue.qsize() >= 7:
+            break
+        time.sleep(0.005)
+    assert not backlog.low()
+    assert list(it) == list(range(1, 12))
+    assert seen[0] is True  # the first item: an empty queue
+    assert seen[3:9] == [False] * 6  # items made while 2..7 others waited unread

@@ -19,21 +19,43 @@ import threading
 from collections.abc import Iterator
 from typing import TypeVar
 
-__all__ = ["in_background"]
+__all__ = ["in_background", "Backlog"]
 
 T = TypeVar("T")
 _POLL_S = 0.1  # how often a blocked producer checks whether the consumer left
 
 
-def in_background(items: Iterator[T], depth: int, name: str = "mlaas-batches") -> Iterator[T]:
+class Backlog:
+    """What the consumer has in reserve: lets the producer see whether it is waited for.
+
+    A producer that can work faster by taking a second core (the loader's
+    padding thread) should do so only while the consumer waits: a training
+    step that is slower than the loader needs the cores for itself, and the
+    queue is full then.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[bool, object]] | None = None
+
+    def low(self) -> bool:
+        """Whether less than a quarter of the queue is filled (or there is no queue)."""
+        q = self._queue
+        return q is None or q.qsize() * 4 < q.maxsize
+
+
+def in_background(items: Iterator[T], depth: int, name: str = "mlaas-batches",
+                  backlog: Backlog | None = None) -> Iterator[T]:
     """Yield ``items`` in order, produced by a thread that runs at most ``depth`` items ahead.
 
     Args:
         items (iterator): the work; it is advanced only in the thread.
         depth (int): items held in the queue at most (memory bound).
         name (str): the thread's name, for profilers and ``py-spy dump``.
+        backlog (Backlog): when given, reports this queue's level to the producer.
     """
     handoff: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=max(1, depth))
+    if backlog is not None:
+        backlog._queue = handoff
     stop = threading.Event()
 
     def put(entry: tuple[bool, object]) -> bool:

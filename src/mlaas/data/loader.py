@@ -31,7 +31,7 @@ from mlaas.data import chunks as chunking
 from mlaas.data import kernels
 from mlaas.data import sources
 from mlaas.data import stats as pass1
-from mlaas.data.background import in_background
+from mlaas.data.background import Backlog, in_background
 from mlaas.data.cache import ChunkCache, MemoryCache, dataset_key, make_cache
 from mlaas.data.layout import Layout, resolve_layout
 from mlaas.data.transform import COLUMN_FIELDS, SPLITS, Chunk, Columns, Transform, uniform_hash
@@ -219,15 +219,17 @@ class RootDataset:
         if not self.prefetch:
             return self._epoch_batches(epoch, worker, num_workers, False)
         ahead = True if read_ahead is None else read_ahead
-        batches = self._epoch_batches(epoch, worker, num_workers, ahead)
-        return in_background(batches, self._queue_depth(), "mlaas-batches")
+        backlog = Backlog()
+        batches = self._epoch_batches(epoch, worker, num_workers, ahead, backlog)
+        return in_background(batches, self._queue_depth(), "mlaas-batches", backlog)
 
     def _queue_depth(self) -> int:
         """Batches the background thread may hold: one shuffle buffer's worth."""
         return max(2, -(-self.shuffle_chunks * self._piece_rows() // self.batch_size))
 
     def _epoch_batches(self, epoch: int, worker: int, num_workers: int,
-                       threads: bool = True) -> Iterator[Batch]:
+                       threads: bool = True, backlog: Backlog | None = None
+                       ) -> Iterator[Batch]:
         """The epoch's batches: shuffle buffers are filled, then cut into batches.
 
         One thread does both. Filling in one thread and cutting in another,
@@ -245,19 +247,27 @@ class RootDataset:
             mine = self._chunk_order(rng, self.chunks)
         buffer = self._shuffle_buffer()
         in_place = not isinstance(self.cache, MemoryCache)  # a memory cache keeps each chunk
-        # a second thread for the compiled padding (see Transform._features): the batch
-        # thread is an epoch's critical path and the readers leave part of a core free
-        fill = ThreadPoolExecutor(1, thread_name_prefix="mlaas-fill") if threads else None
+        # A second thread for the compiled padding (see Transform._features) and the
+        # batch gathers, used while the consumer waits for batches (backlog low): then
+        # the batch thread is the critical path and the readers leave part of a core
+        # free. A training step slower than the loader keeps the queue full, and the
+        # cores go to torch (a third busy thread slowed its steps).
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mlaas-fill") if threads else None
+        wanted = backlog.low if backlog is not None else (lambda: True)
+
+        def fill() -> Executor | None:
+            return pool if pool is not None and wanted() else None
+
         try:
             for cols, last in self._pieces(mine, buffer if in_place else None, threads, fill):
                 buffer.add(self._balanced(cols, epoch))
                 if last:
-                    rest = yield from self._flush(buffer.filled(), rng, False, fill)
+                    rest = yield from self._flush(buffer.filled(), rng, False, fill())
                     buffer.restart(rest)
-            yield from self._flush(buffer.filled(), rng, True, fill)
+            yield from self._flush(buffer.filled(), rng, True, fill())
         finally:
-            if fill is not None:  # before the buffer is lent again: a take may still read it
-                fill.shutdown(wait=True)
+            if pool is not None:  # before the buffer is lent again: a take may still read it
+                pool.shutdown(wait=True)
             buffer.give_back()
 
     def _shuffle_buffer(self) -> _ShuffleBuffer:
@@ -299,7 +309,8 @@ class RootDataset:
         return chunking.interleave(shuffled)
 
     def _pieces(self, chunks: list[chunking.ChunkRange], outputs: _ShuffleBuffer | None,
-                threads: bool, fill: Executor | None = None) -> Iterator[tuple[Columns, bool]]:
+                threads: bool, fill: Callable[[], Executor | None] = lambda: None
+                ) -> Iterator[tuple[Columns, bool]]:
         """Each chunk's columns in pieces, and whether a piece completes a shuffle buffer.
 
         Chunks are taken ``shuffle_chunks`` at a time (consecutive in the
@@ -331,7 +342,8 @@ class RootDataset:
 
     def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]],
                       outputs: _ShuffleBuffer | None, first: bool = False,
-                      fill: Executor | None = None) -> Iterator[tuple[Columns, bool]]:
+                      fill: Callable[[], Executor | None] = lambda: None
+                      ) -> Iterator[tuple[Columns, bool]]:
         parts = self._parts([chunk for chunk, _ in group], first)
         kept: dict[str, list[Columns]] = {chunk.name: [] for chunk, _ in group}
         for j in range(parts):
@@ -341,7 +353,7 @@ class RootDataset:
                     cols = fetched.take(slice(j * n // parts, (j + 1) * n // parts))
                 else:
                     start, stop = _piece_range(chunk, j, parts, first)
-                    cols = self._transform_piece(fetched, start, stop, outputs, fill)
+                    cols = self._transform_piece(fetched, start, stop, outputs, fill())
                     if self.cache.enabled:  # the buffer's rows are overwritten: keep a copy
                         kept[chunk.name].append(Columns.concat([cols]))
                         if j == parts - 1:

@@ -41,6 +41,19 @@ def test_bounds_end_on_the_last_cluster_start_that_fits() -> None:
     assert bounds(450_000, 594_000, clusters) == [(0, 450_000)]
 
 
+def test_bounds_stretch_to_the_next_cluster_rather_than_split_one() -> None:
+    """A quarter-step chunk shorter than a cluster runs on to the cluster's end when that
+    is within the whole step, so no basket is inflated twice; past it, the step cuts."""
+    clusters = list(range(0, 500_001, 100_000))
+    assert bounds(500_000, 65_000, clusters, stretch=260_000) == [
+        (0, 100_000), (100_000, 200_000), (200_000, 300_000), (300_000, 400_000),
+        (400_000, 500_000)]
+    assert bounds(500_000, 65_000, clusters, stretch=90_000) == [
+        (0, 65_000), (65_000, 100_000), (100_000, 165_000), (165_000, 200_000),
+        (200_000, 265_000), (265_000, 300_000), (300_000, 365_000), (365_000, 400_000),
+        (400_000, 465_000), (465_000, 500_000)]
+
+
 def test_bounds_fall_back_to_the_step_where_no_cluster_fits() -> None:
     assert bounds(1000, 300, []) == [(0, 300), (300, 600), (600, 900), (900, 1000)]
     assert bounds(1000, 300, [0, 500, 1000]) == [(0, 300), (300, 500), (500, 800), (800, 1000)]

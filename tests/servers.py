@@ -10,6 +10,7 @@
   which is what uproot/fsspec need to read ``http://`` URLs.
 
 Both bind 127.0.0.1 only and remove their temporary directories on stop.
+:func:`running` serves an ASGI app of ours with uvicorn on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
 
 HOST = "127.0.0.1"
 SHIM_SOURCE = Path(__file__).resolve().parent / "support" / "loopback_bind.c"
@@ -432,3 +438,24 @@ class RangeHTTPServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 (lifespan on) in a thread; yields
+    ``"127.0.0.1:PORT"`` once it accepts connections, and stops it afterwards."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            pytest.fail("uvicorn did not start", pytrace=False)
+        time.sleep(0.02)
+    try:
+        yield f"{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

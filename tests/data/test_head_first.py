@@ -59,16 +59,7 @@ def test_chunks_know_their_first_cluster(pair: Path) -> None:
 
 def test_the_first_group_is_read_head_first(pair: Path, monkeypatch) -> None:
     ds = RootDataset(spec(pair), split="all", batch_size=64, seed=5)
-    reads: list[tuple[int, int, int]] = []
-    lock = threading.Lock()
-    real = chunks.read
-
-    def read(pipeline, layout, chunk):  # type: ignore[no-untyped-def]
-        with lock:
-            reads.append((chunk.file_index, chunk.start, chunk.stop))
-        return real(pipeline, layout, chunk)
-
-    monkeypatch.setattr(chunks, "read", read)
+    reads = recorded_reads(monkeypatch)
     batches = list(ds.iter_epoch(0))
     assert sum(len(b["y"]) for b in batches) == ds.num_events
     first = ds._chunk_order(np.random.default_rng([ds.seed, 0]), ds.chunks)[:2]

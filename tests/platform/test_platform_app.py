@@ -6,24 +6,21 @@ real job manager and local executor); no job is started here.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from mlaas.errors import ConfigError, Conflict, Forbidden, NotFound, PathError, QuotaExceeded
 from mlaas.errors import RateLimited, SpecError, Unauthorized
 from mlaas.platform.app import SINGLE_USER_NOTICE, _error_body, _status_of, create_platform_app
 from mlaas.platform.config import PlatformConfig, load_config
 from platform_support import TestClient
-from servers import HOST, free_port
+from servers import running
 
 # -- configuration -------------------------------------------------------------------------
 
@@ -296,26 +293,6 @@ def test_an_upload_asks_the_store_for_the_model_name_once(
         assert store.get_model("theirs").owner == "bob"  # not bob's claim: kept
 
 
-@contextlib.contextmanager
-def _live(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn on 127.0.0.1 (lifespan on); yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            pytest.fail("uvicorn did not start", pytrace=False)
-        time.sleep(0.02)
-    try:
-        yield f"http://{HOST}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_overlapping_failed_first_uploads_leave_the_name_free(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Alice's first upload A claims a name; her second, B, starts while A is running
@@ -338,7 +315,8 @@ def test_overlapping_failed_first_uploads_leave_the_name_free(
             status[i] = client.post("/api/models/twice", content=body(i),
                                     headers=AS_ALICE).status_code
 
-    with _live(app) as base:
+    with running(app) as address:
+        base = f"http://{address}"
         store = app.state.platform.store
         real = store.ensure_model
 

@@ -3,20 +3,15 @@ Prometheus text as samples."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import tarfile
-import threading
-import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import HOST, free_port
+from servers import running  # noqa: F401  - the serving tests import it from here
+
 
 def with_spec(archive: bytes, **changes: Any) -> bytes:
     """``archive`` (a bundle .tar.gz) repacked with spec.json's top-level keys changed;
@@ -49,22 +44,3 @@ def samples(text: str, name: str) -> dict[Labels, float]:
             if s.name == name}
 
 
-@contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on 127.0.0.1 (lifespan on) in a thread; yields
-    ``"127.0.0.1:PORT"`` once it accepts connections, and stops it afterwards."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            pytest.fail("uvicorn did not start", pytrace=False)
-        time.sleep(0.02)
-    try:
-        yield f"{HOST}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -105,9 +105,7 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
             empty.append(ref.url)
             continue
         whole = sources.entries_per_step(tree, layout.branches, data.step_size)
-        step = whole
-        if isinstance(data.step_size, str):
-            step = max(1, whole // READS_PER_STEP)
+        step = max(1, whole // READS_PER_STEP) if isinstance(data.step_size, str) else whole
         clusters = (sources.cluster_starts(tree, layout.branches)
                     if isinstance(data.step_size, str) else [])
         for start, stop in bounds(entries, step, clusters, stretch=whole):
@@ -143,13 +141,13 @@ def bounds(entries: int, step: int, clusters: Sequence[int] = (),
         while i < len(starts) and starts[i] <= start:
             i += 1
         j = bisect.bisect_right(starts, limit, lo=i) - 1  # last cluster start <= limit
+        after = starts[i] if i < len(starts) else entries  # the next cluster start (or end)
         if limit == entries:
             stop = limit
         elif j >= i:
             stop = starts[j]
-        elif (starts[i] if i < len(starts) else entries) <= start + stretch:
-            # the next cluster start (or the end), past the step but within stretch
-            stop = starts[i] if i < len(starts) else entries
+        elif after <= start + stretch:  # past the step, but no cluster is cut
+            stop = after
         else:
             stop = limit
         out.append((start, stop))

@@ -305,9 +305,11 @@ def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]]
             continue
         items.append(JaggedFeature(branch=name) if kind == "jagged" else name)
     for name in data.derived:
-        if name in answer and name not in skip:
+        if name in skip:
+            continue
+        if name in answer:
             notes.append(_answer_note("derived name", name, answer[name]))
-        elif name not in skip:
+        else:
             items.append(name)
     return items
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mlaas.data.ring import Piped, Ring, Slotted
+
 if TYPE_CHECKING:
     from mlaas.data.loader import RootDataset
 
@@ -37,6 +39,13 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         self.advance = advance  # False: every pass repeats the same epoch (validation)
         self._passes = _SharedPasses()
         self._runs = 0  # passes this copy has made (a persistent worker's own count)
+        self._ring: Ring | None | bool = None  # a worker's ring (False: none to be had)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For workers started by spawn: a ring belongs to the process that made it."""
+        state = self.__dict__.copy()
+        state["_ring"] = None
+        return state
 
     def set_epoch(self, epoch: int) -> None:
         """The next pass uses ``epoch``; the ones after it ``epoch + 1``, ``epoch + 2``..."""
@@ -77,7 +86,19 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         # workers in turn, so a worker that made batches only when asked would
         # wait for the other's reading instead of reading at the same time.
         for batch in self.dataset.iter_epoch(epoch, worker, workers, read_ahead=False):
-            yield _Piped(batch)  # type: ignore[misc]  # arrives as a dict of tensors
+            yield self._send(batch, workers)  # type: ignore[misc]  # arrives as a dict of tensors
+
+    def _send(self, batch: dict[str, np.ndarray], workers: int) -> Slotted | Piped:
+        """What a worker sends for ``batch``: a slot of its ring in shared memory.
+
+        The ring is made at the first batch (its slots hold ``batch_size``
+        rows) and kept for the worker's later passes. Slots: what the
+        DataLoader's default prefetch asks of all workers, plus two.
+        """
+        if self._ring is None:
+            rows = self.dataset.batch_size
+            self._ring = Ring.for_batch(batch, rows, 2 * workers + 2) or False
+        return self._ring.put(batch) if self._ring else Piped(batch)
 
 
 class _SharedPasses:
@@ -114,41 +135,3 @@ class _SharedPasses:
 
     def reset(self) -> None:
         self.word.value = 0
-
-
-class _Piped:
-    """A worker's batch, sent to the main process through the DataLoader's pipe.
-
-    Tensors leave a worker through a new shared-memory segment each, whose
-    pages are fresh on both sides every batch: 1.3 ms per 1024-event batch
-    here, most of a worker's epoch. Pickled as one ``bytearray`` instead
-    (about five memory copies of 0.4 MB, ~0.3 ms), it arrives as a plain
-    dict of writable tensors: ``DataLoader`` passes objects it does not know
-    through ``default_convert`` unchanged, and unpickling builds the dict.
-    """
-
-    __slots__ = ("batch",)
-
-    def __init__(self, batch: dict[str, np.ndarray]) -> None:
-        self.batch = batch
-
-    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        layout, total = [], 0
-        for key, array in self.batch.items():
-            layout.append((key, array.dtype.str, array.shape, total))
-            total += array.nbytes
-        buffer = bytearray(total)
-        for (key, _dtype, _shape, start), array in zip(layout, self.batch.values(), strict=True):
-            view = np.frombuffer(buffer, dtype=array.dtype, count=array.size, offset=start)
-            view[...] = array.reshape(-1)
-        return _unpipe, (buffer, layout)
-
-
-def _unpipe(buffer: bytearray, layout: list[tuple[str, str, tuple[int, ...], int]],
-            ) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, dtype, shape, start in layout:
-        count = int(np.prod(shape)) if shape else 1
-        array = np.frombuffer(buffer, dtype=np.dtype(dtype), count=count, offset=start)
-        out[key] = torch.from_numpy(array.reshape(shape))
-    return out

@@ -544,3 +544,16 @@ def test_evaluation_failure_is_wrapped_with_field_path():
 )
 def test_is_identifier(source, expected):
     assert is_identifier(source) is expected
+
+
+def test_an_expression_survives_pickling_for_spawned_workers(arrays):
+    """DataLoader workers started by spawn receive the dataset, expressions included, pickled."""
+    import pickle
+
+    original = parse("sum(j * 2) + where(t, f, n)", field_path="data.derived.x")
+    copy = pickle.loads(pickle.dumps(original))
+    assert copy.source == original.source and copy.field_path == "data.derived.x"
+    assert copy.names == original.names == {"j", "t", "f", "n"}
+    assert as_list(copy.evaluate(arrays)) == as_list(original.evaluate(arrays))
+    with pytest.raises(ExpressionError, match="data.derived.x"):
+        copy.evaluate({"j": arrays["j"]})  # errors still name the field

@@ -208,6 +208,15 @@ class Expression:
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        """Pickled as its source and compiled again: the evaluator is closures.
+
+        DataLoader workers started by spawn or forkserver (macOS's and
+        Windows' default) receive the dataset, and with it its expressions,
+        pickled.
+        """
+        return _parsed, (self.source, self.field_path)
+
     def evaluate(self, arrays: Mapping[str, Any]) -> Any:
         """One value per event (jagged stays jagged); NaN/inf are left for the data layer."""
         with np.errstate(all="ignore"):
@@ -227,6 +236,10 @@ class Expression:
         if unknown:
             raise ExpressionError(unknown_names_message(unknown, pool, self.source),
                                   field_path=field_path or self.field_path)
+
+
+def _parsed(source: str, field_path: str | None) -> Expression:
+    return parse(source, field_path=field_path)
 
 
 def is_identifier(source: str) -> bool:

@@ -68,7 +68,8 @@ class Ring:
         if slots < 1 or slot_bytes < 1:
             raise ValueError(f"a ring needs slots and bytes, not {slots} x {slot_bytes}")
         self.slot_bytes, self.slots = slot_bytes, slots
-        self.path = os.path.join(directory or SHM_DIR, f"{_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+        name = f"{_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self.path = os.path.join(directory or SHM_DIR, name)
         size = _HEADER + slots * slot_bytes
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -116,7 +117,7 @@ class Ring:
             view = np.frombuffer(self.map, dtype=array.dtype, count=array.size,
                                  offset=start + offset)
             view[...] = array.reshape(-1)
-            del view  # no export may outlive a write (the map is closed at the end)
+            del view  # a map with views left on it cannot be closed
         self.sent += 1
         return Slotted(self.path, start, layout)
 

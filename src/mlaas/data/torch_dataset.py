@@ -86,18 +86,16 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         # workers in turn, so a worker that made batches only when asked would
         # wait for the other's reading instead of reading at the same time.
         for batch in self.dataset.iter_epoch(epoch, worker, workers, read_ahead=False):
-            yield self._send(batch, workers)  # type: ignore[misc]  # arrives as a dict of tensors
+            yield self._send(batch)  # type: ignore[misc]  # arrives as a dict of tensors
 
-    def _send(self, batch: dict[str, np.ndarray], workers: int) -> Slotted | Piped:
+    def _send(self, batch: dict[str, np.ndarray]) -> Slotted | Piped:
         """What a worker sends for ``batch``: a slot of its ring in shared memory.
 
         The ring is made at the first batch (its slots hold ``batch_size``
-        rows) and kept for the worker's later passes. Slots: what the
-        DataLoader's default prefetch asks of all workers, plus two.
+        rows) and kept for the worker's later passes.
         """
         if self._ring is None:
-            rows = self.dataset.batch_size
-            self._ring = Ring.for_batch(batch, rows, 2 * workers + 2) or False
+            self._ring = Ring.for_batch(batch, self.dataset.batch_size) or False
         return self._ring.put(batch) if self._ring else Piped(batch)
 
 

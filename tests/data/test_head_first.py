@@ -183,10 +183,10 @@ def recorded_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]
     lock = threading.Lock()
     real = chunks.read
 
-    def read(pipeline, layout, chunk):  # type: ignore[no-untyped-def]
+    def read(pipeline, layout, chunk, trees=None):  # type: ignore[no-untyped-def]
         with lock:
             reads.append((chunk.file_index, chunk.start, chunk.stop))
-        return real(pipeline, layout, chunk)
+        return real(pipeline, layout, chunk, trees)
 
     monkeypatch.setattr(chunks, "read", read)
     return reads

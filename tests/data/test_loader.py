@@ -380,7 +380,8 @@ def no_file_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make every chunk read fail; returns the list the attempts are recorded in."""
     attempts: list[str] = []
 
-    def refuse(pipeline: object, layout: object, chunk: chunking.ChunkRange) -> None:
+    def refuse(pipeline: object, layout: object, chunk: chunking.ChunkRange,
+               trees: object = None) -> None:
         attempts.append(chunk.name)
         raise AssertionError(f"chunk {chunk.name} read from its file, not from the cache")
 

@@ -174,10 +174,11 @@ def _check_sources(pipeline: Pipeline, infos: list[FileInfo], layout: Layout) ->
             )
 
 
-def read(pipeline: Pipeline, layout: Layout, chunk: ChunkRange) -> Chunk:
-    """Read one chunk's branches (retried on transient failures)."""
+def read(pipeline: Pipeline, layout: Layout, chunk: ChunkRange,
+         trees: sources.OpenTrees | None = None) -> Chunk:
+    """Read one chunk's branches (retried on transient failures), from ``trees`` if given."""
     arrays = sources.read_range(chunk.url, layout.tree, layout.branches, chunk.start,
-                                chunk.stop, pipeline.data.retries)
+                                chunk.stop, pipeline.data.retries, trees)
     return Chunk(arrays=arrays, file_index=chunk.file_index, file_key=chunk.key,
                  source=chunk.source, entry_start=chunk.start, url=chunk.url)
 

@@ -291,7 +291,9 @@ class RootDataset:
 
     def columns(self) -> Columns:
         """The whole split in memory, unshuffled: for small data, evaluation and tests."""
-        parts = [self._balanced(self._columns(c), 0) for c in chunking.interleave(self.chunks)]
+        with sources.OpenTrees() as trees:
+            parts = [self._balanced(self._columns(c, trees), 0)
+                     for c in chunking.interleave(self.chunks)]
         return Columns.concat(parts) if parts else self.transform.empty()
 
     # -- internals ----------------------------------------------------------------
@@ -404,18 +406,20 @@ class RootDataset:
         removed: they inflated the border baskets twice.)
         """
         if not threads or len(chunks) < 2:
-            for chunk in chunks:
-                yield chunk, self._fetch(chunk)
+            with sources.OpenTrees() as trees:
+                for chunk in chunks:
+                    yield chunk, self._fetch(chunk, trees)
             return
         depth = min(self.readers, len(chunks))
-        with ThreadPoolExecutor(depth, thread_name_prefix="mlaas-prefetch") as pool:
+        with sources.OpenTrees() as trees, ThreadPoolExecutor(
+                depth, thread_name_prefix="mlaas-prefetch") as pool:
             pending: deque[Future[Columns | Chunk] | _HeadFirst] = deque(
-                self._start(pool, chunks[:depth], chunks[:self._group_size()]))
+                self._start(pool, chunks[:depth], chunks[:self._group_size()], trees))
             try:
                 for i, chunk in enumerate(chunks):
                     item = pending.popleft()
                     if i + depth < len(chunks):
-                        pending.append(pool.submit(self._fetch, chunks[i + depth]))
+                        pending.append(pool.submit(self._fetch, chunks[i + depth], trees))
                     yield chunk, (item if isinstance(item, _HeadFirst) else item.result())
             finally:
                 for item in pending:  # leaving early: do not read what nobody will use
@@ -423,32 +427,35 @@ class RootDataset:
                         future.cancel()
 
     def _start(self, pool: ThreadPoolExecutor, ahead: list[chunking.ChunkRange],
-               group: list[chunking.ChunkRange]) -> list[Future[Columns | Chunk] | _HeadFirst]:
+               group: list[chunking.ChunkRange], trees: sources.OpenTrees,
+               ) -> list[Future[Columns | Chunk] | _HeadFirst]:
         """The first reads: the heads of the first group's chunks, then their rests, then others."""
         split = {c.name for c in group if _has_head(c) and self.cache.get(c.name) is None}
-        heads = {c.name: pool.submit(self._read_rows, c, 0, c.head)
+        heads = {c.name: pool.submit(self._read_rows, c, 0, c.head, trees)
                  for c in ahead if c.name in split}
         started: list[Future[Columns | Chunk] | _HeadFirst] = []
         for c in ahead:
             if c.name in heads:
-                rest = pool.submit(self._read_rows, c, c.head, c.entries)
+                rest = pool.submit(self._read_rows, c, c.head, c.entries, trees)
                 started.append(_HeadFirst(c.head, heads[c.name], rest))
             else:
-                started.append(pool.submit(self._fetch, c))
+                started.append(pool.submit(self._fetch, c, trees))
         return started
 
-    def _read_rows(self, chunk: chunking.ChunkRange, start: int, stop: int) -> Chunk:
+    def _read_rows(self, chunk: chunking.ChunkRange, start: int, stop: int,
+                   trees: sources.OpenTrees) -> Chunk:
         """Entries ``[start, stop)`` of ``chunk`` (relative to its start), read from the file."""
         part = dataclasses.replace(chunk, start=chunk.start + start, stop=chunk.start + stop,
                                    head=0)
-        return chunking.read(self.pipeline, self.layout, part)
+        return chunking.read(self.pipeline, self.layout, part, trees)
 
-    def _fetch(self, chunk: chunking.ChunkRange) -> Columns | Chunk:
+    def _fetch(self, chunk: chunking.ChunkRange,
+               trees: sources.OpenTrees | None = None) -> Columns | Chunk:
         """The cached columns of ``chunk``, or its arrays read from the file."""
         cached = self.cache.get(chunk.name)
         if cached is not None:
             return cached
-        return chunking.read(self.pipeline, self.layout, chunk)
+        return chunking.read(self.pipeline, self.layout, chunk, trees)
 
     def _finish(self, chunk: chunking.ChunkRange, fetched: Columns | Chunk,
                 outputs: _ShuffleBuffer | None = None) -> Columns:
@@ -460,8 +467,9 @@ class RootDataset:
             self.cache.put(chunk.name, cols)
         return cols
 
-    def _columns(self, chunk: chunking.ChunkRange) -> Columns:
-        return self._finish(chunk, self._fetch(chunk))
+    def _columns(self, chunk: chunking.ChunkRange,
+                 trees: sources.OpenTrees | None = None) -> Columns:
+        return self._finish(chunk, self._fetch(chunk, trees))
 
     def _balanced(self, cols: Columns, epoch: int) -> Columns:
         """Under ``balance: equal``, keep a fresh random share of larger sources each epoch."""

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mlaas.data import chunks as chunking
+from mlaas.data import sources
 from mlaas.data.layout import Layout, as_float64
 from mlaas.data.transform import (
     SPLITS,
@@ -235,28 +236,29 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
     train_labels = _LabelStats()  # class_weights: balanced weighs the training split
     split = pipeline.data.split
     first_bad: str | None = None  # the first file with a NaN or infinite feature value
-    for c in plan:
-        chunk = chunking.read(pipeline, layout, c)
-        n = c.entries
-        env = evaluate_env(layout, chunk.arrays)
-        keep = selection(layout, env, n, c.url)
-        index = np.flatnonzero(keep)
-        codes = split_codes(c.key, index + c.start, split.validation, split.test, split.seed)
-        src = per_source[c.source]
-        src["entries"] += n
-        src["selected"] += int(index.size)
-        for name, code in SPLITS.items():
-            src["splits"][name] += int((codes == code).sum())
-        if _update_features(layout, env, feats, keep, c.url) and first_bad is None:
-            first_bad = c.url
-        if layout.label is not None:
-            y = as_float64(layout.label.evaluate(env), n)[index]
-        else:
-            y = np.full(index.size, float(pipeline.data.sources[c.source].label))
-        labels.update(y)
-        train_labels.update(y[codes == SPLITS["train"]])
-        if progress:
-            progress(n, c.compressed_bytes)
+    with sources.OpenTrees() as trees:  # each file opened once, not once per chunk
+        for c in plan:
+            chunk = chunking.read(pipeline, layout, c, trees)
+            n = c.entries
+            env = evaluate_env(layout, chunk.arrays)
+            keep = selection(layout, env, n, c.url)
+            index = np.flatnonzero(keep)
+            codes = split_codes(c.key, index + c.start, split.validation, split.test, split.seed)
+            src = per_source[c.source]
+            src["entries"] += n
+            src["selected"] += int(index.size)
+            for name, code in SPLITS.items():
+                src["splits"][name] += int((codes == code).sum())
+            if _update_features(layout, env, feats, keep, c.url) and first_bad is None:
+                first_bad = c.url
+            if layout.label is not None:
+                y = as_float64(layout.label.evaluate(env), n)[index]
+            else:
+                y = np.full(index.size, float(pipeline.data.sources[c.source].label))
+            labels.update(y)
+            train_labels.update(y[codes == SPLITS["train"]])
+            if progress:
+                progress(n, c.compressed_bytes)
     stats = Stats(
         features=feats, sources=per_source,
         splits={k: sum(s["splits"][k] for s in per_source) for k in SPLITS},

@@ -1,0 +1,115 @@
+"""A pass opens each file once per reading thread, not once per chunk, and closes it at its end.
+
+Opening a file and reading its TTree's metadata costs milliseconds of
+Python under the GIL; a pass reads many chunks of few files.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlaas.data import RootDataset, sources, synth
+from mlaas.errors import SourceError
+from mlaas.spec import RetrySpec
+
+HZZ = str(Path(__file__).resolve().parent.parent / "files" / "uproot-HZZ.root")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("open-trees")
+    synth.generate(out, 3000, seed=2)
+    return out
+
+
+def spec(d: Path) -> dict[str, Any]:
+    return {"data": {
+        "sources": [{"files": [str(d / "signal.root")], "label": 1},
+                    {"files": [str(d / "background.root")], "label": 0}],
+        "features": ["MET_pt", {"branch": "Jet_pt", "max_len": 3}],
+        "step_size": 400,  # 8 chunks per file
+    }}
+
+
+def recorded_opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, Any]]:
+    """Every tree opened for reading: (thread, file, tree), the real trees."""
+    opened: list[tuple[int, str, Any]] = []
+    lock = threading.Lock()
+    real = sources.open_tree
+
+    def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any:
+        found = real(url, tree, retry)
+        with lock:
+            opened.append((threading.get_ident(), Path(url).name, found))
+        return found
+
+    monkeypatch.setattr(sources, "open_tree", open_tree)
+    return opened
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["one-thread", "readers"])
+def test_an_epoch_opens_each_file_once_per_thread_and_closes_it(
+        pair: Path, monkeypatch: pytest.MonkeyPatch, prefetch: bool) -> None:
+    ds = RootDataset(spec(pair), split="all", batch_size=500, prefetch=prefetch)
+    assert len(ds.chunks) == 16
+    opened = recorded_opens(monkeypatch)
+    assert sum(len(b["y"]) for b in ds) == 6000
+    per_thread = [(thread, name) for thread, name, _ in opened]
+    assert len(per_thread) == len(set(per_thread))  # never the same file twice in a thread
+    assert {name for _, name in per_thread} == {"signal.root", "background.root"}
+    assert len(opened) <= 2 * (ds.readers if prefetch else 1) < len(ds.chunks)
+    assert all(tree.file.closed for _, _, tree in opened)
+
+
+def test_pass_1_and_columns_open_each_file_once(pair: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    opened = recorded_opens(monkeypatch)
+    ds = RootDataset(spec(pair), split="all")  # runs pass 1 over the 16 chunks
+    reads_of_pass_1 = [name for _, name, _ in opened[1:]]  # the first opens the plan's tree
+    assert sorted(reads_of_pass_1).count("signal.root") <= 2  # planning, then pass 1
+    opened.clear()
+    assert len(ds.columns()) == 6000
+    assert sorted(name for _, name, _ in opened) == ["background.root", "signal.root"]
+    assert all(tree.file.closed for _, _, tree in opened)
+
+
+def test_leaving_an_epoch_early_closes_its_files(pair: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    ds = RootDataset(spec(pair), split="all", batch_size=100)
+    opened = recorded_opens(monkeypatch)
+    batches = iter(ds)
+    next(batches)
+    batches.close()  # type: ignore[attr-defined]
+    assert opened and all(tree.file.closed for _, _, tree in opened)
+
+
+def test_beyond_its_limit_a_thread_closes_the_least_recently_used_file(pair: Path) -> None:
+    with sources.OpenTrees(limit=1) as trees:
+        first = trees.get(str(pair / "signal.root"), "Events", RetrySpec())
+        assert trees.get(str(pair / "signal.root"), "Events", RetrySpec()) is first
+        second = trees.get(str(pair / "background.root"), "Events", RetrySpec())
+        assert first.file.closed and not second.file.closed
+        again = trees.get(str(pair / "signal.root"), "Events", RetrySpec())
+        assert again is not first and second.file.closed
+    assert again.file.closed
+
+
+def test_a_failed_read_closes_its_tree_so_the_next_read_opens_the_file_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with sources.OpenTrees() as trees:
+        assert len(sources.read_range(HZZ, "events", ["NJet"], 0, 10, trees=trees)["NJet"]) == 10
+        broken = trees.get(HZZ, "events", RetrySpec())
+
+        def fail(*_: object, **__: object) -> None:
+            raise OSError("connection lost")
+
+        monkeypatch.setattr(broken, "arrays", fail)
+        with pytest.raises(SourceError, match="connection lost"):
+            sources.read_range(HZZ, "events", ["NJet"], 0, 10, trees=trees)
+        assert broken.file.closed
+        assert len(sources.read_range(HZZ, "events", ["NJet"], 5, 15, trees=trees)["NJet"]) == 10
+        assert trees.get(HZZ, "events", RetrySpec()) is not broken

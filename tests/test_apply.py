@@ -94,6 +94,25 @@ def test_friend_trees_match_predict_events(setup: dict[str, Any], tmp_path: Path
         "background_friend.root", "signal_friend.root"]
 
 
+def test_each_input_is_opened_once_for_its_chunks(setup: dict[str, Any], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three chunks of one file: opened to plan them, then once for reading (then closed)."""
+    from mlaas.data import sources
+
+    opened: list[Any] = []
+    real = sources.open_tree
+
+    def open_tree(*args: Any, **kwargs: Any) -> Any:
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sources, "open_tree", open_tree)
+    (friend,) = apply_files(setup["bundle"], [setup["files"]["signal"]], tmp_path, progress=False)
+    check_friend(friend, setup["files"]["signal"], Bundle.load(setup["bundle"]), ["score"])
+    assert len(opened) == 2
+    assert all(tree.file.closed for tree in opened)
+
+
 def test_custom_name_and_progress_bar(setup: dict[str, Any], tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     (friend,) = apply_files(setup["bundle"], [setup["files"]["signal"]], tmp_path, name="ttH",

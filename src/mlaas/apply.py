@@ -98,15 +98,17 @@ def _plan(bundle: Bundle, url: str, outdir: Path, retry: RetrySpec) -> _Input:
 def _chunks(item: _Input, bundle: Bundle, retry: RetrySpec) -> Iterator[dict[str, Any]]:
     """The input's chunks, the next one read in a thread while the caller scores this one."""
     ranges = item.ranges
+    trees = sources.OpenTrees()  # the file opened once for all its chunks
 
     def read(r: tuple[int, int]) -> dict[str, Any]:
         return sources.read_range(item.url, bundle.tree, bundle.layout.branches, r[0], r[1],
-                                  retry)
+                                  retry, trees)
 
     if len(ranges) < 2:
-        yield from map(read, ranges)
+        with trees:
+            yield from map(read, ranges)
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="mlaas-apply") as pool:
+    with trees, ThreadPoolExecutor(1, thread_name_prefix="mlaas-apply") as pool:
         future = pool.submit(read, ranges[0])
         for nxt in ranges[1:]:
             current = future.result()

@@ -60,6 +60,19 @@ def test_fill_slots_matches_numpy_bit_for_bit(dtype, sort) -> None:
     assert np.isnan(x[:, :3]).all() and np.isnan(mask[:, :2]).all()  # other columns untouched
 
 
+@pytest.mark.parametrize("sort", [False, True])
+def test_a_chunk_without_any_element_is_all_padding(sort) -> None:
+    """Slots past a count read a clamped element; with no element at all, nothing is read."""
+    offsets = np.zeros(6, np.int64)  # five events, no objects
+    content = np.zeros(0, np.float32)
+    order = np.zeros(0, np.int64) if sort else None
+    x = np.full((5, 3), np.nan, np.float32)
+    mask = np.full((5, 3), np.nan, np.float32)
+    kernels.fill_slots(x, 0, 3, mask, 0, np.arange(5), offsets, order, content, 2.0, 0.5,
+                       -1.0, 0, 5)
+    assert (x == np.float32((-1.0 - 2.0) * 0.5)).all() and (mask == 0.0).all()
+
+
 def test_fill_slots_leaves_the_mask_alone_when_told() -> None:
     offsets = np.array([0, 2, 3], np.int64)
     x = np.zeros((2, 2), np.float32)

@@ -22,7 +22,7 @@ the one it needs next.
 
 Memory: ``SLOTS`` batches per worker, reserved in ``/dev/shm`` while the
 worker lives (1.7 MB for the benchmark's 1024 events of 416 bytes; 110 MB for
-65,536 such events), about what the DataLoader's own prefetching holds.
+65,536 such events), twice what the DataLoader's default prefetching holds in flight.
 
 Lifetime: one ring per worker process, reused by its later passes
 (persistent workers). The main process maps the file at the first batch and

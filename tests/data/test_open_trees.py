@@ -77,6 +77,17 @@ def test_pass_1_and_columns_open_each_file_once(pair: Path, monkeypatch: pytest.
     assert all(tree.file.closed for _, _, tree in opened)
 
 
+def test_the_export_parity_pass_opens_each_file_once(pair: Path, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    from mlaas.train.export import raw_batches
+
+    ds = RootDataset(spec(pair), split="all")
+    opened = recorded_opens(monkeypatch)
+    assert sum(len(x) for x, _ in raw_batches(ds.pipeline, ds, None)) == 6000
+    assert sorted(name for _, name, _ in opened) == ["background.root", "signal.root"]
+    assert all(tree.file.closed for _, _, tree in opened)
+
+
 def test_leaving_an_epoch_early_closes_its_files(pair: Path, monkeypatch: pytest.MonkeyPatch
                                                 ) -> None:
     ds = RootDataset(spec(pair), split="all", batch_size=100)

@@ -153,10 +153,11 @@ def raw_batches(pipeline: Pipeline, dataset: Any,
     layout = dataset.layout
     n = len(layout.column_names())
     raw = Transform(pipeline, layout, np.zeros(n), np.ones(n))
-    for chunk in chunking.interleave(dataset.chunks):
-        cols = raw(chunking.read(pipeline, layout, chunk), split)
-        if len(cols):
-            yield cols.x, cols.mask
+    with sources.OpenTrees() as trees:  # each file opened once, not once per chunk
+        for chunk in chunking.interleave(dataset.chunks):
+            cols = raw(chunking.read(pipeline, layout, chunk, trees), split)
+            if len(cols):
+                yield cols.x, cols.mask
 
 
 def parity_measure(task: str) -> str:

@@ -82,6 +82,20 @@ def test_a_batch_larger_than_a_slot_is_piped_whole() -> None:
     assert np.array_equal(through_pipe(sent)["entry"].numpy(), big["entry"])
 
 
+def test_a_full_dev_shm_gives_no_ring_and_leaves_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in for a full tmpfs (a container's 64 MB /dev/shm cannot be filled here safely)."""
+    import errno
+    import os
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = ring_files()
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert Ring.for_batch(batch(10, 0), rows=10) is None
+    assert ring_files() == before
+
+
 def test_only_batch_rings_can_be_named_by_a_descriptor(tmp_path: Path) -> None:
     victim = tmp_path / "mlaas-batches-1-00"
     victim.write_bytes(b"\0" * 4096)

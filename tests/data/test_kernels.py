@@ -1,9 +1,10 @@
 """The compiled slot filler against numpy's arithmetic, bit for bit.
 
-``kernels.fill_slots`` replaced a numpy gather-scale-scatter; the transform's
+``kernels.Slots`` replaced a numpy gather-scale-scatter; the transform's
 outputs must not change by one bit (caches and bundles compare them), so
 each content dtype the reader can hand over is checked against the numpy
-formula: float64 of the value, ``(v - shift) * scale``, rounded to float32.
+formula: float64 of the value, ``(v - shift) * scale``, rounded to float32,
+for one branch and for several branches of a collection filled together.
 The last test checks the numba warm-up's at-fork hook in a fresh interpreter.
 """
 
@@ -36,49 +37,62 @@ def _reference(rows, offsets, order, content, width, shift, scale, pad):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint8, np.bool_, np.int64])
 @pytest.mark.parametrize("sort", [False, True])
-def test_fill_slots_matches_numpy_bit_for_bit(dtype, sort) -> None:
+@pytest.mark.parametrize("branches", [1, 3])
+def test_slots_match_numpy_bit_for_bit(dtype, sort, branches) -> None:
     rng = np.random.default_rng(7)
     counts = rng.integers(0, 9, size=500)
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    raw = rng.normal(30.0, 20.0, size=int(offsets[-1])) * 3
-    content = (raw > 0) if dtype is np.bool_ else raw.astype(dtype)
+    contents = []
+    for _ in range(branches):
+        raw = rng.normal(30.0, 20.0, size=int(offsets[-1])) * 3
+        contents.append((raw > 0) if dtype is np.bool_ else raw.astype(dtype))
     order = None
     if sort:  # a permutation within each event, as the collection's sort gives
         order = np.argsort(np.repeat(np.arange(len(counts)), counts) * 1000.0
                            - rng.random(int(offsets[-1])), kind="stable")
     rows = np.flatnonzero(rng.random(len(counts)) < 0.7)  # the kept events
-    width, shift, scale, pad = 4, 12.345678901, 0.0372619, -1.5
-    x = np.full((len(rows), 3 + width), np.nan, np.float32)
+    width = 4
+    shifts = [12.345678901 * (b + 1) for b in range(branches)]
+    scales = [0.0372619 / (b + 1) for b in range(branches)]
+    pads = [-1.5 + b for b in range(branches)]
+    cols = [3 + 2 * width * b for b in range(branches)]  # other columns between the branches
+    x = np.full((len(rows), 3 + 2 * width * branches), np.nan, np.float32)
     mask = np.full((len(rows), 2 + width), np.nan, np.float32)
+    slots = kernels.Slots(cols, width, 2, offsets, order, contents, shifts, scales, pads)
     for first in range(0, len(rows), 64):  # in tiles, as the transform calls it
-        kernels.fill_slots(x, 3, width, mask, 2, rows, offsets, order, content, shift, scale,
-                           pad, first, min(len(rows), first + 64))
-    want, valid = _reference(rows, offsets, order, content, width, shift, scale, pad)
-    assert np.array_equal(x[:, 3:].view(np.uint32), want.view(np.uint32))
-    assert np.array_equal(mask[:, 2:], valid)
-    assert np.isnan(x[:, :3]).all() and np.isnan(mask[:, :2]).all()  # other columns untouched
+        slots.fill(x, mask, rows, first, min(len(rows), first + 64))
+    untouched = np.ones(x.shape[1], bool)
+    for b in range(branches):
+        want, valid = _reference(rows, offsets, order, contents[b], width, shifts[b], scales[b],
+                                 pads[b])
+        got = x[:, cols[b]:cols[b] + width]
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"branch {b}"
+        untouched[cols[b]:cols[b] + width] = False
+        assert np.array_equal(mask[:, 2:], valid)
+    assert np.isnan(x[:, untouched]).all() and np.isnan(mask[:, :2]).all()  # others untouched
 
 
 @pytest.mark.parametrize("sort", [False, True])
 def test_a_chunk_without_any_element_is_all_padding(sort) -> None:
     """Slots past a count read a clamped element; with no element at all, nothing is read."""
     offsets = np.zeros(6, np.int64)  # five events, no objects
-    content = np.zeros(0, np.float32)
+    contents = [np.zeros(0, np.float32), np.zeros(0, np.float32)]
     order = np.zeros(0, np.int64) if sort else None
-    x = np.full((5, 3), np.nan, np.float32)
+    x = np.full((5, 6), np.nan, np.float32)
     mask = np.full((5, 3), np.nan, np.float32)
-    kernels.fill_slots(x, 0, 3, mask, 0, np.arange(5), offsets, order, content, 2.0, 0.5,
-                       -1.0, 0, 5)
-    assert (x == np.float32((-1.0 - 2.0) * 0.5)).all() and (mask == 0.0).all()
+    kernels.Slots([0, 3], 3, 0, offsets, order, contents, [2.0, 0.0], [0.5, 1.0],
+                  [-1.0, 4.0]).fill(x, mask, np.arange(5), 0, 5)
+    assert (x[:, :3] == np.float32((-1.0 - 2.0) * 0.5)).all() and (x[:, 3:] == 4.0).all()
+    assert (mask == 0.0).all()
 
 
-def test_fill_slots_leaves_the_mask_alone_when_told() -> None:
+def test_slots_leave_the_mask_alone_when_told() -> None:
     offsets = np.array([0, 2, 3], np.int64)
     x = np.zeros((2, 2), np.float32)
     mask = np.full((2, 2), 7.0, np.float32)
-    kernels.fill_slots(x, 0, 2, mask, -1, np.array([0, 1]), offsets, None,
-                       np.array([1.0, 2.0, 3.0], np.float32), 0.0, 2.0, 0.0, 0, 2)
+    kernels.Slots([0], 2, -1, offsets, None, [np.array([1.0, 2.0, 3.0], np.float32)],
+                  [0.0], [2.0], [0.0]).fill(x, mask, np.array([0, 1]), 0, 2)
     assert x.tolist() == [[2.0, 4.0], [6.0, 0.0]]
     assert (mask == 7.0).all()
 

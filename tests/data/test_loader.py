@@ -290,6 +290,29 @@ def test_issue2_datagen_x_and_mask_match_awkward(synth_pair: Path) -> None:
     np.testing.assert_array_equal(got.y, np.repeat([1.0, 0.0], [len(p[1]) for p in parts]))
 
 
+def test_a_collection_mixing_dtypes_matches_awkward(synth_pair: Path) -> None:
+    """Jet_jetId (int32) between two float32 branches: the padding loop fills a
+    collection one dtype group at a time, so the int32 group's columns sit between
+    the float32 group's; each must land in its own columns, sorted, the mask once."""
+    features = [{"branch": b, "max_len": 4, "sort_by": "Jet_pt", "pad": p}
+                for b, p in (("Jet_pt", -1.0), ("Jet_jetId", -2.0), ("Jet_eta", -3.0))]
+    ds = RootDataset(synth_spec(synth_pair, features=features, normalize={"default": "none"}),
+                     split="all", batch_size=700)
+    got = collect(ds)
+    parts = [uproot.open(synth_pair / n)["Events"].arrays(["Jet_pt", "Jet_jetId", "Jet_eta"],
+                                                         library="ak")
+             for n in ("signal.root", "background.root")]
+    a = ak.concatenate(parts)
+    assert str(ak.type(a.Jet_jetId)).endswith("int32")
+    order = ak.argsort(a.Jet_pt, axis=1, ascending=False, stable=True)
+    pt, mask = padded(a.Jet_pt[order], 4, -1.0)
+    jet_id, _ = padded(a.Jet_jetId[order], 4, -2.0)
+    eta, _ = padded(a.Jet_eta[order], 4, -3.0)
+    assert ds.feature_names[:5] == ["Jet_pt_0", "Jet_pt_1", "Jet_pt_2", "Jet_pt_3", "Jet_jetId_0"]
+    np.testing.assert_array_equal(got.x, np.column_stack([pt, jet_id, eta]).astype(np.float32))
+    np.testing.assert_array_equal(got.mask, mask)
+
+
 def test_splits_are_disjoint_complete_and_independent_of_chunking(synth_pair: Path) -> None:
     seen = {}
     for step in (1500, 4000):

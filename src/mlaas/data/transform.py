@@ -14,7 +14,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import awkward as ak
@@ -364,6 +364,32 @@ def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, 
     return out
 
 
+@dataclass
+class _SlotGroup:
+    """Jagged branches of one collection and content dtype: one kernel call per tile."""
+
+    coll: _Collection
+    mcol: int
+    cols: list[int] = field(default_factory=list)
+    contents: list[np.ndarray] = field(default_factory=list)
+    shifts: list[float] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    pads: list[float] = field(default_factory=list)
+
+    def add(self, col: int, content: np.ndarray, shift: float, scale: float,
+            pad: float) -> None:
+        self.cols.append(col)
+        self.contents.append(content)
+        self.shifts.append(shift)
+        self.scales.append(scale)
+        self.pads.append(pad)
+
+    def slots(self) -> kernels.Slots:
+        c = self.coll
+        return kernels.Slots(self.cols, c.width, self.mcol, c.offsets, c.order, self.contents,
+                             self.shifts, self.scales, self.pads)
+
+
 def _feature(layout: Layout, name: str) -> Any:
     return next(f for f in layout.features if f.name == name)
 
@@ -451,11 +477,12 @@ class Transform:
         """Write each feature straight into float32 ``x``, normalised on the way.
 
         Flat features are one numpy column write each. Jagged branches are
-        written by a compiled loop (``kernels.fill_slots``) that reads each
-        kept element once, through the collection's sort order, and writes
-        each slot once, tile by tile of rows so the tile stays in cache while
-        every branch fills it. Arithmetic is float64 per value, rounded to
-        float32 on the store, as numpy did.
+        written by a compiled loop (``kernels.Slots``), one call per
+        collection and content dtype, that reads each kept element once,
+        through the collection's sort order, and writes each slot once, tile
+        by tile of rows so the tile stays in cache while every branch fills
+        it. Arithmetic is float64 per value, rounded to float32 on the store,
+        as numpy did.
         """
         layout = self.layout
         collections = _collections(layout, env, chunk.url)
@@ -470,7 +497,8 @@ class Transform:
             mask_col[c] = start
             start += collections[c].width
         rows = index.astype(np.int64, copy=False)
-        jagged: list[tuple[Any, ...]] = []
+        # the jagged branches as one kernel call per collection and content dtype
+        groups: dict[tuple[str, np.dtype], _SlotGroup] = {}
         col = 0
         for f in layout.features:
             shift, scale = float(self.shift[col]), float(self.scale[col])
@@ -478,23 +506,25 @@ class Transform:
                 assert f.collection is not None
                 coll = collections[f.collection]
                 content = self._clean_content(coll, coll.contents[f.name], keep, f.name, chunk)
-                mcol = mask_col.pop(f.collection, -1)  # the mask once per collection
-                jagged.append((col, coll.width, mcol, coll.offsets, coll.order, content,
-                               shift, scale, f.pad))
+                group = groups.get((f.collection, content.dtype))
+                if group is None:
+                    mcol = mask_col.pop(f.collection, -1)  # the mask once per collection
+                    group = groups[(f.collection, content.dtype)] = _SlotGroup(coll, mcol)
+                group.add(col, content, shift, scale, f.pad)
                 width = coll.width
             else:
                 value = as_float64(f.expression.evaluate(env), len(keep))[index]
                 width = 1
                 x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
             col += width
+        jagged = [g.slots() for g in groups.values()]
         tiles = range(0, m, kernels.TILE_ROWS)
 
         def pad(starts: range) -> None:
             for first in starts:
                 last = min(m, first + kernels.TILE_ROWS)
-                for (c, width, mcol, offsets, order, content, shift, scale, value) in jagged:
-                    kernels.fill_slots(x, c, width, mask, mcol, rows, offsets, order,
-                                       content, shift, scale, value, first, last)
+                for slots in jagged:
+                    slots.fill(x, mask, rows, first, last)
 
         if fill is None or len(tiles) < 2 or not jagged:
             pad(tiles)

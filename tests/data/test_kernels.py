@@ -97,25 +97,6 @@ def test_slots_leave_the_mask_alone_when_told() -> None:
     assert (mask == 7.0).all()
 
 
-def test_flat_columns_match_numpy_bit_for_bit() -> None:
-    """More features than one call takes (FLAT_GROUP), in scattered columns, in tiles."""
-    rng = np.random.default_rng(3)
-    n_features = kernels.FLAT_GROUP + 3
-    values = [rng.normal(50.0, 30.0, size=300) * (b + 1) for b in range(n_features)]
-    shifts = [float(rng.normal()) * 10 for _ in range(n_features)]
-    scales = [float(rng.random()) + 0.01 for _ in range(n_features)]
-    cols = [2 * b + 1 for b in range(n_features)]
-    x = np.full((300, 2 * n_features + 1), np.nan, np.float32)
-    flat = kernels.Flat(cols, values, shifts, scales)
-    for first in range(0, 300, 64):
-        flat.fill(x, first, min(300, first + 64))
-    for b in range(n_features):
-        want = np.empty(300, np.float32)
-        want[:] = (values[b] - shifts[b]) * scales[b]  # numpy: float64, rounded on the store
-        assert np.array_equal(x[:, cols[b]].view(np.uint32), want.view(np.uint32)), b
-    assert np.isnan(x[:, 0::2]).all()  # other columns untouched
-
-
 _FORK_RIGHT_AFTER_THE_DATASET = """
 import json, sys
 from torch.utils.data import DataLoader

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Flat", "Slots", "warm_up", "TILE_ROWS", "FLAT_GROUP"]
+__all__ = ["Slots", "warm_up", "TILE_ROWS"]
 
 #: Rows of ``x`` filled per call for all branches before the next rows: a tile
 #: of 8192 rows of ~100 float32 columns (~3 MB) stays in cache while the
@@ -88,61 +88,15 @@ def _fill_py(x, cols, width, mask, mcol, rows, offsets, order, contents,  # prag
                     mask[i, mcol + j] = 1.0 if real else 0.0
 
 
-def _flat_py(x, cols, n, values, shifts, scales, start, stop):  # pragma: no cover
-    # compiled by numba in _compiled(); values: a tuple of FLAT_GROUP float64
-    # arrays of which the first n are used (one signature for any feature count)
-    for i in range(start, stop):
-        for b in range(n):
-            x[i, cols[b]] = np.float32((values[b][i] - shifts[b]) * scales[b])
+_FILL: list[Callable[..., Any]] = []
 
 
-_FILL: dict[str, Callable[..., Any]] = {}
-_LOOPS = {"slots": _fill_py, "flat": _flat_py}
-
-
-def _compiled(name: str = "slots") -> Callable[..., Any]:
-    if name not in _FILL:
+def _compiled() -> Callable[..., Any]:
+    if not _FILL:
         import numba
 
-        _FILL[name] = numba.njit(nogil=True, cache=True)(_LOOPS[name])
-    return _FILL[name]
-
-
-#: Flat features per call of the compiled loop: the tuple of value arrays has
-#: this fixed size (unused places hold an empty array), so one compiled
-#: signature serves any number of flat features.
-FLAT_GROUP = 8
-
-
-class Flat:
-    """Flat features written into their columns of ``x`` tile by tile, normalised.
-
-    Written as whole columns, each flat feature was one strided pass over a
-    chunk's ``x`` (one cache line per row per feature: 11% of the batch
-    thread for the benchmark's three); tile by tile they land in rows the
-    jagged slots then fill while they are in cache. ``values[b]`` is feature
-    ``b`` of each row, float64; column ``cols[b]`` gets
-    ``float32((value - shifts[b]) * scales[b])``, numpy's arithmetic.
-    """
-
-    def __init__(self, cols: Sequence[int], values: Sequence[np.ndarray],
-                 shifts: Sequence[float], scales: Sequence[float]) -> None:
-        self.groups: list[tuple[Any, ...]] = []
-        for g in range(0, len(cols), FLAT_GROUP):
-            n = min(FLAT_GROUP, len(cols) - g)
-            arrays = [np.ascontiguousarray(v, dtype=np.float64) for v in values[g:g + n]]
-            arrays += [_NO_VALUES] * (FLAT_GROUP - n)
-            self.groups.append((np.asarray(cols[g:g + n], dtype=np.int64), n, tuple(arrays),
-                                np.asarray(shifts[g:g + n], dtype=np.float64),
-                                np.asarray(scales[g:g + n], dtype=np.float64)))
-
-    def fill(self, x: np.ndarray, start: int, stop: int) -> None:
-        """Write rows ``start:stop`` of every flat feature's column."""
-        for cols, n, values, shifts, scales in self.groups:
-            _compiled("flat")(x, cols, n, values, shifts, scales, start, stop)
-
-
-_NO_VALUES = np.zeros(0, dtype=np.float64)
+        _FILL.append(numba.njit(nogil=True, cache=True)(_fill_py))
+    return _FILL[0]
 
 
 class Slots:
@@ -176,7 +130,7 @@ class Slots:
     def fill(self, x: np.ndarray, mask: np.ndarray, rows: np.ndarray, start: int,
              stop: int) -> None:
         """Write rows ``start:stop`` of ``x`` (and of ``mask``, with ``mcol >= 0``)."""
-        _compiled("slots")(x, self.cols, self.width, mask, self.mcol, rows, self.offsets, self.order,
+        _compiled()(x, self.cols, self.width, mask, self.mcol, rows, self.offsets, self.order,
                     self.contents, self.shifts, self.scales, self.pads, start, stop)
 
 
@@ -221,4 +175,3 @@ def _warm() -> None:
     x = np.zeros((1, 1), np.float32)
     Slots([0], 1, -1, np.zeros(2, np.int64), None, [np.zeros(0, np.float32)],
           [0.0], [1.0], [0.0]).fill(x, x, np.zeros(1, np.int64), 0, 1)
-    Flat([0], [np.zeros(1)], [0.0], [1.0]).fill(x, 0, 1)

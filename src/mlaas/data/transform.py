@@ -476,8 +476,7 @@ class Transform:
                   ) -> tuple[np.ndarray, np.ndarray]:
         """Write each feature straight into float32 ``x``, normalised on the way.
 
-        Flat features are computed as float64 columns and written by a compiled
-        loop (``kernels.Flat``) tile by tile with the jagged ones. Jagged branches are
+        Flat features are one numpy column write each. Jagged branches are
         written by a compiled loop (``kernels.Slots``), one call per
         collection and content dtype, that reads each kept element once,
         through the collection's sort order, and writes each slot once, tile
@@ -500,7 +499,6 @@ class Transform:
         rows = index.astype(np.int64, copy=False)
         # the jagged branches as one kernel call per collection and content dtype
         groups: dict[tuple[str, np.dtype], _SlotGroup] = {}
-        flat: list[tuple[int, np.ndarray, float, float]] = []  # column, values, shift, scale
         col = 0
         for f in layout.features:
             shift, scale = float(self.shift[col]), float(self.scale[col])
@@ -517,28 +515,25 @@ class Transform:
             else:
                 value = as_float64(f.expression.evaluate(env), len(keep))[index]
                 width = 1
-                flat.append((col, self._clean(value, f.name, chunk), shift, scale))
+                x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
             col += width
         jagged = [g.slots() for g in groups.values()]
-        flats = kernels.Flat(*zip(*flat)) if flat else None
         tiles = range(0, m, kernels.TILE_ROWS)
 
-        def write(starts: range) -> None:
+        def pad(starts: range) -> None:
             for first in starts:
                 last = min(m, first + kernels.TILE_ROWS)
-                if flats is not None:
-                    flats.fill(x, first, last)
                 for slots in jagged:
                     slots.fill(x, mask, rows, first, last)
 
-        if fill is None or len(tiles) < 2:
-            write(tiles)
+        if fill is None or len(tiles) < 2 or not jagged:
+            pad(tiles)
             return x, mask
-        # Tiles are disjoint rows, and the compiled loops hold no GIL: two threads write
+        # Tiles are disjoint rows, and the compiled loop holds no GIL: two threads pad
         # at once, each value written by exactly one of them (bit for bit as one thread).
-        other = fill.submit(write, tiles[1::2])
+        other = fill.submit(pad, tiles[1::2])
         try:
-            write(tiles[0::2])
+            pad(tiles[0::2])
         finally:
             wait([other])
         other.result()

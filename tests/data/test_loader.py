@@ -540,6 +540,30 @@ def test_https_reads_equal_local_reads(http_server) -> None:  # type: ignore[no-
     np.testing.assert_array_equal(collect(remote).x, collect(local).x)
 
 
+def test_gathers_shared_with_the_second_thread_keep_the_batch_order(synth_pair: Path) -> None:
+    """Runs of batches gathered by the second thread come back in their place, each row once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlaas.data.loader import GATHER_RUN
+
+    ds = RootDataset(synth_spec(synth_pair), split="all", batch_size=10, prefetch=False)
+    n = 10 * (3 * GATHER_RUN + 3) + 7  # runs on both threads, a short last run and a rest
+    buf = Columns(x=np.arange(2 * n, dtype=np.float32).reshape(n, 2),
+                  y=np.zeros(n, np.float32), w=np.ones(n, np.float32),
+                  mask=np.zeros((n, 1), np.float32), file=np.zeros(n, np.int32),
+                  entry=np.arange(n, dtype=np.int64))
+    serial = list(ds._flush(buf, np.random.default_rng(1), True, None))
+    with ThreadPoolExecutor(1) as pool:
+        shared = list(ds._flush(buf, np.random.default_rng(1), True, pool))
+    assert len(serial) == len(shared) == n // 10 + 1
+    for a, b in zip(serial, shared, strict=True):
+        np.testing.assert_array_equal(a["x"], b["x"])
+        np.testing.assert_array_equal(a["entry"], b["entry"])
+    entries = np.concatenate([b["entry"] for b in shared])
+    assert sorted(entries.tolist()) == list(range(n))
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in shared])[:, 0], 2 * entries)
+
+
 @pytest.mark.parametrize("cache", ["none", "memory"])
 def test_background_threads_give_the_same_batches_in_the_same_order(synth_pair: Path,
                                                                      cache: str) -> None:

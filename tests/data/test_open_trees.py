@@ -118,7 +118,9 @@ def test_a_failed_read_closes_its_tree_so_the_next_read_opens_the_file_again(
         def fail(*_: object, **__: object) -> None:
             raise OSError("connection lost")
 
-        monkeypatch.setattr(broken, "arrays", fail)
+        # every read of the file fails, as over a lost connection (one basket or many)
+        monkeypatch.setattr(broken.file.source, "chunk", fail)
+        monkeypatch.setattr(broken.file.source, "chunks", fail)
         with pytest.raises(SourceError, match="connection lost"):
             sources.read_range(HZZ, "events", ["NJet"], 0, 10, trees=trees)
         assert broken.file.closed

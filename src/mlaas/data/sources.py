@@ -41,6 +41,7 @@ os.environ.setdefault("XRD_STREAMERRORWINDOW", "1")
 import awkward as ak  # noqa: E402
 import uproot  # noqa: E402
 
+from mlaas.data import baskets  # noqa: E402
 from mlaas.errors import DataError, SourceError, TreeNotFound, close_names  # noqa: E402
 from mlaas.spec import Pipeline, RetrySpec  # noqa: E402
 
@@ -369,8 +370,19 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
     once = RetrySpec(attempts=1, timeout=retry.timeout)
 
     def read(t: Any) -> dict[str, ak.Array]:
-        return dict(t.arrays(filter_name=lambda name: name in wanted, entry_start=start,
-                             entry_stop=stop, library="ak", how=dict))
+        out: dict[str, ak.Array] = {}
+        rest = set(wanted)
+        if isinstance(t.file.source, uproot.source.file.MultithreadedFileSource):  # local
+            top = {b.name: b for b in t.branches}
+            for name in branches:
+                if name in top and baskets.plain_dtype(top[name]) is not None:
+                    with contextlib.suppress(baskets.NotPlain):
+                        out[name] = baskets.read_plain(top[name], start, stop)
+                        rest.discard(name)
+        if rest:
+            out.update(t.arrays(filter_name=lambda name: name in rest, entry_start=start,
+                                entry_stop=stop, library="ak", how=dict))
+        return out
 
     def action() -> dict[str, ak.Array]:
         if trees is not None:

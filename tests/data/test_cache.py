@@ -120,3 +120,39 @@ def test_an_entry_written_by_put_is_room_and_leaves_no_temp_dir(tmp_path: Path) 
     assert names == ["0-0-100"]
     sizes = sum(f.stat().st_size for f in (tmp_path / KEY / "0-0-100").iterdir())
     assert written_bytes(tmp_path / KEY) == sizes
+
+
+def test_reader_threads_load_cache_entries_one_at_a_time(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``np.load`` parses headers with ``ast``, which CPython 3.11 cannot do in two threads
+    at once (gh-106905: "AST constructor recursion depth mismatch"): the epoch's two
+    reader threads must never be inside it together."""
+    import threading
+    import time
+
+    cache = DiskCache(tmp_path / KEY)
+    for i in range(4):
+        cache.put(f"0-{i}", columns(10 + i))
+    inside, most, lock = [0], [0], threading.Lock()
+    real = np.load
+
+    def slow_load(*args: object, **kwargs: object) -> object:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.01)  # a window for the other thread to enter
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(cache_module.np, "load", slow_load)
+    fresh = DiskCache(tmp_path / KEY)
+    threads = [threading.Thread(target=fresh.get, args=(f"0-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert [len(fresh.get(f"0-{i}")) for i in range(4)] == [10, 11, 12, 13]

@@ -51,6 +51,7 @@ import ast
 import functools
 import keyword
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -58,6 +59,14 @@ import awkward as ak
 import numpy as np
 
 from mlaas.errors import ExpressionError, close_names
+
+#: Held around every use of CPython's ``ast`` in mlaas (parsing expressions here,
+#: ``np.load``'s header parse in ``data.cache``): CPython 3.11's AST constructor
+#: keeps its recursion depth in state shared by threads, and two threads inside
+#: it at once fail now and then with "SystemError: AST constructor recursion
+#: depth mismatch" (CPython gh-106905). The server parses specs in a thread pool;
+#: an epoch's reader threads open cache entries.
+AST_LOCK = threading.Lock()
 
 __all__ = ["ELEMENTWISE", "FUNCTIONS", "REDUCTIONS", "Expression", "is_identifier", "parse",
            "unknown_names_message"]
@@ -279,7 +288,8 @@ class _Compiler:
     def tree(self) -> ast.expr:
         text = self.source.strip()
         try:
-            return ast.parse(text, mode="eval").body
+            with AST_LOCK:
+                return ast.parse(text, mode="eval").body
         except SyntaxError as exc:
             line, column = exc.lineno or 1, (exc.offset or 1) - 1
             first = self.source.partition("\n")[0]

@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import psutil
 
 from mlaas.data.transform import COLUMN_FIELDS, Columns
 from mlaas.errors import CacheError
+from mlaas.expr import AST_LOCK
 
 __all__ = ["ChunkCache", "MemoryCache", "DiskCache", "NoCache", "make_cache", "dataset_key"]
 
@@ -43,13 +43,6 @@ def dataset_key(parts: dict[str, Any]) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
-
-#: One ``np.load`` at a time: it parses each file's header with
-#: ``ast.literal_eval``, and CPython 3.11's AST constructor keeps its recursion
-#: depth in state shared by threads, so two reader threads loading cache
-#: entries at once failed now and then with "SystemError: AST constructor
-#: recursion depth mismatch" (CPython gh-106905). Loading only maps the files.
-_LOADING = threading.Lock()
 
 class ChunkCache:
     """Interface: ``get(name)`` returns cached Columns or None; ``put(name, columns)``."""
@@ -109,7 +102,7 @@ class DiskCache(ChunkCache):
         path = self.directory / name
         if not (path / "complete").exists():
             return None
-        with _LOADING:
+        with AST_LOCK:  # np.load parses each header with ast (see mlaas.expr.AST_LOCK)
             found = Columns(*(np.load(path / f"{k}.npy", mmap_mode="r") for k in _FIELDS))
         self._open[name] = found
         return found

@@ -67,10 +67,15 @@ def test_an_epoch_opens_each_file_once_per_thread_and_closes_it(
 
 def test_pass_1_and_columns_open_each_file_once(pair: Path, monkeypatch: pytest.MonkeyPatch
                                                 ) -> None:
+    """Pass 1 reads ahead in two threads (``chunks.read_ahead``): once per file and thread."""
     opened = recorded_opens(monkeypatch)
     ds = RootDataset(spec(pair), split="all")  # runs pass 1 over the 16 chunks
-    reads_of_pass_1 = [name for _, name, _ in opened[1:]]  # the first opens the plan's tree
-    assert sorted(reads_of_pass_1).count("signal.root") <= 2  # planning, then pass 1
+    planning = [name for _, name, _ in opened[:3]]  # the plan's tree, then each file's
+    assert sorted(planning) == ["background.root", "signal.root", "signal.root"]
+    pass_1 = [(thread, name) for thread, name, _ in opened[3:]]
+    assert len(pass_1) == len(set(pass_1)) <= 4  # each file at most once per reader thread
+    assert {name for _, name in pass_1} == {"signal.root", "background.root"}
+    assert all(tree.file.closed for _, _, tree in opened[3:])  # pass 1 closes its files
     opened.clear()
     assert len(ds.columns()) == 6000
     assert sorted(name for _, name, _ in opened) == ["background.root", "signal.root"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import bisect
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from mlaas.data import sources
@@ -23,8 +25,8 @@ from mlaas.data.transform import Chunk
 from mlaas.errors import BranchNotFound, DataError, close_names
 from mlaas.spec import Pipeline
 
-__all__ = ["ChunkRange", "FileInfo", "plan", "bounds", "read", "interleave", "shard",
-           "READS_PER_STEP"]
+__all__ = ["ChunkRange", "FileInfo", "plan", "bounds", "read", "read_ahead", "interleave",
+           "shard", "READS_PER_STEP"]
 
 #: A ``step_size`` in bytes is the memory the loader's arrays in flight may take, so a
 #: chunk is a quarter of it: the loader holds two chunks being preprocessed (one per
@@ -181,6 +183,35 @@ def read(pipeline: Pipeline, layout: Layout, chunk: ChunkRange,
                                 chunk.stop, pipeline.data.retries, trees)
     return Chunk(arrays=arrays, file_index=chunk.file_index, file_key=chunk.key,
                  source=chunk.source, entry_start=chunk.start, url=chunk.url)
+
+
+def read_ahead(pipeline: Pipeline, layout: Layout, plan: list[ChunkRange],
+               trees: sources.OpenTrees, depth: int = 2) -> Iterator[tuple[ChunkRange, Chunk]]:
+    """Each chunk of ``plan`` with its arrays, in order; the next ``depth`` read meanwhile.
+
+    For passes that handle every chunk in order in one thread (pass 1): reading
+    (inflating, mostly) runs in ``depth`` threads without the GIL while the
+    caller works on the chunk before, so two cores are used instead of one.
+    Each chunk in flight costs one chunk's arrays; ``depth=2`` is what an
+    epoch already holds (``READS_PER_STEP``). A failed read is raised when its
+    chunk's turn comes, after the chunks before it.
+    """
+    if depth < 1 or len(plan) < 2:
+        for c in plan:
+            yield c, read(pipeline, layout, c, trees)
+        return
+    with ThreadPoolExecutor(depth, thread_name_prefix="mlaas-read-ahead") as pool:
+        pending: deque[Future[Chunk]] = deque(
+            pool.submit(read, pipeline, layout, c, trees) for c in plan[:depth])
+        try:
+            for i, c in enumerate(plan):
+                chunk = pending.popleft().result()
+                if i + depth < len(plan):
+                    pending.append(pool.submit(read, pipeline, layout, plan[i + depth], trees))
+                yield c, chunk
+        finally:
+            for future in pending:  # leaving early: do not read what nobody will use
+                future.cancel()
 
 
 def interleave(chunks: list[ChunkRange]) -> list[ChunkRange]:

@@ -236,9 +236,8 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
     train_labels = _LabelStats()  # class_weights: balanced weighs the training split
     split = pipeline.data.split
     first_bad: str | None = None  # the first file with a NaN or infinite feature value
-    with sources.OpenTrees() as trees:  # each file opened once, not once per chunk
-        for c in plan:
-            chunk = chunking.read(pipeline, layout, c, trees)
+    with sources.OpenTrees() as trees:  # each file opened once per reading thread
+        for c, chunk in chunking.read_ahead(pipeline, layout, plan, trees):
             n = c.entries
             env = evaluate_env(layout, chunk.arrays)
             keep = selection(layout, env, n, c.url)

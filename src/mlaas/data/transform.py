@@ -226,10 +226,13 @@ def _descending_order_32(key: np.ndarray, counts: np.ndarray) -> np.ndarray | No
 
 
 def flat_values(arr: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Content (float64) and counts of a jagged awkward array."""
-    counts = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
-    content = ak.to_numpy(ak.flatten(arr, axis=1)).astype(np.float64, copy=False)
-    return content, counts
+    """Content (float64) and counts of a jagged awkward array.
+
+    Through :func:`jagged_parts`: the arrays uproot gives are taken apart
+    without awkward's ``num`` and ``flatten`` (a quarter of pass 1's time).
+    """
+    offsets, content = jagged_parts(arr)
+    return content.astype(np.float64, copy=False), np.diff(offsets)
 
 
 def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url: str,
@@ -249,6 +252,7 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
         return flat_values(arr)
 
     flat = flat or from_env
+    every = bool(keep.all())
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for coll in layout.collections.values():
         counts: np.ndarray | None = None
@@ -269,7 +273,10 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
             if order is not None:
                 content = content[order]
             assert elements is not None
-            out[name] = (content[elements], counts[keep])
+            if every:  # no cut and one split: every element is kept, no gather needed
+                out[name] = (content, counts)
+            else:
+                out[name] = (content[elements], counts[keep])
     return out
 
 

@@ -87,6 +87,21 @@ def test_a_chunk_without_any_element_is_all_padding(sort) -> None:
     assert (mask == 0.0).all()
 
 
+def test_read_only_and_strided_contents_fill_beside_plain_ones() -> None:
+    """A tuple of contents must be of one numba type: odd ones are copied, not refused."""
+    offsets = np.array([0, 2, 3], np.int64)
+    plain = np.array([1.0, 2.0, 3.0], np.float32)
+    frozen = plain.copy() * 10
+    frozen.flags.writeable = False
+    strided = (plain * 100).repeat(2)[::2]
+    x = np.zeros((2, 6), np.float32)
+    mask = np.zeros((2, 2), np.float32)
+    kernels.Slots([0, 2, 4], 2, 0, offsets, None, [plain, frozen, strided], [0.0] * 3,
+                  [1.0] * 3, [0.0] * 3).fill(x, mask, np.array([0, 1]), 0, 2)
+    assert x.tolist() == [[1, 2, 10, 20, 100, 200], [3, 0, 30, 0, 300, 0]]
+    assert mask.tolist() == [[1, 1], [1, 0]]
+
+
 def test_slots_leave_the_mask_alone_when_told() -> None:
     offsets = np.array([0, 2, 3], np.int64)
     x = np.zeros((2, 2), np.float32)

@@ -121,7 +121,11 @@ class Slots:
         self.width, self.mcol = width, mcol
         self.offsets = offsets
         self.order = _NO_ORDER if order is None else order
-        self.contents = tuple(contents)
+        # one numba type for the whole tuple (else it is heterogeneous and cannot be
+        # indexed in the loop): C-contiguous and writeable; a read-only or strided
+        # content (a memory map, a view) is copied
+        self.contents = tuple(c if c.flags.c_contiguous and c.flags.writeable
+                              else np.array(c, order="C") for c in contents)
         self.shifts = np.asarray(shifts, dtype=np.float64)
         self.scales = np.asarray(scales, dtype=np.float64)
         self.pads = ((np.asarray(pads, dtype=np.float64) - self.shifts)

@@ -102,3 +102,13 @@ def test_a_jagged_basket_without_offsets_goes_to_uproot(monkeypatch) -> None:
     got = sources.read_range(HZZ, "events", ["Jet_Px"], 0, 10)["Jet_Px"]
     np.testing.assert_array_equal(ak.to_numpy(ak.flatten(got)),
                                   ak.to_numpy(ak.flatten(tree["Jet_Px"].array(entry_stop=10))))
+
+
+def test_a_range_past_the_end_is_left_to_uproot() -> None:
+    tree = uproot.open(HZZ)["events"]
+    n = tree.num_entries
+    for name in ("MET_px", "Jet_Px"):
+        with pytest.raises(baskets.NotPlain):
+            baskets.read_plain(tree[name], n - 5, n + 5)
+    got = sources.read_range(HZZ, "events", ["MET_px", "Jet_Px"], n - 5, n + 5)
+    assert len(got["MET_px"]) == len(got["Jet_Px"]) == 5  # uproot clips, as before

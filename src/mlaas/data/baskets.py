@@ -68,7 +68,7 @@ def read_plain(branch: Any, start: int, stop: int) -> ak.Array:
     size = stored.itemsize
     edges = np.asarray(branch.entry_offsets, dtype=np.int64)
     first = int(np.searchsorted(edges, start, side="right")) - 1
-    last = int(np.searchsorted(edges, stop, side="left"))
+    last = min(int(np.searchsorted(edges, stop, side="left")), len(edges) - 1)
     pieces: list[np.ndarray] = []
     counts: list[np.ndarray] = []  # per basket, the element offsets of its entries in range
     for i in range(max(first, 0), last):
@@ -89,6 +89,8 @@ def read_plain(branch: Any, start: int, stop: int) -> ak.Array:
         counts.append(np.asarray(offsets[lo:hi + 1], dtype=np.int64))
     content = _joined(pieces, out_dtype)
     if not jagged:
+        if len(content) != stop - start:  # a range past the branch's end: uproot's rules
+            raise NotPlain(branch.name)
         return ak.Array(ak.contents.NumpyArray(content))
     offsets = _offsets(counts, stop - start, size)
     return ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets),

@@ -190,8 +190,9 @@ def read_ahead(pipeline: Pipeline, layout: Layout, plan: list[ChunkRange],
     """Each chunk of ``plan`` with its arrays, in order; the next ``depth`` read meanwhile.
 
     For passes that handle every chunk in order in one thread (pass 1): reading
-    (inflating, mostly) runs in ``depth`` threads without the GIL while the
-    caller works on the chunk before, so two cores are used instead of one.
+    (inflating, or waiting for a remote server) runs in ``depth`` threads while
+    the caller works on the chunk before. On this project's benchmark pass 1
+    is bound by its statistics, not its reads, and gained little from it.
     Each chunk in flight costs one chunk's arrays; ``depth=2`` is what an
     epoch already holds (``READS_PER_STEP``). A failed read is raised when its
     chunk's turn comes, after the chunks before it.

@@ -374,11 +374,10 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
         rest = set(wanted)
         if isinstance(t.file.source, uproot.source.file.MultithreadedFileSource):  # local
             top = {b.name: b for b in t.branches}
-            for name in branches:
-                if name in top and baskets.plain_dtype(top[name]) is not None:
-                    with contextlib.suppress(baskets.NotPlain):
-                        out[name] = baskets.read_plain(top[name], start, stop)
-                        rest.discard(name)
+            for name in (n for n in branches if n in top):
+                with contextlib.suppress(baskets.NotPlain):  # NotPlain: uproot reads it
+                    out[name] = baskets.read_plain(top[name], start, stop)
+                    rest.discard(name)
         if rest:
             out.update(t.arrays(filter_name=lambda name: name in rest, entry_start=start,
                                 entry_stop=stop, library="ak", how=dict))

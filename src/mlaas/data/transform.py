@@ -14,7 +14,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import awkward as ak
@@ -252,7 +252,7 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
         return flat_values(arr)
 
     flat = flat or from_env
-    every = bool(keep.all())
+    every = bool(keep.all())  # no cut and one split: every element is kept, no gather
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for coll in layout.collections.values():
         counts: np.ndarray | None = None
@@ -262,7 +262,7 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
             content, here = flat(name)
             if counts is None:
                 counts = here
-                elements = np.repeat(keep, counts)
+                elements = None if every else np.repeat(keep, counts)
                 if coll.sort_by is not None:
                     key, key_counts = flat(coll.sort_by)
                     if not np.array_equal(key_counts, counts):
@@ -272,11 +272,8 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
                 raise _multiplicity_error(coll, name, url)
             if order is not None:
                 content = content[order]
-            assert elements is not None
-            if every:  # no cut and one split: every element is kept, no gather needed
-                out[name] = (content, counts)
-            else:
-                out[name] = (content[elements], counts[keep])
+            out[name] = ((content, counts) if elements is None
+                         else (content[elements], counts[keep]))
     return out
 
 
@@ -369,32 +366,6 @@ def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, 
         if found is not None:
             out[cname] = found
     return out
-
-
-@dataclass
-class _SlotGroup:
-    """Jagged branches of one collection and content dtype: one kernel call per tile."""
-
-    coll: _Collection
-    mcol: int
-    cols: list[int] = field(default_factory=list)
-    contents: list[np.ndarray] = field(default_factory=list)
-    shifts: list[float] = field(default_factory=list)
-    scales: list[float] = field(default_factory=list)
-    pads: list[float] = field(default_factory=list)
-
-    def add(self, col: int, content: np.ndarray, shift: float, scale: float,
-            pad: float) -> None:
-        self.cols.append(col)
-        self.contents.append(content)
-        self.shifts.append(shift)
-        self.scales.append(scale)
-        self.pads.append(pad)
-
-    def slots(self) -> kernels.Slots:
-        c = self.coll
-        return kernels.Slots(self.cols, c.width, self.mcol, c.offsets, c.order, self.contents,
-                             self.shifts, self.scales, self.pads)
 
 
 def _feature(layout: Layout, name: str) -> Any:
@@ -504,8 +475,9 @@ class Transform:
             mask_col[c] = start
             start += collections[c].width
         rows = index.astype(np.int64, copy=False)
-        # the jagged branches as one kernel call per collection and content dtype
-        groups: dict[tuple[str, np.dtype], _SlotGroup] = {}
+        # the jagged branches as one kernel call per collection and content dtype:
+        # per group, its mask column and each branch's (column, content, shift, scale, pad)
+        groups: dict[tuple[str, np.dtype], tuple[int, list[tuple[Any, ...]]]] = {}
         col = 0
         for f in layout.features:
             shift, scale = float(self.shift[col]), float(self.scale[col])
@@ -513,18 +485,22 @@ class Transform:
                 assert f.collection is not None
                 coll = collections[f.collection]
                 content = self._clean_content(coll, coll.contents[f.name], keep, f.name, chunk)
-                group = groups.get((f.collection, content.dtype))
-                if group is None:
-                    mcol = mask_col.pop(f.collection, -1)  # the mask once per collection
-                    group = groups[(f.collection, content.dtype)] = _SlotGroup(coll, mcol)
-                group.add(col, content, shift, scale, f.pad)
+                key = (f.collection, content.dtype)
+                if key not in groups:  # the mask once per collection
+                    groups[key] = (mask_col.pop(f.collection, -1), [])
+                groups[key][1].append((col, content, shift, scale, f.pad))
                 width = coll.width
             else:
                 value = as_float64(f.expression.evaluate(env), len(keep))[index]
                 width = 1
                 x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
             col += width
-        jagged = [g.slots() for g in groups.values()]
+        jagged = []
+        for (name, _), (mcol, branches) in groups.items():
+            coll = collections[name]
+            cols, contents, shifts, scales, pads = zip(*branches, strict=True)
+            jagged.append(kernels.Slots(cols, coll.width, mcol, coll.offsets, coll.order,
+                                        contents, shifts, scales, pads))
         tiles = range(0, m, kernels.TILE_ROWS)
 
         def pad(starts: range) -> None:

@@ -54,6 +54,40 @@ def test_plain_branches_equal_uproot_on_any_range(many_baskets, compression, sta
         _same(baskets.read_plain(tree[name], start, stop), want[name], f"{name}[{start}:{stop}]")
 
 
+@pytest.mark.parametrize("start,stop", [(0, 3000), (650, 760), (10, 2990)])
+def test_branches_of_one_counter_share_one_offsets_array(many_baskets, start, stop) -> None:
+    """Read with one ``counted`` dict, as ``read_range`` does: same values as uproot,
+    and each collection's offsets one array, which the transform then need not compare."""
+    tree = uproot.open(many_baskets["none"])["Events"]
+    names = [b.name for b in tree.branches]
+    want = tree.arrays(names, entry_start=start, entry_stop=stop, library="ak", how=dict)
+    counted: dict[str, np.ndarray] = {}
+    got = {name: baskets.read_plain(tree[name], start, stop, counted) for name in names}
+    for name in names:
+        _same(got[name], want[name], f"{name}[{start}:{stop}]")
+
+    def offsets(name: str) -> np.ndarray:
+        return np.asarray(got[name].layout.offsets)
+
+    assert sorted(counted) == ["nElectron", "nJet", "nMuon"]
+    for collection, fields in (("Jet", ["eta", "phi", "mass", "btagDeepB", "jetId"]),
+                               ("Muon", ["eta", "phi", "charge"])):
+        first = offsets(f"{collection}_pt")
+        for field in fields:
+            assert np.shares_memory(offsets(f"{collection}_{field}"), first), field
+
+
+def test_shared_offsets_that_disagree_are_not_used(many_baskets) -> None:
+    """Offsets of the wrong total (a broken file, here planted) are replaced by the
+    branch's own, so the transform's multiplicity check still sees the difference."""
+    tree = uproot.open(many_baskets["none"])["Events"]
+    want = tree.arrays(["Jet_eta"], entry_start=650, entry_stop=760, library="ak")["Jet_eta"]
+    planted = {"nJet": np.arange(111, dtype=np.int64)}  # right length, wrong counts
+    got = baskets.read_plain(tree["Jet_eta"], 650, 760, planted)
+    _same(got, want, "Jet_eta")
+    assert not np.shares_memory(np.asarray(got.layout.offsets), planted["nJet"])
+
+
 def test_hzz_bool_int_and_float_collections_equal_uproot() -> None:
     tree = uproot.open(HZZ)["events"]
     assert tree["Muon_Px"].num_baskets == 2  # a range across the border is tested

@@ -39,6 +39,7 @@ os.environ.setdefault("XRD_TIMEOUTRESOLUTION", "1")  # check timeouts each secon
 os.environ.setdefault("XRD_STREAMERRORWINDOW", "1")
 
 import awkward as ak  # noqa: E402
+import numpy as np  # noqa: E402
 import uproot  # noqa: E402
 
 from mlaas.data import baskets  # noqa: E402
@@ -374,9 +375,10 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
         rest = set(wanted)
         if isinstance(t.file.source, uproot.source.file.MultithreadedFileSource):  # local
             top = {b.name: b for b in t.branches}
+            counted: dict[str, np.ndarray] = {}  # offsets per counting branch, shared
             for name in (n for n in branches if n in top):
                 with contextlib.suppress(baskets.NotPlain):  # NotPlain: uproot reads it
-                    out[name] = baskets.read_plain(top[name], start, stop)
+                    out[name] = baskets.read_plain(top[name], start, stop, counted)
                     rest.discard(name)
         if rest:
             out.update(t.arrays(filter_name=lambda name: name in rest, entry_start=start,

@@ -225,14 +225,22 @@ def _descending_order_32(key: np.ndarray, counts: np.ndarray) -> np.ndarray | No
     return np.argsort(packed, kind="stable")
 
 
-def flat_values(arr: Any) -> tuple[np.ndarray, np.ndarray]:
+def flat_values(arr: Any, seen: dict[Any, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Content (float64) and counts of a jagged awkward array.
 
     Through :func:`jagged_parts`: the arrays uproot gives are taken apart
     without awkward's ``num`` and ``flatten`` (a quarter of pass 1's time).
+    With ``seen`` (see :func:`jagged_parts`), arrays sharing offsets share
+    one counts array too.
     """
-    offsets, content = jagged_parts(arr)
-    return content.astype(np.float64, copy=False), np.diff(offsets)
+    offsets, content = jagged_parts(arr, seen)
+    counts = seen.get(id(offsets)) if seen is not None else None
+    if counts is None:
+        counts = np.diff(offsets)
+        if seen is not None:  # the offsets stay in seen, so their id is not reused
+            seen[id(offsets)] = counts
+    return content.astype(np.float64, copy=False), counts
 
 
 def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url: str,
@@ -247,9 +255,11 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
     (default: :func:`flat_values` of ``env[name]`` or of the feature's
     expression); the bundle passes one that reads raw numpy columns.
     """
+    seen: dict[Any, np.ndarray] = {}
+
     def from_env(name: str) -> tuple[np.ndarray, np.ndarray]:
         arr = env[name] if name in env else _feature(layout, name).expression.evaluate(env)
-        return flat_values(arr)
+        return flat_values(arr, seen)
 
     flat = flat or from_env
     every = bool(keep.all())  # no cut and one split: every element is kept, no gather
@@ -265,10 +275,10 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
                 elements = None if every else np.repeat(keep, counts)
                 if coll.sort_by is not None:
                     key, key_counts = flat(coll.sort_by)
-                    if not np.array_equal(key_counts, counts):
+                    if key_counts is not counts and not np.array_equal(key_counts, counts):
                         raise _sort_key_error(coll, name, url)
                     order = descending_order(key, counts)
-            elif not np.array_equal(counts, here):
+            elif here is not counts and not np.array_equal(counts, here):
                 raise _multiplicity_error(coll, name, url)
             if order is not None:
                 content = content[order]
@@ -293,12 +303,18 @@ def _multiplicity_error(coll: Any, name: str, url: str) -> DataError:
     )
 
 
-def jagged_parts(arr: Any) -> tuple[np.ndarray, np.ndarray]:
+def jagged_parts(arr: Any, seen: dict[Any, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (int64, from 0) and flat content of a jagged array, without copying when possible.
 
     uproot hands over ``ListOffsetArray``s of plain numbers: their offsets and
     content are taken as they are. Anything else (option types, derived
     layouts) goes through ``ak.num`` and ``ak.flatten``.
+
+    ``seen`` (kept by the caller while the arrays live) gives the same
+    offsets object for arrays whose offsets are the same memory, as the
+    branches of one collection are when read together (``baskets``): the
+    caller then knows them equal without comparing.
     """
     layout = arr.layout if isinstance(arr, ak.Array) else None
     if (isinstance(layout, ak.contents.ListOffsetArray)
@@ -306,11 +322,17 @@ def jagged_parts(arr: Any) -> tuple[np.ndarray, np.ndarray]:
             and layout.parameter("__array__") is None
             and layout.content.parameter("__array__") is None
             and layout.content.data.ndim == 1):
-        offsets = np.asarray(layout.offsets).astype(np.int64, copy=False)
+        raw = np.asarray(layout.offsets)
         content = np.asarray(layout.content.data)
-        first = int(offsets[0])
-        if first:
-            offsets = offsets - first
+        key = (raw.__array_interface__["data"][0], len(raw), raw.strides[0], raw.dtype.num)
+        offsets = seen.get(key) if seen is not None else None
+        if offsets is None:
+            offsets = raw.astype(np.int64, copy=False)
+            if offsets[0]:
+                offsets = offsets - offsets[0]
+            if seen is not None:
+                seen[key] = offsets
+        first = int(raw[0])
         return offsets, content[first:first + int(offsets[-1])]
     counts = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
     content = np.asarray(ak.to_numpy(ak.flatten(arr, axis=1)))
@@ -343,16 +365,17 @@ def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, 
     multiplicity per collection, and a sort key from the same collection.
     """
     out: dict[str, _Collection] = {}
+    seen: dict[Any, np.ndarray] = {}
     for cname, coll in layout.collections.items():
         found: _Collection | None = None
         for name in coll.features:
             arr = env[name] if name in env else _feature(layout, name).expression.evaluate(env)
-            offsets, content = jagged_parts(arr)
+            offsets, content = jagged_parts(arr, seen)
             if found is None:
                 order = None
                 if coll.sort_by is not None:
-                    key_offsets, key = jagged_parts(env[coll.sort_by])
-                    if not np.array_equal(key_offsets, offsets):
+                    key_offsets, key = jagged_parts(env[coll.sort_by], seen)
+                    if key_offsets is not offsets and not np.array_equal(key_offsets, offsets):
                         raise _sort_key_error(coll, name, url)
                     counts = np.diff(offsets)
                     order = _descending_order_32(key, counts)
@@ -360,7 +383,7 @@ def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, 
                         order = descending_order(key.astype(np.float64, copy=False), counts)
                 assert coll.max_len is not None
                 found = _Collection(offsets, order, coll.max_len, {})
-            elif not np.array_equal(found.offsets, offsets):
+            elif offsets is not found.offsets and not np.array_equal(found.offsets, offsets):
                 raise _multiplicity_error(coll, name, url)
             found.contents[name] = content
         if found is not None:
@@ -491,7 +514,9 @@ class Transform:
                 groups[key][1].append((col, content, shift, scale, f.pad))
                 width = coll.width
             else:
-                value = as_float64(f.expression.evaluate(env), len(keep))[index]
+                value = as_float64(f.expression.evaluate(env), len(keep))
+                if m != len(keep):  # every event kept: no gather
+                    value = value[index]
                 width = 1
                 x[:, col] = (self._clean(value, f.name, chunk) - shift) * scale
             col += width

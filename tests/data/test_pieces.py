@@ -58,7 +58,7 @@ def test_pieces_give_the_same_events_and_values(pair: Path, monkeypatch) -> None
 def test_every_buffer_mixes_both_sources(pair: Path, monkeypatch) -> None:
     monkeypatch.setattr(loader, "PIECE_ROWS", 300)
     ds = RootDataset(spec(pair), split="all", batch_size=100, seed=3)
-    assert ds._shuffle_buffer().shapes["x"][0] == 2 * 300 + 100  # pieces, not chunks
+    assert ds._shuffle_buffer().shapes["x"][0] == 2 * 300 + 100 + 2  # pieces, + a batch, + sources
     batches = list(ds)
     # a buffer is ~2 x 300 events: every batch draws from both classes
     means = np.array([b["y"].mean() for b in batches[:-1]])

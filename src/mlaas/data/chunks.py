@@ -16,7 +16,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlaas.data import sources
 from mlaas.data.layout import Layout, branch_kinds
@@ -241,7 +241,10 @@ def shard(chunks: list[ChunkRange], worker: int, workers: int) -> list[ChunkRang
     every worker gets every source it can (so its batches mix classes; taking
     every K-th chunk of the interleaved plan gave two workers one class each
     with two sources) and about as many events as the others (the slowest
-    worker sets an epoch's time). Every process computes the same plan.
+    worker sets an epoch's time). A source with fewer chunks than workers
+    (a small file is one chunk at the default step) has its chunks split
+    first, so every worker still gets some of it. Every process computes
+    the same plan.
     """
     by_source: dict[int, list[ChunkRange]] = {}
     for c in chunks:
@@ -249,6 +252,7 @@ def shard(chunks: list[ChunkRange], worker: int, workers: int) -> list[ChunkRang
     events = [0] * workers
     mine: list[ChunkRange] = []
     for items in by_source.values():
+        items = _at_least(items, workers)
         taken = [0] * workers
         for c in sorted(items, key=lambda c: -c.entries):  # largest first balances best
             k = min(range(workers), key=lambda w: (taken[w], events[w], w))
@@ -257,3 +261,26 @@ def shard(chunks: list[ChunkRange], worker: int, workers: int) -> list[ChunkRang
             if k == worker:
                 mine.append(c)
     return interleave(mine)
+
+
+def _at_least(chunks: list[ChunkRange], count: int) -> list[ChunkRange]:
+    """``chunks``, the largest split in two until there are ``count`` (or single events).
+
+    Splits fall in the middle, so the workers get even shares; the basket
+    across the middle is inflated by both halves, a small price for a source
+    that has so few chunks. The halves know no cluster start of their own
+    (``head`` 0), so each is read whole.
+    """
+    out = list(chunks)
+    while len(out) < count:
+        largest = max(range(len(out)), key=lambda i: (out[i].entries, -i))
+        c = out[largest]
+        if c.entries < 2:
+            break
+        cut = c.entries // 2
+        share = c.compressed_bytes * cut // c.entries
+        out[largest:largest + 1] = [
+            replace(c, stop=c.start + cut, compressed_bytes=share, head=0),
+            replace(c, start=c.start + cut, compressed_bytes=c.compressed_bytes - share, head=0),
+        ]
+    return out

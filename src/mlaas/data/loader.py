@@ -2,8 +2,10 @@
 
 Layer: data, the only module that batches and shuffles. It plans chunks
 (``chunks``), runs pass 1 (``stats``) unless given its result, and per chunk
-reads (``sources``) and preprocesses (``transform``). Memory is bounded by the
-step size times the chunks in the shuffle buffer, never by file size.
+reads (``sources``) and preprocesses (``transform``); ``mixing`` plans which
+pieces of which chunks fill each shuffle buffer. Memory is bounded by the step
+size times the chunks in memory at once (each source's current one and the
+``readers`` read ahead) plus the shuffle buffer, never by file size.
 
 Exactness across workers: the chunk plan is the same in every process, and
 worker k of K takes its share of each source's chunks (``chunks.shard``: the
@@ -28,7 +30,7 @@ import numpy as np
 
 from mlaas import spec as spec_module
 from mlaas.data import chunks as chunking
-from mlaas.data import kernels
+from mlaas.data import kernels, mixing
 from mlaas.data import sources
 from mlaas.data import stats as pass1
 from mlaas.data.background import Backlog, in_background
@@ -42,14 +44,13 @@ __all__ = ["RootDataset", "prepare"]
 
 Batch = dict[str, np.ndarray]
 
-#: Events per piece of a chunk in the shuffle buffer (see ``RootDataset._pieces``):
-#: a buffer mixes ``shuffle_chunks`` pieces of this size, 54 MB each at the
-#: benchmark's 416 bytes per event, whatever ``data.step_size`` is.
+#: Events per piece of a chunk in the shuffle buffer (see ``RootDataset._plan``):
+#: a buffer holds ``shuffle_chunks`` times this many events from all sources,
+#: 54 MB per 131k at the benchmark's 416 bytes per event, whatever
+#: ``data.step_size`` is.
 PIECE_ROWS = 131_072
 #: Batches gathered in one hand-over to the second thread (see ``RootDataset._flush``).
 GATHER_RUN = 8
-#: Pieces the head (first cluster) of each chunk of an epoch's first group is cut into.
-HEAD_PIECES = 4
 Prepared = tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]
 
 
@@ -75,8 +76,10 @@ class RootDataset:
         seed (int): seed of the shuffling (the split has its own, in the spec).
         stats (Stats, dict or path): the result of pass 1, to avoid running it
             again for each split.
-        shuffle_chunks (int): chunks mixed in one shuffle buffer; default: the
-            number of sources (at least 2), so every batch mixes classes.
+        shuffle_chunks (int): the shuffle buffer's size in pieces of
+            ``PIECE_ROWS`` events (taken from every source in proportion,
+            see :mod:`mlaas.data.mixing`); default: the number of sources, at
+            least 2.
         drop_last (bool): drop a final partial batch.
         prefetch (bool): read the next chunk in a background thread, and
             preprocess and batch in another (``False``: all on the caller's).
@@ -273,7 +276,9 @@ class RootDataset:
             buffer.give_back()
 
     def _shuffle_buffer(self) -> _ShuffleBuffer:
-        rows = self.shuffle_chunks * self._piece_rows() + self.batch_size  # + the last rest
+        # + the last buffer's rest, + one event per source that the plan's rounding may add
+        rows = (self.shuffle_chunks * self._piece_rows() + self.batch_size
+                + len(self.pipeline.data.sources))
         return _ShuffleBuffer(self._spare, self._spare_lock, rows, len(self.feature_names),
                               len(self.mask_names))
 
@@ -312,70 +317,68 @@ class RootDataset:
             shuffled.extend(items[i] for i in rng.permutation(len(items)))
         return chunking.interleave(shuffled)
 
+    def _plan(self, chunks: list[chunking.ChunkRange]) -> list[list[mixing.Piece]]:
+        """The epoch's shuffle buffers as pieces of chunks (see :mod:`mlaas.data.mixing`).
+
+        Shuffled, every buffer takes from every source in proportion, about
+        ``shuffle_chunks`` pieces of ``PIECE_ROWS`` events in all, so its
+        memory does not grow with ``data.step_size``. Unshuffled, pieces
+        follow each other chunk by chunk, so an epoch is in the order of
+        :meth:`columns` (evaluation and ``apply`` rely on it).
+        """
+        piece_rows = self._piece_rows()
+        if not self.shuffle:
+            return mixing.sequential(chunks, piece_rows)
+        by_source: dict[int, list[chunking.ChunkRange]] = {}
+        for c in chunks:
+            by_source.setdefault(c.source, []).append(c)
+        return mixing.mixed(list(by_source.values()), self.shuffle_chunks * piece_rows,
+                            piece_rows)
+
     def _pieces(self, chunks: list[chunking.ChunkRange], outputs: _ShuffleBuffer | None,
                 threads: bool, fill: Callable[[], Executor | None] = lambda: None
                 ) -> Iterator[tuple[Columns, bool]]:
-        """Each chunk's columns in pieces, and whether a piece completes a shuffle buffer.
+        """Each piece's columns, and whether it completes a shuffle buffer.
 
-        Chunks are taken ``shuffle_chunks`` at a time (consecutive in the
-        interleaved order, so from different sources); each is cut into the
-        same number of pieces of at most ``PIECE_ROWS`` events, and a buffer
-        holds piece j of every chunk of the group. So every buffer mixes the
-        sources in proportion, and the buffer is ``shuffle_chunks`` pieces,
-        not chunks: 2 x 131k rows instead of 2 x 594k (0.5 GB) with the
-        default 100 MB step, whose fresh pages cost most of a DataLoader
-        worker's epoch here (page faults, ~6 us each on this VM).
+        Chunks are read in the order the plan first needs them; a chunk is
+        let go after its last piece (a source's current chunk, one per
+        source, plus the ``readers`` read ahead are in memory at once).
         """
-        group: list[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]] = []
-        first = True  # the epoch's first group starts with each chunk's first cluster
-        for item in self._fetched(chunks, threads):
-            group.append(item)
-            if len(group) == self._group_size():
-                yield from self._group_pieces(group, outputs, first, fill)
-                group, first = [], False
-        if group:
-            yield from self._group_pieces(group, outputs, first, fill)
+        plan = self._plan(chunks)
+        first = {p.chunk.name for p in plan[0]} if plan else set()
+        fetched = self._fetched(mixing.first_use(plan), threads, first)
+        held: dict[str, Columns | Chunk | _HeadFirst] = {}
+        kept: dict[str, list[Columns]] = {}  # pieces of chunks being cached
+        try:
+            for buffer in plan:
+                for k, piece in enumerate(buffer):
+                    name = piece.chunk.name
+                    if name not in held:
+                        chunk, item = next(fetched)
+                        assert chunk.name == name, (chunk.name, name)  # read in first-use order
+                        held[name] = item
+                    cols = self._piece_columns(piece, held[name], outputs, kept, fill)
+                    if piece.last:
+                        del held[name]
+                    yield cols, k == len(buffer) - 1
+        finally:
+            fetched.close()
 
-    def _group_size(self) -> int:
-        """Chunks cut into pieces together: ``shuffle_chunks``, or 1 without shuffling.
-
-        Unshuffled, pieces follow each other chunk by chunk, so an epoch is in
-        the order of :meth:`columns` (evaluation and ``apply`` rely on it).
-        """
-        return self.shuffle_chunks if self.shuffle else 1
-
-    def _group_pieces(self, group: list[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]],
-                      outputs: _ShuffleBuffer | None, first: bool = False,
-                      fill: Callable[[], Executor | None] = lambda: None
-                      ) -> Iterator[tuple[Columns, bool]]:
-        parts = self._parts([chunk for chunk, _ in group], first)
-        kept: dict[str, list[Columns]] = {chunk.name: [] for chunk, _ in group}
-        for j in range(parts):
-            for k, (chunk, fetched) in enumerate(group):
-                if isinstance(fetched, Columns):
-                    n = len(fetched)
-                    cols = fetched.take(slice(j * n // parts, (j + 1) * n // parts))
-                else:
-                    start, stop = _piece_range(chunk, j, parts, first)
-                    cols = self._transform_piece(fetched, start, stop, outputs, fill())
-                    if self.cache.enabled:  # the buffer's rows are overwritten: keep a copy
-                        kept[chunk.name].append(Columns.concat([cols]))
-                        if j == parts - 1:
-                            self.cache.put(chunk.name, Columns.concat(kept.pop(chunk.name)))
-                yield cols, k == len(group) - 1
-
-    @staticmethod
-    def _parts(group: list[chunking.ChunkRange], first: bool) -> int:
-        """Pieces per chunk of a group; ``HEAD_PIECES`` more in the epoch's first group.
-
-        There the heads (see :func:`_piece_range`) are cut ``HEAD_PIECES``
-        ways, so the first shuffle buffer is a few small pieces and the first
-        batches wait for little preprocessing.
-        """
-        parts = max(-(-chunk.entries // PIECE_ROWS) for chunk in group)
-        if first and any(_has_head(chunk) for chunk in group):
-            parts += HEAD_PIECES
-        return parts
+    def _piece_columns(self, piece: mixing.Piece, fetched: Columns | Chunk | _HeadFirst,
+                       outputs: _ShuffleBuffer | None, kept: dict[str, list[Columns]],
+                       fill: Callable[[], Executor | None]) -> Columns:
+        """A piece from a cached chunk's columns, or transformed from the chunk's arrays."""
+        chunk = piece.chunk
+        if isinstance(fetched, Columns):  # cached: the rows of the piece's entries
+            lo, hi = np.searchsorted(fetched.entry, [chunk.start + piece.start,
+                                                     chunk.start + piece.stop])
+            return fetched.take(slice(int(lo), int(hi)))
+        cols = self._transform_piece(fetched, piece.start, piece.stop, outputs, fill())
+        if self.cache.enabled:  # the buffer's rows are overwritten: keep a copy
+            kept.setdefault(chunk.name, []).append(Columns.concat([cols]))
+            if piece.last:
+                self.cache.put(chunk.name, Columns.concat(kept.pop(chunk.name)))
+        return cols
 
     def _transform_piece(self, chunk: Chunk | _HeadFirst, start: int, stop: int,
                          outputs: _ShuffleBuffer | None, fill: Executor | None = None
@@ -386,6 +389,7 @@ class RootDataset:
                               outputs.lend if outputs is not None else None, fill=fill)
 
     def _fetched(self, chunks: list[chunking.ChunkRange], threads: bool = True,
+                 first: set[str] | None = None,
                  ) -> Iterator[tuple[chunking.ChunkRange, Columns | Chunk | _HeadFirst]]:
         """Each chunk with its cached columns or raw arrays; ``readers`` chunks read ahead.
 
@@ -397,7 +401,7 @@ class RootDataset:
         2M zlib events); two overlap each other's waits and the transform.
         Each chunk in flight costs one chunk's arrays of memory.
 
-        The chunks of the first group are read head first: their first
+        The chunks named in ``first`` (those of the epoch's first buffer) are read head first: their first
         cluster (``ChunkRange.head``, where every branch starts a new basket),
         every head before any rest, so the epoch's first batches wait for one
         cluster of each chunk instead of whole chunks (two 400-500k-event
@@ -416,7 +420,7 @@ class RootDataset:
         with sources.OpenTrees() as trees, ThreadPoolExecutor(
                 depth, thread_name_prefix="mlaas-prefetch") as pool:
             pending: deque[Future[Columns | Chunk] | _HeadFirst] = deque(
-                self._start(pool, chunks[:depth], chunks[:self._group_size()], trees))
+                self._start(pool, chunks[:depth], first or set(), trees))
             try:
                 for i, chunk in enumerate(chunks):
                     item = pending.popleft()
@@ -429,10 +433,11 @@ class RootDataset:
                         future.cancel()
 
     def _start(self, pool: ThreadPoolExecutor, ahead: list[chunking.ChunkRange],
-               group: list[chunking.ChunkRange], trees: sources.OpenTrees,
+               first: set[str], trees: sources.OpenTrees,
                ) -> list[Future[Columns | Chunk] | _HeadFirst]:
         """The first reads: the heads of the first group's chunks, then their rests, then others."""
-        split = {c.name for c in group if _has_head(c) and self.cache.get(c.name) is None}
+        split = {c.name for c in ahead
+                 if c.name in first and _has_head(c) and self.cache.get(c.name) is None}
         heads = {c.name: pool.submit(self._read_rows, c, 0, c.head, trees)
                  for c in ahead if c.name in split}
         started: list[Future[Columns | Chunk] | _HeadFirst] = []
@@ -607,30 +612,11 @@ def _has_head(chunk: chunking.ChunkRange) -> bool:
     return 0 < chunk.head < chunk.entries
 
 
-def _piece_range(chunk: chunking.ChunkRange, j: int, parts: int, first: bool) -> tuple[int, int]:
-    """Entries of piece ``j`` of ``parts`` of ``chunk``, relative to its start.
-
-    In the epoch's first group a chunk with a head has its head cut into
-    the first ``HEAD_PIECES`` pieces and the rest cut evenly into the
-    others; otherwise pieces are even. It depends on the
-    plan alone, never on threads or timing, so serial and threaded epochs
-    give the same batches.
-    """
-    entries = chunk.entries
-    if not (first and _has_head(chunk) and parts > HEAD_PIECES):
-        return j * entries // parts, (j + 1) * entries // parts
-    head, h = chunk.head, HEAD_PIECES
-    if j < h:
-        return j * head // h, (j + 1) * head // h
-    rest, k = entries - head, parts - h
-    return head + (j - h) * rest // k, head + (j - h + 1) * rest // k
-
-
 class _HeadFirst:
     """A chunk read as two ranges: its first cluster (``head`` entries), then the rest.
 
     Pieces come from whichever read holds them; a piece never straddles the
-    border, because in the first group the first pieces cut exactly the head.
+    border, because the plan cuts pieces at every chunk's head (``mixing``).
     """
 
     def __init__(self, head: int, first: Future[Columns | Chunk],

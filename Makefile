@@ -11,7 +11,12 @@ RUNDIR ?= build/run
 .PHONY: setup system-deps run test bench clean
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	# a fresh Debian has python3 without venv/ensurepip: install it, then retry
+	$(PYTHON) -m venv $(VENV) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  rm -rf $(VENV); $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv >/dev/null && \
+	  $(PYTHON) -m venv $(VENV); }
 	# torch first and pinned: its CPU wheel is on this machine's disk; a later
 	# unpinned requirement (torch>=2.2) is then already satisfied.
 	$(PIP) install -q torch==2.13.0

@@ -59,3 +59,16 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert [b.split()[0:2] for b in block] == [["make", "run"], ["make", "test"]]
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.strip().splitlines()[-1] == "make test"
+
+
+def test_sample_files_match_their_recorded_checksums() -> None:
+    """tests/files/README.md records where the sample files come from and their SHA-256."""
+    import hashlib
+    import re
+
+    files = ROOT / "tests" / "files"
+    recorded = re.findall(r"\| (uproot-\w+\.root) \| [\d,]+ \| `([0-9a-f]{64})` \|",
+                          (files / "README.md").read_text())
+    assert sorted(name for name, _ in recorded) == ["uproot-HZZ.root", "uproot-Zmumu.root"]
+    for name, digest in recorded:
+        assert hashlib.sha256((files / name).read_bytes()).hexdigest() == digest, name

@@ -450,6 +450,16 @@ def test_syntax_error_names_the_column(source, column):
     assert message.startswith(f"invalid syntax in expression {source!r} at column {column}")
 
 
+@pytest.mark.parametrize(("source", "column"), [("MET_pt +", 9), ("  (a > 1) & ", 12)])
+def test_expression_that_ends_too_early_points_at_its_end(source, column):
+    with pytest.raises(ExpressionError) as info:
+        parse(source)
+    message = str(info.value)
+    assert message.startswith(f"invalid syntax in expression {source!r} at column {column}: "
+                              "the expression ends too early")
+    assert message.endswith("\n" + " " * (column + 1) + "^")  # under the end, not column 1
+
+
 def test_syntax_error_shows_a_caret_under_the_column():
     with pytest.raises(ExpressionError) as info:
         parse("a > > b")

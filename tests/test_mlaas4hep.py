@@ -67,9 +67,9 @@ def test_sample_spec_fields(sample: Conversion) -> None:
 
 def test_sample_notes(sample: Conversion) -> None:
     notes = sample.notes
-    for key, value in (("epochs", "5"), ("batch_size", "100"), ("shuffle", "True")):
-        found = note_about(notes, f"{key}={value}")
-        assert len(found) == 1 and "`mlaas run`" in found[0], notes
+    assert sample.spec["train"] == {"epochs": 5, "batch_size": 100}  # mapped, so no note
+    for key in ("epochs=", "batch_size=", "shuffle="):  # shuffle=True is what mlaas does
+        assert not note_about(notes, key), notes
     for key in ("learning_rate", "model_dir"):
         assert len(note_about(notes, f"unknown params key {key!r}")) == 1, notes
     assert note_about(notes, "hist='pdfs'") and note_about(notes, "verbose=1")
@@ -88,11 +88,23 @@ def test_sample_loads(sample: Conversion) -> None:
     assert pipeline.data.normalize.default == "minmax"
 
 
+@pytest.mark.parametrize("params,train,note", [
+    ({"epochs": 0, "batch_size": 64}, {"batch_size": 64}, "epochs=0 is not a positive"),
+    ({"batch_size": "big"}, {}, "batch_size='big' is not a positive"),
+    ({"shuffle": False, "epochs": 3}, {"epochs": 3}, "mlaas always shuffles training"),
+])
+def test_training_keys_become_the_train_section(params: dict, train: dict, note: str) -> None:
+    result = convert(params, [str(FILES / "uproot-HZZ.root")], [1])
+    assert result.spec.get("train", {}) == train
+    assert note_about(result.notes, note), result.notes
+    mlaas.spec.load(result.spec)  # a valid pipeline, train section included
+
+
 def test_sample_yaml_round_trip(sample: Conversion) -> None:
     text = sample.yaml()
     assert text.startswith("# Converted from an MLaaS4HEP configuration")
     header = [line for line in text.splitlines() if line.startswith("#")]
-    assert any("epochs=5" in line for line in header)
+    assert any("verbose=1" in line for line in header)  # the notes head the file
     assert yaml.safe_load(text) == sample.spec
     mlaas.spec.load(yaml.safe_load(text), base_dir=OLD)
 

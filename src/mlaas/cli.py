@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 
 from mlaas._progress import console, err_console, event_progress
-from mlaas.errors import MlaasError
+from mlaas.errors import BadValues, MlaasError
 
 app = typer.Typer(
     name="mlaas",
@@ -53,9 +53,12 @@ def datagen(
     """
     from mlaas.data import synth
 
+    if compression.strip().lower() not in synth.COMPRESSIONS:  # before the bar is drawn
+        raise typer.BadParameter(f"{compression!r} is not one of {', '.join(synth.COMPRESSIONS)}",
+                                 param_hint="--compression")
     with event_progress("datagen", 2 * events) as advance:
         summary = synth.generate(outdir, events, compression=compression, seed=seed,
-                                 progress=lambda n: advance(n, 0))
+                                 progress=advance)
     console.print_json(json.dumps(summary, default=str))
 
 
@@ -103,15 +106,23 @@ def stats(
     pipeline = load(spec)
     # the data layer's warnings (skipped branches, zero variance) are printed once,
     # in the table's style, not also by Python's warning display
+    failed: BadValues | None = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layout, files, plan = prepare(pipeline)
         total = sum(c.entries for c in plan)
         with event_progress("pass 1", total, progress) as advance:
-            result = pass1.compute(pipeline, layout, files, plan, advance)
+            try:
+                result = pass1.compute(pipeline, layout, files, plan, advance)
+            except BadValues as exc:  # NaN/inf under nan: error: show the counts, then fail
+                if exc.stats is None:
+                    raise
+                result, failed = exc.stats, exc
     if output:
         result.save(output)
     _print_stats(result, [str(w.message) for w in caught])
+    if failed is not None:
+        raise failed
 
 
 def _print_stats(result: Any, caught: list[str]) -> None:
@@ -175,7 +186,7 @@ def demo(
     with resources.as_file(resources.files("mlaas.examples") / "datagen.yaml") as src:
         shutil.copyfile(src, spec_path)
     with event_progress("datagen", 2 * events) as advance:
-        synth.generate(workdir / "data", events, progress=lambda n: advance(n, 0))
+        synth.generate(workdir / "data", events, progress=advance)
     events_path = workdir / "events.json"
     events_path.write_text(json.dumps(_DEMO_EVENTS, indent=1))
     port = port or (8080 if port_is_free(8080) else free_port())

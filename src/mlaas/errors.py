@@ -175,6 +175,9 @@ class UnsupportedBranch(DataError, TypeError):
 class BadValues(DataError):
     """NaN or infinite values in a feature while ``data.nan.policy`` is ``error``."""
 
+    #: pass 1's statistics when pass 1 found the values (``mlaas stats`` shows them)
+    stats: Any = None
+
 
 class CacheError(DataError):
     """A preprocessed-data cache that does not fit or cannot be written."""

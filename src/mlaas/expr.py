@@ -293,6 +293,9 @@ class _Compiler:
         except SyntaxError as exc:
             line, column = exc.lineno or 1, (exc.offset or 1) - 1
             first = self.source.partition("\n")[0]
+            if not exc.offset and line == 1:  # Python's way of saying: it ended too early
+                column = len(first.rstrip()) - self.indent
+                exc.msg = "the expression ends too early" if exc.msg == "invalid syntax" else exc.msg
             caret = f"\n  {first}\n  {' ' * (column + self.indent)}^" if line == 1 else ""
             raise self.error(f"invalid syntax in expression {self.source!r} at "
                              f"{self.position(line, column)}: {exc.msg}{caret}") from None

@@ -219,7 +219,7 @@ class DataSpec(_Model):
     exclude: list[str] = Field(default_factory=list, description="Names left out of 'all'.")
     identifiers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IDENTIFIERS),
-        description="Event identifiers, never features under 'all'.",
+        description="Event identifiers, never features under 'all' (in any case: Run, run).",
     )
     derived: dict[str, str] = Field(
         default_factory=dict, description="New names defined by expressions, in order."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 import uproot
 
 from mlaas import spec as spec_module
-from mlaas.data import RootDataset, sources
+from mlaas.data import RootDataset, sources, synth
 from mlaas.data.inspect import inspect_file
 from mlaas.errors import (
     BadValues,
@@ -140,6 +141,33 @@ def test_truncated_file_says_truncated(tmp_path: Path) -> None:
         text = fails(SourceError, OSError, lambda p=path: inspect_file(str(p)))
         assert "truncated" in text
         assert f"in file {path}" in text
+
+
+def _damaged_basket(tmp: Path, compression: str, branch: str = "PV_npvs") -> tuple[Path, int]:
+    """A valid datagen file whose last basket of ``branch`` has garbage in its payload."""
+    synth.generate(tmp, 3000, compression=compression, seed=3, chunk_size=700)
+    path = tmp / "signal.root"
+    b = uproot.open(path)["Events"][branch]
+    last = b.num_baskets - 1
+    seek, size = int(b.member("fBasketSeek")[last]), b.basket_compressed_bytes(last)
+    key = b.basket(last).member("fKeylen")
+    data = bytearray(path.read_bytes())
+    payload = slice(seek + key + 9, seek + size)  # after the key and the 9-byte codec header
+    data[payload] = bytes(range(256)) * ((size - key - 9) // 256) + bytes((size - key - 9) % 256)
+    path.write_bytes(bytes(data))
+    return path, int(b.entry_offsets[last])
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lz4"])  # uncompressed garbage is just numbers
+def test_damaged_basket_names_the_branch_and_entries(tmp_path: Path, compression: str) -> None:
+    path, first = _damaged_basket(tmp_path, compression)
+    spec = labelled_spec([str(path)], ["MET_pt", "PV_npvs"], tree="Events")
+    text = fails(SourceError, OSError, dataset(spec))
+    found = re.search(r"branch 'PV_npvs', entries (\d+) to (\d+): the data is corrupt", text)
+    assert found is not None, text
+    assert int(found.group(1)) <= first < int(found.group(2)) == 3000  # the damaged range
+    assert f"in file {path}" in text
+    assert "not a readable ROOT file" not in text  # the file is, one basket is not
 
 
 def test_non_root_file_quotes_its_first_bytes(tmp_path: Path) -> None:
@@ -310,9 +338,9 @@ def test_features_all_skips_string_branch_with_a_warning() -> None:
         ds = RootDataset(labelled_spec([ZMUMU], "all"), split="all", batch_size=512, shuffle=False)
     assert any("unsupported" in str(w.message) for w in record)
     assert "Type" not in ds.feature_names
-    # identifiers default to run/event/luminosityBlock, case-sensitive: Zmumu's
-    # capitalised Run and Event are ordinary features.
-    assert "Run" in ds.feature_names and "Event" in ds.feature_names
+    # identifiers default to run/event/luminosityBlock, in any case: Zmumu's
+    # capitalised Run and Event are event numbers too, not features.
+    assert "Run" not in ds.feature_names and "Event" not in ds.feature_names
     assert {"M", "E1", "px1", "Q2"} <= set(ds.feature_names)
     cols = ds.columns()
     assert cols.x.shape == (2304, len(ds.feature_names))
@@ -409,6 +437,19 @@ def test_cut_selecting_nothing_names_data_cut() -> None:
     assert "'MET_px > 1e9'" in text
     assert "at spec field data.cut" in text
     assert "2421" in text
+
+
+def test_source_emptied_by_the_cut_is_warned_about(tmp_path: Path) -> None:
+    low = write_tree(tmp_path / "low.root", {"t": {"x": np.arange(100.0)}})
+    high = write_tree(tmp_path / "high.root", {"t": {"x": np.arange(100.0, 200.0)}})
+    spec = {"data": {"sources": [{"name": "low", "files": [low], "label": 0},
+                                 {"name": "high", "files": [high], "label": 1}],
+                     "features": ["x"], "cut": "x >= 100"}}
+    with pytest.warns(UserWarning, match=r"source low \(data.sources\[0\]\) has no events "
+                                         r"after the cut 'x >= 100'"):
+        ds = RootDataset(spec, split="all", shuffle=False)
+    assert ds.num_events == 100
+    assert any("data.sources[0]" in note for note in ds.stats.warnings)
 
 
 def test_zero_variance_feature_is_reported_and_finite() -> None:
@@ -802,6 +843,54 @@ def test_flat_branch_declared_jagged() -> None:
     assert "at spec field data.features[1]" in text
 
 
+def test_flat_sort_key_names_the_field() -> None:
+    features = ["MET_px", {"branch": "Muon_Px", "max_len": 2, "sort_by": "MET_px"}]
+    text = fails(SpecError, ValueError, dataset(hzz_spec(features=features)))
+    assert "sort_by 'MET_px' has one value per event" in text
+    assert "at spec field data.features[1].sort_by" in text
+
+
+def test_flat_derived_sort_key_names_the_field() -> None:
+    features = ["MET_px", {"branch": "Muon_Px", "max_len": 2, "sort_by": "twice"}]
+    spec = hzz_spec(derived={"twice": "2 * MET_px"}, features=features)
+    text = fails(SpecError, ValueError, dataset(spec))
+    assert "sort_by 'twice' has one value per event" in text
+    assert "at spec field data.features[1].sort_by" in text
+
+
+@pytest.mark.parametrize("field,value", [("label", "Muon_Px"), ("weight", "abs(Muon_Px)"),
+                                         ("cut", "Muon_Px > 0")])
+def test_jagged_label_weight_or_cut_names_the_field(field: str, value: str) -> None:
+    text = fails(SpecError, ValueError, dataset(hzz_spec(**{field: value})))
+    assert f"data.{field} {value!r} gives a list of values per event" in text
+    assert f"at spec field data.{field}" in text
+    assert "max(...)" in text
+
+
+@pytest.mark.parametrize("name,hint", [("MET_pxx", "did you mean 'MET_px'"),
+                                       ("Muon_Px_0", "not by its columns")])
+def test_normalize_per_feature_of_no_feature(name: str, hint: str) -> None:
+    spec = hzz_spec(normalize={"per_feature": {name: "none"}})
+    text = fails(SpecError, ValueError, dataset(spec))
+    assert f"normalize.per_feature names {name!r}, which is not a feature" in text
+    assert hint in text
+    assert f"at spec field data.normalize.per_feature.{name}" in text
+
+
+def test_exclude_of_no_branch_and_exclude_without_all_warn() -> None:
+    spec = hzz_spec(features="all", exclude=["Muon_Pxx"], label=None,
+                    sources=[{"files": [HZZ], "label": 1}])
+    with warnings.catch_warnings(record=True) as caught:  # zero-variance notes come too
+        warnings.simplefilter("always")
+        ds = RootDataset(spec, split="all", shuffle=False)
+    said = [str(w.message) for w in caught]
+    assert any(re.match(r"data.exclude\[0\] names 'Muon_Pxx'.*did you mean 'Muon_Px'", m)
+               for m in said), said
+    assert "Muon_Px_0" in ds.feature_names  # the branch the typo meant is still a feature
+    with pytest.warns(UserWarning, match="data.exclude applies to features: all only"):
+        RootDataset(hzz_spec(exclude=["MET_px"]), split="all", shuffle=False)
+
+
 # ----------------------------------------------------------------------- 14. cache
 
 
@@ -809,7 +898,7 @@ def test_memory_cache_that_does_not_fit() -> None:
     spec = hzz_spec(cache={"kind": "memory", "max_bytes": 1000})
     text = fails(CacheError, ValueError, dataset(spec))
     assert "at spec field data.cache" in text
-    assert re.search(r"needs about \S+ \w*B but memory allows \S+ \w*B", text), text
+    assert re.search(r"needs about \S+ \w*B but data.cache.max_bytes allows \S+ \w*B", text), text
     assert "cache: {disk: DIR}" in text
 
 
@@ -817,7 +906,8 @@ def test_memory_cache_error_shows_distinct_sizes() -> None:
     spec = hzz_spec(cache={"kind": "memory", "max_bytes": 1000})
     with pytest.raises(CacheError) as info:
         RootDataset(spec, split="all")
-    m = re.search(r"needs about (\S+ \w*B) but memory allows (\S+ \w*B)", str(info.value))
+    m = re.search(r"needs about (\S+ \w*B) but data.cache.max_bytes allows (\S+ \w*B)",
+                  str(info.value))
     assert m is not None
     assert m.group(1) != m.group(2)
 

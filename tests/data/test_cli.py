@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from mlaas import cli
 from mlaas.data import synth
-from mlaas.errors import BranchNotFound, SourceError
+from mlaas.errors import BadValues, BranchNotFound, SourceError
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 HZZ = str(FILES / "uproot-HZZ.root")
@@ -222,6 +222,21 @@ def test_stats_reports_zero_variance_on_stderr(tmp_path: Path) -> None:
     assert not [w for w in escaped if "zero variance" in str(w.message)]
 
 
+def test_stats_with_nan_shows_and_writes_the_counts_then_fails(tmp_path: Path) -> None:
+    """Under nan: error the run fails, but the counts it found are what the user needs."""
+    spec = write_spec(tmp_path / "pipeline.yaml", derived={"bad": "log(MET_px)"},
+                      features=["MET_px", "bad"])
+    out = tmp_path / "stats.json"
+    result = run("stats", str(spec), "--no-progress", "-o", str(out))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, BadValues)
+    assert "data.nan" in str(result.exception)
+    written = json.loads(out.read_text())
+    nan = written["features"]["bad"]["nan"]
+    assert nan > 0 and written["features"]["MET_px"]["nan"] == 0
+    assert "features (pass 1)" in result.stdout and str(nan) in result.stdout
+
+
 def test_stats_with_a_bad_spec_is_an_mlaas_error(tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "pipeline.yaml", features=["MET_pz"])
     result = run("stats", str(spec), "--no-progress")
@@ -256,9 +271,11 @@ def test_datagen_writes_both_files(tmp_path: Path) -> None:
 
 def test_datagen_unknown_compression(tmp_path: Path) -> None:
     result = run("datagen", str(tmp_path / "gen"), "-n", "10", "--compression", "gzip")
-    assert result.exit_code == 1
-    assert type(result.exception).__name__ == "SpecError"
-    assert "'gzip'" in str(result.exception) and "lz4" in str(result.exception)
+    assert result.exit_code == 2  # a usage error, before any bar or file
+    text = " ".join(result.output.split())
+    assert "Invalid value for --compression: 'gzip' is not one of" in text and "lz4" in text
+    assert "events" not in text  # no progress bar was drawn
+    assert not (tmp_path / "gen").exists()
 
 
 # --------------------------------------------------------------------------- help

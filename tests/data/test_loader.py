@@ -493,7 +493,8 @@ def test_issue2_disk_cache_over_its_limit_is_refused(own_pair: Path, tmp_path: P
     with pytest.raises(CacheError) as info:
         RootDataset(spec, split="train")
     text = str(info.value)
-    m = re.search(r"the cache needs about (\S+ \w*B) but disk at (\S+) allows 4\.1 kB; "
+    m = re.search(r"the cache needs about (\S+ \w*B) but data.cache.max_bytes for disk at "
+                  r"(\S+) allows 4\.1 kB; "
                   r"refusing rather than caching part of the data", text)
     assert m is not None, text
     assert m.group(2) == str(directory)

@@ -62,9 +62,10 @@ def roc_auc(signal: np.ndarray, background: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One small dataset shared by the read-only checks; odd chunk size exercises re-chunking."""
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     outdir = tmp_path_factory.mktemp("synth") / "not-yet-created"
-    summary = synth.generate(outdir, EVENTS, seed=7, chunk_size=999, progress=calls.append)
+    summary = synth.generate(outdir, EVENTS, seed=7, chunk_size=999,
+                             progress=lambda n, nbytes: calls.append((n, nbytes)))
     return {"summary": summary, "calls": calls}
 
 
@@ -100,8 +101,12 @@ def test_entry_counts_identifiers_and_progress(sample: dict[str, Any]) -> None:
         assert np.all(np.diff(ak.to_numpy(events.luminosityBlock).astype(np.int64)) >= 0)
         for collection in ("Jet", "Muon", "Electron"):
             assert ak.all(events[f"n{collection}"] == ak.num(events[f"{collection}_pt"]))
-    assert sum(sample["calls"]) == 2 * EVENTS
-    assert max(sample["calls"]) <= 999
+    events = [n for n, _ in sample["calls"]]
+    assert sum(events) == 2 * EVENTS
+    assert max(events) <= 999
+    written = sum(nbytes for _, nbytes in sample["calls"])  # for the bar's MB/s
+    files = sum(sample["summary"]["bytes"].values())
+    assert 0.5 * files < written <= files  # all but the footers written at close
 
 
 def test_collections_sorted_by_descending_pt(sample: dict[str, Any]) -> None:

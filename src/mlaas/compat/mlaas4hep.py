@@ -24,7 +24,8 @@ files.txt + labels.txt         ``data.sources``: files with the same label
 ``nevts``                      ``data.max_events`` (now per source, see notes)
 ``chunk_size``                 ``data.step_size`` as an entry count
 min-max scaling (always)       ``data.normalize: minmax``
-``epochs batch_size shuffle``  not yet: the train section comes with ``mlaas run``
+``epochs batch_size``          ``train.epochs``, ``train.batch_size``
+``shuffle``                    always on for training (a note if it was off)
 ``hist verbose nan metrics``   not mapped: reporting and padding details
 preproc ``new_branch``         ``data.derived`` (+ a feature unless ``remove``)
 ``new_branch.*.cut*``          ANDed into ``data.cut``
@@ -62,7 +63,7 @@ IGNORED_KEYS = {
     "hist": "histograms of inputs are not produced by the data pipeline",
     "verbose": "how much a run prints is not part of a pipeline spec",
     "nan": "empty jagged slots are marked by data.features[].pad and the mask",
-    "metrics": "metrics are chosen by the train section, which arrives with `mlaas run`",
+    "metrics": "mlaas reports loss, accuracy and ROC AUC for every run (see the report)",
 }
 DATA_KEYS = ("nevts", "chunk_size", "branch", "identifier", "selected_branches",
              "exclude_branches", "redirector")
@@ -274,11 +275,25 @@ def _identifiers(params: dict[str, Any]) -> list[str] | None:
     return names or None
 
 
+def _train(params: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """epochs and batch_size as the train section; shuffle is always on in mlaas."""
+    train: dict[str, Any] = {}
+    for key in ("epochs", "batch_size"):
+        value = params.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            notes.append(f"{key}={value!r} is not a positive whole number; left at mlaas's "
+                         "default.")
+            continue
+        train[key] = value
+    if "shuffle" in params and not params["shuffle"]:
+        notes.append(f"shuffle={params['shuffle']!r}: mlaas always shuffles training batches "
+                     "(the evaluation splits are read in order); not mapped.")
+    return train
+
+
 def _param_notes(params: dict[str, Any], notes: list[str]) -> None:
-    for key in TRAIN_KEYS:
-        if key in params:
-            notes.append(f"{key}={params[key]!r}: training options have no place in the spec "
-                         "yet; the train section arrives with `mlaas run`.")
     for key, why in IGNORED_KEYS.items():
         if key in params:
             notes.append(f"{key}={params[key]!r} is not mapped: {why}.")
@@ -521,7 +536,11 @@ def convert(params: dict[str, Any], files: list[str], labels: list[str | float],
         _unknown_names(data, tree_kinds, notes)
     _jagged_note(features, notes)
     _param_notes(params, notes)
-    return Conversion(spec={"version": 1, "data": data}, notes=notes)
+    spec: dict[str, Any] = {"version": 1, "data": data}
+    train = _train(params, notes)
+    if train:
+        spec["train"] = train
+    return Conversion(spec=spec, notes=notes)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -139,7 +139,8 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
         return NoCache()
     if kind == "memory":
         room = max_bytes or int(psutil.virtual_memory().available * 0.5)
-        _fits(needed_bytes, room, "memory", "use cache: {disk: DIR} or select fewer events")
+        where = "data.cache.max_bytes" if max_bytes else "memory (half of what is available)"
+        _fits(needed_bytes, room, where, "use cache: {disk: DIR} or select fewer events")
         return MemoryCache()
     assert path is not None
     directory = Path(path).expanduser()
@@ -149,7 +150,8 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     remove_dead_writers(directory / key)  # before measuring: what they held is free again
     free = int(shutil.disk_usage(directory).free * 0.9)
     room = max_bytes or free + written_bytes(directory / key)
-    _fits(needed_bytes, room, f"disk at {directory}", "free space or choose another directory")
+    where = f"data.cache.max_bytes for disk at {directory}" if max_bytes else f"disk at {directory}"
+    _fits(needed_bytes, room, where, "free space or choose another directory")
     return DiskCache(directory / key)
 
 

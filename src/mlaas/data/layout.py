@@ -20,7 +20,7 @@ import uproot
 
 from mlaas import expr
 from mlaas.data import sources
-from mlaas.errors import BranchNotFound, SpecError, UnsupportedBranch
+from mlaas.errors import BranchNotFound, SpecError, UnsupportedBranch, close_names
 from mlaas.spec import JaggedFeature, NormalizeKind, Pipeline, collection_of
 
 __all__ = ["Layout", "Feature", "Collection", "resolve_layout", "branch_kinds"]
@@ -215,6 +215,7 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
         items = list(data.features)
 
     features, collections = _features(pipeline, items, available, kinds, url, tree_name)
+    _check_names_of_features(data, features, available, notes)
     exprs = [e for _, e in derived] + [e for e in (cut, label, weight) if e is not None]
     exprs += [f.expression for f in features]
     needed: set[str] = set()
@@ -291,10 +292,11 @@ def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]]
     note (warned about by :func:`resolve_layout`); names the user left out
     (``exclude``, ``identifiers``) are left out quietly.
     """
-    skip = set(data.exclude) | set(data.identifiers)
+    skip = set(data.exclude)
+    ids = {name.lower() for name in data.identifiers}  # Zmumu's Run and Event are ids too
     items: list[str | JaggedFeature] = []
     for name, kind in kinds.items():
-        if name in skip:
+        if name in skip or name.lower() in ids:
             continue
         if name in answer:
             notes.append(_answer_note("branch", name, answer[name]))
@@ -342,10 +344,53 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
         coll.sort_by = coll.sort_by or item.sort_by
         if item.sort_by is not None:
             _missing({item.sort_by}, available, url, tree_name, f"{path}.sort_by", item.sort_by)
+            if kinds.get(item.sort_by) == "flat":
+                raise SpecError(_flat_sort_key(item.sort_by, item.branch), field_path=f"{path}.sort_by")
         features.append(Feature(item.branch, e, True,
                                 norm.per_feature.get(item.branch, norm.default),
                                 collection=coll_name, pad=item.pad))
     return features, collections
+
+
+def _flat_sort_key(key: str, branch: str) -> str:
+    return (f"sort_by {key!r} has one value per event, so it cannot order the objects of "
+            f"{branch!r}; use a jagged branch of the same collection (e.g. {branch!r} itself)")
+
+
+def _sort_by_path(layout: Layout, collection: str) -> str:
+    """The spec field that gave ``collection`` its sort key (the first that names one)."""
+    jagged = [i for i, f in enumerate(layout.features) if f.collection == collection]
+    return f"data.features[{jagged[0]}].sort_by" if jagged else "data.features"
+
+
+def _check_names_of_features(data: Any, features: list[Feature], available: Mapping[str, str],
+                             notes: list[str]) -> None:
+    """Typos in ``exclude`` and ``normalize.per_feature`` are said aloud, not ignored.
+
+    A ``per_feature`` name that is no feature would leave a feature scaled
+    otherwise than asked: an error. An ``exclude`` name that is no branch
+    may be a typo (the branch it meant stays a feature) or a list written
+    for other files, as imported MLaaS4HEP configurations are: a warning.
+    """
+    for i, name in enumerate(data.exclude):
+        if name not in available:
+            near = close_names(name, sorted(available))
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            notes.append(f"data.exclude[{i}] names {name!r}, which is no branch or derived "
+                         f"name in this tree{hint}")
+    if data.exclude and data.features != "all":
+        notes.append("data.exclude applies to features: all only; with a list of features "
+                     "it changes nothing (leave the names out of the list instead)")
+    names = {f.name for f in features}
+    for name in data.normalize.per_feature:
+        if name not in names:
+            near = close_names(name, sorted(names))
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            raise SpecError(
+                f"normalize.per_feature names {name!r}, which is not a feature of this "
+                f"pipeline{hint} (a jagged feature is named by its branch, e.g. Jet_pt, "
+                "not by its columns Jet_pt_0 ...)",
+                field_path=f"data.normalize.per_feature.{name}")
 
 
 def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
@@ -363,6 +408,16 @@ def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
                                                entry_stop=stop, library="ak", how=dict))
     for name, e in layout.derived:
         env[name] = e.evaluate(env)
+    for path, e in (("data.cut", layout.cut), ("data.label", layout.label),
+                    ("data.weight", layout.weight)):
+        if e is not None and is_jagged_array(e.evaluate(env)):
+            raise SpecError(
+                f"{path} {e.source!r} gives a list of values per event, not one; reduce the "
+                f"list, e.g. with max(...), sum(...), count(...) or any(...)", field_path=path)
+    for coll in layout.collections.values():
+        if coll.sort_by is not None and not is_jagged_array(env[coll.sort_by]):
+            raise SpecError(_flat_sort_key(coll.sort_by, coll.features[0]),
+                            field_path=_sort_by_path(layout, coll.name))
     for i, f in enumerate(layout.features):
         value = f.expression.evaluate(env)
         is_jagged = is_jagged_array(value)

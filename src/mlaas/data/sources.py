@@ -175,9 +175,22 @@ def _summary(exc: BaseException, url: str) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+#: What uproot and the inflaters raise on bytes that are not what the file says they are.
+_CORRUPT = (ValueError, *_ZLIB_ERRORS, EOFError, IndexError, KeyError, TypeError,
+            AssertionError, uproot.deserialization.DeserializationError)
+
+
 @contextlib.contextmanager
-def read_errors(url: str, tree: str | None = None) -> Iterator[None]:
-    """Translate whatever uproot, XRootD, HTTP or zlib raise into mlaas errors naming ``url``."""
+def read_errors(url: str, tree: str | None = None, branch: str | None = None,
+                entries: tuple[int, int] | None = None) -> Iterator[None]:
+    """Translate whatever uproot, XRootD, HTTP or zlib raise into mlaas errors naming ``url``.
+
+    With ``branch`` and ``entries`` (a read of one branch's range), a damaged
+    basket is reported as that branch's data, not as an unreadable file: the
+    file opened, and the rest of it may well be fine.
+    """
+    where = (f"branch {branch!r}, entries {entries[0]} to {entries[1]}: "
+             if branch is not None and entries is not None else "")
     try:
         yield
     except DataError:
@@ -188,20 +201,17 @@ def read_errors(url: str, tree: str | None = None) -> Iterator[None]:
     except (OSError, TimeoutError, ConnectionError) as exc:
         what = _summary(exc, url)
         if "expected Chunk of length" in what:  # the file ends before data it points to
-            raise SourceError(
-                f"not a readable ROOT file (truncated?): {what.split(' from ', 1)[0]}",
-                file_path=url, tree=tree,
-            ) from exc
-        raise SourceError(f"cannot read: {type(exc).__name__}: {what}", file_path=url,
-                          tree=tree) from exc
-    except (ValueError, *_ZLIB_ERRORS, EOFError, IndexError, KeyError, TypeError,
-            AssertionError, uproot.deserialization.DeserializationError) as exc:
+            kind = "the data is truncated" if where else "not a readable ROOT file (truncated?)"
+            raise SourceError(f"{where}{kind}: {what.split(' from ', 1)[0]}",
+                              file_path=url, tree=tree, branch=branch) from exc
+        raise SourceError(f"{where}cannot read: {type(exc).__name__}: {what}", file_path=url,
+                          tree=tree, branch=branch) from exc
+    except _CORRUPT as exc:
         what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(
-            f"not a readable ROOT file (corrupt or truncated?): {type(exc).__name__}: {what}",
-            file_path=url,
-            tree=tree,
-        ) from exc
+        kind = ("the data is corrupt or truncated" if where
+                else "not a readable ROOT file (corrupt or truncated?)")
+        raise SourceError(f"{where}{kind}: {type(exc).__name__}: {what}",
+                          file_path=url, tree=tree, branch=branch) from exc
 
 
 def with_retries(url: str, action: Callable[[], T], retry: RetrySpec,
@@ -377,12 +387,20 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
             top = {b.name: b for b in t.branches}
             counted: dict[str, np.ndarray] = {}  # offsets per counting branch, shared
             for name in (n for n in branches if n in top):
-                with contextlib.suppress(baskets.NotPlain):  # NotPlain: uproot reads it
+                with contextlib.suppress(baskets.NotPlain), read_errors(  # NotPlain: uproot
+                        url, tree, name, (start, stop)):
                     out[name] = baskets.read_plain(top[name], start, stop, counted)
                     rest.discard(name)
         if rest:
-            out.update(t.arrays(filter_name=lambda name: name in rest, entry_start=start,
-                                entry_stop=stop, library="ak", how=dict))
+            try:
+                out.update(t.arrays(filter_name=lambda name: name in rest, entry_start=start,
+                                    entry_stop=stop, library="ak", how=dict))
+            except _CORRUPT:  # find the branch, so the error can name it
+                for name in [n for n in branches if n in rest]:
+                    with read_errors(url, tree, name, (start, stop)):
+                        t.arrays(filter_name=lambda n, name=name: n == name,
+                                 entry_start=start, entry_stop=stop, library="ak")
+                raise
         return out
 
     def action() -> dict[str, ak.Array]:

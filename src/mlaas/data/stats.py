@@ -265,12 +265,17 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         entries=sum(s["entries"] for s in per_source),
         compressed_bytes=sum(c.compressed_bytes for c in plan),
     )
-    _check(pipeline, layout, stats, first_bad)
+    _check(pipeline, layout, stats)
     for note in _zero_variance(stats):
         stats.warnings.append(note)
         warnings.warn(note, UserWarning, stacklevel=2)
     stats.max_len = resolve_lengths(layout, stats)
     stats.seconds = time.perf_counter() - started
+    try:
+        _check_finite(pipeline, stats, first_bad)
+    except BadValues as exc:  # the counts are what the user needs to see: keep them
+        exc.stats = stats
+        raise
     return stats
 
 
@@ -294,12 +299,8 @@ def _update_features(layout: Layout, env: dict[str, Any], feats: dict[str, Featu
     return bad
 
 
-def _check(pipeline: Pipeline, layout: Layout, stats: Stats, first_bad: str | None) -> None:
-    """Fail on no entries, nothing selected, or non-finite values under ``nan: error``.
-
-    ``first_bad`` is the first file where a NaN or infinity was seen: the
-    counts cover every file, the file says where to start looking.
-    """
+def _check(pipeline: Pipeline, layout: Layout, stats: Stats) -> None:
+    """Fail on no entries or nothing selected; warn about a source the cut empties."""
     if stats.entries == 0:
         raise DataError(f"tree {layout.tree!r} has no entries in any input file")
     if stats.selected == 0:
@@ -308,9 +309,21 @@ def _check(pipeline: Pipeline, layout: Layout, stats: Stats, first_bad: str | No
             field_path="data.cut",
         )
     for s_index, s in enumerate(stats.sources):
-        if s["selected"] == 0:
-            stats.warnings.append(f"source {s['name']} (data.sources[{s_index}]) has no "
-                                  "events after the cut")
+        if s["selected"] == 0:  # said aloud: its class is missing from every batch
+            note = (f"source {s['name']} (data.sources[{s_index}]) has no events after the "
+                    f"cut {pipeline.data.cut!r}: its events will be in no batch")
+            stats.warnings.append(note)
+            warnings.warn(note, UserWarning, stacklevel=3)
+
+
+def _check_finite(pipeline: Pipeline, stats: Stats, first_bad: str | None) -> None:
+    """Fail on non-finite values under ``nan: error``, with the counts of every feature.
+
+    ``first_bad`` is the first file where a NaN or infinity was seen: the
+    counts cover every file, the file says where to start looking. The
+    error carries the finished statistics (``stats``), so ``mlaas stats``
+    still shows and writes them.
+    """
     bad = {k: (f.moments.nan, f.moments.inf) for k, f in stats.features.items()
            if f.moments.nan or f.moments.inf}
     if bad and pipeline.data.nan.policy == "error":

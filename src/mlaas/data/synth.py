@@ -123,13 +123,13 @@ def generate(
     compression: str = "zlib",
     seed: int = 0,
     chunk_size: int = 100_000,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``signal.root`` and ``background.root`` (tree ``Events``) into ``outdir``.
 
-    ``events`` is per file.  ``progress(n)`` is called after every chunk with
-    the number of events just written, summed over both files, so a caller can
-    drive a bar of total ``2 * events``.  Each file is written under a
+    ``events`` is per file.  ``progress(n, nbytes)`` is called after every
+    chunk with the events just written and the bytes the file grew by, summed
+    over both files, so a caller can drive a bar of total ``2 * events``.  Each file is written under a
     temporary name and renamed when complete, so an interrupted run never
     leaves a truncated file that looks finished.
 
@@ -215,17 +215,19 @@ def _write(
     path: Path,
     chunks: Iterable[Chunk],
     codec: uproot.compression.Compression | None,
-    progress: Callable[[int], None] | None,
+    progress: Callable[[int, int], None] | None,
 ) -> None:
     """Stream chunks into one file, renaming it into place only once complete."""
     partial = path.with_name(f".{path.name}.partial")
     try:
+        size = 0
         with uproot.recreate(partial, compression=codec) as file:
             tree = file.mktree(TREE_NAME, _branch_types())
             for chunk in chunks:
                 tree.extend(chunk)
                 if progress is not None:
-                    progress(len(chunk["event"]))
+                    grown, size = partial.stat().st_size - size, partial.stat().st_size
+                    progress(len(chunk["event"]), grown)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -143,29 +143,32 @@ def test_truncated_file_says_truncated(tmp_path: Path) -> None:
         assert f"in file {path}" in text
 
 
-def _damaged_basket(tmp: Path, compression: str, branch: str = "PV_npvs") -> tuple[Path, int]:
-    """A valid datagen file whose last basket of ``branch`` has garbage in its payload."""
+def _damaged_basket(tmp: Path, compression: str, which: str,
+                    branch: str = "PV_npvs") -> tuple[Path, int, int]:
+    """A valid datagen file whose first or last basket of ``branch`` has garbage in its payload."""
     synth.generate(tmp, 3000, compression=compression, seed=3, chunk_size=700)
     path = tmp / "signal.root"
     b = uproot.open(path)["Events"][branch]
-    last = b.num_baskets - 1
+    last = b.num_baskets - 1 if which == "last" else 0
     seek, size = int(b.member("fBasketSeek")[last]), b.basket_compressed_bytes(last)
     key = b.basket(last).member("fKeylen")
     data = bytearray(path.read_bytes())
     payload = slice(seek + key + 9, seek + size)  # after the key and the 9-byte codec header
     data[payload] = bytes(range(256)) * ((size - key - 9) // 256) + bytes((size - key - 9) % 256)
     path.write_bytes(bytes(data))
-    return path, int(b.entry_offsets[last])
+    return path, int(b.entry_offsets[last]), int(b.entry_offsets[last + 1])
 
 
+@pytest.mark.parametrize("which", ["first", "last"])  # first: found by the layout's sample
 @pytest.mark.parametrize("compression", ["zlib", "lz4"])  # uncompressed garbage is just numbers
-def test_damaged_basket_names_the_branch_and_entries(tmp_path: Path, compression: str) -> None:
-    path, first = _damaged_basket(tmp_path, compression)
+def test_damaged_basket_names_the_branch_and_entries(tmp_path: Path, compression: str,
+                                                     which: str) -> None:
+    path, first, end = _damaged_basket(tmp_path, compression, which)  # [first, end): damaged
     spec = labelled_spec([str(path)], ["MET_pt", "PV_npvs"], tree="Events")
     text = fails(SourceError, OSError, dataset(spec))
     found = re.search(r"branch 'PV_npvs', entries (\d+) to (\d+): the data is corrupt", text)
     assert found is not None, text
-    assert int(found.group(1)) <= first < int(found.group(2)) == 3000  # the damaged range
+    assert int(found.group(1)) <= first < int(found.group(2)) <= end  # the damaged range
     assert f"in file {path}" in text
     assert "not a readable ROOT file" not in text  # the file is, one basket is not
 

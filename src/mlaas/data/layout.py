@@ -402,10 +402,8 @@ def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
     if tree.num_entries == 0:
         return
     stop = min(SAMPLE_ENTRIES, tree.num_entries)
-    wanted = set(layout.branches)
-    with sources.read_errors(url, layout.tree):  # a corrupt first basket names the file
-        env: dict[str, Any] = dict(tree.arrays(filter_name=lambda n: n in wanted,
-                                               entry_stop=stop, library="ak", how=dict))
+    with sources.read_errors(url, layout.tree):  # a damaged first basket names its branch
+        env: dict[str, Any] = sources.read_open(tree, url, layout.branches, 0, stop)
     for name, e in layout.derived:
         env[name] = e.evaluate(env)
     for path, e in (("data.cut", layout.cut), ("data.label", layout.label),

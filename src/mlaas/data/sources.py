@@ -91,6 +91,7 @@ __all__ = [
     "resolve_files",
     "open_tree",
     "OpenTrees",
+    "read_open",
     "read_range",
     "read_errors",
     "file_identity",
@@ -368,6 +369,37 @@ def _close(tree: Any) -> None:
         tree.file.close()
 
 
+def read_open(t: Any, url: str, branches: Sequence[str], start: int, stop: int
+              ) -> dict[str, ak.Array]:
+    """Entries ``[start, stop)`` of ``branches`` of the open tree ``t`` (from ``url``).
+
+    No retries (see :func:`read_range`); a damaged basket raises an error
+    naming its branch and the range.
+    """
+    out: dict[str, ak.Array] = {}
+    rest = set(branches)
+    tree = t.name
+    if isinstance(t.file.source, uproot.source.file.MultithreadedFileSource):  # local
+        top = {b.name: b for b in t.branches}
+        counted: dict[str, np.ndarray] = {}  # offsets per counting branch, shared
+        for name in (n for n in branches if n in top):
+            with contextlib.suppress(baskets.NotPlain), read_errors(  # NotPlain: uproot
+                    url, tree, name, (start, stop)):
+                out[name] = baskets.read_plain(top[name], start, stop, counted)
+                rest.discard(name)
+    if rest:
+        try:
+            out.update(t.arrays(filter_name=lambda name: name in rest, entry_start=start,
+                                entry_stop=stop, library="ak", how=dict))
+        except _CORRUPT:  # find the branch, so the error can name it
+            for name in [n for n in branches if n in rest]:
+                with read_errors(url, tree, name, (start, stop)):
+                    t.arrays(filter_name=lambda n, name=name: n == name,
+                             entry_start=start, entry_stop=stop, library="ak")
+            raise
+    return out
+
+
 def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, stop: int,
                retry: RetrySpec | None = None, trees: OpenTrees | None = None,
                ) -> dict[str, ak.Array]:
@@ -377,31 +409,10 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
     it is closed at once (no handle or cache kept per chunk until GC).
     """
     retry = retry or RetrySpec()
-    wanted = set(branches)
     once = RetrySpec(attempts=1, timeout=retry.timeout)
 
     def read(t: Any) -> dict[str, ak.Array]:
-        out: dict[str, ak.Array] = {}
-        rest = set(wanted)
-        if isinstance(t.file.source, uproot.source.file.MultithreadedFileSource):  # local
-            top = {b.name: b for b in t.branches}
-            counted: dict[str, np.ndarray] = {}  # offsets per counting branch, shared
-            for name in (n for n in branches if n in top):
-                with contextlib.suppress(baskets.NotPlain), read_errors(  # NotPlain: uproot
-                        url, tree, name, (start, stop)):
-                    out[name] = baskets.read_plain(top[name], start, stop, counted)
-                    rest.discard(name)
-        if rest:
-            try:
-                out.update(t.arrays(filter_name=lambda name: name in rest, entry_start=start,
-                                    entry_stop=stop, library="ak", how=dict))
-            except _CORRUPT:  # find the branch, so the error can name it
-                for name in [n for n in branches if n in rest]:
-                    with read_errors(url, tree, name, (start, stop)):
-                        t.arrays(filter_name=lambda n, name=name: n == name,
-                                 entry_start=start, entry_stop=stop, library="ak")
-                raise
-        return out
+        return read_open(t, url, branches, start, stop)
 
     def action() -> dict[str, ak.Array]:
         if trees is not None:

@@ -107,3 +107,37 @@ def test_sources_with_fewer_chunks_than_workers_are_split() -> None:
     assert entries == want  # every entry to exactly one worker
     signal = sorted(c.entries for mine in shares for c in mine if c.source == 0)
     assert signal == [250, 251, 500]  # halves (of 1001, then of 501), not at the head
+
+
+def test_random_plans_cover_every_entry_once_within_the_buffer() -> None:
+    """Many sources, tiny buffers (the ramp's first limits below the number of sources):
+    each chunk covered once in order, and no buffer beyond ``rows`` + sources (the
+    buffer's capacity), which an earlier fallback overran."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        sources = int(rng.integers(1, 6))
+        by_source = [[chunk(s, 10 * s + k, 0, int(rng.integers(1, 60)), int(rng.integers(0, 20)))
+                      for k in range(int(rng.integers(1, 4)))] for s in range(sources)]
+        rows = int(rng.integers(1, 80))
+        plan = mixing.mixed(by_source, rows=rows, piece_rows=int(rng.integers(1, 40)))
+        assert all(sum(p.stop - p.start for p in b) <= rows + sources for b in plan)
+        covered: dict[str, list[tuple[int, int]]] = {}
+        for b in plan:
+            for p in b:
+                covered.setdefault(p.chunk.name, []).append((p.start, p.stop))
+        for c in (c for cs in by_source for c in cs):
+            ranges = covered[c.name]
+            assert ranges[0][0] == 0 and ranges[-1][1] == c.entries
+            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:],
+                                                                    strict=False))
+
+
+def test_more_sources_than_buffer_pieces(tmp_path: Path) -> None:
+    files = []
+    for n, seed in ((21, 1), (20, 2), (15, 3)):
+        synth.generate(tmp_path / f"s{n}", n, seed=seed)
+        files.append(tmp_path / f"s{n}" / "signal.root")
+    spec = {"data": {"sources": [{"files": [str(f)], "label": i % 2}
+                                 for i, f in enumerate(files)], "features": ["MET_pt"]}}
+    ds = RootDataset(spec, split="all", batch_size=8, shuffle_chunks=2, seed=0)
+    assert sum(len(b["y"]) for b in ds) == 56  # overflowed the buffer before

@@ -88,3 +88,21 @@ def test_nan_replace_fills_the_slot_it_lands_in(tmp_path: Path) -> None:
     spec["data"]["features"][0].pop("sort_by")
     cols = RootDataset(spec, split="all", shuffle=False).columns()
     np.testing.assert_array_equal(cols.x, [[-1.0, 2.0], [1.0, -5.0]] * 3)
+
+
+def test_shared_counts_are_never_another_arrays() -> None:
+    """flat_values shares counts between arrays of one offsets memory; arrays taken apart
+    by awkward (option types) have fresh offsets, whose memory and id a later array may
+    reuse: each must still get its own counts."""
+    from mlaas.data.transform import flat_values
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        seen: dict = {}
+        arrays = []
+        for _ in range(4):
+            counts = rng.integers(0, 4, 5)
+            arr = ak.unflatten(ak.Array(rng.normal(size=int(counts.sum()))), counts)
+            arrays.append((ak.mask(arr, arr > -5), counts))  # an option type: awkward's path
+        for arr, counts in arrays:
+            np.testing.assert_array_equal(flat_values(arr, seen)[1], counts)

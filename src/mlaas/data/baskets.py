@@ -122,9 +122,15 @@ def _joined(pieces: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
 
 
 def _counter(branch: Any) -> str | None:
-    """The name of the branch that counts ``branch``'s lists (``nJet``), if it has one."""
+    """What counts ``branch``'s lists: the counting branch and leaf (``nJet/nJet``), if known.
+
+    The leaf too: one branch of several leaves may count several collections.
+    """
     count = branch.count_branch
-    return None if count is None else str(count.name)
+    leaf = branch.count_leaf
+    if count is None or leaf is None:
+        return None
+    return f"{count.object_path}/{leaf.member('fName')}"
 
 
 def _offsets(byte_offsets: list[np.ndarray], entries: int, size: int) -> np.ndarray:

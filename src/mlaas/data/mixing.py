@@ -82,8 +82,9 @@ def mixed(by_source: list[list[ChunkRange]], rows: int, piece_rows: int,
         if best is None:  # no chunk ends within the limit: cut after ``limit`` entries
             end = min(n, now + limit)
             best = [max(g, total * end // n) for g, total in zip(given, totals, strict=True)]
-            if sum(best) <= now:  # rounding left everything in place: go to the next end
-                best = _at(ends[i], totals)
+            while sum(best) <= now:  # rounding left everything in place: one event further
+                end += 1
+                best = [max(g, total * end // n) for g, total in zip(given, totals, strict=True)]
         buffer: list[Piece] = []
         for s, cursor in enumerate(cursors):
             buffer.extend(cursor.take(best[s] - given[s], first=not out))

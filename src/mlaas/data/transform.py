@@ -225,7 +225,7 @@ def _descending_order_32(key: np.ndarray, counts: np.ndarray) -> np.ndarray | No
     return np.argsort(packed, kind="stable")
 
 
-def flat_values(arr: Any, seen: dict[Any, np.ndarray] | None = None
+def flat_values(arr: Any, seen: dict[Any, Any] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Content (float64) and counts of a jagged awkward array.
 
@@ -235,12 +235,12 @@ def flat_values(arr: Any, seen: dict[Any, np.ndarray] | None = None
     one counts array too.
     """
     offsets, content = jagged_parts(arr, seen)
-    counts = seen.get(id(offsets)) if seen is not None else None
-    if counts is None:
-        counts = np.diff(offsets)
-        if seen is not None:  # the offsets stay in seen, so their id is not reused
-            seen[id(offsets)] = counts
-    return content.astype(np.float64, copy=False), counts
+    if seen is None:
+        return content.astype(np.float64, copy=False), np.diff(offsets)
+    known = seen.get(("counts", id(offsets)))
+    if known is None or known[0] is not offsets:
+        known = seen[("counts", id(offsets))] = (offsets, np.diff(offsets))  # keeps them alive
+    return content.astype(np.float64, copy=False), known[1]
 
 
 def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url: str,
@@ -255,7 +255,7 @@ def jagged_values(layout: Layout, env: Mapping[str, Any], keep: np.ndarray, url:
     (default: :func:`flat_values` of ``env[name]`` or of the feature's
     expression); the bundle passes one that reads raw numpy columns.
     """
-    seen: dict[Any, np.ndarray] = {}
+    seen: dict[Any, Any] = {}
 
     def from_env(name: str) -> tuple[np.ndarray, np.ndarray]:
         arr = env[name] if name in env else _feature(layout, name).expression.evaluate(env)
@@ -303,7 +303,7 @@ def _multiplicity_error(coll: Any, name: str, url: str) -> DataError:
     )
 
 
-def jagged_parts(arr: Any, seen: dict[Any, np.ndarray] | None = None
+def jagged_parts(arr: Any, seen: dict[Any, Any] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (int64, from 0) and flat content of a jagged array, without copying when possible.
 
@@ -325,13 +325,15 @@ def jagged_parts(arr: Any, seen: dict[Any, np.ndarray] | None = None
         raw = np.asarray(layout.offsets)
         content = np.asarray(layout.content.data)
         key = (raw.__array_interface__["data"][0], len(raw), raw.strides[0], raw.dtype.num)
-        offsets = seen.get(key) if seen is not None else None
-        if offsets is None:
+        known = seen.get(key) if seen is not None else None
+        if known is not None:
+            offsets = known[1]
+        else:
             offsets = raw.astype(np.int64, copy=False)
             if offsets[0]:
                 offsets = offsets - offsets[0]
-            if seen is not None:
-                seen[key] = offsets
+            if seen is not None:  # raw kept too: its memory is not reused while seen lives
+                seen[key] = (raw, offsets)
         first = int(raw[0])
         return offsets, content[first:first + int(offsets[-1])]
     counts = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
@@ -365,7 +367,7 @@ def _collections(layout: Layout, env: Mapping[str, Any], url: str) -> dict[str, 
     multiplicity per collection, and a sort key from the same collection.
     """
     out: dict[str, _Collection] = {}
-    seen: dict[Any, np.ndarray] = {}
+    seen: dict[Any, Any] = {}
     for cname, coll in layout.collections.items():
         found: _Collection | None = None
         for name in coll.features:

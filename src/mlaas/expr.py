@@ -295,7 +295,8 @@ class _Compiler:
             first = self.source.partition("\n")[0]
             if not exc.offset and line == 1:  # Python's way of saying: it ended too early
                 column = len(first.rstrip()) - self.indent
-                exc.msg = "the expression ends too early" if exc.msg == "invalid syntax" else exc.msg
+                if exc.msg == "invalid syntax":
+                    exc.msg = "the expression ends too early"
             caret = f"\n  {first}\n  {' ' * (column + self.indent)}^" if line == 1 else ""
             raise self.error(f"invalid syntax in expression {self.source!r} at "
                              f"{self.position(line, column)}: {exc.msg}{caret}") from None

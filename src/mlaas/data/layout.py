@@ -345,7 +345,8 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
         if item.sort_by is not None:
             _missing({item.sort_by}, available, url, tree_name, f"{path}.sort_by", item.sort_by)
             if kinds.get(item.sort_by) == "flat":
-                raise SpecError(_flat_sort_key(item.sort_by, item.branch), field_path=f"{path}.sort_by")
+                raise SpecError(_flat_sort_key(item.sort_by, item.branch),
+                                field_path=f"{path}.sort_by")
         features.append(Feature(item.branch, e, True,
                                 norm.per_feature.get(item.branch, norm.default),
                                 collection=coll_name, pad=item.pad))

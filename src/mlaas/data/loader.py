@@ -401,8 +401,9 @@ class RootDataset:
         2M zlib events); two overlap each other's waits and the transform.
         Each chunk in flight costs one chunk's arrays of memory.
 
-        The chunks named in ``first`` (those of the epoch's first buffer) are read head first: their first
-        cluster (``ChunkRange.head``, where every branch starts a new basket),
+        The chunks named in ``first`` (those of the epoch's first buffer) are
+        read head first: their first cluster (``ChunkRange.head``, where every
+        branch starts a new basket),
         every head before any rest, so the epoch's first batches wait for one
         cluster of each chunk instead of whole chunks (two 400-500k-event
         chunks of the benchmark, half of its 2M events, took ~0.25 s before
@@ -435,7 +436,7 @@ class RootDataset:
     def _start(self, pool: ThreadPoolExecutor, ahead: list[chunking.ChunkRange],
                first: set[str], trees: sources.OpenTrees,
                ) -> list[Future[Columns | Chunk] | _HeadFirst]:
-        """The first reads: the heads of the first group's chunks, then their rests, then others."""
+        """The first reads: heads of the first buffer's chunks, then their rests, then others."""
         split = {c.name for c in ahead
                  if c.name in first and _has_head(c) and self.cache.get(c.name) is None}
         heads = {c.name: pool.submit(self._read_rows, c, 0, c.head, trees)

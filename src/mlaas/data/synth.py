@@ -129,9 +129,9 @@ def generate(
 
     ``events`` is per file.  ``progress(n, nbytes)`` is called after every
     chunk with the events just written and the bytes the file grew by, summed
-    over both files, so a caller can drive a bar of total ``2 * events``.  Each file is written under a
-    temporary name and renamed when complete, so an interrupted run never
-    leaves a truncated file that looks finished.
+    over both files, so a caller can drive a bar of total ``2 * events``.
+    Each file is written under a temporary name and renamed when complete, so
+    an interrupted run never leaves a truncated file that looks finished.
 
     Returns ``{"files": {"signal": path, "background": path}, "events": events,
     "compression": name, "seed": seed, "bytes": {"signal": n, "background": n}}``.

@@ -57,7 +57,7 @@ def plain_dtype(branch: Any) -> tuple[np.dtype, np.dtype, bool] | None:
 
 
 def read_plain(branch: Any, start: int, stop: int,
-               counted: dict[str, np.ndarray] | None = None) -> ak.Array:
+               counted: dict[Any, np.ndarray] | None = None) -> ak.Array:
     """Entries ``[start, stop)`` of a plain branch, as uproot's ``arrays`` gives them.
 
     ``counted`` shares offsets between the reads of one range: branches
@@ -121,16 +121,18 @@ def _joined(pieces: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def _counter(branch: Any) -> str | None:
-    """What counts ``branch``'s lists: the counting branch and leaf (``nJet/nJet``), if known.
+def _counter(branch: Any) -> int | None:
+    """What counts ``branch``'s lists: the counting leaf (``nJet`` of ``nJet``), if any.
 
-    The leaf too: one branch of several leaves may count several collections.
+    The leaf, not the branch: one branch of several leaves may count several
+    collections. By identity: uproot gives every branch counted by a leaf that
+    leaf's one object, which lives as long as the open tree, longer than one
+    read's ``counted`` (walking up to the counting branch's name cost 2% of
+    an epoch).
     """
-    count = branch.count_branch
-    leaf = branch.count_leaf
-    if count is None or leaf is None:
-        return None
-    return f"{count.object_path}/{leaf.member('fName')}"
+    leaves = branch.member("fLeaves")
+    leaf = leaves[0].member("fLeafCount") if len(leaves) == 1 else None
+    return None if leaf is None else id(leaf)
 
 
 def _offsets(byte_offsets: list[np.ndarray], entries: int, size: int) -> np.ndarray:

@@ -441,9 +441,19 @@ def is_jagged_array(value: Any) -> bool:
 
 
 def as_float64(value: Any, n: int) -> np.ndarray:
-    """A per-event value (numpy, flat awkward, or scalar) as a float64 vector of length ``n``."""
+    """A per-event value (numpy, flat awkward, or scalar) as a float64 vector of length ``n``.
+
+    A plain awkward array of numbers (what uproot gives for a flat branch) is
+    taken as its numpy buffer: ``ak.fill_none`` builds its fill value through
+    an ArrayBuilder on every call, 7% of a streamed epoch's CPU for three
+    flat features. Only arrays that can hold None go through it.
+    """
     if isinstance(value, ak.Array):
-        value = ak.to_numpy(ak.fill_none(value, np.nan))
+        layout = value.layout
+        if isinstance(layout, ak.contents.NumpyArray) and layout.data.ndim == 1:
+            value = layout.data
+        else:
+            value = ak.to_numpy(ak.fill_none(value, np.nan))
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 0:
         return np.full(n, float(arr))

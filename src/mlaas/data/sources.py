@@ -381,7 +381,7 @@ def read_open(t: Any, url: str, branches: Sequence[str], start: int, stop: int
     tree = t.name
     if isinstance(t.file.source, uproot.source.file.MultithreadedFileSource):  # local
         top = {b.name: b for b in t.branches}
-        counted: dict[str, np.ndarray] = {}  # offsets per counting branch, shared
+        counted: dict[Any, np.ndarray] = {}  # offsets per counting leaf, shared
         for name in (n for n in branches if n in top):
             with contextlib.suppress(baskets.NotPlain), read_errors(  # NotPlain: uproot
                     url, tree, name, (start, stop)):

@@ -854,11 +854,12 @@ def test_flat_sort_key_names_the_field() -> None:
 
 
 def test_flat_derived_sort_key_names_the_field() -> None:
-    features = ["MET_px", {"branch": "Muon_Px", "max_len": 2, "sort_by": "twice"}]
+    features = ["MET_px", {"branch": "Muon_Px", "max_len": 2},
+                {"branch": "Muon_Py", "max_len": 2, "sort_by": "twice"}]
     spec = hzz_spec(derived={"twice": "2 * MET_px"}, features=features)
     text = fails(SpecError, ValueError, dataset(spec))
     assert "sort_by 'twice' has one value per event" in text
-    assert "at spec field data.features[1].sort_by" in text
+    assert "at spec field data.features[2].sort_by" in text  # the item that names it
 
 
 @pytest.mark.parametrize("field,value", [("label", "Muon_Px"), ("weight", "abs(Muon_Px)"),

@@ -48,6 +48,8 @@ class Collection:
     features: list[str] = field(default_factory=list)
     max_len: int | None = None
     sort_by: str | None = None
+    #: the spec field that named ``sort_by``, for errors (not kept in bundles)
+    sort_by_field: str | None = None
 
 
 @dataclass
@@ -341,7 +343,8 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
         coll = collections.setdefault(coll_name, Collection(coll_name))
         coll.features.append(item.branch)
         coll.max_len = coll.max_len or item.max_len
-        coll.sort_by = coll.sort_by or item.sort_by
+        if coll.sort_by is None and item.sort_by is not None:
+            coll.sort_by, coll.sort_by_field = item.sort_by, f"{path}.sort_by"
         if item.sort_by is not None:
             _missing({item.sort_by}, available, url, tree_name, f"{path}.sort_by", item.sort_by)
             if kinds.get(item.sort_by) == "flat":
@@ -356,12 +359,6 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
 def _flat_sort_key(key: str, branch: str) -> str:
     return (f"sort_by {key!r} has one value per event, so it cannot order the objects of "
             f"{branch!r}; use a jagged branch of the same collection (e.g. {branch!r} itself)")
-
-
-def _sort_by_path(layout: Layout, collection: str) -> str:
-    """The spec field that gave ``collection`` its sort key (the first that names one)."""
-    jagged = [i for i, f in enumerate(layout.features) if f.collection == collection]
-    return f"data.features[{jagged[0]}].sort_by" if jagged else "data.features"
 
 
 def _check_names_of_features(data: Any, features: list[Feature], available: Mapping[str, str],
@@ -416,7 +413,7 @@ def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
     for coll in layout.collections.values():
         if coll.sort_by is not None and not is_jagged_array(env[coll.sort_by]):
             raise SpecError(_flat_sort_key(coll.sort_by, coll.features[0]),
-                            field_path=_sort_by_path(layout, coll.name))
+                            field_path=coll.sort_by_field or "data.features")
     for i, f in enumerate(layout.features):
         value = f.expression.evaluate(env)
         is_jagged = is_jagged_array(value)

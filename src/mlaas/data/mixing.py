@@ -72,7 +72,8 @@ def mixed(by_source: list[list[ChunkRange]], rows: int, piece_rows: int,
         now = sum(given)
         best: list[int] | None = None
         while i < len(ends):
-            at = _at(ends[i], totals)
+            # never behind what a source gave already (an earlier cut's rounding)
+            at = [max(g, a) for g, a in zip(given, _at(ends[i], totals), strict=True)]
             if sum(at) <= now:  # passed already
                 i += 1
             elif sum(at) - now <= reach:

@@ -349,6 +349,14 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     def _serve(self, send_body: bool) -> None:
         range_header = self.headers.get("Range")
         self.server.requests.append((self.command, self.path, range_header))
+        with self.server.lock:
+            drop = self.server.drops > 0 and self.server.skips == 0
+            self.server.skips -= self.server.skips > 0
+            self.server.drops -= drop
+        if drop:  # a network failure: the connection closes without an answer
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         file = self._file()
         if file is None:
             self.send_error(404)
@@ -396,6 +404,9 @@ class _ThreadingServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     root: Path
     requests: list[tuple[str, str, str | None]]
+    drops: int = 0  # the next requests to answer by closing the connection
+    skips: int = 0  # ... after answering this many first
+    lock: threading.Lock
 
 
 class RangeHTTPServer:
@@ -410,6 +421,7 @@ class RangeHTTPServer:
         self._server = _ThreadingServer((HOST, 0), _RangeHandler)
         self._server.root = self.root
         self._server.requests = []
+        self._server.lock = threading.Lock()
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="RangeHTTPServer", daemon=True
@@ -422,6 +434,12 @@ class RangeHTTPServer:
 
     def url(self, name: str) -> str:
         return f"http://{HOST}:{self.port}/{urllib.parse.quote(_check_name(name))}"
+
+    def drop_next(self, count: int, skip: int = 0) -> None:
+        """Answer ``count`` requests by closing the connection (a network blip), after
+        answering the next ``skip`` normally."""
+        with self._server.lock:
+            self._server.drops, self._server.skips = count, skip
 
     def put(self, path: Path, name: str | None = None) -> str:
         """Copy a local file into the served dir; return its ``http://`` URL."""

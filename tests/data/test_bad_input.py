@@ -9,7 +9,10 @@ suggested where there are some.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -593,6 +596,32 @@ def test_nan_replace_some_values_is_consistent_with_scaling() -> None:
 @pytest.mark.xrootd
 @pytest.mark.network
 @pytest.mark.slow
+def test_http_server_without_range_requests_is_named(tmp_path: Path) -> None:
+    """A plain file server that answers every request with the whole file: uproot reads
+    parts of files, so the error says the server may ignore Range requests."""
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "hzz.root").write_bytes(Path(HZZ).read_bytes())
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hzz.root"
+        text = fails(SourceError, OSError, dataset(hzz_spec([url])))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "the server may ignore HTTP Range requests" in text and url in text, text
+
+
+def test_redirector_names_what_it_rewrites(tmp_path: Path) -> None:
+    spec = hzz_spec(["/eos/user/hzz.root"], redirector="root://127.0.0.1:1094")
+    text = fails(SourceError, OSError, dataset(spec))
+    assert "rewrites /store/... names only" in text
+    assert "root://127.0.0.1:1094//eos/user/hzz.root" in text
+
+
 def test_xrootd_server_down_gives_up_after_bounded_retries(dead_root_url: str) -> None:
     started = time.monotonic()
     text = fails(SourceError, OSError, dataset(hzz_spec([dead_root_url])))
@@ -930,3 +959,10 @@ def test_the_base_spec_is_valid() -> None:
     assert ds.feature_names == ["MET_px", "Muon_Px_0", "Muon_Px_1"]
     assert ds.num_events == 2421
     assert spec_module.load(_raw()).data.features == ["MET_px"]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """The stdlib's file server (no Range support), without request logging."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

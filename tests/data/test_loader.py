@@ -20,11 +20,11 @@ import torch
 import uproot
 from torch.utils.data import DataLoader
 
-from mlaas.data import RootDataset, synth
+from mlaas.data import RootDataset, sources, synth
 from mlaas.data import cache as cache_module
 from mlaas.data import chunks as chunking
 from mlaas.data.transform import Columns
-from mlaas.errors import CacheError
+from mlaas.errors import CacheError, SourceError
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 HZZ = str(FILES / "uproot-HZZ.root")
@@ -539,6 +539,46 @@ def test_https_reads_equal_local_reads(http_server) -> None:  # type: ignore[no-
     remote = RootDataset({"data": {"sources": [{"files": [url]}], **base}}, split="test")
     local = RootDataset({"data": {"sources": [{"files": [HZZ]}], **base}}, split="test")
     np.testing.assert_array_equal(collect(remote).x, collect(local).x)
+
+
+@pytest.mark.network
+def test_http_connection_dropped_mid_epoch_is_retried(http_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A dropped connection while reading is a network failure: retried per data.retries,
+    and the epoch equals a clean one; past the attempts, an error that says so.
+    (uproot hands the failed request's exception back as data; it used to be
+    reported as a corrupt file, and never retried.)"""
+    url = http_server.put(Path(HZZ), "drops/uproot-HZZ.root")
+    spec = {"data": {"sources": [{"files": [url]}], "label": "triggerIsoMu24",
+                     "features": ["MET_px", {"branch": "Jet_Px", "max_len": 3}],
+                     "retries": {"attempts": 3, "backoff": 0.05, "timeout": 5}}}
+    ds = RootDataset(spec, split="all", shuffle=False, prefetch=False)
+    before = len(http_server.requests)
+    clean = collect(ds)
+    per_epoch = len(http_server.requests) - before  # the last one reads baskets
+    lost: list[str] = []
+    spy = sources._lost_connection
+
+    def seen(exc: BaseException) -> str | None:
+        name = spy(exc)
+        lost.extend([name] if name else [])
+        return name
+
+    monkeypatch.setattr(sources, "_lost_connection", seen)
+    for skip in (0, per_epoch - 1):  # at the file's opening, then while reading baskets
+        http_server.drop_next(2, skip=skip)  # two: aiohttp itself retries one on keep-alive
+        np.testing.assert_array_equal(collect(ds).x, clean.x)  # a blip: retried, no loss
+        assert http_server._server.drops == 0  # it happened during the epoch
+    assert lost, "the basket read's failure was not seen as a lost connection"
+    http_server.drop_next(10_000, skip=per_epoch - 1)
+    try:
+        with pytest.raises(SourceError) as info:
+            collect(ds)
+    finally:
+        http_server.drop_next(0)
+    text = str(info.value)
+    assert url in text and "gave up after 3 attempts" in text, text
+    assert "Server disconnected" in text or "connection failed" in text, text
+    assert "corrupt" not in text, text
 
 
 def test_gathers_shared_with_the_second_thread_keep_the_batch_order(synth_pair: Path) -> None:

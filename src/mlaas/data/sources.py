@@ -86,6 +86,23 @@ ZLIB_LIBRARY = use_fast_zlib()
 _ZLIB_ERRORS: tuple[type[BaseException], ...] = (
     (zlib.error,) if _isal_zlib is None else (zlib.error, _isal_zlib.error))
 
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """aiohttp's errors (fsspec's HTTP reads), some of which are not OSErrors.
+
+    ``ServerDisconnectedError`` (a connection dropped mid-request) escaped
+    every handler as itself before; it is a network failure like the others.
+    """
+    try:
+        from aiohttp import ClientError
+    except ImportError:  # no HTTP support installed: nothing to catch
+        return ()
+    return (ClientError,)
+
+
+#: network failures that are not OSErrors (retried when the URL is remote)
+_NETWORK_ERRORS = _client_errors()
+
 __all__ = [
     "FileRef",
     "resolve_files",
@@ -136,10 +153,13 @@ def _expand(name: str, base_dir: Path, redirector: str | None) -> list[str]:
             raise SourceError(f"no file matches the pattern {name!r}", file_path=str(path))
         return matches
     if not path.exists():
+        hint = (f"; data.redirector ({redirector}) rewrites /store/... names only: write "
+                f"{redirector}/{name} to read this one through it"
+                if redirector and name.startswith("/") else "")
         raise SourceError(
             f"file {name!r} does not exist; name files as local paths or globs "
             "(relative to the spec), root://host:port//path, https://host/path, or "
-            "/store/... with data.redirector",
+            f"/store/... with data.redirector{hint}",
             file_path=str(path),
         )
     return [str(path)]
@@ -165,7 +185,7 @@ def _is_transient(url: str, exc: BaseException) -> bool:
         return False
     # the URL is left out: a port such as 40487 is not an HTTP 404
     text = str(exc).replace(url, "")
-    return (isinstance(exc, (OSError, TimeoutError, ConnectionError))
+    return (isinstance(exc, (OSError, TimeoutError, ConnectionError, *_NETWORK_ERRORS))
             and _NOT_TRANSIENT.search(text) is None)
 
 
@@ -175,6 +195,22 @@ def _summary(exc: BaseException, url: str) -> str:
     text = text.replace(repr(url), "")
     return " ".join(text.split()) or type(exc).__name__
 
+
+def _lost_connection(exc: BaseException) -> str | None:
+    """The network error uproot handed back in place of data, if that is what ``exc`` is.
+
+    uproot's HTTP source (fsspec, aiohttp) returns a failed request's
+    exception as the request's result, and slicing it raises ``TypeError:
+    'ClientConnectorError' object is not subscriptable`` (uproot 5.7,
+    ``source/coalesce.py``): a dropped connection or a timeout, which must
+    be retried, not reported as a corrupt file.
+    """
+    found = _HANDED_BACK.search(str(exc)) if isinstance(exc, TypeError) else None
+    return found.group(1) if found else None
+
+
+_HANDED_BACK = re.compile(r"'(\w*(?:Error|Exception|Timeout|Disconnected)\w*)' object is not "
+                          r"subscriptable")
 
 #: What uproot and the inflaters raise on bytes that are not what the file says they are.
 _CORRUPT = (ValueError, *_ZLIB_ERRORS, EOFError, IndexError, KeyError, TypeError,
@@ -199,7 +235,7 @@ def read_errors(url: str, tree: str | None = None, branch: str | None = None,
     except FileNotFoundError as exc:
         what = _summary(exc, url).removeprefix("file not found ")
         raise SourceError(f"file not found: {what}", file_path=url, tree=tree) from exc
-    except (OSError, TimeoutError, ConnectionError) as exc:
+    except (OSError, TimeoutError, ConnectionError, *_NETWORK_ERRORS) as exc:
         what = _summary(exc, url)
         if "expected Chunk of length" in what:  # the file ends before data it points to
             kind = "the data is truncated" if where else "not a readable ROOT file (truncated?)"
@@ -208,9 +244,16 @@ def read_errors(url: str, tree: str | None = None, branch: str | None = None,
         raise SourceError(f"{where}cannot read: {type(exc).__name__}: {what}", file_path=url,
                           tree=tree, branch=branch) from exc
     except _CORRUPT as exc:
+        lost = _lost_connection(exc)
+        if lost is not None:  # a network failure, not the file: retried by with_retries
+            raise SourceError(f"{where}the connection failed while reading ({lost})",
+                              file_path=url, tree=tree, branch=branch) from ConnectionError(lost)
         what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         kind = ("the data is corrupt or truncated" if where
                 else "not a readable ROOT file (corrupt or truncated?)")
+        if url.startswith(("http://", "https://")) and "attempting to get bytes" in what:
+            what += ("; if the file itself is fine, the server may ignore HTTP Range "
+                     "requests, which reading parts of a file needs")
         raise SourceError(f"{where}{kind}: {type(exc).__name__}: {what}",
                           file_path=url, tree=tree, branch=branch) from exc
 

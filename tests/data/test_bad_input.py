@@ -647,6 +647,20 @@ def test_xrootd_server_down_retries_with_backoff(dead_root_url: str) -> None:
 
 @pytest.mark.xrootd
 @pytest.mark.network
+def test_xrootd_url_with_one_slash_gets_a_hint(xrootd_server: Any) -> None:
+    good = xrootd_server.put(Path(HZZ), "bad_input/one-slash.root")
+    host, path = good.split("//", 2)[1], good.split("//", 2)[2]
+    url = f"root://{host}/{path}"  # root://host:port/path: a relative path to XRootD
+    text = fails(SourceError, OSError, dataset(hzz_spec([url])))
+    assert "root:// URLs take the path after two slashes" in text and url in text, text
+
+
+def test_remote_pattern_is_refused_by_name() -> None:
+    url = "root://127.0.0.1:1094//store/mc/*.root"
+    text = fails(SourceError, OSError, dataset(hzz_spec([url])))
+    assert "patterns work on local paths only" in text and url in text, text
+
+
 def test_xrootd_missing_file_is_not_retried(xrootd_server: Any) -> None:
     xrootd_server.put(Path(HZZ), "bad_input/present.root")
     url = xrootd_server.url("bad_input/absent.root")

@@ -141,6 +141,9 @@ def is_remote(url: str) -> bool:
 
 def _expand(name: str, base_dir: Path, redirector: str | None) -> list[str]:
     if is_remote(name):
+        if glob.has_magic(name):  # uproot would look for a file named '*.root'
+            raise SourceError(f"{name!r} is a pattern, and patterns work on local paths only; "
+                              "list the remote files one by one", file_path=name)
         return [name]
     if name.startswith("/store/") and redirector:
         return [f"{redirector}/{name}"]  # root://host:port//store/...
@@ -196,6 +199,13 @@ def _summary(exc: BaseException, url: str) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+def _slashes(url: str, what: str) -> str:
+    """A hint for root://host:port/path, which XRootD reads as a relative path."""
+    if url.startswith("root://") and "relative path" in what:
+        return "; root:// URLs take the path after two slashes: root://host:port//path"
+    return ""
+
+
 def _lost_connection(exc: BaseException) -> str | None:
     """The network error uproot handed back in place of data, if that is what ``exc`` is.
 
@@ -234,15 +244,16 @@ def read_errors(url: str, tree: str | None = None, branch: str | None = None,
         raise
     except FileNotFoundError as exc:
         what = _summary(exc, url).removeprefix("file not found ")
-        raise SourceError(f"file not found: {what}", file_path=url, tree=tree) from exc
+        raise SourceError(f"file not found: {what}{_slashes(url, what)}", file_path=url,
+                          tree=tree) from exc
     except (OSError, TimeoutError, ConnectionError, *_NETWORK_ERRORS) as exc:
         what = _summary(exc, url)
         if "expected Chunk of length" in what:  # the file ends before data it points to
             kind = "the data is truncated" if where else "not a readable ROOT file (truncated?)"
             raise SourceError(f"{where}{kind}: {what.split(' from ', 1)[0]}",
                               file_path=url, tree=tree, branch=branch) from exc
-        raise SourceError(f"{where}cannot read: {type(exc).__name__}: {what}", file_path=url,
-                          tree=tree, branch=branch) from exc
+        raise SourceError(f"{where}cannot read: {type(exc).__name__}: {what}{_slashes(url, what)}",
+                          file_path=url, tree=tree, branch=branch) from exc
     except _CORRUPT as exc:
         lost = _lost_connection(exc)
         if lost is not None:  # a network failure, not the file: retried by with_retries

@@ -102,10 +102,10 @@ def read_plain(branch: Any, start: int, stop: int,
             raise NotPlain(branch.name)
         return ak.Array(ak.contents.NumpyArray(content))
     counter = _counter(branch) if counted is not None else None
-    offsets = counted.get(counter) if counted is not None and counter is not None else None
+    offsets = counted.get(counter) if counter is not None else None
     if offsets is None or len(offsets) != stop - start + 1 or offsets[-1] != len(content):
         offsets = _offsets(counts, stop - start, size)
-        if counted is not None and counter is not None:
+        if counter is not None:
             counted.setdefault(counter, offsets)
     return ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets),
                                                 ak.contents.NumpyArray(content)))

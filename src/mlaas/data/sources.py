@@ -465,20 +465,17 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
     retry = retry or RetrySpec()
     once = RetrySpec(attempts=1, timeout=retry.timeout)
 
-    def read(t: Any) -> dict[str, ak.Array]:
-        return read_open(t, url, branches, start, stop)
-
     def action() -> dict[str, ak.Array]:
         if trees is not None:
             t = trees.get(url, tree, once)
             try:
-                return read(t)
+                return read_open(t, url, branches, start, stop)
             except BaseException:
                 trees.drop(url, tree)
                 raise
         t = open_tree(url, tree, once)
         try:
-            return read(t)
+            return read_open(t, url, branches, start, stop)
         finally:
             t.file.close()
 

@@ -271,11 +271,7 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         warnings.warn(note, UserWarning, stacklevel=2)
     stats.max_len = resolve_lengths(layout, stats)
     stats.seconds = time.perf_counter() - started
-    try:
-        _check_finite(pipeline, stats, first_bad)
-    except BadValues as exc:  # the counts are what the user needs to see: keep them
-        exc.stats = stats
-        raise
+    _check_finite(pipeline, stats, first_bad)
     return stats
 
 
@@ -328,11 +324,13 @@ def _check_finite(pipeline: Pipeline, stats: Stats, first_bad: str | None) -> No
            if f.moments.nan or f.moments.inf}
     if bad and pipeline.data.nan.policy == "error":
         listed = "; ".join(f"{k!r}: {n} NaN, {i} inf" for k, (n, i) in bad.items())
-        raise BadValues(
+        error = BadValues(
             f"non-finite feature values in the selected events of all files ({listed}), "
             "the first in the file below; set data.nan: {policy: replace, value: 0} to "
             "replace them", file_path=first_bad, field_path="data.nan",
         )
+        error.stats = stats  # the counts are what the user needs to see: keep them
+        raise error
 
 
 def _zero_variance(stats: Stats) -> list[str]:

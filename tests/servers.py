@@ -252,6 +252,23 @@ class XRootDServer:
         while port_accepts(self.port) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def pause(self) -> None:
+        """Freeze xrootd (SIGSTOP): connections stay open and nothing answers, as
+        with a server that hangs; :meth:`resume` lets it go on."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        # the whole group: runuser stops itself when its child stops (as su does)
+        if self._proc is None:
+            raise ServerError("xrootd is not running")
+        os.killpg(self._proc.pid, signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        pid = self._xrootd_pid(self._proc.pid) if self._proc is not None else None
+        if pid is None:
+            raise ServerError("xrootd is not running")
+        os.kill(pid, sig)
+
     def _xrootd_pid(self, pgid: int) -> int | None:
         """xrootd's pid from its pid file, if that process is in our group."""
         try:

@@ -100,13 +100,13 @@ def test_each_input_is_opened_once_for_its_chunks(setup: dict[str, Any], tmp_pat
     from mlaas.data import sources
 
     opened: list[Any] = []
-    real = sources.open_tree
+    real = sources._find_tree  # every opening, with or without retries around it
 
-    def open_tree(*args: Any, **kwargs: Any) -> Any:
+    def find_tree(*args: Any, **kwargs: Any) -> Any:
         opened.append(real(*args, **kwargs))
         return opened[-1]
 
-    monkeypatch.setattr(sources, "open_tree", open_tree)
+    monkeypatch.setattr(sources, "_find_tree", find_tree)
     (friend,) = apply_files(setup["bundle"], [setup["files"]["signal"]], tmp_path, progress=False)
     check_friend(friend, setup["files"]["signal"], Bundle.load(setup["bundle"]), ["score"])
     assert len(opened) == 2

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +107,7 @@ def _chunks(item: _Input, bundle: Bundle, retry: RetrySpec) -> Iterator[dict[str
         with trees:
             yield from map(read, ranges)
         return
-    with trees, ThreadPoolExecutor(1, thread_name_prefix="mlaas-apply") as pool:
+    with trees, sources.read_pool(trees, 1, "mlaas-apply") as pool:
         future = pool.submit(read, ranges[0])
         for nxt in ranges[1:]:
             current = future.result()

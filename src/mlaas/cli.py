@@ -71,7 +71,12 @@ def inspect(
     """Show trees, entries, compression and every branch: type, flat or jagged, multiplicity."""
     from mlaas.data.inspect import inspect_file
 
-    info = inspect_file(file, tree)
+    try:
+        info = inspect_file(file, tree)
+    except MlaasError as exc:
+        if as_json:  # a script reading stdout gets the error as JSON too (and exit code 1)
+            print(json.dumps(exc.to_dict()))
+        raise
     if as_json:
         console.print_json(json.dumps(info))
         return

@@ -647,6 +647,60 @@ def test_xrootd_server_down_retries_with_backoff(dead_root_url: str) -> None:
 
 @pytest.mark.xrootd
 @pytest.mark.network
+@pytest.mark.slow
+def test_xrootd_server_that_hangs_mid_epoch_fails_it_within_one_retry_chain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that stops answering (frozen with SIGSTOP: its connections stay open)
+    fails the epoch with the URL once the waited-for chunk's retries are spent.
+    Reads of other chunks that the failed pass no longer needs make no second
+    attempt and are not waited for: the error once came after another reader's
+    whole retry chain for a chunk nobody would use (six attempts here, 2-3x the
+    time that data.retries implies)."""
+    from servers import XRootDServer
+
+    synth.generate(tmp_path, 40_000, seed=5)
+    attempts: list[str] = []  # one entry per attempt of any read, made after the freeze
+    frozen = threading.Event()
+    real_with_retries = sources.with_retries
+
+    def counted(url: str, action: Callable[[], Any], retry: RetrySpec, *args: Any,
+                **kw: Any) -> Any:
+        def attempt() -> Any:
+            if frozen.is_set():
+                attempts.append(url)
+            return action()
+        # a read's own attempts, not the single-attempt open inside each of them
+        return real_with_retries(url, attempt if retry.attempts > 1 else action, retry,
+                                 *args, **kw)
+
+    monkeypatch.setattr(sources, "with_retries", counted)
+    with XRootDServer(name="mlaas-stall") as server:  # its own: this test freezes it
+        urls = [server.put(tmp_path / "signal.root"), server.put(tmp_path / "background.root")]
+        spec = {"data": {
+            "sources": [{"files": [urls[0]], "label": 1}, {"files": [urls[1]], "label": 0}],
+            "features": ["MET_pt", {"branch": "Jet_pt", "max_len": 4}],
+            "step_size": "100 kB",  # many chunks: both readers are busy when it hangs
+            "retries": {"attempts": 2, "timeout": 2, "backoff": 0.1}}}
+        batches = iter(RootDataset(spec, split="all", batch_size=256))
+        for _ in range(20):
+            next(batches)
+        server.pause()
+        frozen.set()
+        try:
+            with pytest.raises(SourceError) as info:
+                for _ in batches:
+                    pass
+        finally:
+            server.resume()
+    text = str(info.value)
+    assert "gave up after 2 attempts" in text and any(u in text for u in urls), text
+    # two readers, two attempts each; at most one more first attempt, by a reader
+    # that took a queued chunk at the moment the pass failed
+    assert 1 <= len(attempts) <= 2 * 2 + 1, attempts
+
+
+@pytest.mark.xrootd
+@pytest.mark.network
 def test_xrootd_url_with_one_slash_gets_a_hint(xrootd_server: Any) -> None:
     good = xrootd_server.put(Path(HZZ), "bad_input/one-slash.root")
     host, path = good.split("//", 2)[1], good.split("//", 2)[2]

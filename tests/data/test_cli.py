@@ -108,6 +108,17 @@ def test_inspect_missing_tree_is_an_mlaas_error() -> None:
     assert "did you mean 'events'" in str(result.exception)
 
 
+def test_inspect_json_gives_an_error_as_json_too(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.root")
+    result = subprocess.run([*mlaas_command(), "inspect", missing, "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    error = json.loads(result.stdout)
+    assert error["error"] == "SourceError" and error["file_path"] == missing
+    assert error["message"] == "file not found"  # once, not "file not found: file not found"
+    assert "SourceError: file not found" in result.stderr and missing in result.stderr
+
+
 # -------------------------------------------------------------------------- stats
 
 

@@ -39,15 +39,15 @@ def recorded_opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, Any]
     """Every tree opened for reading: (thread, file, tree), the real trees."""
     opened: list[tuple[int, str, Any]] = []
     lock = threading.Lock()
-    real = sources.open_tree
+    real = sources._find_tree  # one attempt at opening, as each read makes it
 
-    def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any:
+    def find_tree(url: str, tree: str | None, retry: RetrySpec) -> Any:
         found = real(url, tree, retry)
         with lock:
             opened.append((threading.get_ident(), Path(url).name, found))
         return found
 
-    monkeypatch.setattr(sources, "open_tree", open_tree)
+    monkeypatch.setattr(sources, "_find_tree", find_tree)
     return opened
 
 
@@ -101,6 +101,30 @@ def test_leaving_an_epoch_early_closes_its_files(pair: Path, monkeypatch: pytest
     next(batches)
     batches.close()  # type: ignore[attr-defined]
     assert opened and all(tree.file.closed for _, _, tree in opened)
+
+
+def test_closing_leaves_a_file_in_use_to_its_read_which_closes_it(pair: Path) -> None:
+    trees = sources.OpenTrees()
+    url = str(pair / "signal.root")
+    idle = trees.get(url, "Events", RetrySpec())  # this thread's, not in a read
+    inside, release = threading.Event(), threading.Event()
+    held: list[Any] = []
+
+    def read() -> None:
+        with trees.lease(url, "Events", RetrySpec()) as t:
+            held.append(t)
+            inside.set()
+            release.wait(30)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert inside.wait(30)
+    trees.close()
+    assert idle.file.closed and trees.closed
+    assert not held[0].file.closed  # the read goes on with its file
+    release.set()
+    reader.join(30)
+    assert held[0].file.closed
 
 
 def test_beyond_its_limit_a_thread_closes_the_least_recently_used_file(pair: Path) -> None:

@@ -7,6 +7,8 @@ failed read must surface at its own chunk, after the ones before it.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +64,29 @@ def test_a_failed_read_surfaces_at_its_chunk_after_the_ones_before(planned, monk
         for c, _ in chunking.read_ahead(pipeline, layout, plan, trees):
             seen.append(c)
     assert seen == plan[:4]
+
+
+def test_a_failed_read_does_not_wait_for_the_reads_after_it(planned, monkeypatch) -> None:
+    # as when an XRootD server stalls: chunk 0 fails after its retries while the
+    # other reader is still inside its own read of chunk 1; the error must not wait
+    # for that read (it once held an epoch's error back by a whole retry chain)
+    pipeline, layout, plan = planned
+    release, finished = threading.Event(), threading.Event()
+
+    def read(pipeline, layout, chunk, trees=None):  # type: ignore[no-untyped-def]
+        if chunk == plan[0]:
+            time.sleep(0.2)  # the other reader is inside chunk 1 by then
+            raise SourceError("cannot read: server stalled", file_path=chunk.url)
+        release.wait(60)
+        finished.set()
+        raise SourceError("cannot read: server stalled", file_path=chunk.url)
+
+    monkeypatch.setattr(chunking, "read", read)
+    with sources.OpenTrees() as trees, pytest.raises(SourceError, match="stalled"):
+        for _ in chunking.read_ahead(pipeline, layout, plan, trees):
+            pass
+    try:
+        assert not finished.is_set()  # the error came while chunk 1 was still being read
+        assert trees.closed  # so that read makes no further attempt
+    finally:
+        release.set()

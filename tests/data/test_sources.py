@@ -54,6 +54,33 @@ def test_retries_are_bounded_and_the_error_says_how_many() -> None:
     assert len(waits) == 2
 
 
+def test_one_attempt_says_so_and_a_timeout_says_how_long_it_waited() -> None:
+    url = "root://127.0.0.1:1094//f.root"
+
+    def stalled() -> None:  # as XRootD says it, naming the file itself
+        raise TimeoutError(f"XRootD error: [ERROR] Operation expired in file {url}")
+
+    with pytest.raises(SourceError) as info:
+        sources.with_retries(url, stalled, RetrySpec(attempts=1, timeout=7),
+                             sleep=lambda s: None)
+    text = str(info.value)
+    assert "(gave up after 1 attempt, each waiting up to 7 s (data.retries.timeout))" in text
+    assert text.count(url) == 1, text  # uproot's "in file <url>" is not repeated
+
+
+def test_a_read_whose_pass_ended_makes_no_further_attempt() -> None:
+    calls: list[int] = []
+
+    def down() -> None:
+        calls.append(1)
+        raise TimeoutError("timed out")
+
+    with pytest.raises(SourceError, match="timed out"):
+        sources.with_retries("root://h:1//f.root", down, RetrySpec(attempts=5),
+                             sleep=lambda s: None, stop=lambda: True)
+    assert calls == [1]
+
+
 def test_local_missing_files_are_not_retried() -> None:
     calls: list[int] = []
 

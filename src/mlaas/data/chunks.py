@@ -15,7 +15,7 @@ import bisect
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from mlaas.data import sources
@@ -201,18 +201,15 @@ def read_ahead(pipeline: Pipeline, layout: Layout, plan: list[ChunkRange],
         for c in plan:
             yield c, read(pipeline, layout, c, trees)
         return
-    with ThreadPoolExecutor(depth, thread_name_prefix="mlaas-read-ahead") as pool:
+    # leaving early or failing cancels the reads not begun (read_pool)
+    with sources.read_pool(trees, depth, "mlaas-read-ahead") as pool:
         pending: deque[Future[Chunk]] = deque(
             pool.submit(read, pipeline, layout, c, trees) for c in plan[:depth])
-        try:
-            for i, c in enumerate(plan):
-                chunk = pending.popleft().result()
-                if i + depth < len(plan):
-                    pending.append(pool.submit(read, pipeline, layout, plan[i + depth], trees))
-                yield c, chunk
-        finally:
-            for future in pending:  # leaving early: do not read what nobody will use
-                future.cancel()
+        for i, c in enumerate(plan):
+            chunk = pending.popleft().result()
+            if i + depth < len(plan):
+                pending.append(pool.submit(read, pipeline, layout, plan[i + depth], trees))
+            yield c, chunk
 
 
 def interleave(chunks: list[ChunkRange]) -> list[ChunkRange]:

@@ -418,20 +418,16 @@ class RootDataset:
                     yield chunk, self._fetch(chunk, trees)
             return
         depth = min(self.readers, len(chunks))
-        with sources.OpenTrees() as trees, ThreadPoolExecutor(
-                depth, thread_name_prefix="mlaas-prefetch") as pool:
+        # leaving early or failing cancels the reads not begun (read_pool)
+        with sources.OpenTrees() as trees, sources.read_pool(trees, depth,
+                                                             "mlaas-prefetch") as pool:
             pending: deque[Future[Columns | Chunk] | _HeadFirst] = deque(
                 self._start(pool, chunks[:depth], first or set(), trees))
-            try:
-                for i, chunk in enumerate(chunks):
-                    item = pending.popleft()
-                    if i + depth < len(chunks):
-                        pending.append(pool.submit(self._fetch, chunks[i + depth], trees))
-                    yield chunk, (item if isinstance(item, _HeadFirst) else item.result())
-            finally:
-                for item in pending:  # leaving early: do not read what nobody will use
-                    for future in (item.futures if isinstance(item, _HeadFirst) else [item]):
-                        future.cancel()
+            for i, chunk in enumerate(chunks):
+                item = pending.popleft()
+                if i + depth < len(chunks):
+                    pending.append(pool.submit(self._fetch, chunks[i + depth], trees))
+                yield chunk, (item if isinstance(item, _HeadFirst) else item.result())
 
     def _start(self, pool: ThreadPoolExecutor, ahead: list[chunking.ChunkRange],
                first: set[str], trees: sources.OpenTrees,

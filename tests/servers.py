@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +40,7 @@ HOST = "127.0.0.1"
 SHIM_SOURCE = Path(__file__).resolve().parent / "support" / "loopback_bind.c"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+STALL_LIMIT_S = 60.0  # the longest a hanging test server holds a request
 
 
 class ServerError(RuntimeError):
@@ -366,6 +368,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     def _serve(self, send_body: bool) -> None:
         range_header = self.headers.get("Range")
         self.server.requests.append((self.command, self.path, range_header))
+        if self.server.hanging.is_set():  # a server that hangs: no answer until released
+            self.server.released.wait(STALL_LIMIT_S)
         with self.server.lock:
             drop = self.server.drops > 0 and self.server.skips == 0
             self.server.skips -= self.server.skips > 0
@@ -424,6 +428,13 @@ class _ThreadingServer(http.server.ThreadingHTTPServer):
     drops: int = 0  # the next requests to answer by closing the connection
     skips: int = 0  # ... after answering this many first
     lock: threading.Lock
+    hanging: threading.Event  # set: requests wait for ``released`` before any answer
+    released: threading.Event
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up on a hanging or dropped request is expected here."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 class RangeHTTPServer:
@@ -439,6 +450,7 @@ class RangeHTTPServer:
         self._server.root = self.root
         self._server.requests = []
         self._server.lock = threading.Lock()
+        self._server.hanging, self._server.released = threading.Event(), threading.Event()
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="RangeHTTPServer", daemon=True
@@ -458,11 +470,21 @@ class RangeHTTPServer:
         with self._server.lock:
             self._server.drops, self._server.skips = count, skip
 
+    def hang(self) -> None:
+        """Stop answering: requests wait (up to ``STALL_LIMIT_S``) until :meth:`release`."""
+        self._server.released.clear()
+        self._server.hanging.set()
+
+    def release(self) -> None:
+        self._server.hanging.clear()
+        self._server.released.set()
+
     def put(self, path: Path, name: str | None = None) -> str:
         """Copy a local file into the served dir; return its ``http://`` URL."""
         return self.url(_copy_in(self.root, Path(path), name))
 
     def close(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=STOP_TIMEOUT_S)

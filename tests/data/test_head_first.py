@@ -247,3 +247,36 @@ def test_head_first_splits_with_a_cache_are_the_awkward_selection_once(
     assert not seen["train"] & seen["test"] and not seen["validation"] & seen["test"]
     union = seen["train"] | seen["validation"] | seen["test"]
     assert union == set(zip(want.file.tolist(), want.entry.tolist(), strict=True))
+
+
+def test_a_failed_head_read_does_not_wait_for_the_rests_being_read(pair: Path,
+                                                                    monkeypatch) -> None:
+    # Heads are handed on as futures and fail in the batch thread, outside the reads'
+    # generator: that failure must fail the reads' pass (no waiting for the rests, which
+    # a stalled server would hold for a whole attempt), not look like leaving early.
+    real = chunks.read
+    release, finished, calls, lock = threading.Event(), threading.Event(), [], threading.Lock()
+
+    def read(pipeline, layout, chunk, trees=None):  # type: ignore[no-untyped-def]
+        with lock:
+            calls.append(chunk)
+            first = len(calls) == 1
+        if first:  # the first head: fails once the other reader is inside its read
+            release.wait(0.3)
+            raise chunks.sources.SourceError("cannot read: server stalled",
+                                              file_path=chunk.url)
+        if chunk.start % BASKET == 0 and chunk.stop - chunk.start == BASKET:
+            return real(pipeline, layout, chunk, trees)  # other heads are fine
+        release.wait(30)  # a rest: as on a server that stopped answering
+        finished.set()
+        return real(pipeline, layout, chunk, trees)
+
+    ds = RootDataset(spec(pair), split="all", batch_size=64)  # pass 1 reads as usual
+    monkeypatch.setattr(chunks, "read", read)
+    try:
+        with pytest.raises(chunks.sources.SourceError, match="server stalled"):
+            for _ in ds.iter_epoch(0):
+                pass
+        assert not finished.is_set()  # the error came while rests were still being read
+    finally:
+        release.set()

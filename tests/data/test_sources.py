@@ -81,6 +81,20 @@ def test_a_read_whose_pass_ended_makes_no_further_attempt() -> None:
     assert calls == [1]
 
 
+def test_a_pass_that_ends_during_the_backoff_gets_no_further_attempt() -> None:
+    calls: list[int] = []
+    ended: list[bool] = []
+
+    def down() -> None:
+        calls.append(1)
+        raise TimeoutError("timed out")
+
+    with pytest.raises(SourceError, match="gave up after 1 attempt"):
+        sources.with_retries("root://h:1//f.root", down, RetrySpec(attempts=5),
+                             sleep=lambda s: ended.append(True), stop=lambda: bool(ended))
+    assert calls == [1]
+
+
 def test_local_missing_files_are_not_retried() -> None:
     calls: list[int] = []
 

@@ -16,6 +16,7 @@ event of a split is yielded exactly once per epoch, whatever the worker count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -361,6 +362,12 @@ class RootDataset:
                     if piece.last:
                         del held[name]
                     yield cols, k == len(buffer) - 1
+        except Exception as exc:
+            # a failure here (a head-first read, the transform) fails the reads' pass too,
+            # so it does not wait for the other reads as a pass left early would
+            with contextlib.suppress(BaseException):
+                fetched.throw(exc)
+            raise
         finally:
             fetched.close()
 

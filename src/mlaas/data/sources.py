@@ -254,7 +254,9 @@ def read_errors(url: str, tree: str | None = None, branch: str | None = None,
             kind = "the data is truncated" if where else "not a readable ROOT file (truncated?)"
             raise SourceError(f"{where}{kind}: {what.split(' from ', 1)[0]}",
                               file_path=url, tree=tree, branch=branch) from exc
-        raise SourceError(f"{where}cannot read: {type(exc).__name__}: {what}{_slashes(url, what)}",
+        kind = type(exc).__name__
+        said = kind if what == kind else f"{kind}: {what}"  # FSTimeoutError has no text
+        raise SourceError(f"{where}cannot read: {said}{_slashes(url, what)}",
                           file_path=url, tree=tree, branch=branch) from exc
     except _CORRUPT as exc:
         lost = _lost_connection(exc)
@@ -287,12 +289,15 @@ def with_retries(url: str, action: Callable[[], T], retry: RetrySpec,
         except SourceError as exc:
             cause = exc.__cause__ or exc
             transient = _is_transient(url, cause)
-            if attempt == retry.attempts or not transient or (stop is not None and stop()):
-                if not transient:
-                    raise
+            if not transient:
+                raise
+            final = attempt == retry.attempts or (stop is not None and stop())
+            if not final:
+                sleep(retry.backoff * 2 ** (attempt - 1))
+                final = stop is not None and stop()  # the pass ended while this one waited
+            if final:
                 raise SourceError(f"{exc.message} ({_gave_up(attempt, cause, retry)})",
                                   **exc.context) from cause
-            sleep(retry.backoff * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
 
 
@@ -318,6 +323,8 @@ class _CloseWithoutWaiting:
         self._file = file
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_file":  # not set yet (a copy made without __init__): no recursion
+            raise AttributeError(name)
         return getattr(self._file, name)
 
     def close(self, timeout: int = 0, callback: Any = None) -> Any:
@@ -381,8 +388,21 @@ def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any
 
 
 def _find_tree(url: str, tree: str | None, retry: RetrySpec) -> Any:
-    """One attempt of :func:`open_tree` (within a read's own attempt, see :func:`read_range`)."""
+    """One attempt of :func:`open_tree` (within a read's own attempt, see :func:`read_range`).
+
+    A file that opens but has no such tree (or whose directory cannot be
+    read) is closed here, not left to the garbage collector: an XRootD file
+    closed there waits for the server on whatever thread frees it.
+    """
     file = open_file(url, retry)
+    try:
+        return _tree_of(file, url, tree)
+    except BaseException:
+        _close_file(file)
+        raise
+
+
+def _tree_of(file: Any, url: str, tree: str | None) -> Any:
     names = trees_in(file)
     if tree is None:
         if not names:
@@ -511,20 +531,22 @@ def read_pool(trees: OpenTrees, depth: int, name: str) -> Iterator[ThreadPoolExe
     wait = True
     try:
         yield pool
-    except GeneratorExit:
+    except BaseException as exc:
+        pool.shutdown(wait=False, cancel_futures=True)  # before a free thread takes one
         trees.close()
-        raise
-    except BaseException:
-        trees.close()
-        wait = False
+        wait = isinstance(exc, GeneratorExit)
         raise
     finally:
         pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _close(tree: Any) -> None:
+    _close_file(tree.file)
+
+
+def _close_file(file: Any) -> None:
     with contextlib.suppress(Exception):  # closing is best effort: the reads are done
-        tree.file.close()
+        file.close()
 
 
 def read_open(t: Any, url: str, branches: Sequence[str], start: int, stop: int

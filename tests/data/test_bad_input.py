@@ -645,6 +645,29 @@ def test_xrootd_server_down_retries_with_backoff(dead_root_url: str) -> None:
     assert info.value.file_path == dead_root_url
 
 
+def hang_mid_epoch(server: Any, files: Path, hang: Callable[[], None],
+                   frozen: threading.Event | None = None) -> tuple[str, list[str]]:
+    """An epoch over ``server`` (a pair of datagen files put there) whose server stops
+    answering after 20 batches (``hang``): the epoch's error, and the URLs served."""
+    synth.generate(files, 40_000, seed=5)
+    urls = [server.put(files / "signal.root"), server.put(files / "background.root")]
+    spec = {"data": {
+        "sources": [{"files": [urls[0]], "label": 1}, {"files": [urls[1]], "label": 0}],
+        "features": ["MET_pt", {"branch": "Jet_pt", "max_len": 4}],
+        "step_size": "100 kB",  # many chunks: both readers are busy when it hangs
+        "retries": {"attempts": 2, "timeout": 2, "backoff": 0.1}}}
+    batches = iter(RootDataset(spec, split="all", batch_size=256))
+    for _ in range(20):
+        next(batches)
+    hang()
+    if frozen is not None:
+        frozen.set()
+    with pytest.raises(SourceError) as info:
+        for _ in batches:
+            pass
+    return str(info.value), urls
+
+
 @pytest.mark.xrootd
 @pytest.mark.network
 @pytest.mark.slow
@@ -658,7 +681,6 @@ def test_xrootd_server_that_hangs_mid_epoch_fails_it_within_one_retry_chain(
     time that data.retries implies)."""
     from servers import XRootDServer
 
-    synth.generate(tmp_path, 40_000, seed=5)
     attempts: list[str] = []  # one entry per attempt of any read, made after the freeze
     frozen = threading.Event()
     real_with_retries = sources.with_retries
@@ -673,24 +695,10 @@ def test_xrootd_server_that_hangs_mid_epoch_fails_it_within_one_retry_chain(
 
     monkeypatch.setattr(sources, "with_retries", counted)
     with XRootDServer(name="mlaas-stall") as server:  # its own: this test freezes it
-        urls = [server.put(tmp_path / "signal.root"), server.put(tmp_path / "background.root")]
-        spec = {"data": {
-            "sources": [{"files": [urls[0]], "label": 1}, {"files": [urls[1]], "label": 0}],
-            "features": ["MET_pt", {"branch": "Jet_pt", "max_len": 4}],
-            "step_size": "100 kB",  # many chunks: both readers are busy when it hangs
-            "retries": {"attempts": 2, "timeout": 2, "backoff": 0.1}}}
-        batches = iter(RootDataset(spec, split="all", batch_size=256))
-        for _ in range(20):
-            next(batches)
-        server.pause()
-        frozen.set()
         try:
-            with pytest.raises(SourceError) as info:
-                for _ in batches:
-                    pass
+            text, urls = hang_mid_epoch(server, tmp_path, server.pause, frozen)
         finally:
             server.resume()
-    text = str(info.value)
     assert "gave up after 2 attempts" in text and any(u in text for u in urls), text
     # two readers, two attempts each; at most one more first attempt, by a reader
     # that took a queued chunk at the moment the pass failed (the attempts of reads
@@ -706,25 +714,11 @@ def test_http_server_that_hangs_mid_epoch_fails_it_within_one_retry_chain(
     """The same over HTTP: the requests wait, each timeout is a failed attempt."""
     from servers import RangeHTTPServer
 
-    synth.generate(tmp_path, 40_000, seed=5)
     with RangeHTTPServer() as server:  # its own: this test makes it hang
-        urls = [server.put(tmp_path / "signal.root"), server.put(tmp_path / "background.root")]
-        spec = {"data": {
-            "sources": [{"files": [urls[0]], "label": 1}, {"files": [urls[1]], "label": 0}],
-            "features": ["MET_pt", {"branch": "Jet_pt", "max_len": 4}],
-            "step_size": "100 kB",
-            "retries": {"attempts": 2, "timeout": 2, "backoff": 0.1}}}
-        batches = iter(RootDataset(spec, split="all", batch_size=256))
-        for _ in range(20):
-            next(batches)
-        server.hang()
         try:
-            with pytest.raises(SourceError) as info:
-                for _ in batches:
-                    pass
+            text, urls = hang_mid_epoch(server, tmp_path, server.hang)
         finally:
             server.release()
-    text = str(info.value)
     assert "gave up after 2 attempts, each waiting up to 2 s (data.retries.timeout)" in text
     assert any(u in text for u in urls), text
     assert "FSTimeoutError: FSTimeoutError" not in text, text

@@ -106,6 +106,29 @@ def test_division_by_zero_gives_inf_and_nan_without_warning(arrays):
     assert_close(parse("log(f)").evaluate(arrays), [math.log(2.0), -math.inf, math.nan])
 
 
+def test_integer_floor_division_and_modulo_by_zero_give_inf_and_nan(arrays):
+    # numpy's integer // and % give 0 for a division by zero, silently
+    m = {"k": np.array([4, 0, 3]), "z": np.array([0, 0, 2]), "jk": ak.Array([[4, 0], [], [3]])}
+    assert_close(parse("k // z").evaluate(m), [math.inf, math.nan, 1.0])
+    assert_close(parse("k % z").evaluate(m), [math.nan, math.nan, 1.0])
+    assert_close(parse("jk // 0").evaluate(m), [[math.inf, math.nan], [], [math.inf]])
+    assert_close(parse("k // 2").evaluate(m), [2.0, 0.0, 1.0])
+    assert parse("-7 % 3").evaluate({}) == 2.0  # Python's sign rules, as numpy's
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_unsigned_integers_are_signed_in_arithmetic(dtype):
+    # NanoAOD's counters, ids and run/lumi/event are unsigned: nJet - nMuon must not wrap
+    m = {"u": np.array([1, 60], dtype), "v": np.array([3, 2], dtype),
+         "ju": ak.values_astype(ak.Array([[1, 3], []]), dtype)}
+    assert_close(parse("u - v").evaluate(m), [-2, 58])
+    assert_close(parse("u - 50").evaluate(m), [-49, 10])
+    assert_close(parse("-u").evaluate(m), [-1, -60])
+    assert_close(parse("ju - 2").evaluate(m), [[-1, 1], []])
+    assert_close(parse("sum(ju - 2)").evaluate(m), [0, 0])
+    assert list(parse("u - 50 < 0").evaluate(m)) == [True, False]
+
+
 def test_power_with_negative_integer_exponent(arrays):
     assert_close(parse("n ** -1").evaluate(arrays), [0.5, math.inf, 1.0])
 

@@ -87,18 +87,34 @@ def _where(cond: Any, a: Any, b: Any) -> Any:
 
 
 def _numeric(x: Any) -> Any:
-    """Booleans count as 0/1 in arithmetic, as in Python; numpy would make True + True True."""
-    if isinstance(x, (bool, np.bool_)):
+    """Numbers for arithmetic as Python would see them: booleans count as 0/1 (numpy
+    would make True + True True), and unsigned integers become signed 64-bit, so
+    ``nJet - nMuon`` or ``-run`` is negative where it should be instead of wrapping
+    around (NanoAOD's counters, ids and ``run``/``event`` are unsigned)."""
+    if isinstance(x, (bool, np.bool_, np.unsignedinteger)):
         return int(x)
-    if isinstance(x, np.ndarray) and x.dtype == np.bool_:
+    if isinstance(x, np.ndarray) and (x.dtype == np.bool_ or x.dtype.kind == "u"):
         return x.astype(np.int64)
-    if isinstance(x, ak.Array) and _primitive(x) == "bool":
+    if isinstance(x, ak.Array) and (_primitive(x) == "bool"
+                                     or (_primitive(x) or "").startswith("uint")):
         return ak.values_astype(x, np.int64)
     return x
 
 
 def _arithmetic(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return lambda a, b: ufunc(_numeric(a), _numeric(b))
+
+
+def _in_floats(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``//`` and ``%`` in floating point: numpy's integer versions give 0 for a
+    division by zero, silently; in floats it is inf or nan, which pass 1 counts."""
+    return lambda a, b: ufunc(_float(_numeric(a)), _float(_numeric(b)))
+
+
+def _float(x: Any) -> Any:
+    if isinstance(x, ak.Array):
+        return ak.values_astype(x, np.float64)
+    return np.asarray(x, dtype=np.float64) if not isinstance(x, float) else x
 
 
 _ELEMENTWISE: dict[str, tuple[Callable[..., Any], int]] = {
@@ -130,8 +146,8 @@ _ARITY: dict[str, tuple[int, int]] = {
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     **{op: _arithmetic(ufunc) for op, ufunc in (
         (ast.Add, np.add), (ast.Sub, np.subtract), (ast.Mult, np.multiply),
-        (ast.Div, np.true_divide), (ast.FloorDiv, np.floor_divide), (ast.Mod, np.mod),
-        (ast.Pow, np.float_power))},
+        (ast.Div, np.true_divide), (ast.Pow, np.float_power))},
+    ast.FloorDiv: _in_floats(np.floor_divide), ast.Mod: _in_floats(np.mod),
     ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or,
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {

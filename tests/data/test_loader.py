@@ -158,6 +158,24 @@ def test_issue2_features_all_leaves_out_label_and_weight(
     assert ds.stats.max_len["Jet"] == 3 and ds.stats.max_len["Muon"] == 2  # not the maximum
 
 
+@pytest.mark.parametrize("tree", ["demo/tree", None])
+def test_a_tree_inside_a_directory_is_read_by_its_path(tmp_path: Path, tree: str | None) -> None:
+    # CMSSW's TFileService writes trees into a directory named after the analyzer
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=300)
+    with uproot.recreate(tmp_path / "sub.root") as f:
+        f.mkdir("demo")
+        f["demo"].mktree("tree", {"x": "float64", "n": "int32"})
+        f["demo"]["tree"].extend({"x": x, "n": np.arange(300, dtype=np.int32)})
+    data = {"sources": [{"files": [str(tmp_path / "sub.root")], "label": 1}],
+            "features": ["x"], "normalize": "none"}
+    if tree is not None:
+        data["tree"] = tree
+    ds = RootDataset({"data": data}, split="all", shuffle=False)
+    assert ds.layout.tree == "demo/tree"
+    np.testing.assert_array_equal(ds.columns().x[:, 0], x.astype(np.float32))
+
+
 def test_zmumu_float64_regression_label() -> None:
     spec = {"data": {
         "sources": [{"files": [ZMUMU]}],

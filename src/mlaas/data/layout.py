@@ -189,7 +189,7 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     """
     data = pipeline.data
     kinds = branch_kinds(tree)
-    tree_name = tree.name
+    tree_name = sources.tree_path(tree)
     available: dict[str, str] = dict(kinds)
     notes: list[str] = []
 

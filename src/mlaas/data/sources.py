@@ -110,6 +110,7 @@ __all__ = [
     "open_tree",
     "OpenTrees",
     "read_open",
+    "tree_path",
     "read_range",
     "read_pool",
     "read_errors",
@@ -371,6 +372,12 @@ def _is_local(url: str) -> bool:
     return not is_remote(url) and not url.startswith("file:")
 
 
+def tree_path(tree: Any) -> str:
+    """Where ``tree`` is in its file, as ``data.tree`` names it: ``demo/tree`` for a
+    tree in a directory (CMSSW's TFileService writes them so), not its bare name."""
+    return str(tree.object_path).lstrip("/").split(";")[0]
+
+
 def trees_in(file: Any) -> list[str]:
     return sorted({k.split(";")[0] for k, cls in file.classnames().items() if cls == "TTree"})
 
@@ -558,7 +565,7 @@ def read_open(t: Any, url: str, branches: Sequence[str], start: int, stop: int
     """
     out: dict[str, ak.Array] = {}
     rest = set(branches)
-    tree = t.name
+    tree = tree_path(t)
     if isinstance(t.file.source, uproot.source.file.MultithreadedFileSource):  # local
         top = {b.name: b for b in t.branches}
         counted: dict[Any, np.ndarray] = {}  # offsets per counting leaf, shared

@@ -161,7 +161,7 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
 _BOOL: dict[type, Callable[[Any, Any], Any]] = {ast.And: np.logical_and, ast.Or: np.logical_or}
 
 _DISALLOWED: dict[type, str] = {
-    ast.Attribute: "attribute access", ast.Subscript: "a subscript (indexing)",
+    ast.Attribute: "attribute access (a branch name with a dot cannot be named)", ast.Subscript: "a subscript (indexing)",
     ast.Slice: "a slice", ast.Lambda: "lambda", ast.ListComp: "a comprehension",
     ast.SetComp: "a comprehension", ast.DictComp: "a comprehension",
     ast.GeneratorExp: "a generator expression",

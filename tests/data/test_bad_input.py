@@ -412,6 +412,32 @@ def test_issue2_features_all_skips_nested_objects_with_a_warning(tmp_path: Path)
     assert np.isfinite(cols.x).all()
 
 
+def test_dotted_branch_names_are_skipped_by_name_and_refused_when_named(tmp_path: Path) -> None:
+    # Delphes-style members of split objects (Jet.PT): the expression language has no
+    # way to write such a name, so features: all says it leaves them out
+    rng = np.random.default_rng(4)
+    path = write_tree(tmp_path / "delphes.root", {"Delphes": {
+        "MissingET.MET": rng.normal(size=20), "HT": rng.normal(size=20)}})
+    spec = {"data": {"sources": [{"files": [path], "label": 1}], "features": "all"}}
+    with pytest.warns(UserWarning, match=r"skips branch 'MissingET.MET' \(a name with a dot"):
+        ds = RootDataset(spec, split="all", shuffle=False)
+    assert ds.feature_names == ["HT"]
+    spec["data"]["features"] = ["MissingET.MET"]
+    text = load_fails(spec)
+    assert "a branch name with a dot cannot be named" in text and "data.features[0]" in text
+
+
+def test_features_all_with_nothing_left_is_an_error_not_an_empty_dataset() -> None:
+    names = ["E1", "px1", "py1", "pz1", "pt1", "eta1", "phi1", "Q1",
+             "E2", "px2", "py2", "pz2", "pt2", "eta2", "phi2", "Q2", "M"]
+    spec = {"data": {"sources": [{"files": [ZMUMU], "label": 1}], "features": "all",
+                     "exclude": names}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the string branch it skips
+        text = fails(SpecError, ValueError, dataset(spec))
+    assert "no features to train on" in text and "data.features" in text, text
+
+
 # ---------------------------------------------------------------- 5-8. data problems
 
 

@@ -137,11 +137,18 @@ class Layout:
                    collections=collections)
 
 
+#: The kind of a branch whose name has a dot (shown by ``inspect``, said by ``features: all``).
+DOTTED = "a name with a dot, which expressions cannot name"
+
+
 def branch_kinds(tree: Any) -> dict[str, str]:
     """Each branch as ``flat``, ``jagged`` or ``unsupported:<type>``, from its interpretation."""
     kinds: dict[str, str] = {}
     for name, branch in tree.items(filter_typename=None):
-        if "/" in name or "." in name:  # sub-branches of split objects
+        if "/" in name:  # a sub-branch by its path: the same branch as by its own name
+            continue
+        if "." in name:  # a split object's member (Delphes' Jet.PT): no expression names it
+            kinds[name] = f"unsupported:{DOTTED}"
             continue
         try:
             interp = branch.interpretation
@@ -217,6 +224,12 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
         items = list(data.features)
 
     features, collections = _features(pipeline, items, available, kinds, url, tree_name)
+    if not features:
+        left = (" (features: all found no numeric branch and no derived name left after "
+                "exclude, the identifiers and the label's and weight's inputs)"
+                if data.features == "all" else "")
+        raise SpecError(f"no features to train on{left}", file_path=url,
+                        field_path="data.features")
     _check_names_of_features(data, features, available, notes)
     exprs = [e for _, e in derived] + [e for e in (cut, label, weight) if e is not None]
     exprs += [f.expression for f in features]
@@ -304,8 +317,9 @@ def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]]
             notes.append(_answer_note("branch", name, answer[name]))
             continue
         if kind.startswith("unsupported"):
-            notes.append(f"features: all skips branch {name!r} of unsupported type "
-                         f"{kind.split(':', 1)[1]!r}")
+            why = kind.split(":", 1)[1]
+            notes.append(f"features: all skips branch {name!r} " + (
+                f"({why})" if why == DOTTED else f"of unsupported type {why!r}"))
             continue
         items.append(JaggedFeature(branch=name) if kind == "jagged" else name)
     for name in data.derived:

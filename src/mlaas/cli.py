@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mlaas._progress import console, err_console, event_progress
@@ -80,14 +81,15 @@ def inspect(
     if as_json:
         console.print_json(json.dumps(info))
         return
-    console.print(f"[bold]{info['file']}[/]  compression: {info['compression']}")
+    console.print(f"[bold]{escape(info['file'])}[/]  compression: {info['compression']}")
     for name, t in info["trees"].items():
-        table = Table(title=f"tree {name}: {t['entries']:,} entries", title_justify="left")
+        table = Table(title=f"tree {escape(name)}: {t['entries']:,} entries", title_justify="left")
         for col in ("branch", "type", "kind", "compressed", "mult. mean", "mult. max"):
             table.add_column(col, justify="right" if col.startswith(("comp", "mult")) else "left")
         for b in t["branches"]:
             mean = f"{b['multiplicity_mean']:.2f}" if "multiplicity_mean" in b else ""
-            table.add_row(b["name"], b["type"], b["kind"], f"{b['compressed_bytes']:,}", mean,
+            table.add_row(escape(b["name"]), escape(b["type"]), b["kind"],
+                          f"{b['compressed_bytes']:,}", mean,
                           str(b.get("multiplicity_max", "")))
         console.print(table)
 
@@ -136,7 +138,7 @@ def _print_stats(result: Any, caught: list[str]) -> None:
         table.add_column(col, justify="left" if col == "feature" else "right")
     for name, f in result.features.items():
         d = f.to_dict()
-        table.add_row(name, f"{d['count']:,}", str(d["nan"]), str(d["inf"]),
+        table.add_row(escape(name), f"{d['count']:,}", str(d["nan"]), str(d["inf"]),
                       _g(d["min"]), _g(d["max"]), _g(d["mean"]), _g(d["std"]),
                       str(d.get("multiplicity_p95", "")))
     console.print(table)
@@ -144,11 +146,11 @@ def _print_stats(result: Any, caught: list[str]) -> None:
     for col in ("source", "label", "entries", "selected", "train", "validation", "test"):
         src.add_column(col, justify="left" if col == "source" else "right")
     for s in result.sources:
-        src.add_row(s["name"], str(s["label"]), f"{s['entries']:,}", f"{s['selected']:,}",
+        src.add_row(escape(s["name"]), str(s["label"]), f"{s['entries']:,}", f"{s['selected']:,}",
                     *(f"{s['splits'][k]:,}" for k in ("train", "validation", "test")))
     console.print(src)
     for w in dict.fromkeys([*caught, *result.warnings]):  # each once, in order
-        err_console.print(f"[yellow]warning:[/] {w}")
+        err_console.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 def _g(value: float | None) -> str:
@@ -315,7 +317,7 @@ def apply(
     from mlaas.apply import apply_files
 
     for path in apply_files(bundle, files, output, name=name, progress=progress):
-        console.print(str(path))
+        console.print(escape(str(path)))
 
 
 @app.command()
@@ -366,9 +368,9 @@ def import_mlaas4hep(
 
     result = convert_files(params, files, labels, preproc)
     output.write_text(result.yaml())
-    console.print(f"wrote {output}")
+    console.print(f"wrote {escape(str(output))}")
     for note in result.notes:
-        err_console.print(f"[yellow]not mapped:[/] {note}")
+        err_console.print(f"[yellow]not mapped:[/] {escape(note)}")
 
 
 @app.command()

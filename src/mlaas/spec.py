@@ -183,8 +183,20 @@ class CacheSpec(_Model):
     kind: Literal["none", "memory", "disk"] = "none"
     path: str | None = Field(default=None, description="Directory for kind: disk.")
     max_bytes: int | None = Field(
-        default=None, ge=1, description="Refuse a cache larger than this (default: what fits)."
+        default=None, ge=1, description="Refuse a cache larger than this (default: what fits); "
+        "bytes, or a size like '20 GB' as for step_size."
     )
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip().isdigit():
+            m = _STEP_RE.match(value)
+            if not m or m.group(2) not in _UNITS:
+                raise ValueError(f"max_bytes {value!r} is not a size; write e.g. '20 GB', "
+                                 "'512 MiB' or a number of bytes")
+            return int(float(m.group(1)) * _UNITS[m.group(2)])
+        return value
 
     @model_validator(mode="after")
     def _path(self) -> CacheSpec:

@@ -427,6 +427,20 @@ def test_dotted_branch_names_are_skipped_by_name_and_refused_when_named(tmp_path
     assert "a branch name with a dot cannot be named" in text and "data.features[0]" in text
 
 
+def test_exclude_takes_shell_patterns() -> None:
+    spec = {"data": {"sources": [{"files": [HZZ], "label": 1}], "features": "all",
+                     "exclude": ["MC*", "Photon_*", "Jet_?[xyz]", "Nope_*"]}}
+    with pytest.warns(UserWarning) as record:
+        ds = RootDataset(spec, split="all", shuffle=False)
+    names = set(ds.feature_names)
+    assert not any(n.startswith(("MC", "Photon_", "Jet_Px", "Jet_Py", "Jet_Pz")) for n in names)
+    assert "Jet_E_0" in names and "MET_px" in names
+    said = [str(w.message) for w in record]
+    assert any("data.exclude[3] is the pattern 'Nope_*', which matches no branch" in m
+               for m in said), said
+    assert not any("data.exclude[0]" in m for m in said), said
+
+
 def test_features_all_with_nothing_left_is_an_error_not_an_empty_dataset() -> None:
     names = ["E1", "px1", "py1", "pz1", "pt1", "eta1", "phi1", "Q1",
              "E2", "px2", "py2", "pz2", "pt2", "eta2", "phi2", "Q2", "M"]
@@ -1064,8 +1078,25 @@ def test_memory_cache_error_shows_distinct_sizes() -> None:
     assert m.group(1) != m.group(2)
 
 
+@pytest.mark.parametrize("in_the_way", ["a file", "a file above it"])
+def test_disk_cache_where_a_file_is_is_a_cache_error(tmp_path: Path, in_the_way: str) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    where = tmp_path / "afile" if in_the_way == "a file" else tmp_path / "afile" / "cache"
+    text = fails(CacheError, ValueError, dataset(hzz_spec(cache={"disk": str(where)})))
+    assert f"cannot use {where} as the disk cache" in text and "data.cache.path" in text, text
+
+
+def test_cache_max_bytes_takes_a_size_like_step_size() -> None:
+    assert spec_module.load(_raw(cache={"kind": "memory", "max_bytes": "1.5 GB"})
+                            ).data.cache.max_bytes == 1_500_000_000
+    assert spec_module.load(_raw(cache={"kind": "memory", "max_bytes": "2048"})
+                            ).data.cache.max_bytes == 2048
+    text = load_fails(_raw(cache={"kind": "memory", "max_bytes": "lots"}))
+    assert "max_bytes 'lots' is not a size" in text and "data.cache.max_bytes" in text, text
+
+
 def test_cache_that_fits_is_used(tmp_path: Path) -> None:
-    spec = hzz_spec(cache={"disk": str(tmp_path / "cache"), "max_bytes": 10**8})
+    spec = hzz_spec(cache={"disk": str(tmp_path / "cache"), "max_bytes": "100 MB"})
     ds = RootDataset(spec, split="all", shuffle=False)
     first = ds.columns().x
     assert any((tmp_path / "cache").rglob("complete"))

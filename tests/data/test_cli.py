@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -117,6 +118,24 @@ def test_inspect_json_gives_an_error_as_json_too(tmp_path: Path) -> None:
     assert error["error"] == "SourceError" and error["file_path"] == missing
     assert error["message"] == "file not found"  # once, not "file not found: file not found"
     assert "SourceError: file not found" in result.stderr and missing in result.stderr
+
+
+def test_inspect_a_file_without_ttrees_says_what_it_holds(tmp_path: Path) -> None:
+    path = tmp_path / "rntuple.root"
+    with uproot.recreate(path) as f:
+        f["Events"] = {"x": np.arange(5.0)}  # uproot writes an RNTuple for a plain dict
+    result = run("inspect", str(path))
+    assert result.exit_code == 1
+    assert type(result.exception).__name__ == "TreeNotFound"
+    assert "no TTree in the file" in str(result.exception)
+    assert "Events (ROOT::RNTuple)" in str(result.exception)
+
+
+def test_inspect_prints_square_brackets_in_names(tmp_path: Path) -> None:
+    path = tmp_path / "skim[v2].root"
+    shutil.copyfile(HZZ, path)
+    result = run("inspect", str(path))
+    assert result.exit_code == 0 and "skim[v2].root" in result.output, result.output
 
 
 # -------------------------------------------------------------------------- stats

@@ -146,7 +146,11 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     directory = Path(path).expanduser()
     if not directory.is_absolute():
         directory = base_dir / directory
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise CacheError(f"cannot use {directory} as the disk cache: {exc.strerror or exc}",
+                         field_path="data.cache.path") from exc
     remove_dead_writers(directory / key)  # before measuring: what they held is free again
     free = int(shutil.disk_usage(directory).free * 0.9)
     room = max_bytes or free + written_bytes(directory / key)

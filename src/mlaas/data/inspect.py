@@ -42,7 +42,8 @@ def inspect_file(url: str, tree: str | None = None, sample: int = SAMPLE,
     """
     retry = retry or RetrySpec()
     file = sources.with_retries(url, lambda: sources.open_file(url, retry), retry)
-    names = [tree] if tree else sources.trees_in(file)
+    # no TTree at all (an RNTuple, histograms): open_tree's error says what the file holds
+    names: list[str | None] = [tree] if tree else [*sources.trees_in(file)] or [None]
     out: dict[str, Any] = {"file": url, "compression": _compression(file), "trees": {}}
     for name in names:
         t = sources.open_tree(url, name, retry)

@@ -9,8 +9,9 @@ work from the layout, never from the raw spec.
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,11 +308,11 @@ def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]]
     note (warned about by :func:`resolve_layout`); names the user left out
     (``exclude``, ``identifiers``) are left out quietly.
     """
-    skip = set(data.exclude)
+    skip = _excluded(data.exclude)
     ids = {name.lower() for name in data.identifiers}  # Zmumu's Run and Event are ids too
     items: list[str | JaggedFeature] = []
     for name, kind in kinds.items():
-        if name in skip or name.lower() in ids:
+        if skip(name) or name.lower() in ids:
             continue
         if name in answer:
             notes.append(_answer_note("branch", name, answer[name]))
@@ -323,13 +324,25 @@ def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]]
             continue
         items.append(JaggedFeature(branch=name) if kind == "jagged" else name)
     for name in data.derived:
-        if name in skip:
+        if skip(name):
             continue
         if name in answer:
             notes.append(_answer_note("derived name", name, answer[name]))
         else:
             items.append(name)
     return items
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _excluded(names: list[str]) -> Callable[[str], bool]:
+    """Whether ``data.exclude`` leaves a name out: by name, or by a shell pattern
+    (``HLT_*``: NanoAOD has hundreds of trigger bits), matched case-sensitively."""
+    exact = {n for n in names if not _is_pattern(n)}
+    patterns = [n for n in names if _is_pattern(n)]
+    return lambda name: name in exact or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: dict[str, str],
@@ -385,7 +398,11 @@ def _check_names_of_features(data: Any, features: list[Feature], available: Mapp
     for other files, as imported MLaaS4HEP configurations are: a warning.
     """
     for i, name in enumerate(data.exclude):
-        if name not in available:
+        if _is_pattern(name):
+            if not any(fnmatch.fnmatchcase(n, name) for n in available):
+                notes.append(f"data.exclude[{i}] is the pattern {name!r}, which matches no "
+                             "branch or derived name in this tree")
+        elif name not in available:
             near = close_names(name, sorted(available))
             hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
             notes.append(f"data.exclude[{i}] names {name!r}, which is no branch or derived "

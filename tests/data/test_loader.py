@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -244,6 +245,25 @@ def test_default_max_len_is_95th_percentile_and_sorting_applies_to_collection(sy
     pts = got.x[:, pt_cols]
     real = got.mask[:, : want].astype(bool)
     assert np.all(np.diff(np.where(real, pts, -1e30), axis=1) <= 0)  # descending
+
+
+def test_features_all_pads_a_jagged_derived_name_like_a_jagged_branch(synth_pair: Path) -> None:
+    spec = synth_spec(synth_pair, features="all", normalize="none",
+                      derived={"Jet_px": "Jet_pt * cos(Jet_phi)", "HT": "sum(Jet_pt)"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds = RootDataset(spec, split="all", shuffle=False)
+    n = ds.stats.max_len["Jet"]
+    assert "HT" in ds.feature_names and "Jet_px" not in ds.feature_names
+    assert [f"Jet_px_{i}" for i in range(n)] == [c for c in ds.feature_names
+                                                 if c.startswith("Jet_px_")]
+    t = uproot.open(synth_pair / "signal.root")["Events"].arrays(["Jet_pt", "Jet_phi"])
+    want, _ = padded(t.Jet_pt * np.cos(t.Jet_phi), n, 0.0)
+    got = collect(ds)
+    sig = got.file == 0
+    cols = [ds.feature_names.index(f"Jet_px_{i}") for i in range(n)]
+    np.testing.assert_allclose(got.x[sig][np.argsort(got.entry[sig])][:, cols], want,
+                               rtol=1e-6, atol=1e-5)
 
 
 DATAGEN_EXACT = {

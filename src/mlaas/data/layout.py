@@ -220,7 +220,9 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     weight = bound(data.weight, "data.weight")
 
     if data.features == "all":
-        items = _all_features(data, kinds, _answer_inputs(label, weight, dict(derived)), notes)
+        jagged = _jagged_derived(derived, kinds, tree, url, tree_name)
+        items = _all_features(data, kinds, _answer_inputs(label, weight, dict(derived)), notes,
+                              jagged)
     else:
         items = list(data.features)
 
@@ -297,8 +299,31 @@ def _answer_note(what: str, name: str, fields: list[str]) -> str:
             f"{'is' if len(fields) == 1 else 'are'} computed from it ({reasons})")
 
 
+def _jagged_derived(derived: list[tuple[str, expr.Expression]], kinds: Mapping[str, str],
+                    tree: Any, url: str, tree_name: str) -> set[str]:
+    """The derived names that give a list per event, learnt on a few entries.
+
+    ``features: all`` takes derived names too; one made from a collection
+    (``Jet_px: Jet_pt * cos(Jet_phi)``) is padded like a jagged branch.
+    """
+    if not derived or tree.num_entries == 0:
+        return set()
+    inputs = _inputs_of([e for _, e in derived], dict(derived))
+    branches = sorted(n for n in inputs if n in kinds and not kinds[n].startswith("unsupported"))
+    stop = min(SAMPLE_ENTRIES, tree.num_entries)
+    with sources.read_errors(url, tree_name):
+        env: dict[str, Any] = sources.read_open(tree, url, branches, 0, stop)
+    jagged = set()
+    for name, e in derived:
+        env[name] = e.evaluate(env)
+        if is_jagged_array(env[name]):
+            jagged.add(name)
+    return jagged
+
+
 def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]],
-                  notes: list[str]) -> list[str | JaggedFeature]:
+                  notes: list[str], jagged_derived: set[str] | None = None
+                  ) -> list[str | JaggedFeature]:
     """Every numeric branch and derived name, except identifiers, ``exclude`` and ``answer``.
 
     ``answer`` maps what the label and the weight are computed from to the
@@ -329,7 +354,8 @@ def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]]
         if name in answer:
             notes.append(_answer_note("derived name", name, answer[name]))
         else:
-            items.append(name)
+            items.append(JaggedFeature(branch=name) if name in (jagged_derived or ())
+                         else name)
     return items
 
 

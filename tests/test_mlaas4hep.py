@@ -202,6 +202,26 @@ def test_names_missing_from_the_tree_are_notes() -> None:
     mlaas.spec.load(result.spec)
 
 
+def test_a_selected_new_branch_keeps_its_declared_type_and_runs_on_hzz() -> None:
+    # found by an audit: a jagged new branch in selected_branches became a flat feature
+    # with a false "not in the first file's tree" note; a flat one's [cond, any] cut
+    # became any(...) of a flat value, which does not load
+    params = base_params(selected_branches=["NMuon", "Muon_Pt", "MET_px"])
+    preproc = {"new_branch": {
+        "Muon_Pt": {"def": "np.sqrt(Muon_Px**2 + Muon_Py**2)", "type": "jagged",
+                    "cut": ["Muon_Pt > 5", "any"]},
+        "MET": {"def": "np.sqrt(MET_px**2 + MET_py**2)", "type": "flat",
+                "cut": ["MET > 10", "any"]}}}
+    result = convert(params, [str(FILES / "uproot-HZZ.root")], [1], preproc,
+                     tree_kinds=HZZ_KINDS)
+    data = result.spec["data"]
+    assert data["features"] == ["NMuon", {"branch": "Muon_Pt"}, "MET_px", "MET"]
+    assert data["cut"] == "(any(Muon_Pt > 5)) & (MET > 10)"
+    assert not note_about(result.notes, "'Muon_Pt' is not in the first file")
+    ds = RootDataset(mlaas.spec.load(result.spec), split="all", shuffle=False)
+    assert "Muon_Pt_0" in ds.feature_names and ds.num_events > 0
+
+
 def test_features_all_with_exclude_patterns_and_removed_branches() -> None:
     params = {"branch": "events", "selected_branches": "", "identifier": "run,event",
               "exclude_branches": ["Jet_*", "MET_py"], "nevts": -1, "chunk_size": -1}

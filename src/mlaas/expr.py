@@ -161,7 +161,7 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
 _BOOL: dict[type, Callable[[Any, Any], Any]] = {ast.And: np.logical_and, ast.Or: np.logical_or}
 
 _DISALLOWED: dict[type, str] = {
-    ast.Attribute: "attribute access (a branch name with a dot cannot be named)", ast.Subscript: "a subscript (indexing)",
+    ast.Attribute: "attribute access (a branch name with a dot cannot be named either)", ast.Subscript: "a subscript (indexing)",
     ast.Slice: "a slice", ast.Lambda: "lambda", ast.ListComp: "a comprehension",
     ast.SetComp: "a comprehension", ast.DictComp: "a comprehension",
     ast.GeneratorExp: "a generator expression",
@@ -389,8 +389,8 @@ class _Compiler:
         return table[type(op)]
 
     def _Call(self, node: ast.Call) -> Evaluator:
-        if isinstance(node.func, ast.Attribute):
-            raise self.not_allowed(node.func)
+        if isinstance(node.func, ast.Attribute):  # np.max(x): a method, not a branch name
+            raise self.not_allowed(node.func, "attribute access")
         if not isinstance(node.func, ast.Name):
             raise self.not_allowed(node, "calling anything but a function name")
         if node.keywords:

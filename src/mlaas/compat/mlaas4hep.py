@@ -312,26 +312,34 @@ def _is_true(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
-def _cut_term(name: str, key: str, value: Any, where: str, notes: list[str]) -> str | None:
-    """One cut: a string (flat) or ``[condition, "all"|"any"]`` (jagged)."""
+def _cut_term(name: str, key: str, value: Any, where: str, notes: list[str],
+              jagged: bool = True) -> str | None:
+    """One cut: a string (flat) or ``[condition, "all"|"any"]`` (jagged).
+
+    On a flat value ``any``/``all`` of the one value is the condition itself,
+    so the reduction is left out there (ours refuses flat input).
+    """
     what = f"{where}.{name}.{key}"
     if isinstance(value, str):
         return _parsed(value, f"{what}", notes)
     if (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
             and str(value[1]).strip() in ("all", "any")):
         inner = _parsed(value[0], what, notes)
-        return None if inner is None else f"{str(value[1]).strip()}({inner})"
+        if inner is None or not jagged:
+            return inner
+        return f"{str(value[1]).strip()}({inner})"
     notes.append(f"{what}={value!r} is neither a condition string nor "
                  "[condition, 'all'|'any']; left out.")
     return None
 
 
-def _cuts_of(name: str, entry: dict[str, Any], where: str, notes: list[str]) -> list[str]:
+def _cuts_of(name: str, entry: dict[str, Any], where: str, notes: list[str],
+             jagged: bool = True) -> list[str]:
     """Every ``cut``/``cut_N`` of an entry, in file order."""
     terms = []
     for key, value in entry.items():
         if key.startswith("cut"):
-            term = _cut_term(name, key, value, where, notes)
+            term = _cut_term(name, key, value, where, notes, jagged)
             if term is not None:
                 terms.append(term)
     return terms
@@ -354,10 +362,10 @@ def _new_branches(entries: dict[str, Any], out: _Preproc, notes: list[str]) -> N
                              "left out with it.")
             continue
         out.derived[name] = source
-        out.cuts.extend(_cuts_of(name, entry, "new_branch", notes))
         kind = str(entry.get("type", "flat")).strip()
         if kind not in ("flat", "jagged"):
             notes.append(f"new_branch {name!r} has type {kind!r}; treated as flat.")
+        out.cuts.extend(_cuts_of(name, entry, "new_branch", notes, kind == "jagged"))
         if _is_true(entry.get("remove")):
             out.removed.append(name)
         else:
@@ -373,7 +381,7 @@ def _branch_cuts(where: str, entries: dict[str, Any], out: _Preproc, notes: list
         if not isinstance(entry, dict):
             notes.append(f"{where}.{name}={entry!r} is not a mapping of cuts; left out.")
             continue
-        out.cuts.extend(_cuts_of(name, entry, where, notes))
+        out.cuts.extend(_cuts_of(name, entry, where, notes, where == "jagged_cut"))
         if _is_true(entry.get("remove")):
             out.removed.append(name)
         for key in entry:
@@ -434,8 +442,12 @@ def _listed_features(names: list[str], pre: _Preproc, kinds: dict[str, str] | No
     """Selected branches (minus removed ones) then new branches, jagged ones as mappings."""
     features: list[str | dict[str, Any]] = []
     removed = set(pre.removed)
+    new = dict(pre.new_features)  # name -> jagged, as its type says
     for name in names:
         if name in removed:
+            continue
+        if name in new:  # a new branch: its declared type, no tree to find it in
+            features.append(_feature(name, new[name]))
             continue
         kind = None if kinds is None else kinds.get(name)
         if kinds is not None and kind is None:

@@ -112,8 +112,25 @@ def test_integer_floor_division_and_modulo_by_zero_give_inf_and_nan(arrays):
     assert_close(parse("k // z").evaluate(m), [math.inf, math.nan, 1.0])
     assert_close(parse("k % z").evaluate(m), [math.nan, math.nan, 1.0])
     assert_close(parse("jk // 0").evaluate(m), [[math.inf, math.nan], [], [math.inf]])
-    assert_close(parse("k // 2").evaluate(m), [2.0, 0.0, 1.0])
+    assert list(parse("k // 2").evaluate(m)) == [2, 0, 1]  # no zero divisor: integers
     assert parse("-7 % 3").evaluate({}) == 2.0  # Python's sign rules, as numpy's
+
+
+def test_integer_floor_division_and_modulo_are_exact_without_a_zero_divisor():
+    # 64-bit bitmasks and event numbers beyond 2**53 decode exactly (a float64 path did not)
+    bits = np.array([2**60 + 9, 2**63 + 5, 2**40 + 8], dtype=np.uint64)
+    ev = np.array([2**53 + 1, 123456789012345678], dtype=np.int64)
+    m = {"bits": bits, "ev": ev}
+    assert list(parse("bits % 2").evaluate(m)) == [1, 1, 0]
+    assert list(parse("(bits // 8) % 2").evaluate(m)) == [1, 0, 1]
+    assert list(parse("bits // 2**62").evaluate(m)) == [0, 2, 0]  # 2**63 + 5 stays positive
+    assert list(parse("ev % 10").evaluate(m)) == [3, 8]
+
+
+def test_narrow_integers_do_not_wrap_around():
+    m = {"i8": np.array([100, -100], dtype=np.int8), "i16": np.array([30000], dtype=np.int16)}
+    assert list(parse("i8 + 100").evaluate(m)) == [200, 0]
+    assert list(parse("i16 * 2").evaluate(m)) == [60000]
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])

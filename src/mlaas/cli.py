@@ -202,7 +202,7 @@ def demo(
     started = time.perf_counter()
     with server, Client(server.url) as client:
         job = client.submit(spec_path)
-        err_console.print(f"submitted job {job['id']} ({job['name']}); waiting for it")
+        err_console.print(f"submitted job {job['id']} ({escape(job['name'])}); waiting for it")
         if follow:
             for text in client.logs(job["id"], follow=True):
                 sys.stderr.write(text)

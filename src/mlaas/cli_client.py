@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mlaas._progress import console, err_console
@@ -162,9 +163,10 @@ def jobs(
         table.add_column(col, overflow="fold", no_wrap=col in ("id", "state", "created"))
     for j in found:
         note = f"queue #{j['position']}" if j.get("position") is not None else (j.get("reason") or "")
-        table.add_row(str(j.get("id")), str(j.get("name") or ""), str(j.get("owner") or ""),
-                      str(j.get("state") or ""), _model(j), _when(j.get("created_at")),
-                      _progress(j), str(note))
+        table.add_row(str(j.get("id")), escape(str(j.get("name") or "")),  # users' words:
+                      escape(str(j.get("owner") or "")),  # not rich markup
+                      str(j.get("state") or ""), escape(_model(j)), _when(j.get("created_at")),
+                      _progress(j), escape(str(note)))
     console.print(table)
 
 
@@ -225,8 +227,8 @@ def models(
         versions = m.get("versions")
         count = len(versions) if isinstance(versions, list) else versions
         aliases = m.get("aliases") or {}
-        table.add_row(str(m.get("name")), str(count), str(m.get("latest")),
-                      ", ".join(f"{k}={v}" for k, v in sorted(aliases.items())))
+        table.add_row(escape(str(m.get("name"))), str(count), str(m.get("latest")),
+                      escape(", ".join(f"{k}={v}" for k, v in sorted(aliases.items()))))
     console.print(table)
 
 

@@ -87,28 +87,69 @@ def _where(cond: Any, a: Any, b: Any) -> Any:
 
 
 def _numeric(x: Any) -> Any:
-    """Numbers for arithmetic as Python would see them: booleans count as 0/1 (numpy
-    would make True + True True), and unsigned integers become signed 64-bit, so
-    ``nJet - nMuon`` or ``-run`` is negative where it should be instead of wrapping
-    around (NanoAOD's counters, ids and ``run``/``event`` are unsigned)."""
-    if isinstance(x, (bool, np.bool_, np.unsignedinteger)):
+    """Numbers for arithmetic as Python would see them.
+
+    Booleans count as 0/1 (numpy would make True + True True), and integers
+    narrower than 64 bits, or unsigned, become int64: ``nJet - nMuon`` or
+    ``-run`` is negative where it should be, and ``i8 + 100`` does not wrap
+    around (NanoAOD's counters, ids and ``run``/``event`` are unsigned and
+    narrow). A uint64 array with values from 2**63 on stays as it is (a
+    bitmask), rather than turning negative.
+    """
+    if isinstance(x, (bool, np.bool_, np.integer)):
         return int(x)
-    if isinstance(x, np.ndarray) and (x.dtype == np.bool_ or x.dtype.kind == "u"):
-        return x.astype(np.int64)
-    if isinstance(x, ak.Array) and (_primitive(x) == "bool"
-                                     or (_primitive(x) or "").startswith("uint")):
-        return ak.values_astype(x, np.int64)
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64) if _widened(x.dtype, x) else x
+    if isinstance(x, ak.Array):
+        kind = _primitive(x)
+        if kind is not None and _widened(np.dtype(kind), x):
+            return ak.values_astype(x, np.int64)
     return x
+
+
+def _widened(dtype: np.dtype, values: Any) -> bool:
+    """Whether integers of ``dtype`` go to int64 for arithmetic (see :func:`_numeric`)."""
+    if dtype == np.bool_ or (dtype.kind in "iu" and dtype.itemsize < 8):
+        return True
+    if dtype == np.uint64:
+        top = ak.max(values, axis=None) if isinstance(values, ak.Array) else (
+            values.max() if values.size else 0)
+        return top is None or int(top) < 2**63
+    return False
 
 
 def _arithmetic(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return lambda a, b: ufunc(_numeric(a), _numeric(b))
 
 
-def _in_floats(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-    """``//`` and ``%`` in floating point: numpy's integer versions give 0 for a
-    division by zero, silently; in floats it is inf or nan, which pass 1 counts."""
-    return lambda a, b: ufunc(_float(_numeric(a)), _float(_numeric(b)))
+def _dividing(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``//`` and ``%``: in integers, exactly, unless a divisor is zero.
+
+    numpy's integer versions give 0 for a division by zero, silently; then
+    the operation is done in float64, where it is inf or nan, which pass 1
+    counts. Integers stay integers otherwise, so 64-bit bitmasks and event
+    numbers beyond 2**53 decode exactly (``(bits // 8) % 2``).
+    """
+    def divide(a: Any, b: Any) -> Any:
+        a, b = _numeric(a), _numeric(b)
+        if _is_integer(a) and _is_integer(b) and not _has_zero(b):
+            return ufunc(a, b)
+        return ufunc(_float(a), _float(b))
+    return divide
+
+
+def _is_integer(x: Any) -> bool:
+    if isinstance(x, int):
+        return True
+    if isinstance(x, ak.Array):
+        return (_primitive(x) or "").startswith(("int", "uint"))
+    return isinstance(x, np.ndarray) and x.dtype.kind in "iu"
+
+
+def _has_zero(x: Any) -> bool:
+    if isinstance(x, ak.Array):
+        return bool(ak.any(x == 0, axis=None))
+    return bool(np.any(np.asarray(x) == 0))
 
 
 def _float(x: Any) -> Any:
@@ -147,7 +188,7 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     **{op: _arithmetic(ufunc) for op, ufunc in (
         (ast.Add, np.add), (ast.Sub, np.subtract), (ast.Mult, np.multiply),
         (ast.Div, np.true_divide), (ast.Pow, np.float_power))},
-    ast.FloorDiv: _in_floats(np.floor_divide), ast.Mod: _in_floats(np.mod),
+    ast.FloorDiv: _dividing(np.floor_divide), ast.Mod: _dividing(np.mod),
     ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or,
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {

@@ -427,6 +427,17 @@ def test_dotted_branch_names_are_skipped_by_name_and_refused_when_named(tmp_path
     assert "a branch name with a dot cannot be named" in text and "data.features[0]" in text
 
 
+def test_features_all_with_a_derived_name_of_an_unsupported_branch_names_it(
+        tmp_path: Path) -> None:
+    path = write_nested(tmp_path / "nested.root")
+    spec = {"data": {"sources": [{"files": [path]}], "label": "lab", "features": "all",
+                     "derived": {"v2": "vec * 2"}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        text = fails(UnsupportedBranch, TypeError, dataset(spec))
+    assert "branch 'vec' has type 'double[3]'" in text, text
+
+
 def test_exclude_takes_shell_patterns() -> None:
     spec = {"data": {"sources": [{"files": [HZZ], "label": 1}], "features": "all",
                      "exclude": ["MC*", "Photon_*", "Jet_?[xyz]", "Nope_*"]}}

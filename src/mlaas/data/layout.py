@@ -228,6 +228,8 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
 
     features, collections = _features(pipeline, items, available, kinds, url, tree_name)
     if not features:
+        for note in notes:  # why each candidate was left out, before the error
+            warnings.warn(note, UserWarning, stacklevel=2)
         left = (" (features: all found no numeric branch and no derived name left after "
                 "exclude, the identifiers and the label's and weight's inputs)"
                 if data.features == "all" else "")
@@ -245,16 +247,19 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     branches = sorted(n for n in needed if n in kinds)
     for name in branches:
         if kinds[name].startswith("unsupported"):
-            raise UnsupportedBranch(
-                f"branch {name!r} has type {kinds[name].split(':', 1)[1]!r}, which is not a "
-                "number or a list of numbers", file_path=url, tree=tree_name, branch=name,
-            )
+            raise _unsupported(name, kinds[name], url, tree_name)
     layout = Layout(tree=tree_name, branches=branches, derived=derived, cut=cut, label=label,
                     weight=weight, features=features, collections=collections, warnings=notes)
     _check_kinds_on_sample(layout, tree, url)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     return layout
+
+
+def _unsupported(name: str, kind: str, url: str, tree_name: str) -> UnsupportedBranch:
+    return UnsupportedBranch(
+        f"branch {name!r} has type {kind.split(':', 1)[1]!r}, which is not a number or a "
+        "list of numbers", file_path=url, tree=tree_name, branch=name)
 
 
 def _inputs_of(exprs: list[expr.Expression], derived: Mapping[str, expr.Expression]) -> set[str]:
@@ -309,7 +314,10 @@ def _jagged_derived(derived: list[tuple[str, expr.Expression]], kinds: Mapping[s
     if not derived or tree.num_entries == 0:
         return set()
     inputs = _inputs_of([e for _, e in derived], dict(derived))
-    branches = sorted(n for n in inputs if n in kinds and not kinds[n].startswith("unsupported"))
+    branches = sorted(n for n in inputs if n in kinds)
+    for name in branches:
+        if kinds[name].startswith("unsupported"):  # as for any other use of the branch
+            raise _unsupported(name, kinds[name], url, tree_name)
     stop = min(SAMPLE_ENTRIES, tree.num_entries)
     with sources.read_errors(url, tree_name):
         env: dict[str, Any] = sources.read_open(tree, url, branches, 0, stop)

@@ -41,14 +41,17 @@ def inspect_file(url: str, tree: str | None = None, sample: int = SAMPLE,
         sample (int): entries read to measure jagged multiplicities.
     """
     retry = retry or RetrySpec()
-    file = sources.with_retries(url, lambda: sources.open_file(url, retry), retry)
-    # no TTree at all (an RNTuple, histograms): open_tree's error says what the file holds
-    names: list[str | None] = [tree] if tree else [*sources.trees_in(file)] or [None]
-    out: dict[str, Any] = {"file": url, "compression": _compression(file), "trees": {}}
-    for name in names:
-        t = sources.open_tree(url, name, retry)
-        with sources.read_errors(url, name):
-            out["trees"][name] = _describe(t, sample)
+    with sources.with_retries(url, lambda: sources.open_file(url, retry), retry) as file:
+        # no TTree at all (an RNTuple, histograms): open_tree's error says what the file holds
+        names: list[str | None] = [tree] if tree else [*sources.trees_in(file)] or [None]
+        out: dict[str, Any] = {"file": url, "compression": _compression(file), "trees": {}}
+        for name in names:
+            t = sources.open_tree(url, name, retry)
+            try:
+                with sources.read_errors(url, name):
+                    out["trees"][name] = _describe(t, sample)
+            finally:
+                t.file.close()
     return out
 
 

@@ -202,6 +202,13 @@ def test_names_missing_from_the_tree_are_notes() -> None:
     mlaas.spec.load(result.spec)
 
 
+def test_a_numpy_reduction_over_all_events_is_noted_for_what_it_is() -> None:
+    preproc = {"new_branch": {"dMET": {"def": "MET_px - np.mean(MET_px)", "type": "flat"}}}
+    result = convert(base_params(), ["a.root"], ["1"], preproc, tree_kinds=HZZ_KINDS)
+    assert note_about(result.notes, "np.mean reduced over all the events of a chunk there")
+    assert "dMET" not in result.spec["data"].get("derived", {})
+
+
 def test_a_selected_new_branch_keeps_its_declared_type_and_runs_on_hzz() -> None:
     # found by an audit: a jagged new branch in selected_branches became a flat feature
     # with a false "not in the first file's tree" note; a flat one's [cond, any] cut

@@ -438,6 +438,12 @@ def test_features_all_with_a_derived_name_of_an_unsupported_branch_names_it(
     assert "branch 'vec' has type 'double[3]'" in text, text
 
 
+def test_features_that_read_no_branch_are_an_error_not_an_empty_epoch() -> None:
+    spec = {"data": {"sources": [{"files": [HZZ], "label": 1}], "features": ["2 ** 3"]}}
+    text = fails(SpecError, ValueError, dataset(spec))
+    assert "reads no branch of tree 'events'" in text and "data.features" in text, text
+
+
 def test_exclude_takes_shell_patterns() -> None:
     spec = {"data": {"sources": [{"files": [HZZ], "label": 1}], "features": "all",
                      "exclude": ["MC*", "Photon_*", "Jet_?[xyz]", "Nope_*"]}}

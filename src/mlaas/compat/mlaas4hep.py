@@ -142,7 +142,14 @@ def _parsed(source: str, what: str, notes: list[str]) -> str | None:
     try:
         expr.parse(text)
     except ExpressionError as exc:
-        reason = re.split(r";? available functions", exc.message.splitlines()[0])[0]
+        reduced = [m.group(1) for m in _NUMPY_PREFIX.finditer(text)
+                   if m.group(1) in expr.REDUCTIONS]
+        if reduced:  # kept with its prefix by translate_expression, on purpose
+            reason = (f"np.{reduced[0]} reduced over all the events of a chunk there, which "
+                      f"has no per-event meaning; {reduced[0]}(x) here reduces one event's "
+                      "list")
+        else:
+            reason = re.split(r";? available functions", exc.message.splitlines()[0])[0]
         notes.append(f"{what} {source!r} could not be translated ({reason}); "
                      "write it by hand with the functions in `mlaas.expr`.")
         return None

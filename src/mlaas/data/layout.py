@@ -245,6 +245,10 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
         if c.sort_by:
             needed.add(c.sort_by)
     branches = sorted(n for n in needed if n in kinds)
+    if not branches:  # nothing to read, so no chunk would have a length: say so
+        raise SpecError(f"the pipeline reads no branch of tree {tree_name!r}: its features, "
+                        "cut, label and weight are constants, the same for every event; "
+                        "name at least one branch", file_path=url, field_path="data.features")
     for name in branches:
         if kinds[name].startswith("unsupported"):
             raise _unsupported(name, kinds[name], url, tree_name)

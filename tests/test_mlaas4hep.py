@@ -202,6 +202,14 @@ def test_names_missing_from_the_tree_are_notes() -> None:
     mlaas.spec.load(result.spec)
 
 
+def test_exclude_patterns_are_kept_as_patterns_without_the_tree() -> None:
+    params = {"selected_branches": "", "exclude_branches": ["Jet_*", "MET_py"]}
+    result = convert(params, ["root://eos.example//a.root"], ["1"])  # no tree to expand with
+    assert result.spec["data"]["exclude"] == ["Jet_*", "MET_py"]
+    assert not note_about(result.notes, "pattern 'Jet_*' needs the first file")
+    mlaas.spec.load(result.spec)
+
+
 def test_a_numpy_reduction_over_all_events_is_noted_for_what_it_is() -> None:
     preproc = {"new_branch": {"dMET": {"def": "MET_px - np.mean(MET_px)", "type": "flat"}}}
     result = convert(base_params(), ["a.root"], ["1"], preproc, tree_kinds=HZZ_KINDS)

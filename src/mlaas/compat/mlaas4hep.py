@@ -220,6 +220,8 @@ def _expand(names: list[str], kinds: dict[str, str] | None, key: str,
     for name in names:
         if not any(c in name for c in "*?["):
             out.append(name)
+        elif kinds is None and key == "exclude_branches":
+            out.append(name)  # data.exclude matches patterns itself, against each tree
         elif kinds is None:
             notes.append(f"{key} pattern {name!r} needs the first file's branch names to be "
                          "expanded, which were not available; list the branches by name.")

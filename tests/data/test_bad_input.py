@@ -494,6 +494,22 @@ def test_empty_file_among_others_only_warns(tmp_path: Path) -> None:
     assert ds.num_events == 20
 
 
+def test_an_empty_first_file_does_not_decide_the_layout(tmp_path: Path) -> None:
+    # the layout learns on a few entries whether a derived name gives a list per event;
+    # from an empty first file it learnt nothing, and pass 1 failed with awkward's message
+    empty = write_tree(tmp_path / "empty.root", {"events": {
+        "MET_px": np.zeros(0), "lab": np.zeros(0), "Jet_pt": ak.Array([[1.0]])[:0]}})
+    full = write_tree(tmp_path / "full.root", {"events": {
+        "MET_px": np.arange(3.0), "lab": np.ones(3), "Jet_pt": ak.Array([[1.0, 2.0], [], [3.0]])}})
+    spec = {"data": {"sources": [{"files": [empty, full]}], "label": "lab", "features": "all",
+                     "derived": {"Jet_x": "2 * Jet_pt"}}}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", UserWarning)
+        ds = RootDataset(spec, split="all", shuffle=False)
+    assert any(empty in str(w.message) for w in said)  # the empty file is still named
+    assert "Jet_x_0" in ds.feature_names and ds.num_events == 3
+
+
 def test_cut_selecting_nothing_names_data_cut() -> None:
     text = fails(DataError, ValueError, dataset(hzz_spec(cut="MET_px > 1e9")))
     assert "selects no events" in text

@@ -56,11 +56,26 @@ Prepared = tuple[Layout, list[chunking.FileInfo], list[chunking.ChunkRange]]
 
 
 def prepare(pipeline: Pipeline) -> Prepared:
-    """Resolve files, bind the spec to the first tree and plan every chunk."""
+    """Resolve files, bind the spec to the first tree with entries and plan every chunk.
+
+    With entries: the layout learns on a few of them what kinds of values
+    expressions give (a derived list under ``features: all``, a jagged
+    ``sort_by``); an empty first file taught it nothing, and pass 1 then
+    failed with awkward's message. An empty file is opened and passed over;
+    when all are empty, the first is used (and the plan says no source has
+    events).
+    """
     files = sources.resolve_files(pipeline)
     first = files[0]
     tree = sources.open_tree(first.url, pipeline.data.tree, pipeline.data.retries)
+    for other in files[1:]:
+        if tree.num_entries > 0:
+            break
+        tree.file.close()
+        first = other
+        tree = sources.open_tree(first.url, pipeline.data.tree, pipeline.data.retries)
     layout = resolve_layout(pipeline, tree, first.url)
+    tree.file.close()
     infos, plan = chunking.plan(pipeline, layout, files)
     return layout, infos, plan
 

@@ -32,8 +32,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Spec = Annotated[Path, typer.Argument(help="Pipeline spec, YAML or JSON.", exists=True,
-                                      dir_okay=False)]
+Spec = Annotated[Path, typer.Argument(metavar="SPEC", help="Pipeline spec, YAML or JSON.",
+                                      exists=True, dir_okay=False)]
 
 
 def _peak_rss_mb() -> float:
@@ -42,7 +42,7 @@ def _peak_rss_mb() -> float:
 
 @app.command()
 def datagen(
-    outdir: Annotated[Path, typer.Argument(help="Directory for signal.root and background.root.")],
+    outdir: Annotated[Path, typer.Argument(metavar="OUTDIR", help="Directory for signal.root and background.root.")],
     events: Annotated[int, typer.Option("--events", "-n", min=1, help="Events per file.")] = 100_000,
     compression: Annotated[str, typer.Option(help="zlib, lz4, zstd, lzma or none.")] = "zlib",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same events.")] = 0,
@@ -65,7 +65,7 @@ def datagen(
 
 @app.command()
 def inspect(
-    file: Annotated[str, typer.Argument(help="Local path, root://host:port//path or https:// URL.")],
+    file: Annotated[str, typer.Argument(metavar="FILE", help="Local path, root://host:port//path or https:// URL.")],
     tree: Annotated[Optional[str], typer.Option(help="Only this tree.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -303,8 +303,8 @@ def predict(
 
 @app.command()
 def apply(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory or .tar.gz.", exists=True)],
-    files: Annotated[list[str], typer.Argument(help="ROOT files: paths or root:// URLs.")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .tar.gz.", exists=True)],
+    files: Annotated[list[str], typer.Argument(metavar="FILES", help="ROOT files: paths or root:// URLs.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for friend files.")],
     name: Annotated[str, typer.Option(help="Branch name of the score.")] = "score",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

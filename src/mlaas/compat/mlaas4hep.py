@@ -41,6 +41,7 @@ the first local file (if there is one) to learn which branches are jagged.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import math
 import re
@@ -218,7 +219,7 @@ def _expand(names: list[str], kinds: dict[str, str] | None, key: str,
     """Wildcards (``Jet_*``, which MLaaS4HEP's first reader accepted) expanded against the tree."""
     out: list[str] = []
     for name in names:
-        if not any(c in name for c in "*?["):
+        if not glob.has_magic(name):
             out.append(name)
         elif kinds is None and key == "exclude_branches":
             out.append(name)  # data.exclude matches patterns itself, against each tree

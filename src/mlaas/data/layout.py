@@ -10,6 +10,7 @@ work from the layout, never from the raw spec.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -322,15 +323,19 @@ def _jagged_derived(derived: list[tuple[str, expr.Expression]], kinds: Mapping[s
     for name in branches:
         if kinds[name].startswith("unsupported"):  # as for any other use of the branch
             raise _unsupported(name, kinds[name], url, tree_name)
+    env = _sample(tree, url, tree_name, branches, derived)
+    return {name for name, _ in derived if is_jagged_array(env[name])}
+
+
+def _sample(tree: Any, url: str, tree_name: str, branches: list[str],
+            derived: list[tuple[str, expr.Expression]]) -> dict[str, Any]:
+    """``branches`` and every derived name, on the tree's first few entries."""
     stop = min(SAMPLE_ENTRIES, tree.num_entries)
-    with sources.read_errors(url, tree_name):
+    with sources.read_errors(url, tree_name):  # a damaged first basket names its branch
         env: dict[str, Any] = sources.read_open(tree, url, branches, 0, stop)
-    jagged = set()
     for name, e in derived:
         env[name] = e.evaluate(env)
-        if is_jagged_array(env[name]):
-            jagged.add(name)
-    return jagged
+    return env
 
 
 def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]],
@@ -371,15 +376,11 @@ def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]]
     return items
 
 
-def _is_pattern(name: str) -> bool:
-    return any(c in name for c in "*?[")
-
-
 def _excluded(names: list[str]) -> Callable[[str], bool]:
     """Whether ``data.exclude`` leaves a name out: by name, or by a shell pattern
     (``HLT_*``: NanoAOD has hundreds of trigger bits), matched case-sensitively."""
-    exact = {n for n in names if not _is_pattern(n)}
-    patterns = [n for n in names if _is_pattern(n)]
+    exact = {n for n in names if not glob.has_magic(n)}
+    patterns = [n for n in names if glob.has_magic(n)]
     return lambda name: name in exact or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -436,7 +437,7 @@ def _check_names_of_features(data: Any, features: list[Feature], available: Mapp
     for other files, as imported MLaaS4HEP configurations are: a warning.
     """
     for i, name in enumerate(data.exclude):
-        if _is_pattern(name):
+        if glob.has_magic(name):
             if not any(fnmatch.fnmatchcase(n, name) for n in available):
                 notes.append(f"data.exclude[{i}] is the pattern {name!r}, which matches no "
                              "branch or derived name in this tree")
@@ -468,11 +469,7 @@ def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
     """
     if tree.num_entries == 0:
         return
-    stop = min(SAMPLE_ENTRIES, tree.num_entries)
-    with sources.read_errors(url, layout.tree):  # a damaged first basket names its branch
-        env: dict[str, Any] = sources.read_open(tree, url, layout.branches, 0, stop)
-    for name, e in layout.derived:
-        env[name] = e.evaluate(env)
+    env = _sample(tree, url, layout.tree, layout.branches, layout.derived)
     for path, e in (("data.cut", layout.cut), ("data.label", layout.label),
                     ("data.weight", layout.weight)):
         if e is not None and is_jagged_array(e.evaluate(env)):

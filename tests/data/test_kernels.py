@@ -5,6 +5,7 @@ outputs must not change by one bit (caches and bundles compare them), so
 each content dtype the reader can hand over is checked against the numpy
 formula: float64 of the value, ``(v - shift) * scale``, rounded to float32,
 for one branch and for several branches of a collection filled together.
+The batch gather (``take_rows``) must give what ``np.take`` gives.
 The last test checks the numba warm-up's at-fork hook in a fresh interpreter.
 """
 
@@ -110,6 +111,33 @@ def test_slots_leave_the_mask_alone_when_told() -> None:
                   [0.0], [2.0], [0.0]).fill(x, mask, np.array([0, 1]), 0, 2)
     assert x.tolist() == [[2.0, 4.0], [6.0, 0.0]]
     assert (mask == 7.0).all()
+
+
+def test_take_rows_gives_np_take_of_each_field() -> None:
+    """The batch gather of the shuffle buffer: one compiled call, the same rows as np.take."""
+    kernels.Slots([0], 1, -1, np.zeros(2, np.int64), None, [np.zeros(0, np.float32)],
+                  [0.0], [1.0], [0.0]).fill(np.zeros((1, 1), np.float32),
+                                            np.zeros((1, 1), np.float32),
+                                            np.zeros(1, np.int64), 0, 1)  # numba loaded
+    rng = np.random.default_rng(3)
+    n = 5000
+    fields = (rng.normal(size=(n, 7)).astype(np.float32),
+              (rng.random((n, 3)) > 0.5).astype(np.float32),
+              rng.integers(0, 2, n).astype(np.float32), rng.random(n).astype(np.float32),
+              rng.integers(0, 9, n).astype(np.int32), rng.integers(0, 2**62, n))
+    index = rng.permutation(n)[:1024]
+    taken = kernels.take_rows(*fields, index)
+    assert taken is not None
+    for got, field in zip(taken, fields, strict=True):
+        assert got.dtype == field.dtype
+        np.testing.assert_array_equal(got, np.take(field, index, axis=0))
+
+
+def test_take_rows_leaves_strided_arrays_to_numpy() -> None:
+    x = np.zeros((10, 4), np.float32)[:, ::2]
+    one = np.zeros(10, np.float32)
+    assert kernels.take_rows(x, x, one, one, np.zeros(10, np.int32), np.zeros(10, np.int64),
+                             np.arange(3)) is None
 
 
 _FORK_RIGHT_AFTER_THE_DATASET = """

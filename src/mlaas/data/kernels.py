@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Slots", "warm_up", "TILE_ROWS"]
+__all__ = ["Slots", "take_rows", "warm_up", "TILE_ROWS"]
 
 #: Rows of ``x`` filled per call for all branches before the next rows: a tile
 #: of 8192 rows of ~100 float32 columns (~3 MB) stays in cache while the
@@ -89,7 +89,26 @@ def _fill_py(x, cols, width, mask, mcol, rows, offsets, order, contents,  # prag
                     mask[i, mcol + j] = 1.0 if real else 0.0
 
 
+def _take_py(x, mask, y, w, file, entry, index,  # pragma: no cover - compiled by numba
+             ox, omask, oy, ow, ofile, oentry):
+    # Rows of x and mask first, then the four per-event values: two passes over the
+    # index, each with few streams to miss in at once.
+    for i in range(index.shape[0]):
+        r = index[i]
+        for j in range(x.shape[1]):
+            ox[i, j] = x[r, j]
+        for j in range(mask.shape[1]):
+            omask[i, j] = mask[r, j]
+    for i in range(index.shape[0]):
+        r = index[i]
+        oy[i] = y[r]
+        ow[i] = w[r]
+        ofile[i] = file[r]
+        oentry[i] = entry[r]
+
+
 _FILL: list[Callable[..., Any]] = []
+_TAKE: list[Callable[..., Any]] = []
 
 
 def _compiled() -> Callable[..., Any]:
@@ -97,7 +116,29 @@ def _compiled() -> Callable[..., Any]:
         import numba
 
         _FILL.append(numba.njit(nogil=True, cache=True)(_fill_py))
+        _TAKE.append(numba.njit(nogil=True, cache=True)(_take_py))
     return _FILL[0]
+
+
+def take_rows(x: np.ndarray, mask: np.ndarray, y: np.ndarray, w: np.ndarray, file: np.ndarray,
+              entry: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """Rows ``index`` of the six fields of a batch in one compiled call, or None.
+
+    The shuffle buffer's batch gathers read rows from all over ~100 MB, and
+    six ``np.take`` calls cost 20-25% more than one loop over the rows
+    (147 against 118 us per 1024-row batch of the benchmark's 81 + 18
+    columns). None when numba is not loaded (a dataset without jagged
+    branches never loads it for this alone) or the arrays are not the
+    C-contiguous ones of a shuffle buffer: ``np.take`` then.
+    """
+    if not _TAKE or not (x.flags.c_contiguous and mask.flags.c_contiguous):
+        return None
+    m = len(index)
+    out = (np.empty((m, x.shape[1]), x.dtype), np.empty((m, mask.shape[1]), mask.dtype),
+           np.empty(m, y.dtype), np.empty(m, w.dtype), np.empty(m, file.dtype),
+           np.empty(m, entry.dtype))
+    _TAKE[0](x, mask, y, w, file, entry, index, *out)
+    return out
 
 
 class Slots:
@@ -143,7 +184,7 @@ _NO_ORDER = np.zeros(0, dtype=np.int64)
 
 
 def warm_up() -> None:
-    """Import numba and load (or compile) the float32 loop in a background thread.
+    """Import numba and load (or compile) the float32 loops in a background thread.
 
     The first call in a process costs ~0.4 s (numba and LLVM start, the
     cached machine code loads); other dtypes then take ~2 ms. A dataset
@@ -180,3 +221,6 @@ def _warm() -> None:
     x = np.zeros((1, 1), np.float32)
     Slots([0], 1, -1, np.zeros(2, np.int64), None, [np.zeros(0, np.float32)],
           [0.0], [1.0], [0.0]).fill(x, x, np.zeros(1, np.int64), 0, 1)
+    one = np.zeros(1, np.float32)  # the shuffle buffer's dtypes (loader._ShuffleBuffer)
+    take_rows(x, x, one, one, np.zeros(1, np.int32), np.zeros(1, np.int64),
+              np.zeros(1, np.int64))

@@ -516,15 +516,21 @@ class RootDataset:
         With ``fill`` (the padding's second thread, idle meanwhile) every other run
         of ``GATHER_RUN`` batches is gathered there while this thread gathers the
         run before it: the gathers were a fifth of the batch thread's time, and
-        numpy's take runs without the GIL. Runs, not single batches: handing one
-        0.1 ms gather to the other thread cost about as much in wake-ups as it saved.
+        they run without the GIL (``kernels.take_rows``, or ``np.take`` before
+        numba is loaded). Runs, not single batches: handing one 0.1 ms gather
+        to the other thread cost about as much in wake-ups as it saved.
         """
         n, b = len(buf), self.batch_size
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         full = n // b
 
         def batch(i: int) -> Batch:
-            return buf.take(order[i * b:(i + 1) * b]).as_dict()
+            index = order[i * b:(i + 1) * b]
+            taken = kernels.take_rows(buf.x, buf.mask, buf.y, buf.w, buf.file, buf.entry, index)
+            if taken is None:
+                return buf.take(index).as_dict()
+            x, mask, y, w, file, entry = taken
+            return {"x": x, "y": y, "w": w, "mask": mask, "file": file, "entry": entry}
 
         def batches(first: int) -> list[Batch]:
             return [batch(i) for i in range(first, min(full, first + GATHER_RUN))]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlaas.data import RootDataset, sources
-from mlaas.errors import SourceError
+from mlaas.errors import SourceError, SpecError
 from mlaas.spec import RetrySpec, load
 
 HZZ = Path(__file__).resolve().parent.parent / "files" / "uproot-HZZ.root"
@@ -24,6 +24,30 @@ def test_globs_expand_sorted_relative_to_the_spec(tmp_path: Path) -> None:
     assert [r.url for r in refs] == [str(tmp_path / "a.root"), str(tmp_path / "b.root"),
                                      "https://h:1/x.root"]
     assert [r.key for r in refs] == ["a.root", "b.root", "x.root"]
+
+
+def test_a_file_named_twice_in_a_source_is_read_once_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "signal.root").write_bytes(b"")
+    (tmp_path / "link.root").symlink_to(tmp_path / "signal.root")
+    spec = load({"data": {"sources": [{"files": ["signal.root", "sig*.root", "./signal.root",
+                                                 "link.root"], "label": 1}],
+                          "features": ["x"]}}, base_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"named more than once in data\.sources\[0\]\.files"):
+        refs = sources.resolve_files(spec)
+    assert [r.url for r in refs] == [str(tmp_path / "signal.root")]
+
+
+def test_a_file_in_two_sources_is_an_error_naming_both(tmp_path: Path) -> None:
+    for name in ("signal.root", "background.root"):
+        (tmp_path / name).write_bytes(b"")
+    spec = load({"data": {"sources": [{"files": ["signal.root"], "label": 1},
+                                      {"files": ["*.root"], "label": 0}],
+                          "features": ["x"]}}, base_dir=tmp_path)
+    with pytest.raises(SpecError) as err:
+        sources.resolve_files(spec)
+    text = str(err.value)
+    assert "signal.root is in two sources, data.sources[0] and data.sources[1]" in text
+    assert "at spec field data.sources[1].files" in text
 
 
 def test_transient_failures_are_retried_with_growing_backoff() -> None:

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import uproot  # noqa: E402
 
 from mlaas.data import baskets  # noqa: E402
-from mlaas.errors import DataError, SourceError, TreeNotFound, close_names  # noqa: E402
+from mlaas.errors import DataError, SourceError, SpecError, TreeNotFound, close_names  # noqa: E402
 from mlaas.spec import Pipeline, RetrySpec  # noqa: E402
 
 try:
@@ -172,14 +172,46 @@ def _expand(name: str, base_dir: Path, redirector: str | None) -> list[str]:
 
 
 def resolve_files(pipeline: Pipeline) -> list[FileRef]:
-    """Every input file in spec order, globs expanded, logical names redirected."""
+    """Every input file in spec order, globs expanded, logical names redirected, each once.
+
+    A file named twice would be read twice: ``[signal.root, "sig*.root"]``
+    counted each event of signal.root twice, silently. Within a source the
+    repeat is dropped with a warning (a pattern and a name overlapping is
+    ordinary). In two sources it is an error: a background pattern
+    ``*.root`` that also matches signal.root put every signal event in
+    training twice, once per label.
+    """
     refs: list[FileRef] = []
+    seen: dict[str, int] = {}  # the file (see _same_file) -> the source that has it
     data = pipeline.data
     for index, source in enumerate(data.sources):
         for name in source.files:
             for url in _expand(name, pipeline.base_dir, data.redirector):
+                same = _same_file(url)
+                if same in seen:
+                    _repeated(url, seen[same], index)
+                    continue
+                seen[same] = index
                 refs.append(FileRef(url=url, source=index, key=_basename(url)))
     return refs
+
+
+def _same_file(url: str) -> str:
+    """What two names of one file share: the real path locally (``./a``, links), else the URL."""
+    return url if is_remote(url) else os.path.realpath(url)
+
+
+def _repeated(url: str, first: int, now: int) -> None:
+    if first != now:
+        raise SpecError(
+            f"file {url} is in two sources, data.sources[{first}] and data.sources[{now}]: "
+            "its events would be read twice, once for each; a pattern such as '*.root' "
+            "may match more than meant",
+            field_path=f"data.sources[{now}].files",
+        )
+    warnings.warn(f"file {url} is named more than once in data.sources[{now}].files "
+                  "(a pattern and a name, or two names of one file); it is read once",
+                  UserWarning, stacklevel=3)
 
 
 def _basename(url: str) -> str:

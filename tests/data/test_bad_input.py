@@ -555,6 +555,30 @@ def test_non_finite_feature_fails_by_default() -> None:
     assert "'MET_px'" not in text
 
 
+def test_a_nan_label_fails_pass_1_counting_every_file_and_quoting_the_expression() -> None:
+    # max() of an event without jets is NaN: found by the transform, it was a count of one
+    # shuffle piece's events after pass 1 had passed
+    spec = hzz_spec(label="max(Jet_Px)", cut="NMuon >= 1")
+    with pytest.raises(BadValues) as info:
+        dataset(spec)()
+    text = str(info.value)
+    events = uproot.open(HZZ)["events"].arrays(["NJet", "NMuon"], library="np")
+    empty = int(((events["NJet"] == 0) & (events["NMuon"] >= 1)).sum())
+    assert empty > 0
+    assert f"the label 'max(Jet_Px)' is NaN for {empty} and infinite for 0 selected" in text
+    assert "max(Jet_pt, 0)" in text  # how to give the empty value
+    assert f"in file {HZZ}" in text and "at spec field data.label" in text
+    assert info.value.stats is not None and info.value.stats.selected > 0  # stats still shown
+
+
+def test_an_infinite_weight_fails_pass_1_naming_data_weight() -> None:
+    spec = hzz_spec(weight="1 / (NJet - NJet)")
+    text = fails(BadValues, ValueError, dataset(spec))
+    assert "the weight '1 / (NJet - NJet)' is NaN for 0 and infinite for 2421 selected" in text
+    assert "max(Jet_pt, 0)" not in text  # no reduction in it: no hint about one
+    assert "at spec field data.weight" in text
+
+
 def test_issue2_non_finite_error_counts_exactly() -> None:
     spec = hzz_spec(derived={"r": "1 / (NMuon - 1)", "q": "(NMuon - 1) / (NMuon - 1) * MET_px"},
                     features=["MET_px", "r", "q"], cut="NMuon < 3")

@@ -11,6 +11,7 @@ the default ``max_len``.
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -236,6 +237,7 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
     train_labels = _LabelStats()  # class_weights: balanced weighs the training split
     split = pipeline.data.split
     first_bad: str | None = None  # the first file with a NaN or infinite feature value
+    targets = {"label": _NonFinite(), "weight": _NonFinite()}  # per event, not per feature
     with sources.OpenTrees() as trees:  # each file opened once per reading thread
         for c, chunk in chunking.read_ahead(pipeline, layout, plan, trees):
             n = c.entries
@@ -252,8 +254,11 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
                 first_bad = c.url
             if layout.label is not None:
                 y = as_float64(layout.label.evaluate(env), n)[index]
+                targets["label"].update(y, c.url)
             else:
                 y = np.full(index.size, float(pipeline.data.sources[c.source].label))
+            if layout.weight is not None:
+                targets["weight"].update(as_float64(layout.weight.evaluate(env), n)[index], c.url)
             labels.update(y)
             train_labels.update(y[codes == SPLITS["train"]])
             if progress:
@@ -266,6 +271,7 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         compressed_bytes=sum(c.compressed_bytes for c in plan),
     )
     _check(pipeline, layout, stats)
+    _check_targets(pipeline, stats, targets)
     for note in _zero_variance(stats):
         stats.warnings.append(note)
         warnings.warn(note, UserWarning, stacklevel=2)
@@ -310,6 +316,48 @@ def _check(pipeline: Pipeline, layout: Layout, stats: Stats) -> None:
                     f"cut {pipeline.data.cut!r}: its events will be in no batch")
             stats.warnings.append(note)
             warnings.warn(note, UserWarning, stacklevel=3)
+
+
+_REDUCES = re.compile(r"\b(max|min|mean)\s*\(")
+
+
+class _NonFinite:
+    """NaN and infinite values of the label or the weight, and the first file with one."""
+
+    def __init__(self) -> None:
+        self.nan = self.inf = 0
+        self.first: str | None = None
+
+    def update(self, values: np.ndarray, url: str) -> None:
+        if np.isfinite(values).all():
+            return
+        self.nan += int(np.isnan(values).sum())
+        self.inf += int(np.isinf(values).sum())
+        self.first = self.first or url
+
+
+def _check_targets(pipeline: Pipeline, stats: Stats, targets: dict[str, _NonFinite]) -> None:
+    """Fail in pass 1 on a NaN or infinite label or weight of a selected event.
+
+    No ``data.nan`` policy applies to them (a replaced label would teach the
+    wrong answer). Found here, the error counts every file and quotes the
+    expression; found later by the transform, it counted one shuffle
+    piece's events, after pass 1 had passed and training had begun.
+    """
+    for what, found in targets.items():
+        if not (found.nan or found.inf):
+            continue
+        expression = str(getattr(pipeline.data, what))
+        hint = ("max, min and mean of an empty collection are NaN unless given the value "
+                "for it, as in max(Jet_pt, 0); or " if _REDUCES.search(expression) else "")
+        error = BadValues(
+            f"the {what} {expression!r} is NaN for {found.nan} and infinite for {found.inf} "
+            f"selected events of all files, the first in the file below; {hint}data.cut "
+            "can leave such events out",
+            file_path=found.first, field_path=f"data.{what}",
+        )
+        error.stats = stats
+        raise error
 
 
 def _check_finite(pipeline: Pipeline, stats: Stats, first_bad: str | None) -> None:

@@ -456,8 +456,31 @@ class Pipeline(_Model):
         return hashlib.sha256(blob).hexdigest()
 
     def data_digest(self) -> str:
-        """A stable hash of the data part only: what decides preprocessed arrays (caches)."""
-        blob = json.dumps(self.data.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable hash of what in ``data`` decides the preprocessed arrays and pass 1.
+
+        The disk cache's key and the reuse of a saved stats.json (``mlaas run
+        --resume``) both rest on it, so a field that changes neither must be
+        left out: with it, a new value wrote a second full copy of the cache
+        and redid pass 1 for the same arrays. Left out:
+
+        - ``retries``: how often a read is tried again, not what it returns;
+        - ``cache``: where and whether arrays are kept (``kind``, ``path``
+          however written, ``max_bytes``), not what they hold;
+        - ``balance``: applied per epoch to arrays read from the cache (it
+          subsamples them, the cached chunks stay whole); pass 1 counts
+          events without it.
+
+        Every other field stays in: ``tree``, ``redirector`` (the URLs),
+        ``sources`` (files, labels; names are in pass 1's results),
+        ``label``, ``features``, ``exclude``, ``identifiers`` (both pick
+        ``features: all``), ``derived``, ``cut``, ``weight``, ``normalize``,
+        ``split``, ``nan`` (a replaced value is in the arrays; ``error``
+        must still fail), ``max_events``, and ``step_size``: it sets the
+        chunks' entry ranges, and pass 1 sums its moments chunk by chunk,
+        so their last bits depend on it.
+        """
+        kept = self.data.model_dump(mode="json", exclude={"retries", "cache", "balance"})
+        blob = json.dumps(kept, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -1,12 +1,16 @@
 """The preprocessed-data cache: the first epoch streams, later ones read float32 arrays back.
 
 Layer: data. One entry per planned chunk, keyed by everything that decides
-its content: the spec, the split, the normalisation constants, the file's
-identity (size and mtime locally, UUID and entries remotely) and the entry
-range. Change any of them and the key changes, so a stale entry is never read.
+its content: the spec fields that change the arrays (``Pipeline.data_digest``),
+the split, the normalisation constants, each file's identity (size, mtime and
+the ROOT file's UUID locally, UUID and entries remotely) and the entry range.
+Change any of them and the key changes, so a stale entry is never read.
 Disk entries are written to a temporary directory and renamed into place, so
 an interrupted epoch or two workers writing at once never leave a half entry;
-they are read back memory-mapped.
+they are read back memory-mapped. A write the disk refuses (full, read-only,
+no permission) is a warning, not an error: the epoch goes on streaming.
+
+Old keys are never removed here: a key directory is dropped by deleting it.
 
 Temporary directories (``.<chunk>-<random>~<pid>@<host>``) are never cache
 content: the room check counts complete entries only, and removes the
@@ -24,6 +28,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +50,11 @@ def dataset_key(parts: dict[str, Any]) -> str:
 
 
 class ChunkCache:
-    """Interface: ``get(name)`` returns cached Columns or None; ``put(name, columns)``."""
+    """Interface: ``get(name)`` returns cached Columns or None; ``put(name, columns)``.
+
+    ``enabled`` says whether ``put`` keeps anything: the loader copies a
+    chunk's pieces for ``put`` only then.
+    """
 
     enabled = False
 
@@ -85,8 +94,8 @@ class DiskCache(ChunkCache):
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CacheError(f"cannot create the cache directory: {exc.strerror}",
-                             file_path=str(directory)) from exc
+            raise _unusable(directory, exc, f"cannot create the cache directory {directory}"
+                            ) from exc
         self._open: dict[str, Columns] = {}
 
     def get(self, name: str) -> Columns | None:
@@ -108,20 +117,51 @@ class DiskCache(ChunkCache):
         return found
 
     def put(self, name: str, columns: Columns) -> None:
+        """Write the entry, or, when the disk refuses, warn once and write no more.
+
+        The cache only makes later epochs faster, so a failed write loses
+        nothing: the epoch's columns are already made and go on to the
+        batches; the chunk is read from its file again next time. The disk
+        can refuse long after :func:`make_cache` measured the room (another
+        process fills it, it is remounted read-only, a shared directory's
+        permissions change); each further chunk would fail the same way, so
+        the cache stops writing (``enabled`` turns False: the loader stops
+        keeping copies for it) while the entries already written are still
+        read. Losing a race to another writer of the same entry is no failure.
+        """
+        if not self.enabled:
+            return
         final = self.directory / name
         if final.exists():
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=_writer_tag(),
+        try:
+            self._write(final, columns)
+        except OSError as exc:
+            if not (final / "complete").exists():  # not another writer's entry
+                self._stop_writing(exc)
+
+    def _write(self, final: Path, columns: Columns) -> None:
+        """Write into a temporary directory, then rename it to ``final``; no temporary left."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", suffix=_writer_tag(),
                                     dir=self.directory))
         try:
             for k, v in columns.as_dict().items():
                 np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
             (tmp / "complete").write_text("ok\n")
             os.rename(tmp, final)
-        except OSError:
+        except BaseException:
+            # a disk that will not take the rmtree either (remounted read-only) keeps
+            # it; its tag lets remove_dead_writers delete it once this process ended
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (final / "complete").exists():
-                raise
+            raise
+
+    def _stop_writing(self, exc: OSError) -> None:
+        self.enabled = False
+        warnings.warn(
+            f"cannot write to the disk cache {self.directory}: {exc.strerror or exc} "
+            "(data.cache.path); the epoch goes on streaming from the files, and the chunks "
+            "not cached are read from the files again next time; no more are written to "
+            "this cache", UserWarning, stacklevel=3)
 
 
 def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
@@ -149,14 +189,29 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way, no permission, a read-only disk
-        raise CacheError(f"cannot use {directory} as the disk cache: {exc.strerror or exc}",
-                         field_path="data.cache.path") from exc
+        raise _unusable(directory, exc, f"cannot use {directory} as the disk cache") from exc
     remove_dead_writers(directory / key)  # before measuring: what they held is free again
     free = int(shutil.disk_usage(directory).free * 0.9)
     room = max_bytes or free + written_bytes(directory / key)
     where = f"data.cache.max_bytes for disk at {directory}" if max_bytes else f"disk at {directory}"
     _fits(needed_bytes, room, where, "free space or choose another directory")
     return DiskCache(directory / key)
+
+
+def _unusable(directory: Path, exc: OSError, failed: str) -> CacheError:
+    """Why ``directory`` cannot be made, naming ``data.cache.path``, where it comes from.
+
+    A file where the directory (or one of its parents) should be gets
+    ``FileExistsError`` or ``NotADirectoryError``, whose errno text ("File
+    exists") does not say what is wrong: the message says it is a file.
+    """
+    blocker = next((p for p in (directory, *directory.parents)  # os.path: never raises
+                    if os.path.exists(p) and not os.path.isdir(p)), None)
+    if blocker is not None:
+        why = f"{blocker} is a file, not a directory"
+    else:
+        why = exc.strerror or str(exc)
+    return CacheError(f"{failed}: {why}", field_path="data.cache.path")
 
 
 def written_bytes(directory: Path) -> int:

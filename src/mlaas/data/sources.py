@@ -644,11 +644,19 @@ def read_range(url: str, tree: str | None, branches: Sequence[str], start: int, 
 
 
 def file_identity(url: str, tree: Any | None = None) -> dict[str, Any]:
-    """What identifies a file's content for caches: size and mtime locally, UUID remotely."""
+    """What identifies a file's content for caches: size, mtime and UUID locally, UUID remotely.
+
+    Size and mtime alone miss a file rewritten with the same size whose old
+    mtime was put back, as ``cp -p``, ``rsync -a`` and ``tar x`` do: its
+    cache entries were read stale. Each new ROOT file gets a new UUID, so
+    with the open ``tree`` (as the chunk plan passes it) the UUID is part of
+    the identity locally too. A file changed in place (ROOT's UPDATE mode)
+    keeps its UUID; there size and mtime still tell.
+    """
+    ident: dict[str, Any] = {"url": url}
     if not is_remote(url):
         st = os.stat(url)
-        return {"url": url, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    ident: dict[str, Any] = {"url": url}
+        ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
     if tree is not None:
         ident["uuid"] = str(tree.file.uuid)
         ident["entries"] = int(tree.num_entries)

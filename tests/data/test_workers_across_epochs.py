@@ -139,3 +139,35 @@ def test_issue2_validation_dataset_repeats_its_epoch(pair: Path) -> None:
     np.testing.assert_array_equal(first, second)
     np.testing.assert_array_equal(first, epoch_in_loader_order(ds, 0, 2))
 
+
+
+def test_set_epoch_reaches_persistent_workers(pair: Path) -> None:
+    """Persistent workers are copies made at the first pass; set_epoch must still reach them.
+
+    They used to keep their own epoch: after set_epoch(0) the 4th pass was epoch 3.
+    """
+    ds = RootDataset(spec(pair), split="train", batch_size=200, seed=3)
+    torch_ds = ds.torch()
+    loader = DataLoader(torch_ds, batch_size=None, num_workers=2, persistent_workers=True,
+                        multiprocessing_context="fork")
+    for k in range(3):
+        np.testing.assert_array_equal(ids_of(list(loader)), epoch_in_loader_order(ds, k, 2))
+    for e in (0, 6):  # an epoch before the current pass, one after it
+        torch_ds.set_epoch(e)
+        np.testing.assert_array_equal(ids_of(list(loader)), epoch_in_loader_order(ds, e, 2))
+        np.testing.assert_array_equal(ids_of(list(loader)),
+                                      epoch_in_loader_order(ds, e + 1, 2))
+    torch_ds.set_epoch(9)  # the last of consecutive calls counts
+    torch_ds.set_epoch(1)
+    np.testing.assert_array_equal(ids_of(list(loader)), epoch_in_loader_order(ds, 1, 2))
+
+
+def test_set_epoch_reaches_persistent_workers_that_do_not_advance(pair: Path) -> None:
+    ds = RootDataset(spec(pair), split="validation", batch_size=200, seed=3)
+    torch_ds = ds.torch(advance=False)
+    loader = DataLoader(torch_ds, batch_size=None, num_workers=2, persistent_workers=True,
+                        multiprocessing_context="fork")
+    np.testing.assert_array_equal(ids_of(list(loader)), epoch_in_loader_order(ds, 0, 2))
+    torch_ds.set_epoch(4)
+    for _ in range(2):
+        np.testing.assert_array_equal(ids_of(list(loader)), epoch_in_loader_order(ds, 4, 2))

@@ -8,6 +8,8 @@ Epochs: every pass over a DataLoader uses the next epoch's shuffle, with or
 without workers and with or without ``persistent_workers``; ``set_epoch(e)``
 makes the next pass epoch ``e`` (as with ``DistributedSampler``). Pass ``k``
 after ``set_epoch(e)`` is epoch ``e + k`` of :meth:`RootDataset.iter_epoch`.
+Call ``set_epoch`` in the main process, between passes; persistent workers
+read it from shared memory (:class:`_SharedEpoch`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         self.epoch = dataset.epoch  # the epoch of the next pass, before workers' passes
         self.advance = advance  # False: every pass repeats the same epoch (validation)
         self._passes = _SharedPasses()
+        self._chosen = _SharedEpoch()
+        self._generation = 0  # the set_epoch call self.epoch follows (_SharedEpoch)
         self._runs = 0  # passes this copy has made (a persistent worker's own count)
         self._ring: Ring | None | bool = None  # a worker's ring (False: none to be had)
 
@@ -48,18 +52,27 @@ class TorchRootDataset(IterableDataset):  # type: ignore[type-arg]
         return state
 
     def set_epoch(self, epoch: int) -> None:
-        """The next pass uses ``epoch``; the ones after it ``epoch + 1``, ``epoch + 2``..."""
+        """The next pass uses ``epoch``; the ones after it ``epoch + 1``, ``epoch + 2``...
+
+        Persistent workers hold copies made before this call, so the choice
+        also goes to shared memory, where they find it at their next pass.
+        """
         self.epoch = epoch
         self._runs = 0
         self._passes.reset()
+        self._generation = self._chosen.set(epoch)
 
     def _epoch(self, info: Any) -> int:
         """The epoch of this pass, in the main process (``info`` None) or a worker.
 
         A worker's pass adds the passes that workers made since the epoch was
         set (shared through :class:`_SharedPasses`) and, if the worker is
-        persistent, its own earlier passes.
+        persistent, its own earlier passes. A copy made before the last
+        ``set_epoch`` (a persistent worker's) first takes the epoch it set.
         """
+        generation, chosen = self._chosen.get()
+        if generation != self._generation:
+            self.epoch, self._runs, self._generation = chosen, 0, generation
         if not self.advance:
             return self.epoch
         done = self._passes.take(info.seed - info.id if info else None)
@@ -133,3 +146,31 @@ class _SharedPasses:
 
     def reset(self) -> None:
         self.word.value = 0
+
+
+class _SharedEpoch:
+    """The epoch of the last ``set_epoch`` and a count of the calls, shared by all processes.
+
+    Persistent workers are copies of the dataset made when the DataLoader
+    first started them; ``set_epoch`` in the main process changed only its
+    own copy, and the workers went on from their own epoch (after
+    ``set_epoch(0)`` the 4th pass was epoch 3). Each copy records the count
+    its ``epoch`` follows; one that sees a newer count takes the shared
+    epoch and restarts its own passes, so every worker of the pass agrees.
+    Written only by ``set_epoch``, between passes: the epoch before the
+    count, so a copy that sees the new count also sees the new epoch.
+    """
+
+    def __init__(self) -> None:
+        # [count of set_epoch calls, epoch]; inherited by the workers like _SharedPasses
+        self.values = multiprocessing.RawArray(ctypes.c_int64, 2)
+
+    def set(self, epoch: int) -> int:
+        """Share ``epoch``; the new count, for the caller to record."""
+        self.values[1] = epoch
+        self.values[0] += 1
+        return int(self.values[0])
+
+    def get(self) -> tuple[int, int]:
+        """(count, epoch) of the last ``set_epoch``; (0, 0) before any."""
+        return int(self.values[0]), int(self.values[1])

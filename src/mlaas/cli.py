@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -127,30 +128,69 @@ def stats(
                 result, failed = exc.stats, exc
     if output:
         result.save(output)
-    _print_stats(result, [str(w.message) for w in caught])
+    _print_stats(result, [str(w.message) for w in caught], layout, pipeline.data.label)
     if failed is not None:
         raise failed
 
 
-def _print_stats(result: Any, caught: list[str]) -> None:
+def _print_stats(result: Any, caught: list[str], layout: Any, label: str | None) -> None:
+    """The tables of ``mlaas stats``: features, sources, and the label's values."""
     table = Table(title="features (pass 1)", title_justify="left")
-    for col in ("feature", "count", "NaN", "inf", "min", "max", "mean", "std", "p95 len"):
-        table.add_column(col, justify="left" if col == "feature" else "right")
+    longest = max((len(name) for name in result.features), default=7)
+    table.add_column("feature", no_wrap=True, min_width=min(longest, 24))
+    for col in ("count", "NaN", "inf", "min", "max", "mean", "std", "max_len"):
+        table.add_column(col, justify="right")
+    collection = {f.name: f.collection for f in layout.features}
     for name, f in result.features.items():
         d = f.to_dict()
         table.add_row(escape(name), f"{d['count']:,}", str(d["nan"]), str(d["inf"]),
                       _g(d["min"]), _g(d["max"]), _g(d["mean"]), _g(d["std"]),
-                      str(d.get("multiplicity_p95", "")))
-    console.print(table)
+                      _lengths(result.max_len.get(collection.get(name) or ""),
+                               d.get("multiplicity_p95")))
+    _print_whole(table)
     src = Table(title="sources", title_justify="left")
     for col in ("source", "label", "entries", "selected", "train", "validation", "test"):
         src.add_column(col, justify="left" if col == "source" else "right")
     for s in result.sources:
-        src.add_row(escape(s["name"]), str(s["label"]), f"{s['entries']:,}", f"{s['selected']:,}",
+        src.add_row(escape(s["name"]), escape(label) if label else _g(s["label"]),
+                    f"{s['entries']:,}", f"{s['selected']:,}",
                     *(f"{s['splits'][k]:,}" for k in ("train", "validation", "test")))
     console.print(src)
+    counts = result.label.get("counts")
+    if counts:  # few distinct values: a classification's classes
+        parts = [f"{escape(value)}: {n:,}" for value, n in counts.items()]
+        console.print("label values (selected events): " + ", ".join(parts))
+    else:
+        console.print(f"label: mean {_g(result.label.get('mean'))}, "
+                      f"std {_g(result.label.get('std'))}")
     for w in dict.fromkeys([*caught, *result.warnings]):  # each once, in order
         err_console.print(f"[yellow]warning:[/] {escape(w)}")
+
+
+def _print_whole(table: Table) -> None:
+    """Print ``table`` wider than the terminal if it must, rather than cut digits to "-49.…".
+
+    rich fits a table to the console's width (80 columns in a pipe) by
+    truncating cells, and ``print(width=...)`` cannot exceed it: a wider
+    console of its own prints it then.
+    """
+    wide = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+    if wide <= console.width:
+        console.print(table)
+        return
+    Console(file=console.file, width=wide, soft_wrap=True,
+            force_terminal=console.is_terminal, no_color=console.no_color).print(table)
+
+
+def _lengths(used: int | None, p95: int | None) -> str:
+    """A jagged feature's slots, and the 95th percentile of its multiplicity if it differs.
+
+    The percentile is the default of ``max_len``; a ``max_len`` from the spec
+    is what the padding uses, so it comes first.
+    """
+    if used is None:
+        return ""
+    return str(used) if p95 is None or p95 == used else f"{used} (p95 {p95})"
 
 
 def _g(value: float | None) -> str:

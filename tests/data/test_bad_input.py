@@ -579,6 +579,32 @@ def test_an_infinite_weight_fails_pass_1_naming_data_weight() -> None:
     assert "at spec field data.weight" in text
 
 
+def test_stats_of_another_spec_are_refused_naming_what_differs() -> None:
+    # a cut's stats given to a spec without it counted the wrong events, silently
+    with_cut = RootDataset(hzz_spec(cut="NMuon >= 2"), split="all").stats
+    text = fails(SpecError, ValueError,
+                 lambda: RootDataset(hzz_spec(), split="train", stats=with_cut.to_dict()))
+    assert "were computed for another spec: data.cut differ" in text
+    assert "at spec field data.cut" in text
+    # what pass 1 does not depend on may differ
+    ds = RootDataset(hzz_spec(cut="NMuon >= 2", normalize="minmax", step_size=500),
+                     split="train", stats=with_cut)
+    assert ds.num_events == with_cut.splits["train"]
+
+
+def test_stats_without_a_recorded_spec_are_checked_by_features_and_files(tmp_path: Path) -> None:
+    old = RootDataset(hzz_spec(), split="all").stats.to_dict()
+    del old["spec"]  # stats.json written before it recorded its spec
+    spec = hzz_spec(features=["MET_px", "MET_py"])
+    text = fails(SpecError, ValueError, lambda: RootDataset(spec, split="all", stats=old))
+    assert "have no feature 'MET_py'" in text and "at spec field data.features" in text
+    copy = tmp_path / "copy.root"
+    copy.write_bytes(Path(HZZ).read_bytes())
+    text = fails(SpecError, ValueError,
+                 lambda: RootDataset(hzz_spec(files=[str(copy)]), split="all", stats=old))
+    assert "computed over other files" in text and "at spec field data.sources" in text
+
+
 def test_issue2_non_finite_error_counts_exactly() -> None:
     spec = hzz_spec(derived={"r": "1 / (NMuon - 1)", "q": "(NMuon - 1) / (NMuon - 1) * MET_px"},
                     features=["MET_px", "r", "q"], cut="NMuon < 3")

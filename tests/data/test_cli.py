@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,35 @@ def test_stats_reports_zero_variance_on_stderr(tmp_path: Path) -> None:
     # printed once, in the command's own style; Python's display does not repeat it
     assert result.stderr.count("zero variance") == 1 and "'one'" in result.stderr
     assert not [w for w in escaped if "zero variance" in str(w.message)]
+
+
+def test_stats_tables_show_the_label_expression_its_values_and_max_len_whole(
+        tmp_path: Path) -> None:
+    """In 80 columns (a pipe) no number is cut short; the label says what it is and takes."""
+    spec = write_spec(tmp_path / "pipeline.yaml", cut="NMuon >= 1", label="NJet >= 2",
+                      features=["MET_px", "NPrimaryVertices",
+                                {"branch": "Muon_Px", "max_len": 1}])
+    result = subprocess.run([*mlaas_command(), "stats", str(spec), "--no-progress"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    assert "NJet >= 2" in result.stdout  # the sources table's label column
+    events = uproot.open(HZZ)["events"].arrays(["NMuon", "NJet"], library="np")
+    selected = events["NMuon"] >= 1
+    ones = int((events["NJet"][selected] >= 2).sum())
+    assert 0 < ones < selected.sum()
+    assert f"label values (selected events): 0: {selected.sum() - ones:,}, 1: {ones:,}" \
+        in result.stdout
+    assert re.search(r"Muon_Px .* 1 \(p95 2\) ", result.stdout), result.stdout
+    assert "a classifier needs events of at least two classes" not in result.stderr
+
+
+def test_stats_warns_when_the_label_has_one_value(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "pipeline.yaml")  # triggerIsoMu24 is 1 in every HZZ event
+    result = run("stats", str(spec), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "the label is 1 for every selected event" in result.stderr
 
 
 def test_stats_with_nan_shows_and_writes_the_counts_then_fails(tmp_path: Path) -> None:

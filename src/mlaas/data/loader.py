@@ -176,10 +176,13 @@ class RootDataset:
         if given is None:
             return pass1.compute(self.pipeline, self.layout, self.files, self.chunks, progress)
         if isinstance(given, pass1.Stats):
-            return given
-        if isinstance(given, dict):
-            return pass1.Stats.from_dict(given)
-        return pass1.Stats.from_dict(json.loads(Path(given).read_text()))
+            stats = given
+        elif isinstance(given, dict):
+            stats = pass1.Stats.from_dict(given)
+        else:
+            stats = pass1.Stats.from_dict(json.loads(Path(given).read_text()))
+        stats.check_fits(self.pipeline, self.layout, self.files)
+        return stats
 
     def _balance_fractions(self) -> np.ndarray:
         """Per source, the fraction of its events kept each epoch under ``balance: equal``."""

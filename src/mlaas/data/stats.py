@@ -31,7 +31,7 @@ from mlaas.data.transform import (
     selection,
     split_codes,
 )
-from mlaas.errors import BadValues, DataError
+from mlaas.errors import BadValues, DataError, SpecError
 from mlaas.spec import Pipeline
 
 __all__ = ["Moments", "FeatureStats", "Stats", "compute", "normalization", "percentile_length"]
@@ -144,6 +144,8 @@ class Stats:
     seconds: float = 0.0
     entries: int = 0
     compressed_bytes: int = 0
+    #: the spec fields pass 1 depends on (:func:`spec_of`), to refuse another spec's stats
+    spec: dict[str, Any] | None = None
 
     @property
     def selected(self) -> int:
@@ -161,6 +163,7 @@ class Stats:
             "max_len": self.max_len,
             "features": {k: v.to_dict() for k, v in self.features.items()},
             "warnings": self.warnings,
+            "spec": self.spec,
         }
 
     def save(self, path: str | Path) -> None:
@@ -172,8 +175,51 @@ class Stats:
             features={k: FeatureStats.from_dict(k, v) for k, v in d["features"].items()},
             sources=d["sources"], splits=d["splits"], label=d["label"], max_len=d["max_len"],
             warnings=d["warnings"], seconds=d.get("seconds", 0.0), entries=d.get("entries", 0),
-            compressed_bytes=d.get("compressed_bytes", 0),
+            compressed_bytes=d.get("compressed_bytes", 0), spec=d.get("spec"),
         )
+
+    def check_fits(self, pipeline: Pipeline, layout: Layout,
+                   files: list[chunking.FileInfo]) -> None:
+        """Refuse statistics of another spec or other files (``RootDataset(stats=...)``).
+
+        Given another spec's pass 1 (one with a cut, for a spec without),
+        a dataset counted the wrong events and normalised with the wrong
+        constants, silently; a feature the stats lacked was a bare KeyError.
+        Statistics written before they recorded their spec are checked by
+        features and files only.
+        """
+        where = "the pass-1 statistics given (stats=...)"
+        if self.spec is not None:
+            now = spec_of(pipeline)
+            differ = [k for k in sorted(set(now) | set(self.spec))
+                      if now.get(k) != self.spec.get(k)]
+            if differ:
+                raise SpecError(
+                    f"{where} were computed for another spec: data."
+                    + ", data.".join(differ) + " differ; run pass 1 for this spec "
+                    "(mlaas stats SPEC -o stats.json) or give no stats",
+                    field_path="data." + differ[0])
+        missing = [f.name for f in layout.features if f.name not in self.features]
+        if missing:
+            raise SpecError(f"{where} have no feature {', '.join(map(repr, missing))}; run "
+                            "pass 1 for this spec or give no stats", field_path="data.features")
+        theirs = sorted(url for s in self.sources for url in s.get("files", []))
+        ours = sorted(info.ref.url for info in files)
+        if theirs and theirs != ours:
+            raise SpecError(f"{where} were computed over other files ({len(theirs)} against "
+                            f"{len(ours)} here); run pass 1 for these files or give no stats",
+                            field_path="data.sources")
+
+
+#: The data fields that decide what pass 1 counts (not normalize, balance, step_size,
+#: cache, nan, retries: the counts and moments are the same under any of them).
+_PASS1_FIELDS = {"tree", "redirector", "sources", "label", "features", "exclude", "identifiers",
+                 "derived", "cut", "weight", "split", "max_events"}
+
+
+def spec_of(pipeline: Pipeline) -> dict[str, Any]:
+    """The spec fields pass 1 depends on, as written (JSON values), recorded in stats.json."""
+    return pipeline.data.model_dump(mode="json", include=_PASS1_FIELDS)
 
 
 class _LabelStats:
@@ -268,10 +314,13 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         splits={k: sum(s["splits"][k] for s in per_source) for k in SPLITS},
         label=_label_dict(labels, train_labels), max_len={}, warnings=list(layout.warnings),
         entries=sum(s["entries"] for s in per_source),
-        compressed_bytes=sum(c.compressed_bytes for c in plan),
+        compressed_bytes=sum(c.compressed_bytes for c in plan), spec=spec_of(pipeline),
     )
     _check(pipeline, layout, stats)
     _check_targets(pipeline, stats, targets)
+    # in stats.json and the tables of mlaas stats, not a Python warning: a one-class file
+    # can be meant (applying a model, a sample of one process)
+    stats.warnings.extend(_one_class(pipeline, stats))
     for note in _zero_variance(stats):
         stats.warnings.append(note)
         warnings.warn(note, UserWarning, stacklevel=2)
@@ -379,6 +428,21 @@ def _check_finite(pipeline: Pipeline, stats: Stats, first_bad: str | None) -> No
         )
         error.stats = stats  # the counts are what the user needs to see: keep them
         raise error
+
+
+def _one_class(pipeline: Pipeline, stats: Stats) -> list[str]:
+    """A ``data.label`` with one value in every selected event: nothing to learn.
+
+    Only for a label expression: with per-source labels one class means one
+    source (as deliberate as it is plain in the spec) or a source the cut
+    empties, which :func:`_check` reports already.
+    """
+    counts = stats.label.get("counts") or {}
+    if pipeline.data.label is None or len(counts) != 1:
+        return []
+    value = next(iter(counts))
+    return [f"the label is {value} for every selected event ({stats.selected:,}): a classifier "
+            "needs events of at least two classes (check data.label and data.cut)"]
 
 
 def _zero_variance(stats: Stats) -> list[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +111,20 @@ def test_sample_yaml_round_trip(sample: Conversion) -> None:
     mlaas.spec.load(yaml.safe_load(text), base_dir=OLD)
 
 
-def test_sample_iterates_on_hzz(sample: Conversion) -> None:
-    pipeline = mlaas.spec.load(sample.spec, base_dir=OLD)
+def test_sample_lists_one_file_under_two_labels_and_says_mlaas_refuses_it(
+        sample: Conversion) -> None:
+    (note,) = note_about(sample.notes, "is listed with labels 1, 0")
+    assert "uproot-HZZ.root" in note and "keep it under one label" in note
+    with pytest.raises(SpecError, match=r"is in two sources, data\.sources\[0\] and "):
+        RootDataset(mlaas.spec.load(sample.spec, base_dir=OLD), split="all")
+
+
+def test_sample_iterates_on_hzz(sample: Conversion, tmp_path: Path) -> None:
+    # the sample's background is HZZ again (a stand-in): a copy of it, for one file per source
+    spec = copy.deepcopy(sample.spec)
+    shutil.copy(FILES / "uproot-HZZ.root", tmp_path / "background.root")
+    spec["data"]["sources"][1]["files"] = [str(tmp_path / "background.root")]
+    pipeline = mlaas.spec.load(spec, base_dir=OLD)
     dataset = RootDataset(pipeline, split="all", shuffle=False, batch_size=512, prefetch=False)
     events = 0
     for batch in dataset:

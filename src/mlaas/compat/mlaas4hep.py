@@ -44,6 +44,7 @@ import fnmatch
 import glob
 import json
 import math
+import os
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -172,6 +173,23 @@ def _label_value(raw: str | float, labels_name: str) -> float | int:
             "label per file (a label read from a branch goes in data.label, by hand)"
         ) from None
     return int(value) if value.is_integer() else value
+
+
+def _repeated_note(sources: list[dict[str, Any]], notes: list[str]) -> None:
+    """A file listed under two labels: MLaaS4HEP read it twice, mlaas refuses it.
+
+    Each event would be trained on once per label; the converted spec's
+    first read stops with an error naming both sources, so say it here.
+    """
+    labels: dict[str, list[Any]] = {}
+    for source in sources:
+        for name in source["files"]:
+            labels.setdefault(os.path.normpath(name), []).append(source["label"])
+    for name, found in labels.items():
+        if len(found) > 1:
+            notes.append(f"{name} is listed with labels {', '.join(map(str, found))}: its "
+                         "events would be read once per label, so mlaas refuses a file in two "
+                         "sources; keep it under one label.")
 
 
 def _sources(files: list[str], labels: list[str | float], files_name: str,
@@ -529,6 +547,7 @@ def convert(params: dict[str, Any], files: list[str], labels: list[str | float],
     notes: list[str] = []
     sources = _sources(list(files), list(labels), files_name, labels_name)
     _relative_note([f for s in sources for f in s["files"]], notes)
+    _repeated_note(sources, notes)
     data: dict[str, Any] = {"tree": str(params.get("branch") or DEFAULT_TREE)}
     redirector = _redirector(params.get("redirector"), notes)
     if redirector:

@@ -17,7 +17,6 @@ from rich.progress import (
     Task,
     TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.text import Text
@@ -40,7 +39,7 @@ class _Rate(ProgressColumn):
             return Text("")
         rate = task.completed / elapsed
         mb = task.fields.get("bytes", 0) / elapsed / 1e6
-        return Text(f"{rate:,.0f} ev/s  {mb:,.1f} MB/s", style="cyan")
+        return Text(f"{rate:,.0f} ev/s {mb:,.0f} MB/s", style="cyan")
 
 
 @contextlib.contextmanager
@@ -50,9 +49,11 @@ def event_progress(description: str, total: int | None,
     if not enabled:
         yield lambda events, nbytes: None
         return
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), TaskProgressColumn(),
-               TextColumn("{task.completed:,} events"), _Rate(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
+    # one line in 80 columns for millions of events at millions per second: the time
+    # left while running, the time taken once done (two time columns wrapped MB/s)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), TaskProgressColumn(),
+               TextColumn("{task.completed:,} events"), _Rate(),
+               TimeRemainingColumn(elapsed_when_finished=True)]
     with Progress(*columns, console=err_console, transient=False) as bar:
         task = bar.add_task(description, total=total, bytes=0)
 

@@ -115,6 +115,7 @@ __all__ = [
     "read_pool",
     "read_errors",
     "file_identity",
+    "split_key",
     "is_remote",
     "with_retries",
 ]
@@ -192,7 +193,7 @@ def resolve_files(pipeline: Pipeline) -> list[FileRef]:
                     _repeated(url, seen[same], index)
                     continue
                 seen[same] = index
-                refs.append(FileRef(url=url, source=index, key=_basename(url)))
+                refs.append(FileRef(url=url, source=index, key=split_key(url)))
     return refs
 
 
@@ -214,7 +215,8 @@ def _repeated(url: str, first: int, now: int) -> None:
                   UserWarning, stacklevel=3)
 
 
-def _basename(url: str) -> str:
+def split_key(url: str) -> str:
+    """A file's base name: what seeds its events' splits, so a moved directory keeps them."""
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 

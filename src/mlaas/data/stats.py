@@ -180,35 +180,75 @@ class Stats:
 
     def check_fits(self, pipeline: Pipeline, layout: Layout,
                    files: list[chunking.FileInfo]) -> None:
-        """Refuse statistics of another spec or other files (``RootDataset(stats=...)``).
+        """Refuse statistics of another selection or other files (``RootDataset(stats=...)``).
 
         Given another spec's pass 1 (one with a cut, for a spec without),
         a dataset counted the wrong events and normalised with the wrong
         constants, silently; a feature the stats lacked was a bare KeyError.
-        Statistics written before they recorded their spec are checked by
-        features and files only.
         """
-        where = "the pass-1 statistics given (stats=...)"
+        found = self.misfit(pipeline, layout, files)
+        if found is not None:
+            reason, field_path = found
+            raise SpecError(f"the pass-1 statistics given {reason}; run pass 1 for this spec "
+                            "and these files (mlaas stats SPEC -o stats.json)",
+                            field_path=field_path)
+
+    def misfit(self, pipeline: Pipeline, layout: Layout,
+               files: list[chunking.FileInfo]) -> tuple[str, str] | None:
+        """Why these statistics are not this spec's on these files, and the field; or None.
+
+        Only what changes pass 1's numbers is compared (:func:`pass1_key`):
+        ``max_len``, ``pad``, ``sort_by``, the order of features, names of
+        sources and where the files lie may all differ. Statistics written
+        before they recorded their spec are checked by features and files only.
+        """
         if self.spec is not None:
-            now = spec_of(pipeline)
-            differ = [k for k in sorted(set(now) | set(self.spec))
-                      if now.get(k) != self.spec.get(k)]
+            now, then = pass1_key(spec_of(pipeline)), pass1_key(self.spec)
+            differ = [k for k in now if _json(now[k]) != _json(then.get(k))]
             if differ:
-                raise SpecError(
-                    f"{where} were computed for another spec: data."
-                    + ", data.".join(differ) + " differ; run pass 1 for this spec "
-                    "(mlaas stats SPEC -o stats.json) or give no stats",
-                    field_path="data." + differ[0])
+                return ("were computed for another spec: data." + ", data.".join(differ)
+                        + " differ", "data." + differ[0])
         missing = [f.name for f in layout.features if f.name not in self.features]
         if missing:
-            raise SpecError(f"{where} have no feature {', '.join(map(repr, missing))}; run "
-                            "pass 1 for this spec or give no stats", field_path="data.features")
-        theirs = sorted(url for s in self.sources for url in s.get("files", []))
-        ours = sorted(info.ref.url for info in files)
-        if theirs and theirs != ours:
-            raise SpecError(f"{where} were computed over other files ({len(theirs)} against "
-                            f"{len(ours)} here); run pass 1 for these files or give no stats",
-                            field_path="data.sources")
+            return f"have no feature {', '.join(map(repr, missing))}", "data.features"
+        if len(self.sources) != len(pipeline.data.sources):
+            return (f"have {len(self.sources)} sources, this spec {len(pipeline.data.sources)}",
+                    "data.sources")
+        for i, src in enumerate(self.sources):
+            reason = _other_files(src, [f for f in files if f.ref.source == i])
+            if reason is not None:
+                return f"were computed over other files: {reason}", f"data.sources[{i}].files"
+        return None
+
+
+def _other_files(src: dict[str, Any], here: list[chunking.FileInfo]) -> str | None:
+    """How a source's files differ from those pass 1 read, by base name and ROOT UUID.
+
+    The base name seeds each event's split and the UUID names the file's
+    content, so a directory moved or copied elsewhere still fits while a
+    file written anew under its old name does not. Statistics without UUIDs
+    (written before they recorded them) compare full URLs.
+    """
+    urls, uuids = src.get("files") or [], src.get("uuids")
+    if not urls:
+        return None
+    if uuids is not None and len(uuids) == len(urls):
+        theirs = [f"{sources.split_key(u)} {d}" for u, d in zip(urls, uuids, strict=True)]
+        ours = [f"{f.ref.key} {f.identity.get('uuid')}" for f in here]
+    else:
+        theirs, ours = list(urls), [f.ref.url for f in here]
+    if sorted(theirs) == sorted(ours):
+        return None
+    name = src.get("name")
+    new = [f.ref.url for f, o in zip(here, ours, strict=True) if o not in theirs]
+    gone = [u for u, t in zip(urls, theirs, strict=True) if t not in ours]
+    if new:
+        same_name = sources.split_key(new[0]) in map(sources.split_key, urls)
+        return (f"file {new[0]} of source {name!r} is not among them"
+                + (" (a file of that name is, with other content)" if same_name else ""))
+    if gone:
+        return f"their file {gone[0]} of source {name!r} is not among this spec's files"
+    return f"source {name!r} has {len(ours)} files here against {len(theirs)}"
 
 
 #: The data fields that decide what pass 1 counts (not normalize, balance, step_size,
@@ -220,6 +260,33 @@ _PASS1_FIELDS = {"tree", "redirector", "sources", "label", "features", "exclude"
 def spec_of(pipeline: Pipeline) -> dict[str, Any]:
     """The spec fields pass 1 depends on, as written (JSON values), recorded in stats.json."""
     return pipeline.data.model_dump(mode="json", include=_PASS1_FIELDS)
+
+
+def pass1_key(spec: dict[str, Any]) -> dict[str, Any]:
+    """Of a recorded :func:`spec_of`, what decides pass 1's numbers, in a fixed order.
+
+    Left out as they are checked otherwise: the files as written, the
+    redirector and the tree (the resolved files are compared by content, and
+    on the same files a tree name can only name the tree found before); the
+    features, exclude and identifiers (each feature of this spec must have
+    its statistics, whatever else they hold; a feature's moments do not
+    depend on its max_len, pad or sort_by, as pass 1 pools every element).
+    Source names only label reports.
+    """
+    return {
+        "cut": spec.get("cut"),
+        "derived": spec.get("derived") or {},
+        "label": spec.get("label"),
+        "weight": spec.get("weight"),
+        "sources": [s.get("label") for s in spec.get("sources") or []],
+        "split": spec.get("split"),
+        "max_events": spec.get("max_events"),
+    }
+
+
+def _json(value: Any) -> str:
+    """A comparable text of a JSON value: NaN equals NaN here (a label may be NaN)."""
+    return json.dumps(value, sort_keys=True)
 
 
 class _LabelStats:
@@ -273,12 +340,13 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
     started = time.perf_counter()
     feats = {f.name: FeatureStats(f.name, f.jagged) for f in layout.features}
     per_source = [
-        {"name": s.name or f"source{i}", "label": s.label, "files": [], "entries": 0,
+        {"name": s.name or f"source{i}", "label": s.label, "files": [], "uuids": [], "entries": 0,
          "selected": 0, "splits": {k: 0 for k in SPLITS}}
         for i, s in enumerate(pipeline.data.sources)
     ]
     for info in files:
         per_source[info.ref.source]["files"].append(info.ref.url)
+        per_source[info.ref.source]["uuids"].append(info.identity.get("uuid"))
     labels = _LabelStats()
     train_labels = _LabelStats()  # class_weights: balanced weighs the training split
     split = pipeline.data.split

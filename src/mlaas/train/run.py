@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,21 +44,54 @@ class RunResult:
 
 def _stats(pipeline: Pipeline, prepared: Prepared, outdir: Path, resume: bool,
            progress: bool) -> pass1.Stats:
-    """Pass 1, or its saved result when resuming the same data spec."""
+    """Pass 1, or its saved result when resuming on the same data.
+
+    A run directory moved with its data (or to another node, by the
+    platform) still finds its files by content (:meth:`Stats.misfit`).
+    """
     path = outdir / "stats.json"
-    if resume and path.exists():
-        saved = json.loads(path.read_text())
-        label = saved.get("label") or {}
-        # a stats.json from before pass 1 counted the training split's labels is redone
-        if (saved.get("data_digest") == pipeline.data_digest()
-                and ("counts" not in label or "train_counts" in label)):
-            return pass1.Stats.from_dict(saved)
     layout, files, plan = prepared
+    if resume and path.exists():
+        saved = _saved_stats(path, pipeline, prepared, outdir)
+        if saved is not None:
+            return saved
     with event_progress("pass 1", sum(c.entries for c in plan), progress) as advance:
         stats = pass1.compute(pipeline, layout, files, plan, advance)
     path.write_text(json.dumps({**stats.to_dict(), "data_digest": pipeline.data_digest()},
                                indent=2) + "\n")
     return stats
+
+
+def _saved_stats(path: Path, pipeline: Pipeline, prepared: Prepared,
+                 outdir: Path) -> pass1.Stats | None:
+    """The stats.json of an earlier run of this spec, or None when pass 1 must run again.
+
+    Files that changed since (a glob that now finds one more, a file written
+    anew) refuse the resume once a checkpoint exists: its model learnt on
+    the old normalisation constants, and a new pass 1 would export it with
+    others. Before the first checkpoint nothing learnt depends on them.
+    """
+    saved = json.loads(path.read_text())
+    label = saved.get("label") or {}
+    # a stats.json from before pass 1 counted the training split's labels is redone
+    if saved.get("data_digest") != pipeline.data_digest() or (
+            "counts" in label and "train_counts" not in label):
+        return None
+    stats = pass1.Stats.from_dict(saved)
+    layout, files, _ = prepared
+    misfit = stats.misfit(pipeline, layout, files)
+    if misfit is None:
+        return stats
+    from mlaas.train import trainer  # torch: not before it is needed
+
+    checkpoint = outdir / trainer.CHECKPOINT_NAME
+    if checkpoint.exists():
+        raise trainer.TrainingError(
+            f"cannot resume from {str(checkpoint)!r}: the input files changed since the run "
+            f"began ({path.name} {misfit[0]}); restore them, or run without --resume (or in "
+            "another output directory) to start afresh", file_path=str(path))
+    print(f"{path} {misfit[0]}: running pass 1 again", file=sys.stderr)
+    return None
 
 
 @contextlib.contextmanager

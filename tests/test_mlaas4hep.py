@@ -119,6 +119,18 @@ def test_sample_lists_one_file_under_two_labels_and_says_mlaas_refuses_it(
         RootDataset(mlaas.spec.load(sample.spec, base_dir=OLD), split="all")
 
 
+def test_a_file_twice_under_one_label_is_read_once_not_refused() -> None:
+    hzz = str(FILES / "uproot-HZZ.root")
+    result = convert({}, [hzz, hzz, "root://127.0.0.1:1094//store/a.root"], [1, 1, 0])
+    (note,) = note_about(result.notes, "is listed 2 times with label 1")
+    assert "mlaas reads them once" in note
+    assert not note_about(result.notes, "refuses")
+    # remote names as written: normpath made root://h//store/a.root and root:/h/store/a.root one
+    result = convert({}, ["root://127.0.0.1:1094//store/a.root",
+                          "root://127.0.0.1:1094/store/a.root"], [1, 0])
+    assert not note_about(result.notes, "is listed with labels"), result.notes
+
+
 def test_sample_iterates_on_hzz(sample: Conversion, tmp_path: Path) -> None:
     # the sample's background is HZZ again (a stand-in): a copy of it, for one file per source
     spec = copy.deepcopy(sample.spec)

@@ -168,18 +168,42 @@ def _print_stats(result: Any, caught: list[str], layout: Any, label: str | None)
 
 
 def _print_whole(table: Table) -> None:
-    """Print ``table`` wider than the terminal if it must, rather than cut digits to "-49.…".
+    """Print ``table`` with every number whole, rather than cut to "-49.…".
 
-    rich fits a table to the console's width (80 columns in a pipe) by
-    truncating cells, and ``print(width=...)`` cannot exceed it: a wider
-    console of its own prints it then.
+    rich fits a table to the console's width by truncating cells. On a
+    terminal the first column (names) folds onto more lines instead, so the
+    table still fits; in a pipe (80 columns) or when even folding cannot
+    make it fit, a wider console of its own prints it whole, one line per
+    row, as grep and a wide window want it.
     """
-    wide = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+    wide = _width(table)
     if wide <= console.width:
+        console.print(table)
+        return
+    if console.is_terminal and _fold_first_column(table, console.width):
         console.print(table)
         return
     Console(file=console.file, width=wide, soft_wrap=True,
             force_terminal=console.is_terminal, no_color=console.no_color).print(table)
+
+
+def _width(table: Table) -> int:
+    return console.measure(table, options=console.options.update(max_width=10_000)).maximum
+
+
+def _fold_first_column(table: Table, width: int) -> bool:
+    """Let the first column fold to fit ``width``, the others kept on one line; False if it can't."""
+    first, narrowest = table.columns[0], 8
+    first.no_wrap, first.overflow, first.min_width = False, "fold", None
+    for column in table.columns[1:]:
+        column.no_wrap = True
+    first.max_width = narrowest
+    spare = width - _width(table)
+    if spare < 0:
+        first.max_width = None
+        return False
+    first.max_width = narrowest + spare
+    return True
 
 
 def _lengths(used: int | None, p95: int | None) -> str:

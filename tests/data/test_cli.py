@@ -410,3 +410,48 @@ def test_real_process_spec_error_lists_field_paths(tmp_path: Path) -> None:
     assert "data.step_size" in proc.stderr
     assert "did you mean 'features'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def features_table() -> Any:
+    from rich.table import Table
+
+    table = Table(title="features (pass 1)")
+    table.add_column("feature", no_wrap=True, min_width=24)
+    for col in ("count", "min", "max", "mean", "std", "max_len"):
+        table.add_column(col, justify="right")
+    table.add_row("Electron_a_rather_long_derived_name", "1,234,567", "-49.1234", "1234.567",
+                  "0.001234", "123.456", "3 (p95 4)")
+    table.add_row("MET_pt", "7", "1", "2", "3", "4", "")
+    return table
+
+
+def print_whole(width: int, terminal: bool, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What ``_print_whole`` prints of :func:`features_table` on such a console, styles removed."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=width, force_terminal=terminal,
+                                                color_system=None))
+    cli._print_whole(features_table())
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue())
+    assert "…" not in text
+    for number in ("1,234,567", "-49.1234", "1234.567", "0.001234", "123.456", "3 (p95 4)"):
+        assert number in text
+    return text
+
+
+def test_a_too_wide_table_folds_its_names_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = print_whole(84, True, monkeypatch)
+    assert max(len(line) for line in text.splitlines()) <= 84, text  # no line wraps
+    assert "Electron_a_rather_long_derived_name" not in text  # folded onto more lines
+    assert re.search(r"│ Electron_a\S* +│ 1,234,567 │", text), text
+    assert re.search(r"│ MET_pt +│ +7 │", text), text
+
+
+def test_a_too_wide_table_prints_one_line_per_row_in_a_pipe_or_when_folding_cannot_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for width, terminal in [(84, False), (60, True)]:  # the numbers alone need more than 60
+        text = print_whole(width, terminal, monkeypatch)
+        assert re.search(r"│ Electron_a_rather_long_derived_name +│ 1,234,567 │", text), text

@@ -176,20 +176,28 @@ def _label_value(raw: str | float, labels_name: str) -> float | int:
 
 
 def _repeated_note(sources: list[dict[str, Any]], notes: list[str]) -> None:
-    """A file listed under two labels: MLaaS4HEP read it twice, mlaas refuses it.
+    """A file listed twice: MLaaS4HEP read it twice; mlaas reads it once or refuses it.
 
-    Each event would be trained on once per label; the converted spec's
-    first read stops with an error naming both sources, so say it here.
+    Under two labels each event would be trained on once per label; the
+    converted spec's first read stops with an error naming both sources, so
+    say it here. Twice under one label, mlaas reads it once (with a warning).
+    Local names are compared normalised (``a/../b.root`` is ``b.root``),
+    URLs as written: ``normpath`` would turn ``root://host//store`` into
+    another URL.
     """
     labels: dict[str, list[Any]] = {}
     for source in sources:
         for name in source["files"]:
-            labels.setdefault(os.path.normpath(name), []).append(source["label"])
+            key = name if "://" in name else os.path.normpath(name)
+            labels.setdefault(key, []).append(source["label"])
     for name, found in labels.items():
-        if len(found) > 1:
+        if len(set(found)) > 1:
             notes.append(f"{name} is listed with labels {', '.join(map(str, found))}: its "
                          "events would be read once per label, so mlaas refuses a file in two "
                          "sources; keep it under one label.")
+        elif len(found) > 1:
+            notes.append(f"{name} is listed {len(found)} times with label {found[0]}: "
+                         "MLaaS4HEP read its events that many times, mlaas reads them once.")
 
 
 def _sources(files: list[str], labels: list[str | float], files_name: str,

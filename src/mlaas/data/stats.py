@@ -384,6 +384,9 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         entries=sum(s["entries"] for s in per_source),
         compressed_bytes=sum(c.compressed_bytes for c in plan), spec=spec_of(pipeline),
     )
+    # complete before any check fails: the errors carry these stats for mlaas stats -o
+    stats.max_len = resolve_lengths(layout, stats)
+    stats.seconds = time.perf_counter() - started
     _check(pipeline, layout, stats)
     _check_targets(pipeline, stats, targets)
     # in stats.json and the tables of mlaas stats, not a Python warning: a one-class file
@@ -392,8 +395,6 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
     for note in _zero_variance(stats):
         stats.warnings.append(note)
         warnings.warn(note, UserWarning, stacklevel=2)
-    stats.max_len = resolve_lengths(layout, stats)
-    stats.seconds = time.perf_counter() - started
     _check_finite(pipeline, stats, first_bad)
     return stats
 
@@ -467,8 +468,10 @@ def _check_targets(pipeline: Pipeline, stats: Stats, targets: dict[str, _NonFini
         expression = str(getattr(pipeline.data, what))
         hint = ("max, min and mean of an empty collection are NaN unless given the value "
                 "for it, as in max(Jet_pt, 0); or " if _REDUCES.search(expression) else "")
+        counts = " and ".join(f"{kind} for {n}" for kind, n in
+                              (("NaN", found.nan), ("infinite", found.inf)) if n)
         error = BadValues(
-            f"the {what} {expression!r} is NaN for {found.nan} and infinite for {found.inf} "
+            f"the {what} {expression!r} is {counts} "
             f"selected events of all files, the first in the file below; {hint}data.cut "
             "can leave such events out",
             file_path=found.first, field_path=f"data.{what}",

@@ -239,11 +239,11 @@ def _other_files(src: dict[str, Any], here: list[chunking.FileInfo]) -> str | No
         theirs, ours = list(urls), [f.ref.url for f in here]
     if sorted(theirs) == sorted(ours):
         return None
-    name = src.get("name")
-    new = [f.ref.url for f, o in zip(here, ours, strict=True) if o not in theirs]
-    gone = [u for u, t in zip(urls, theirs, strict=True) if t not in ours]
+    name, theirs_set, ours_set = src.get("name"), set(theirs), set(ours)  # thousands of files
+    new = [f.ref.url for f, o in zip(here, ours, strict=True) if o not in theirs_set]
+    gone = [u for u, t in zip(urls, theirs, strict=True) if t not in ours_set]
     if new:
-        same_name = sources.split_key(new[0]) in map(sources.split_key, urls)
+        same_name = sources.split_key(new[0]) in {sources.split_key(u) for u in urls}
         return (f"file {new[0]} of source {name!r} is not among them"
                 + (" (a file of that name is, with other content)" if same_name else ""))
     if gone:

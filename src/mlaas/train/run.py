@@ -52,7 +52,7 @@ def _stats(pipeline: Pipeline, prepared: Prepared, outdir: Path, resume: bool,
     path = outdir / "stats.json"
     layout, files, plan = prepared
     if resume and path.exists():
-        saved = _saved_stats(path, pipeline, prepared, outdir)
+        saved = _saved_stats(outdir, pipeline, prepared)
         if saved is not None:
             return saved
     with event_progress("pass 1", sum(c.entries for c in plan), progress) as advance:
@@ -62,8 +62,7 @@ def _stats(pipeline: Pipeline, prepared: Prepared, outdir: Path, resume: bool,
     return stats
 
 
-def _saved_stats(path: Path, pipeline: Pipeline, prepared: Prepared,
-                 outdir: Path) -> pass1.Stats | None:
+def _saved_stats(outdir: Path, pipeline: Pipeline, prepared: Prepared) -> pass1.Stats | None:
     """The stats.json of an earlier run of this spec, or None when pass 1 must run again.
 
     Files that changed since (a glob that now finds one more, a file written
@@ -71,6 +70,7 @@ def _saved_stats(path: Path, pipeline: Pipeline, prepared: Prepared,
     the old normalisation constants, and a new pass 1 would export it with
     others. Before the first checkpoint nothing learnt depends on them.
     """
+    path = outdir / "stats.json"
     saved = json.loads(path.read_text())
     label = saved.get("label") or {}
     # a stats.json from before pass 1 counted the training split's labels is redone

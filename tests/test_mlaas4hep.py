@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import mlaas.spec
 from mlaas.cli import app
 from mlaas.compat.mlaas4hep import Conversion, convert, convert_files, translate_expression
-from mlaas.data import RootDataset
+from mlaas.data import RootDataset, sources
 from mlaas.errors import SpecError
 from mlaas.expr import parse
 
@@ -129,6 +129,19 @@ def test_a_file_twice_under_one_label_is_read_once_not_refused() -> None:
     result = convert({}, ["root://127.0.0.1:1094//store/a.root",
                           "root://127.0.0.1:1094/store/a.root"], [1, 0])
     assert not note_about(result.notes, "is listed with labels"), result.notes
+
+
+
+def test_names_of_one_file_are_compared_as_mlaas_reads_them() -> None:
+    # /store/ names go through the redirector, and a doubled slash is the same file to XRootD
+    redirector = {"redirector": "root://127.0.0.1:1094"}
+    result = convert(redirector, ["/store/a.root", "/store//a.root"], [1, 1])
+    (note,) = note_about(result.notes, "is listed 2 times with label 1")
+    assert note.startswith("root://127.0.0.1:1094//store/a.root ")
+    result = convert(redirector, ["/store/a.root", "root://127.0.0.1:1094//store/a.root"], [1, 0])
+    assert note_about(result.notes, "is listed with labels 1, 0"), result.notes
+    with pytest.raises(SpecError, match=r"is in two sources"):  # as mlaas does
+        sources.resolve_files(mlaas.spec.load(result.spec))
 
 
 def test_sample_iterates_on_hzz(sample: Conversion, tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "EarlyStopping",
     "ResourcesSpec",
     "load",
+    "canonical_data",
     "collection_of",
     "parse_step_size",
     "DEFAULT_IDENTIFIERS",
@@ -111,7 +112,9 @@ class Source(_Model):
         description="Paths, globs, root://host:port//path or https:// URLs, or logical "
         "names (/store/...) resolved through data.redirector.",
     )
-    label: float | None = Field(
+    # finite: a NaN or infinite fixed label passed pass 1 and failed only at the first
+    # batch, naming data.label instead of this field
+    label: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
         default=None, description="Label of every event of these files (unless data.label)."
     )
     name: str | None = Field(default=None, description="Name shown in reports.")
@@ -451,9 +454,9 @@ class Pipeline(_Model):
     def digest(self) -> str:
         """A stable hash of the spec's content, for provenance (``resources`` left out:
         where a job ran does not change what it trains)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"resources"}),
-                          sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        dumped = self.model_dump(mode="json", exclude={"resources"})
+        dumped["data"] = canonical_data(dumped["data"])
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
     def data_digest(self) -> str:
         """A stable hash of what in ``data`` decides the preprocessed arrays and pass 1.
@@ -480,8 +483,20 @@ class Pipeline(_Model):
         so their last bits depend on it.
         """
         kept = self.data.model_dump(mode="json", exclude={"retries", "cache", "balance"})
-        blob = json.dumps(kept, sort_keys=True).encode()
+        blob = json.dumps(canonical_data(kept), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def canonical_data(data: dict[str, Any]) -> dict[str, Any]:
+    """A dumped ``data`` section to hash or compare with ``sort_keys``: ``derived`` as pairs.
+
+    Sorting keys would sort the derived names, but their order is meaning:
+    an expression sees the names defined before it, and a derived name may
+    shadow a branch, so two orders can give other values.
+    """
+    if "derived" not in data:
+        return data
+    return {**data, "derived": [[k, v] for k, v in (data["derived"] or {}).items()]}
 
 
 def _path_of(loc: tuple[Any, ...]) -> str:

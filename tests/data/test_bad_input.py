@@ -572,6 +572,14 @@ def test_a_nan_label_fails_pass_1_counting_every_file_and_quoting_the_expression
     assert info.value.stats.max_len == {"Muon": 2}  # complete: mlaas stats -o writes them
 
 
+def test_a_failing_label_check_still_carries_the_notes_of_pass_1() -> None:
+    # mlaas stats -o writes the stats a failing pass 1 carries: its notes were left out
+    spec = hzz_spec(label="max(Jet_Px)", features=["MET_px", "MET_px * 0"])
+    with pytest.warns(UserWarning, match="zero variance"), pytest.raises(BadValues) as info:
+        dataset(spec)()
+    assert any("feature 'MET_px * 0' has zero variance" in w for w in info.value.stats.warnings)
+
+
 def test_an_infinite_weight_fails_pass_1_naming_data_weight() -> None:
     spec = hzz_spec(weight="1 / (NJet - NJet)")
     text = fails(BadValues, ValueError, dataset(spec))

@@ -50,6 +50,21 @@ def test_a_file_in_two_sources_is_an_error_naming_both(tmp_path: Path) -> None:
     assert "at spec field data.sources[1].files" in text
 
 
+def test_two_spellings_of_one_remote_file_in_two_sources_are_an_error() -> None:
+    # resolving names opens nothing: no server is needed to see they are one file
+    spec = load({"data": {"redirector": "root://127.0.0.1:1094",
+                          "sources": [{"files": ["/store/mc//a.root"], "label": 1},
+                                      {"files": ["root://127.0.0.1:1094//store/mc/a.root"],
+                                       "label": 0}],
+                          "features": ["x"]}})
+    with pytest.raises(SpecError, match=r"is in two sources, data\.sources\[0\] and "):
+        sources.resolve_files(spec)
+    same = sources.same_file
+    assert same("root://h:1//store/x/../a.root?svc=1") == "root://h:1//store/a.root?svc=1"
+    # XRootD reads a path after one slash as relative: another file
+    assert same("root://h:1/store/a.root") != same("root://h:1//store/a.root")
+
+
 def test_transient_failures_are_retried_with_growing_backoff() -> None:
     calls, waits = [], []
 

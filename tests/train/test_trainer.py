@@ -379,6 +379,24 @@ def test_resume_refuses_a_changed_spec(synth: Path, tmp_path: Path) -> None:
     run(spec_for(synth, train__epochs=1, train__lr=0.01), tmp_path)
 
 
+def test_resume_tells_derived_names_in_another_order_apart(synth: Path, tmp_path: Path) -> None:
+    # a derived name may shadow a branch, so the order of data.derived is part of the spec
+    derived = {"ratio": "MET_pt / 100", "MET_pt": "MET_pt * 2"}
+    run(spec_for(synth, train__epochs=1, data__derived=derived), tmp_path)
+    swapped = dict(reversed(list(derived.items())))
+    with pytest.raises(TrainingError, match=r"spec changed.*data\.derived"):
+        run(spec_for(synth, train__epochs=1, data__derived=swapped), tmp_path, resume=True)
+    # a checkpoint from before the order was kept (its derived sorted as a mapping) resumes
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path)
+    spec = json.loads(state["spec"])
+    spec["data"]["derived"] = dict(spec["data"]["derived"])
+    state["spec"] = json.dumps(spec, sort_keys=True)
+    torch.save(state, path)
+    again = run(spec_for(synth, train__epochs=2, data__derived=derived), tmp_path, resume=True)
+    assert again.epochs_run == 2 and [h["epoch"] for h in again.history] == [1, 2]
+
+
 def test_resume_without_checkpoint_starts_afresh(synth: Path, tmp_path: Path) -> None:
     result = run(spec_for(synth, train__epochs=1), tmp_path, resume=True)
     assert result.epochs_run == 1

@@ -175,20 +175,26 @@ def _label_value(raw: str | float, labels_name: str) -> float | int:
     return int(value) if value.is_integer() else value
 
 
-def _repeated_note(sources: list[dict[str, Any]], notes: list[str]) -> None:
+def _repeated_note(sources: list[dict[str, Any]], redirector: str | None,
+                   notes: list[str]) -> None:
     """A file listed twice: MLaaS4HEP read it twice; mlaas reads it once or refuses it.
 
     Under two labels each event would be trained on once per label; the
     converted spec's first read stops with an error naming both sources, so
     say it here. Twice under one label, mlaas reads it once (with a warning).
-    Local names are compared normalised (``a/../b.root`` is ``b.root``),
-    URLs as written: ``normpath`` would turn ``root://host//store`` into
-    another URL.
+    Names are compared as mlaas will compare them (``sources.same_file``):
+    ``/store/...`` through the redirector, URLs with their paths normalised,
+    local names normalised (``a/../b.root`` is ``b.root``; a relative and an
+    absolute name of one file are not recognised here, as the spec's
+    directory that relative names resolve against is not known yet).
     """
+    from mlaas.data import sources as data_sources  # uproot: only when converting
+
     labels: dict[str, list[Any]] = {}
     for source in sources:
         for name in source["files"]:
-            key = name if "://" in name else os.path.normpath(name)
+            url = f"{redirector}/{name}" if redirector and name.startswith("/store/") else name
+            key = data_sources.same_file(url) if "://" in url else os.path.normpath(name)
             labels.setdefault(key, []).append(source["label"])
     for name, found in labels.items():
         if len(set(found)) > 1:
@@ -555,9 +561,9 @@ def convert(params: dict[str, Any], files: list[str], labels: list[str | float],
     notes: list[str] = []
     sources = _sources(list(files), list(labels), files_name, labels_name)
     _relative_note([f for s in sources for f in s["files"]], notes)
-    _repeated_note(sources, notes)
     data: dict[str, Any] = {"tree": str(params.get("branch") or DEFAULT_TREE)}
     redirector = _redirector(params.get("redirector"), notes)
+    _repeated_note(sources, redirector, notes)
     if redirector:
         data["redirector"] = redirector
     data["sources"] = sources

@@ -104,7 +104,8 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
                         sources.file_identity(ref.url, tree))
         infos.append(info)
         if entries == 0:
-            empty.append(ref.url)
+            if tree.num_entries == 0:  # not a file max_events left unread: that is asked for
+                empty.append(ref.url)
             continue
         whole = sources.entries_per_step(tree, layout.branches, data.step_size)
         step = max(1, whole // READS_PER_STEP) if isinstance(data.step_size, str) else whole

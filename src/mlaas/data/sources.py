@@ -16,6 +16,7 @@ import contextlib
 import glob
 import math
 import os
+import posixpath
 import re
 import threading
 import time
@@ -183,12 +184,12 @@ def resolve_files(pipeline: Pipeline) -> list[FileRef]:
     training twice, once per label.
     """
     refs: list[FileRef] = []
-    seen: dict[str, int] = {}  # the file (see _same_file) -> the source that has it
+    seen: dict[str, int] = {}  # the file (see same_file) -> the source that has it
     data = pipeline.data
     for index, source in enumerate(data.sources):
         for name in source.files:
             for url in _expand(name, pipeline.base_dir, data.redirector):
-                same = _same_file(url)
+                same = same_file(url)
                 if same in seen:
                     _repeated(url, seen[same], index)
                     continue
@@ -197,9 +198,23 @@ def resolve_files(pipeline: Pipeline) -> list[FileRef]:
     return refs
 
 
-def _same_file(url: str) -> str:
-    """What two names of one file share: the real path locally (``./a``, links), else the URL."""
-    return url if is_remote(url) else os.path.realpath(url)
+def same_file(url: str) -> str:
+    """What two names of one file share: the real path locally (``./a``, links).
+
+    Remotely the URL with its path normalised: ``root://h//store//a.root``
+    and ``root://h//store/a.root`` are one file to the server (and were read
+    twice, once per label). Whether the path is absolute (``//`` after the
+    host) stays: XRootD reads ``root://h/store`` as a relative path. A query
+    string is kept as written.
+    """
+    if not is_remote(url):
+        return os.path.realpath(url)
+    scheme, rest = url.split("://", 1)
+    host, _, path = rest.partition("/")
+    path, mark, query = path.partition("?")
+    absolute = "/" if path.startswith("/") else ""
+    path = posixpath.normpath("/" + re.sub("/+", "/", path)).lstrip("/")
+    return f"{scheme}://{host}/{absolute}{path}{mark}{query}"
 
 
 def _repeated(url: str, first: int, now: int) -> None:

@@ -14,6 +14,7 @@ import json
 import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from mlaas.data.transform import (
     split_codes,
 )
 from mlaas.errors import BadValues, DataError, SpecError
-from mlaas.spec import Pipeline
+from mlaas.spec import Pipeline, canonical_data
 
 __all__ = ["Moments", "FeatureStats", "Stats", "compute", "normalization", "percentile_length"]
 
@@ -146,6 +147,8 @@ class Stats:
     compressed_bytes: int = 0
     #: the spec fields pass 1 depends on (:func:`spec_of`), to refuse another spec's stats
     spec: dict[str, Any] | None = None
+    #: the tree pass 1 read, as resolved (``data.tree`` may be left to the file)
+    tree: str | None = None
 
     @property
     def selected(self) -> int:
@@ -164,6 +167,7 @@ class Stats:
             "features": {k: v.to_dict() for k, v in self.features.items()},
             "warnings": self.warnings,
             "spec": self.spec,
+            "tree": self.tree,
         }
 
     def save(self, path: str | Path) -> None:
@@ -176,6 +180,7 @@ class Stats:
             sources=d["sources"], splits=d["splits"], label=d["label"], max_len=d["max_len"],
             warnings=d["warnings"], seconds=d.get("seconds", 0.0), entries=d.get("entries", 0),
             compressed_bytes=d.get("compressed_bytes", 0), spec=d.get("spec"),
+            tree=d.get("tree"),
         )
 
     def check_fits(self, pipeline: Pipeline, layout: Layout,
@@ -208,6 +213,9 @@ class Stats:
             if differ:
                 return ("were computed for another spec: data." + ", data.".join(differ)
                         + " differ", "data." + differ[0])
+        tree = self.tree if self.tree is not None else (self.spec or {}).get("tree")
+        if tree is not None and tree != layout.tree:  # a file may hold several trees
+            return f"were computed on tree {tree!r}, this spec reads {layout.tree!r}", "data.tree"
         missing = [f.name for f in layout.features if f.name not in self.features]
         if missing:
             return f"have no feature {', '.join(map(repr, missing))}", "data.features"
@@ -215,35 +223,55 @@ class Stats:
             return (f"have {len(self.sources)} sources, this spec {len(pipeline.data.sources)}",
                     "data.sources")
         for i, src in enumerate(self.sources):
-            reason = _other_files(src, [f for f in files if f.ref.source == i])
+            name = pipeline.data.sources[i].name or f"source{i}"
+            reason = _other_files(src, name, [f for f in files if f.ref.source == i])
             if reason is not None:
                 return f"were computed over other files: {reason}", f"data.sources[{i}].files"
         return None
 
 
-def _other_files(src: dict[str, Any], here: list[chunking.FileInfo]) -> str | None:
-    """How a source's files differ from those pass 1 read, by base name and ROOT UUID.
+def _other_files(src: dict[str, Any], name: str, here: list[chunking.FileInfo]) -> str | None:
+    """How a source's files differ from those pass 1 read: base name, ROOT UUID, entries read.
 
     The base name seeds each event's split and the UUID names the file's
     content, so a directory moved or copied elsewhere still fits while a
-    file written anew under its old name does not. Statistics without UUIDs
-    (written before they recorded them) compare full URLs.
+    file written anew under its old name does not. The entries read tell
+    which events pass 1 saw: ``max_events`` spends its budget in file
+    order, so the same files in another order are other events; and a file
+    that grew in place (ROOT's UPDATE mode keeps the UUID) has more.
+    Statistics without UUIDs (written before they recorded them) compare
+    full URLs; without ``file_entries``, the entries are not compared.
+    ``name`` is the source's name in this spec (a report may rename it).
     """
-    urls, uuids = src.get("files") or [], src.get("uuids")
+    urls, uuids, counts = src.get("files") or [], src.get("uuids"), src.get("file_entries")
     if not urls:
         return None
-    if uuids is not None and len(uuids) == len(urls):
-        theirs = [f"{sources.split_key(u)} {d}" for u, d in zip(urls, uuids, strict=True)]
-        ours = [f"{f.ref.key} {f.identity.get('uuid')}" for f in here]
+    by_uuid = uuids is not None and len(uuids) == len(urls)
+    if by_uuid:
+        theirs = [(sources.split_key(u), d) for u, d in zip(urls, uuids, strict=True)]
+        ours = [(f.ref.key, f.identity.get("uuid")) for f in here]
     else:
-        theirs, ours = list(urls), [f.ref.url for f in here]
-    if sorted(theirs) == sorted(ours):
+        theirs, ours = [(u,) for u in urls], [(f.ref.url,) for f in here]
+    read: dict[tuple, int] = {}
+    if counts is not None and len(counts) == len(urls):
+        read = dict(zip(theirs, counts, strict=True))
+        if Counter(theirs) == Counter(ours):  # the same files: were the same entries read?
+            for f, o in zip(here, ours, strict=True):
+                if read[o] != f.entries:
+                    return (f"file {f.ref.url} of source {name!r}: pass 1 read {read[o]:,} of "
+                            f"its entries, this spec reads {f.entries:,} (data.max_events "
+                            "spends its budget in file order, or the file has grown)")
+    if Counter(theirs) == Counter(ours):
         return None
-    name, theirs_set, ours_set = src.get("name"), set(theirs), set(ours)  # thousands of files
+    theirs_set, ours_set = set(theirs), set(ours)  # sets: a source may hold thousands of files
     new = [f.ref.url for f, o in zip(here, ours, strict=True) if o not in theirs_set]
     gone = [u for u, t in zip(urls, theirs, strict=True) if t not in ours_set]
+    if new and not by_uuid:
+        return (f"file {new[0]} of source {name!r} is not among them (statistics from before "
+                "files' UUIDs were recorded compare full paths: a file moved is another file "
+                "to them)")
     if new:
-        same_name = sources.split_key(new[0]) in {sources.split_key(u) for u in urls}
+        same_name = sources.split_key(new[0]) in {key for key, _ in theirs}
         return (f"file {new[0]} of source {name!r} is not among them"
                 + (" (a file of that name is, with other content)" if same_name else ""))
     if gone:
@@ -265,17 +293,18 @@ def spec_of(pipeline: Pipeline) -> dict[str, Any]:
 def pass1_key(spec: dict[str, Any]) -> dict[str, Any]:
     """Of a recorded :func:`spec_of`, what decides pass 1's numbers, in a fixed order.
 
-    Left out as they are checked otherwise: the files as written, the
-    redirector and the tree (the resolved files are compared by content, and
-    on the same files a tree name can only name the tree found before); the
-    features, exclude and identifiers (each feature of this spec must have
-    its statistics, whatever else they hold; a feature's moments do not
-    depend on its max_len, pad or sort_by, as pass 1 pools every element).
-    Source names only label reports.
+    Left out as they are checked otherwise: the files as written and the
+    redirector (the resolved files are compared by content), the tree (the
+    one resolved is compared: ``tree: null`` and the name of a file's only
+    tree are the same tree); the features, exclude and identifiers (each
+    feature of this spec must have its statistics, whatever else they hold;
+    a feature's moments do not depend on its max_len, pad or sort_by, as
+    pass 1 pools every element). Source names only label reports.
+    ``derived`` is compared in its order (:func:`mlaas.spec.canonical_data`).
     """
     return {
         "cut": spec.get("cut"),
-        "derived": spec.get("derived") or {},
+        "derived": canonical_data({"derived": spec.get("derived") or {}})["derived"],
         "label": spec.get("label"),
         "weight": spec.get("weight"),
         "sources": [s.get("label") for s in spec.get("sources") or []],
@@ -285,7 +314,7 @@ def pass1_key(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json(value: Any) -> str:
-    """A comparable text of a JSON value: NaN equals NaN here (a label may be NaN)."""
+    """A comparable text of a JSON value: NaN equals NaN here (a `pad: .nan` of the spec)."""
     return json.dumps(value, sort_keys=True)
 
 
@@ -340,13 +369,14 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
     started = time.perf_counter()
     feats = {f.name: FeatureStats(f.name, f.jagged) for f in layout.features}
     per_source = [
-        {"name": s.name or f"source{i}", "label": s.label, "files": [], "uuids": [], "entries": 0,
-         "selected": 0, "splits": {k: 0 for k in SPLITS}}
+        {"name": s.name or f"source{i}", "label": s.label, "files": [], "uuids": [],
+         "file_entries": [], "entries": 0, "selected": 0, "splits": {k: 0 for k in SPLITS}}
         for i, s in enumerate(pipeline.data.sources)
     ]
     for info in files:
         per_source[info.ref.source]["files"].append(info.ref.url)
         per_source[info.ref.source]["uuids"].append(info.identity.get("uuid"))
+        per_source[info.ref.source]["file_entries"].append(info.entries)
     labels = _LabelStats()
     train_labels = _LabelStats()  # class_weights: balanced weighs the training split
     split = pipeline.data.split
@@ -383,18 +413,20 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
         label=_label_dict(labels, train_labels), max_len={}, warnings=list(layout.warnings),
         entries=sum(s["entries"] for s in per_source),
         compressed_bytes=sum(c.compressed_bytes for c in plan), spec=spec_of(pipeline),
+        tree=layout.tree,
     )
     # complete before any check fails: the errors carry these stats for mlaas stats -o
     stats.max_len = resolve_lengths(layout, stats)
     stats.seconds = time.perf_counter() - started
     _check(pipeline, layout, stats)
-    _check_targets(pipeline, stats, targets)
     # in stats.json and the tables of mlaas stats, not a Python warning: a one-class file
     # can be meant (applying a model, a sample of one process)
     stats.warnings.extend(_one_class(pipeline, stats))
     for note in _zero_variance(stats):
         stats.warnings.append(note)
         warnings.warn(note, UserWarning, stacklevel=2)
+    # the notes first: the stats a failing check carries (mlaas stats -o) hold them too
+    _check_targets(pipeline, stats, targets)
     _check_finite(pipeline, stats, first_bad)
     return stats
 

@@ -99,7 +99,7 @@ from torch.utils.data import DataLoader
 
 from mlaas._stop import PREEMPTED_EXIT_CODE  # 75, EX_TEMPFAIL: re-exported here
 from mlaas.errors import MlaasError
-from mlaas.spec import Pipeline
+from mlaas.spec import Pipeline, canonical_data
 from mlaas.train.models import InputLayout, build_model, select_device, user_frame
 
 __all__ = [
@@ -285,6 +285,7 @@ def _mean(total: Tensor, weight: Tensor) -> Tensor:
 def _spec_view(pipeline: Pipeline) -> dict[str, Any]:
     """The spec without :data:`RESUMABLE_FIELDS`: what a checkpoint must match."""
     d = pipeline.model_dump(mode="json")
+    d["data"] = canonical_data(d["data"])  # derived in its order: another order is another spec
     for dotted in RESUMABLE_FIELDS:
         node = d
         *parents, last = dotted.split(".")
@@ -576,6 +577,9 @@ class _Trainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         old, new = json.loads(state["spec"]), _spec_view(self.p)
+        if isinstance(old.get("data", {}).get("derived"), dict):
+            # written before derived kept its order (sort_keys sorted it): compare as a set
+            new["data"]["derived"] = dict(new["data"]["derived"])
         changed = _diff(old, new)
         if changed:
             raise TrainingError(

@@ -105,3 +105,17 @@ def test_a_new_file_before_any_checkpoint_runs_pass_1_again(
         in capsys.readouterr().err
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert str(extra) in stats["sources"][0]["files"]
+
+
+def test_a_changed_spec_is_refused_before_pass_1_reads_anything(tmp_path: Path) -> None:
+    # the trainer refuses it too, but only after pass 1: hours of reading on a large dataset
+    spec = write_run_dir(tmp_path)
+    run(spec, tmp_path / "out", progress=False)
+    changed = yaml.safe_load(spec.read_text())
+    changed["data"]["cut"] = "MET_pt > 10"
+    spec.write_text(yaml.safe_dump(changed))
+    phases: list[str] = []
+    with pytest.raises(TrainingError, match=r"the spec changed since it was written \(data\.cut"):
+        run(spec, tmp_path / "out", resume=True, progress=False,
+            on_progress=lambda report: phases.append(report.get("phase", "")))
+    assert phases == []  # not even pass 1 began

@@ -140,6 +140,8 @@ def run(spec: str | Path | dict[str, Any] | Pipeline, outdir: str | Path, *,
     pipeline = load(spec)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:  # before pass 1: a checkpoint of another spec is refused anyway
+        trainer.check_resumable(pipeline, out)
     with _preemptible():
         phase("pass1")
         prepared = prepare(pipeline)

@@ -114,6 +114,7 @@ __all__ = [
     "cosine_lr",
     "train",
     "load_checkpoint",
+    "check_resumable",
 ]
 
 #: Spec fields that may change between a checkpoint and ``resume=True``.
@@ -377,6 +378,32 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
+def check_resumable(pipeline: Pipeline, outdir: str | os.PathLike[str]) -> None:
+    """Refuse at once a resume whose checkpoint was written for another spec.
+
+    :func:`train` refuses it too, but only after pass 1, which on a large
+    dataset is hours of reading for nothing; ``mlaas run --resume`` asks first.
+    No checkpoint: nothing to refuse (the run starts afresh).
+    """
+    path = Path(outdir) / CHECKPOINT_NAME
+    if path.exists():
+        _check_spec(load_checkpoint(path), pipeline, path)
+
+
+def _check_spec(state: dict[str, Any], pipeline: Pipeline, path: Path) -> None:
+    old, new = json.loads(state["spec"]), _spec_view(pipeline)
+    if isinstance(old.get("data", {}).get("derived"), dict):
+        # written before derived kept its order (sort_keys sorted it): compare as a set
+        new["data"]["derived"] = dict(new["data"]["derived"])
+    changed = _diff(old, new)
+    if changed:
+        raise TrainingError(
+            f"cannot resume from {str(path)!r}: the spec changed since it was written "
+            f"({', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}); only "
+            f"{', '.join(RESUMABLE_FIELDS)} may change. Run without --resume (or use "
+            "another output directory) to start afresh", file_path=str(path))
+
+
 # -- signals, progress ---------------------------------------------------------------------------
 
 
@@ -576,17 +603,7 @@ class _Trainer:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        old, new = json.loads(state["spec"]), _spec_view(self.p)
-        if isinstance(old.get("data", {}).get("derived"), dict):
-            # written before derived kept its order (sort_keys sorted it): compare as a set
-            new["data"]["derived"] = dict(new["data"]["derived"])
-        changed = _diff(old, new)
-        if changed:
-            raise TrainingError(
-                f"cannot resume from {str(self.path)!r}: the spec changed since it was written "
-                f"({', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}); only "
-                f"{', '.join(RESUMABLE_FIELDS)} may change. Run without --resume (or use "
-                "another output directory) to start afresh", file_path=str(self.path))
+        _check_spec(state, self.p, self.path)
         if json.loads(state["input_layout"]) != self.layout.to_dict() or state["n_outputs"] != self.k:
             raise TrainingError(
                 f"cannot resume from {str(self.path)!r}: the input data changed (columns, "

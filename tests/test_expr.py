@@ -193,19 +193,48 @@ def test_logic_on_jagged_booleans(arrays):
     assert as_list(parse("not jb").evaluate(arrays)) == [[False, True], [], [True]]
 
 
-def test_logic_operators_treat_numbers_as_truth_values(arrays):
-    # Logical, not bitwise: 2 & 1 would be 0 bitwise, and ~0 would be -1.
-    assert as_list(parse("n & 1").evaluate(arrays)) == [True, False, True]
-    assert as_list(parse("n | 0").evaluate(arrays)) == [True, False, True]
+def test_logic_is_logical_except_between_two_integers_where_it_is_bitwise(arrays):
+    # logical on booleans and mixed operands: non-zero numbers count as true
+    assert as_list(parse("t & n").evaluate(arrays)) == [True, False, True]
+    assert as_list(parse("f | ~t").evaluate(arrays)) == [True, True, True]
     assert as_list(parse("~n").evaluate(arrays)) == [False, True, False]
+    # and/or/not stay logical whatever the operands: 2 and 1 is true
+    assert as_list(parse("n and 1").evaluate(arrays)) == [True, False, True]
+    assert as_list(parse("n or 0").evaluate(arrays)) == [True, False, True]
+    # two integers: bitwise, as NanoAOD's packed ids need (Jet_jetId & 4: tight)
+    assert as_list(parse("n & 1").evaluate(arrays)) == [0, 0, 1]
+    assert as_list(parse("n | 4").evaluate(arrays)) == [6, 4, 5]
+    assert as_list(parse("sum((ji & 2) > 0)").evaluate(arrays)) == [1, 0, 1]  # 3, -2 have bit 2
+    bits = np.array([0, 2, 4, 6, 7], dtype=np.uint8)
+    assert as_list(parse("(id & 4) > 0").evaluate({"id": bits})) == [False, False, True, True, True]
 
 
-def test_precedence_is_pythons(arrays):
-    # '&' binds tighter than '>': this is a > (1 & n) < 2, as documented.
-    loose = parse("f > 1 & n < 2").evaluate(arrays)
-    explicit = parse("(f > (1 & n)) & ((1 & n) < 2)").evaluate(arrays)
-    assert as_list(loose) == as_list(explicit) == [True, False, False]
+@pytest.mark.parametrize("text, meant", [
+    ("f > 1 & n < 2", "(f > 1) & (n < 2)"),
+    ("nJet > 9 & (MET_pt < 0.5)", "(nJet > 9) & (MET_pt < 0.5)"),
+    ("a & b > 1", "a & (b > 1)"),
+    ("(a) | (b) == 1", "a | (b == 1)"),
+    ("x + 1 > 2 | abs(y) < 3", "(x + 1 > 2) | (abs(y) < 3)"),
+    ("~t == 1", "~(t == 1)"),
+    ("where(a & b > 1, 1, 2)", "a & (b > 1)"),
+])
+def test_logic_beside_a_comparison_without_parentheses_is_refused(text, meant):
+    # Python reads a > 1 & b < 2 as a > (1 & b) < 2: a cut that silently selected other events
+    with pytest.raises(ExpressionError) as info:
+        parse(text, field_path="data.cut")
+    message = str(info.value)
+    assert "binds tighter than a comparison" in message
+    assert f"write {meant} if that is what you mean" in message
+    assert "at spec field data.cut" in message
+
+
+def test_logic_with_its_own_parentheses_means_what_it_says(arrays):
     assert as_list(parse("(f > 1) & (n < 2)").evaluate(arrays)) == [False, False, False]
+    assert as_list(parse("(n & 1) == 1").evaluate(arrays)) == [False, False, True]
+    assert as_list(parse("f > (1 & n)").evaluate(arrays)) == as_list(
+        parse("f > x").evaluate({**arrays, "x": np.array([0, 0, 1])}))
+    assert as_list(parse("f > 1 and n < 2").evaluate(arrays)) == [False, False, False]
+    parse("(a > 1) & (b < 2) | ~c")  # no comparison beside the logic: nothing to refuse
 
 
 def test_literals(arrays):
@@ -538,9 +567,9 @@ def test_deep_nesting_is_an_error_not_a_crash():
 
 
 def test_expression_records_source_names_and_functions():
-    expr = parse("sqrt(MET_px**2) > 20 & count(Jet_pt) >= nJet")
+    expr = parse("(sqrt(MET_px**2) > 20) & (count(Jet_pt) >= nJet)")
     assert isinstance(expr, Expression)
-    assert expr.source == "sqrt(MET_px**2) > 20 & count(Jet_pt) >= nJet"
+    assert expr.source == "(sqrt(MET_px**2) > 20) & (count(Jet_pt) >= nJet)"
     assert expr.names == frozenset({"MET_px", "Jet_pt", "nJet"})
     assert expr.functions == frozenset({"sqrt", "count"})
 

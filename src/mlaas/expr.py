@@ -13,16 +13,21 @@ accepted; nothing is ever passed to ``eval``. Grammar::
     name        MET_pt  Jet_pt  nMuon          (letters, digits, underscore)
     arithmetic  a + b   a - b   a * b   a / b   a // b   a % b   a ** b   -a  +a
     comparison  <  <=  >  >=  ==  !=           chained: 0 < x < 5 == (0 < x) & (x < 5)
-    logic       a & b   a | b   ~a             elementwise; same as: a and b, a or b, not a
+    logic       a & b   a | b   ~a             elementwise; also: a and b, a or b, not a
+    bits        (Jet_jetId & 4) > 0            & and | of two integers: bitwise
     call        f(a, ...)                      only the functions in the table below
 
 Logic operators work elementwise on booleans (non-zero numbers count as true);
-``and``/``or``/``not`` are accepted as spellings of ``&``/``|``/``~``, never
-short-circuit. Booleans in arithmetic count as 0/1 and ``**`` always gives
+``and``/``or``/``not`` are the same and never short-circuit. ``&`` and ``|``
+of two integers (neither a boolean) are bitwise, as in numpy, C++ and ROOT:
+NanoAOD packs ids and flags into bits. ``and``/``or`` stay logical on any
+operands. Booleans in arithmetic count as 0/1 and ``**`` always gives
 float64 (so ``n ** -1`` works). Division by zero gives inf/nan silently; the
-data layer counts those. Precedence is Python's (and numpy's): ``&`` and ``|``
-bind tighter than comparisons, so ``a > 1 & b < 2`` means ``a > (1 & b) < 2``.
-Always parenthesise: ``(a > 1) & (b < 2)``.
+data layer counts those. Precedence is Python's: ``&`` and ``|`` bind tighter
+than comparisons, so ``nJet > 9 & (MET_pt < 0.5)`` would compare ``nJet``
+with ``9 & (MET_pt < 0.5)``, a silent wrong selection. An ``&``, ``|`` or
+``~`` written unparenthesised next to a comparison is therefore an error that
+shows the parentheses to write: ``(nJet > 9) & (MET_pt < 0.5)``.
 
 Elementwise functions (numpy ufuncs; jagged inputs stay jagged, and a flat
 value broadcasts into each event's list, e.g. ``Jet_px - MET_px``)::
@@ -138,9 +143,21 @@ def _dividing(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return divide
 
 
+def _logic(bitwise: Callable[[Any, Any], Any], logical: Callable[[Any, Any], Any],
+           a: Any, b: Any) -> Any:
+    """``&`` or ``|``: bitwise between two integers (a bitmask test), else logical.
+
+    Logical for everything else: numpy's ``&`` of an integer and a boolean
+    is bitwise too (``nJet & (MET_pt > 10)`` would test nJet's lowest bit).
+    """
+    if _is_integer(a) and _is_integer(b):
+        return bitwise(_numeric(a), _numeric(b))
+    return logical(a, b)
+
+
 def _is_integer(x: Any) -> bool:
-    if isinstance(x, int):
-        return True
+    if isinstance(x, (int, np.integer)):
+        return not isinstance(x, bool)
     if isinstance(x, ak.Array):
         return (_primitive(x) or "").startswith(("int", "uint"))
     return isinstance(x, np.ndarray) and x.dtype.kind in "iu"
@@ -189,7 +206,8 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
         (ast.Add, np.add), (ast.Sub, np.subtract), (ast.Mult, np.multiply),
         (ast.Div, np.true_divide), (ast.Pow, np.float_power))},
     ast.FloorDiv: _dividing(np.floor_divide), ast.Mod: _dividing(np.mod),
-    ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or,
+    ast.BitAnd: lambda a, b: _logic(np.bitwise_and, np.logical_and, a, b),
+    ast.BitOr: lambda a, b: _logic(np.bitwise_or, np.logical_or, a, b),
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {
     ast.USub: lambda a: np.negative(_numeric(a)), ast.UAdd: lambda a: np.positive(_numeric(a)),
@@ -200,6 +218,7 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.GtE: np.greater_equal, ast.Eq: np.equal, ast.NotEq: np.not_equal,
 }
 _BOOL: dict[type, Callable[[Any, Any], Any]] = {ast.And: np.logical_and, ast.Or: np.logical_or}
+_OP_TEXT = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 
 _DISALLOWED: dict[type, str] = {
     ast.Attribute: "attribute access (a branch name with a dot cannot be named either)", ast.Subscript: "a subscript (indexing)",
@@ -416,6 +435,8 @@ class _Compiler:
 
     def _Compare(self, node: ast.Compare) -> Evaluator:
         ops = [self.operator(op, _COMPARE, node) for op in node.ops]
+        for operand in [node.left, *node.comparators]:
+            self.check_precedence(node, operand)
         operands = [self.compile(v) for v in [node.left, *node.comparators]]
 
         def compare(arrays: Mapping[str, Any]) -> Any:
@@ -423,6 +444,65 @@ class _Compiler:
             pairs = [op(a, b) for op, a, b in zip(ops, values, values[1:])]
             return functools.reduce(np.logical_and, pairs)
         return compare
+
+    def check_precedence(self, compare: ast.Compare, operand: ast.expr) -> None:
+        """Refuse ``a > 1 & b < 2``: Python reads it as ``a > (1 & b) < 2``, silently.
+
+        ROOT's ``&&``, pandas' query and SQL's AND all bind looser than a
+        comparison, so a physicist's cut written that way selected other
+        events without a word. Only an unparenthesised ``&``, ``|`` or ``~``
+        directly beside a comparison operator is refused; with its own
+        parentheses it means what it says (``(Jet_jetId & 4) > 0``).
+        """
+        logic = ((isinstance(operand, ast.BinOp)
+                  and isinstance(operand.op, (ast.BitAnd, ast.BitOr)))
+                 or (isinstance(operand, ast.UnaryOp) and isinstance(operand.op, ast.Invert)))
+        if not logic or self.parenthesised(operand):
+            return
+        symbol = {ast.BitAnd: "&", ast.BitOr: "|", ast.Invert: "~"}[type(operand.op)]
+        raise self.error(
+            f"{symbol!r} binds tighter than a comparison: in expression {self.source!r}, "
+            f"{self.text(operand)!r} is one side of {self.text(compare)!r}; write "
+            f"{self.regrouped(compare, operand)} if that is what you mean, or use "
+            "'and' / 'or' / 'not', which bind looser than comparisons")
+
+    def regrouped(self, compare: ast.Compare, operand: ast.BinOp | ast.UnaryOp) -> str:
+        """The comparison with ``&``, ``|`` or ``~`` binding looser, as ROOT's ``&&`` does."""
+        items = [compare.left, *compare.comparators]
+        ops = [_OP_TEXT[type(op)] for op in compare.ops]
+        i = items.index(operand)
+        if isinstance(operand, ast.UnaryOp):  # ~a > 1  ->  ~(a > 1)
+            if i:  # 1 < ~a: no reading of it is more likely than another
+                return f"{self.text(compare.left)} {ops[0]} (~{self.atom(operand.operand)})"
+            return f"~{self.chain([operand.operand, *items[1:]], ops)}"
+        symbol = "&" if isinstance(operand.op, ast.BitAnd) else "|"
+        left = self.chain([*items[:i], operand.left], ops[:i])
+        right = self.chain([operand.right, *items[i + 1:]], ops[i:])
+        return f"{left} {symbol} {right}"
+
+    def chain(self, items: list[ast.expr], ops: list[str]) -> str:
+        """``a < b < c`` from its parts, in parentheses when it compares anything."""
+        parts = [self.atom(items[0])]
+        for op, item in zip(ops, items[1:], strict=True):
+            parts += [op, self.atom(item)]
+        return f"({' '.join(parts)})" if ops else parts[0]
+
+    def atom(self, node: ast.expr) -> str:
+        """``node``'s text, in parentheses when it binds looser than arithmetic."""
+        loose = (isinstance(node, (ast.Compare, ast.BoolOp))
+                 or (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)))
+                 or (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Invert, ast.Not))))
+        return f"({self.text(node)})" if loose else self.text(node)
+
+    def parenthesised(self, node: ast.expr) -> bool:
+        """Whether ``node`` has parentheses of its own (``ast`` keeps none: read the text)."""
+        text = self.source.strip().encode()
+        lines = text.split(b"\n")
+        start = sum(len(line) + 1 for line in lines[:node.lineno - 1]) + node.col_offset
+        end = sum(len(line) + 1 for line in lines[:(node.end_lineno or 1) - 1]) + (
+            node.end_col_offset or 0)
+        before, after = text[:start].rstrip(), text[end:].lstrip()
+        return before.endswith(b"(") and after.startswith(b")")
 
     def operator(self, op: ast.AST, table: dict[type, Any], node: ast.AST) -> Any:
         if type(op) not in table:

@@ -145,6 +145,19 @@ class JaggedFeature(_Model):
         description="Branch of the same collection to sort by, descending, before "
         "truncation; applies to the whole collection.",
     )
+    collection: str | None = Field(
+        default=None,
+        description="The collection it is padded, sorted and masked with. Default: a "
+        "derived name or expression takes that of the jagged branches it is computed "
+        "from (log_Jet_pt: log(Jet_pt) is Jet), a branch its prefix before the first _.",
+    )
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, value: str | None) -> str | None:
+        if value is not None and not expr.is_identifier(value):
+            raise ValueError(f"collection {value!r} must be a name (letters, digits, _)")
+        return value
 
 
 Feature = Union[str, JaggedFeature]
@@ -313,14 +326,22 @@ class DataSpec(_Model):
 
     @model_validator(mode="after")
     def _collections(self) -> DataSpec:
-        """Jagged features of one collection must agree on length and sort key."""
+        """Jagged features of one collection must agree on length and sort key.
+
+        Checked here for branches and explicit collections; a derived name
+        takes its inputs' collection, known only with the tree, and the data
+        layer checks those (``mlaas.data.layout``).
+        """
         if not isinstance(self.features, list):
             return self
         seen: dict[str, JaggedFeature] = {}
         for f in self.features:
             if not isinstance(f, JaggedFeature):
                 continue
-            coll = collection_of(f.branch)
+            if f.collection is None and (f.branch in self.derived
+                                         or not expr.is_identifier(f.branch)):
+                continue
+            coll = f.collection or collection_of(f.branch)
             first = seen.setdefault(coll, f)
             for attr in ("max_len", "sort_by"):
                 a, b = getattr(first, attr), getattr(f, attr)

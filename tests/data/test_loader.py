@@ -266,6 +266,50 @@ def test_features_all_pads_a_jagged_derived_name_like_a_jagged_branch(synth_pair
                                rtol=1e-6, atol=1e-5)
 
 
+def test_a_derived_jagged_name_takes_the_collection_of_its_inputs(synth_pair: Path) -> None:
+    # MLaaS4HEP named new branches log_Jet_pt, log_Muon_pt: one prefix, two collections
+    spec = synth_spec(synth_pair, normalize="none",
+                      derived={"log_Jet_pt": "log(Jet_pt)", "log_Muon_pt": "log(Muon_pt)"},
+                      features=[{"branch": "log_Jet_pt", "max_len": 3, "sort_by": "Jet_pt"},
+                                {"branch": "log_Muon_pt", "max_len": 2},
+                                {"branch": "Muon_eta", "max_len": 2}])
+    ds = RootDataset(spec, split="all", shuffle=False)
+    assert {k: c.features for k, c in ds.layout.collections.items()} == {
+        "Jet": ["log_Jet_pt"], "Muon": ["log_Muon_pt", "Muon_eta"]}
+    t = uproot.open(synth_pair / "signal.root")["Events"].arrays(["Jet_pt", "Muon_pt"])
+    jets = t.Jet_pt[ak.argsort(t.Jet_pt, ascending=False)]
+    want_jet, want_mask = padded(np.log(jets), 3, 0.0)
+    want_mu, _ = padded(np.log(t.Muon_pt), 2, 0.0)
+    got = collect(ds)
+    sig = got.file == 0
+    x = got.x[sig][np.argsort(got.entry[sig])]
+    names = ds.feature_names
+    np.testing.assert_allclose(x[:, [names.index(f"log_Jet_pt_{i}") for i in range(3)]],
+                               want_jet, rtol=1e-6)
+    np.testing.assert_allclose(x[:, [names.index(f"log_Muon_pt_{i}") for i in range(2)]],
+                               want_mu, rtol=1e-6)
+
+
+def test_collection_set_in_the_spec_wins_and_one_collection_pads_as_one(
+        synth_pair: Path) -> None:
+    from mlaas.errors import SpecError
+
+    apart = [{"branch": "Jet_pt", "max_len": 2},
+             {"branch": "Jet_eta", "max_len": 3, "collection": "JetEta"}]
+    ds = RootDataset(synth_spec(synth_pair, features=apart), split="all", shuffle=False)
+    assert {k: (c.features, c.max_len) for k, c in ds.layout.collections.items()} == {
+        "Jet": (["Jet_pt"], 2), "JetEta": (["Jet_eta"], 3)}
+    assert ds.feature_names[2:] == ["Jet_eta_0", "Jet_eta_1", "Jet_eta_2"]
+    # a derived name's collection is known with the tree: a clash is found there, named
+    clash = [{"branch": "log_Jet_pt", "max_len": 3}, {"branch": "Jet_eta", "max_len": 2}]
+    spec = synth_spec(synth_pair, derived={"log_Jet_pt": "log(Jet_pt)"}, features=clash)
+    with pytest.raises(SpecError) as info:
+        RootDataset(spec, split="all")
+    text = str(info.value)
+    assert "max_len differs within collection 'Jet': log_Jet_pt has 3, Jet_eta has 2" in text
+    assert "at spec field data.features[1].max_len" in text
+
+
 DATAGEN_EXACT = {
     "derived": {"HT": "sum(Jet_pt)", "Jet_px": "Jet_pt * cos(Jet_phi)"},
     "cut": "(MET_pt > 20) & (nJet >= 1)",

@@ -227,7 +227,8 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     else:
         items = list(data.features)
 
-    features, collections = _features(pipeline, items, available, kinds, url, tree_name)
+    features, collections = _features(pipeline, items, available, kinds, dict(derived), url,
+                                      tree_name)
     if not features:
         for note in notes:  # why each candidate was left out, before the error
             warnings.warn(note, UserWarning, stacklevel=2)
@@ -385,8 +386,8 @@ def _excluded(names: list[str]) -> Callable[[str], bool]:
 
 
 def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: dict[str, str],
-              kinds: dict[str, str], url: str, tree_name: str
-              ) -> tuple[list[Feature], dict[str, Collection]]:
+              kinds: dict[str, str], derived: Mapping[str, expr.Expression], url: str,
+              tree_name: str) -> tuple[list[Feature], dict[str, Collection]]:
     norm = pipeline.data.normalize
     features: list[Feature] = []
     collections: dict[str, Collection] = {}
@@ -405,8 +406,9 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
             continue
         e = _parse(item.branch, f"{path}.branch")
         _missing(set(e.names), available, url, tree_name, f"{path}.branch", item.branch)
-        coll_name = collection_of(item.branch)
+        coll_name = _collection_of(item, e, derived, kinds)
         coll = collections.setdefault(coll_name, Collection(coll_name))
+        _agrees(coll, item, path, features)
         coll.features.append(item.branch)
         coll.max_len = coll.max_len or item.max_len
         if coll.sort_by is None and item.sort_by is not None:
@@ -420,6 +422,40 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
                                 norm.per_feature.get(item.branch, norm.default),
                                 collection=coll_name, pad=item.pad))
     return features, collections
+
+
+def _collection_of(item: JaggedFeature, e: expr.Expression,
+                   derived: Mapping[str, expr.Expression], kinds: Mapping[str, str]) -> str:
+    """A jagged feature's collection: the spec's, else its inputs', else its name's prefix.
+
+    A derived name (or an expression) computed from one collection's
+    branches belongs to it, whatever its name: ``log_Jet_pt`` and
+    ``log_Muon_pt`` (MLaaS4HEP's naming) are Jet and Muon, not one
+    collection "log" of two multiplicities.
+    """
+    if item.collection is not None:
+        return item.collection
+    if item.branch in derived or not expr.is_identifier(item.branch):
+        inputs = _inputs_of([e], derived)
+        found = {collection_of(n) for n in inputs if kinds.get(n) == "jagged"}
+        if len(found) == 1:
+            return found.pop()
+    return collection_of(item.branch)
+
+
+def _agrees(coll: Collection, item: JaggedFeature, path: str, features: list[Feature]) -> None:
+    """One collection is padded and sorted as one: its features must not ask otherwise."""
+    first = next((f.name for f in features if f.collection == coll.name), None)
+    if first is None:
+        return
+    if item.max_len is not None and coll.max_len is not None and item.max_len != coll.max_len:
+        raise SpecError(f"max_len differs within collection {coll.name!r}: {first} has "
+                        f"{coll.max_len}, {item.branch} has {item.max_len}; one collection is "
+                        "padded as one", field_path=f"{path}.max_len")
+    if item.sort_by is not None and coll.sort_by is not None and item.sort_by != coll.sort_by:
+        raise SpecError(f"sort_by differs within collection {coll.name!r}: {first} has "
+                        f"{coll.sort_by!r}, {item.branch} has {item.sort_by!r}; one collection "
+                        "is sorted as one", field_path=f"{path}.sort_by")
 
 
 def _flat_sort_key(key: str, branch: str) -> str:

@@ -298,7 +298,8 @@ def _sort_key_error(coll: Any, name: str, url: str) -> DataError:
 def _multiplicity_error(coll: Any, name: str, url: str) -> DataError:
     return DataError(
         f"branches of collection {coll.name!r} ({', '.join(coll.features)}) have different "
-        "multiplicities; name them so that one collection shares one length",
+        "multiplicities; a collection shares one length: give a feature its own with "
+        "collection: NAME in data.features",
         file_path=url, branch=name,
     )
 

@@ -452,6 +452,33 @@ def test_balance_equal_keeps_class_counts_close(synth_pair: Path) -> None:
         assert abs(int((y == label).sum()) - small) < 5 * np.sqrt(small)
 
 
+def test_balance_equal_balances_classes_not_sources(synth_pair: Path, tmp_path: Path) -> None:
+    # one signal source against two background ones: 1:1 signal to background, not 1:2
+    shutil.copy(synth_pair / "background.root", tmp_path / "background2.root")
+    spec = synth_spec(synth_pair, balance="equal")
+    spec["data"]["sources"].append({"name": "more", "files": [str(tmp_path / "background2.root")],
+                                    "label": 0})
+    ds = RootDataset(spec, split="train", batch_size=1000)
+    per_source = [s["splits"]["train"] for s in ds.stats.sources]
+    y = np.concatenate([b["y"] for b in ds])
+    signal = per_source[0]
+    assert signal < per_source[1] + per_source[2]
+    for label in (0.0, 1.0):
+        assert abs(int((y == label).sum()) - signal) < 5 * np.sqrt(signal), label
+    # a label expression: balanced by each event's label, from pass 1's counts
+    expression = synth_spec(synth_pair, balance="equal", label="nJet >= 4",
+                            features=["MET_pt"])
+    for source in expression["data"]["sources"]:
+        del source["label"]
+    ds = RootDataset(expression, split="train", batch_size=1000)
+    counts = ds.stats.label["train_counts"]
+    assert counts["0"] != counts["1"]
+    y = np.concatenate([b["y"] for b in ds])
+    small = min(counts.values())
+    for label in (0.0, 1.0):
+        assert abs(int((y == label).sum()) - small) < 5 * np.sqrt(small), label
+
+
 @pytest.mark.parametrize("kind", ["memory", "disk"])
 def test_cache_second_epoch_equals_first(synth_pair: Path, tmp_path: Path, kind: str) -> None:
     cache = {"kind": "memory"} if kind == "memory" else {"disk": str(tmp_path / "cache")}

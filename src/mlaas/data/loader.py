@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -78,6 +79,12 @@ def prepare(pipeline: Pipeline) -> Prepared:
     tree.file.close()
     infos, plan = chunking.plan(pipeline, layout, files)
     return layout, infos, plan
+
+
+def _equal_shares(sizes: np.ndarray) -> np.ndarray:
+    """Per group, the share of its events that leaves every group as large as the smallest."""
+    smallest = sizes[sizes > 0].min() if (sizes > 0).any() else 0.0
+    return np.where(sizes > 0, smallest / np.maximum(sizes, 1), 0.0)
 
 
 class RootDataset:
@@ -184,17 +191,39 @@ class RootDataset:
         stats.check_fits(self.pipeline, self.layout, self.files)
         return stats
 
-    def _balance_fractions(self) -> np.ndarray:
-        """Per source, the fraction of its events kept each epoch under ``balance: equal``."""
-        n = len(self.pipeline.data.sources)
+    def _balance_fractions(self) -> dict[float, float] | np.ndarray:
+        """The fraction of events kept each epoch under ``balance: equal``: per class, so
+        every class contributes about as many events as the smallest.
+
+        With fixed labels a class is the sources of one label (one signal
+        source against two background ones is 1:1, not 1:2; within a class,
+        sources keep their proportions): an array per source. Under
+        ``data.label`` a label value -> fraction mapping from pass 1's label
+        counts (of the training split when this is it). A regression label
+        has no classes: sources are balanced instead, and said so.
+        """
+        sources_ = self.pipeline.data.sources
         if self.pipeline.data.balance != "equal":
-            return np.ones(n)
+            return np.ones(len(sources_))
         key = self.split if self.split != "all" else None
-        counts = np.array([
+        per_source = np.array([
             (s["splits"][key] if key else s["selected"]) for s in self.stats.sources
         ], dtype=np.float64)
-        smallest = counts[counts > 0].min() if (counts > 0).any() else 0.0
-        return np.where(counts > 0, smallest / np.maximum(counts, 1), 0.0)
+        if self.pipeline.data.label is None:
+            labels = [s.label for s in sources_]
+            per_class = {lab: sum(n for n, other in zip(per_source, labels, strict=True)
+                                  if other == lab) for lab in labels}
+            sizes = np.array([per_class[lab] for lab in labels])
+            return _equal_shares(sizes)
+        counts = self.stats.label.get("train_counts" if self.split == "train" else "counts")
+        if not counts:
+            warnings.warn("balance: equal with a label of more than 64 values (a regression) "
+                          "has no classes to balance: sources are balanced instead",
+                          UserWarning, stacklevel=3)
+            return _equal_shares(per_source)
+        values = [float(v) for v in counts]
+        shares = _equal_shares(np.array([counts[v] for v in counts], dtype=np.float64))
+        return dict(zip(values, shares.tolist(), strict=True))
 
     def _cache(self, shift: np.ndarray, scale: np.ndarray) -> ChunkCache:
         c = self.pipeline.data.cache
@@ -501,15 +530,21 @@ class RootDataset:
         return self._finish(chunk, self._fetch(chunk, trees))
 
     def _balanced(self, cols: Columns, epoch: int) -> Columns:
-        """Under ``balance: equal``, keep a fresh random share of larger sources each epoch."""
+        """Under ``balance: equal``, keep a fresh random share of larger classes each epoch."""
         if self.pipeline.data.balance != "equal" or len(cols) == 0:
             return cols
+        fraction = np.zeros(len(cols))
+        if isinstance(self._keep_fraction, dict):  # by each event's label
+            for value, share in self._keep_fraction.items():
+                fraction[cols.y == np.float32(value)] = share
         keep = np.zeros(len(cols), dtype=bool)
         for file_index in np.unique(cols.file):
             rows = np.flatnonzero(cols.file == file_index)
             info = self.files[int(file_index)]
+            if not isinstance(self._keep_fraction, dict):
+                fraction[rows] = self._keep_fraction[info.ref.source]
             u = uniform_hash(info.ref.key, np.asarray(cols.entry[rows]), self.seed, 1 + epoch)
-            keep[rows] = u < self._keep_fraction[info.ref.source]
+            keep[rows] = u < fraction[rows]
         return cols.take(np.flatnonzero(keep))
 
     def _flush(self, buf: Columns, rng: np.random.Generator, final: bool,

@@ -377,3 +377,132 @@ def test_root_logic_keeps_its_precedence() -> None:
     text = translate_expression("MET_px > 1 && NMuon < 2")
     env = {"MET_px": np.array([0.0, 5.0, 5.0]), "NMuon": np.array([1, 1, 3])}
     assert parse(text).evaluate(env).tolist() == [False, True, False]
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("np.sum(Jet_pt, axis=1)", "sum(Jet_pt)"),
+    ("np.max(Muon_Px, axis=-1)", "max(Muon_Px)"),
+    ("numpy.amin(x, 1) + np.mean(np.abs(x), axis = 1)", "min(x) + mean(abs(x))"),
+    ("np.count_nonzero(Jet_pt > 30, axis=1)", "sum((Jet_pt > 30) != 0)"),
+    ("np.any(x > 1, axis=1) && np.all(x < 9, axis=-1)", "any(x > 1) and all(x < 9)"),
+])
+def test_numpy_reductions_along_axis_1_are_ours_per_event(source: str, expected: str) -> None:
+    """axis=1 (or -1) reduces each event's list, which is exactly what ours do."""
+    assert translate_expression(source) == expected
+    parse(expected)
+
+
+@pytest.mark.parametrize("source", [
+    "np.sum(Jet_pt)", "np.sum(Jet_pt, axis=0)", "np.max(Jet_pt, axis=None)",
+    "np.count_nonzero(Jet_pt)", "np.sum(Jet_pt, axis=1, keepdims=True)",
+])
+def test_numpy_reductions_over_events_stay_refused(source: str) -> None:
+    preproc = {"new_branch": {"HT": {"def": source, "type": "flat", "cut": "HT > 100"}}}
+    result = convert(base_params(), ["a.root"], ["1"], preproc, tree_kinds=HZZ_KINDS)
+    assert "derived" not in result.spec["data"] and "cut" not in result.spec["data"]
+    assert note_about(result.notes, f"new_branch 'HT': def {source!r} could not be")
+
+
+def test_a_per_event_numpy_sum_keeps_its_branch_and_cut_and_runs_on_hzz() -> None:
+    # found by an audit: np.sum(x, axis=1) was called a reduction over all events and its
+    # branch and cut were dropped
+    preproc = {"new_branch": {"HT": {"def": "np.sum(Muon_Px, axis=1)", "type": "flat",
+                                     "cut": "HT > 10", "remove": "False"}}}
+    result = convert(base_params(), [str(FILES / "uproot-HZZ.root")], [1], preproc,
+                     tree_kinds=HZZ_KINDS)
+    data = result.spec["data"]
+    assert data["derived"] == {"HT": "sum(Muon_Px)"}
+    assert data["cut"] == "HT > 10"
+    assert data["features"] == ["NMuon", "MET_px", "HT"]
+    assert not note_about(result.notes, "could not be translated"), result.notes
+    ds = RootDataset(mlaas.spec.load(result.spec), split="all", shuffle=False)
+    assert "HT" in ds.feature_names and ds.num_events > 0
+
+
+@pytest.mark.parametrize(("params", "data", "train"), [
+    ({"epochs": "5", "batch_size": " 64 "}, {}, {"epochs": 5, "batch_size": 64}),
+    ({"nevts": "1000", "chunk_size": "500"}, {"max_events": 1000, "step_size": 500}, {}),
+    ({"nevts": "-1", "chunk_size": "-1"}, {}, {}),
+])
+def test_numeric_strings_are_whole_numbers_as_int_read_them(
+        params: dict, data: dict, train: dict) -> None:
+    # found by an audit: "epochs": "5" (JSON configs often quote numbers) was refused
+    result = convert(params, [str(FILES / "uproot-HZZ.root")], [1])
+    assert {k: v for k, v in result.spec["data"].items() if k in data} == data
+    assert result.spec.get("train", {}) == train
+    for key in ("epochs=", "batch_size=", "nevts="):
+        assert not note_about(result.notes, key), result.notes
+    mlaas.spec.load(result.spec)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("epochs", "5.5"), ("batch_size", "big"), ("nevts", "5.5"), ("epochs", "-3"),
+    ("chunk_size", "big"),
+])
+def test_strings_that_are_not_whole_numbers_are_still_refused(key: str, value: str) -> None:
+    result = convert({key: value}, [str(FILES / "uproot-HZZ.root")], [1])
+    assert note_about(result.notes, f"{key}={value!r} is not a positive"), result.notes
+    assert key not in result.spec.get("train", {})
+    assert "max_events" not in result.spec["data"] and "step_size" not in result.spec["data"]
+
+
+def write_old_config(directory: Path, files: str, selected: list[str]) -> tuple[Path, ...]:
+    """params.json, files.txt and labels.txt (one label per line of ``files``)."""
+    params = directory / "params.json"
+    params.write_text(json.dumps({"branch": "events", "selected_branches": selected}))
+    (directory / "files.txt").write_text(files)
+    labels = "".join("1\n" for line in files.splitlines() if line.strip())
+    (directory / "labels.txt").write_text(labels)
+    return params, directory / "files.txt", directory / "labels.txt"
+
+
+def test_a_glob_first_file_is_expanded_to_learn_the_kinds(tmp_path: Path) -> None:
+    # found by an audit: data/sig*.root was "not a local file here"
+    (tmp_path / "data").mkdir()
+    for name in ("sig1.root", "sig2.root"):
+        shutil.copy(FILES / "uproot-HZZ.root", tmp_path / "data" / name)
+    paths = write_old_config(tmp_path, "data/sig*.root\n", ["NMuon", "Muon_Px"])
+    result = convert_files(*paths)  # the working directory is not tmp_path
+    assert not note_about(result.notes, "not a local file"), result.notes
+    data = result.spec["data"]
+    assert data["sources"] == [{"files": ["data/sig*.root"], "label": 1}]  # kept a glob
+    assert data["features"] == ["NMuon", {"branch": "Muon_Px"}]
+    pipeline = mlaas.spec.load(result.spec, base_dir=tmp_path)
+    assert len(sources.resolve_files(pipeline)) == 2
+
+
+def test_a_glob_matching_no_local_file_is_a_note(tmp_path: Path) -> None:
+    paths = write_old_config(tmp_path, "data/sig*.root\n", ["NMuon"])
+    result = convert_files(*paths)
+    assert "matches no local file" in result.notes[0], result.notes
+    assert result.spec["data"]["sources"] == [{"files": ["data/sig*.root"], "label": 1}]
+
+
+def test_derived_jagged_names_of_two_collections_read_on_datagen(tmp_path: Path) -> None:
+    """The predecessor's docs name new branches log_Jet_pt, log_Muon_pt (<prefix>_<input>).
+
+    Grouped by the text before the first ``_``, both were one collection 'log'
+    whose multiplicities differ, and pass 1 failed; a derived name now takes
+    the collection of the branches it is computed from.
+    """
+    from mlaas.data import synth
+
+    made = synth.generate(tmp_path / "gen", 2000, seed=1)["files"]
+    preproc = tmp_path / "preproc.json"
+    preproc.write_text(json.dumps({"new_branch": {
+        "log_Jet_pt": {"def": "np.log(Jet_pt)", "type": "jagged", "remove": "False"},
+        "log_Muon_pt": {"def": "np.log(Muon_pt)", "type": "jagged", "remove": "False"}}}))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"selected_branches": ["log_Jet_pt", "log_Muon_pt"]}))
+    (tmp_path / "files.txt").write_text(f"{made['signal']}\n{made['background']}\n")
+    (tmp_path / "labels.txt").write_text("1\n0\n")
+    result = convert_files(params, tmp_path / "files.txt", tmp_path / "labels.txt", preproc)
+    assert result.spec["data"]["features"] == [{"branch": "log_Jet_pt"},
+                                               {"branch": "log_Muon_pt"}]
+    assert not note_about(result.notes, "could not be translated"), result.notes
+    ds = RootDataset(mlaas.spec.load(result.spec), split="all")
+    assert ds.num_events > 0
+    assert {"log_Jet_pt_0", "log_Muon_pt_0"} <= set(ds.feature_names)

@@ -13,7 +13,8 @@ what each key meant was read from its ``workflow.py``, ``generator.py``,
 MLaaS4HEP                      mlaas spec
 =============================  ===============================================
 files.txt + labels.txt         ``data.sources``: files with the same label
-                               become one source, in first-seen order
+                               become one source, in first-seen order (globs
+                               kept; the first match is peeked at)
 ``branch``                     ``data.tree`` (missing: ``Events``, the old default)
 ``selected_branches``          ``data.features`` (jagged branches become
                                ``{branch: NAME}``, max_len by percentile)
@@ -28,6 +29,8 @@ min-max scaling (always)       ``data.normalize: minmax``
 ``shuffle``                    always on for training (a note if it was off)
 ``hist verbose nan metrics``   not mapped: reporting and padding details
 preproc ``new_branch``         ``data.derived`` (+ a feature unless ``remove``)
+``np.sum(x, axis=1)`` etc.     ``sum(x)`` etc., one value per event (without
+                               axis=1 numpy reduced a whole chunk: refused)
 ``new_branch.*.cut*``          ANDed into ``data.cut``
 ``keys_to_remove``, ``remove`` left out of the features
 preproc ``flat_cut``           ANDed into ``data.cut``
@@ -72,6 +75,14 @@ DATA_KEYS = ("nevts", "chunk_size", "branch", "identifier", "selected_branches",
 PREPROC_KEYS = ("new_branch", "flat_cut", "jagged_cut")
 NEW_BRANCH_KEYS = ("def", "type", "remove", "keys_to_remove")
 _NUMPY_PREFIX = re.compile(r"\b(?:numpy|np)\.([A-Za-z_][A-Za-z0-9_]*)")
+# numpy reductions -> ours; along axis 1 (-1) of a jagged chunk they reduce each event's list,
+# as ours do. count_nonzero has no name of its own here: it becomes sum((x) != 0).
+_NUMPY_REDUCTIONS = {"sum": "sum", "max": "max", "amax": "max", "min": "min", "amin": "min",
+                     "mean": "mean", "any": "any", "all": "all", "count_nonzero": "sum"}
+_NUMPY_REDUCTION_CALL = re.compile(
+    rf"\b(?:numpy|np)\.({'|'.join(sorted(_NUMPY_REDUCTIONS, key=len, reverse=True))})\s*\(")
+_KEYWORD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)\s*(.*)$", re.DOTALL)
+_PER_EVENT_AXES = ("1", "-1")
 # numpy spellings of functions our language has under another name.
 _ALIASES = {"absolute": "abs", "fabs": "abs"}
 _CONSTANTS = {"pi": repr(math.pi), "e": repr(math.e)}
@@ -120,15 +131,20 @@ def translate_expression(source: str) -> str:
     numpy in scope, so users wrote ``np.sqrt(x)`` as often as ``sqrt(x)`` and
     sometimes ROOT's ``&&``/``||``/``!``. Those become ``and``/``or``/``not``,
     not ``&``/``|``/``~``: the words bind more loosely than comparisons, as the
-    C++ operators do, so ``a > 1 && b < 2`` keeps its meaning. Only spelling is
-    changed here; whether the result is valid is for :func:`mlaas.expr.parse` to say.
+    C++ operators do, so ``a > 1 && b < 2`` keeps its meaning. A numpy
+    reduction along ``axis=1`` reduced each event's list, as ours do, so
+    ``np.sum(x, axis=1)`` becomes ``sum(x)``; without it numpy reduced the
+    whole chunk, so the prefix is kept and the parser refuses it. Otherwise
+    only spelling is changed; whether the result is valid is for
+    :func:`mlaas.expr.parse` to say.
     """
     text = source.replace("&&", " and ").replace("||", " or ")
     text = re.sub(r"!(?!=)", " not ", text)
+    text = _per_event_reductions(text)
 
     def unprefix(match: re.Match[str]) -> str:
         name = match.group(1)
-        if name in expr.REDUCTIONS:  # np.max(x) reduced over everything, ours per event
+        if _is_reduction(name):  # np.max(x) reduced over everything, ours per event
             return match.group(0)
         return _CONSTANTS.get(name) or _ALIASES.get(name, name)
 
@@ -138,18 +154,90 @@ def translate_expression(source: str) -> str:
     return " ".join(text.split())
 
 
+def _is_reduction(name: str) -> bool:
+    """A numpy name that reduces: kept prefixed (so refused) unless taken along axis 1."""
+    return name in _NUMPY_REDUCTIONS or name in expr.REDUCTIONS
+
+
+def _closing(text: str, start: int) -> int | None:
+    """Index of the bracket closing the one at ``start``, or None when it is never closed."""
+    depth = 0
+    for index in range(start, len(text)):
+        if text[index] in "([{":
+            depth += 1
+        elif text[index] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return index
+    return None
+
+
+def _arguments(text: str) -> list[str]:
+    """A call's arguments split at the commas outside any brackets, stripped."""
+    args: list[str] = []
+    depth = begin = 0
+    for index, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            args.append(text[begin:index].strip())
+            begin = index + 1
+    args.append(text[begin:].strip())
+    return [a for a in args if a]
+
+
+def _per_event_call(name: str, args: list[str]) -> str | None:
+    """Ours for ``np.NAME(x, axis=1)`` or ``np.NAME(x, 1)``; None for any other arguments.
+
+    Only axis 1 (or -1) of a chunk is one value per event; without an axis
+    (or axis 0/None) numpy reduced the whole chunk, and extra keywords
+    (keepdims, initial, ...) have no counterpart, so those stay refused.
+    """
+    keywords = [m for m in (_KEYWORD.match(a) for a in args) if m]
+    data = [a for a in args if not _KEYWORD.match(a)]
+    if len(data) == 2 and not keywords:
+        data, axis = data[:1], data[1]
+    elif len(data) == 1 and [m.group(1) for m in keywords] == ["axis"]:
+        axis = keywords[0].group(2).strip()
+    else:
+        return None
+    if axis.replace(" ", "") not in _PER_EVENT_AXES:
+        return None
+    if name == "count_nonzero":
+        return f"sum(({data[0]}) != 0)"
+    return f"{_NUMPY_REDUCTIONS[name]}({data[0]})"
+
+
+def _per_event_reductions(text: str) -> str:
+    """``np.sum(x, axis=1)`` and the like rewritten as ours; other numpy calls left as written."""
+    pieces: list[str] = []
+    position = 0
+    while match := _NUMPY_REDUCTION_CALL.search(text, position):
+        close = _closing(text, match.end() - 1)
+        if close is None:  # unbalanced: left for the parser to report
+            break
+        args = [_per_event_reductions(a) for a in _arguments(text[match.end():close])]
+        ours = _per_event_call(match.group(1), args)
+        written = text[match.start():match.end()] + ", ".join(args) + ")"
+        pieces += [text[position:match.start()], ours or written]
+        position = close + 1
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
 def _parsed(source: str, what: str, notes: list[str]) -> str | None:
     """The translated expression, or None (and a note) when our language cannot say it."""
     text = translate_expression(source)
     try:
         expr.parse(text)
     except ExpressionError as exc:
-        reduced = [m.group(1) for m in _NUMPY_PREFIX.finditer(text)
-                   if m.group(1) in expr.REDUCTIONS]
+        reduced = [m.group(1) for m in _NUMPY_PREFIX.finditer(text) if _is_reduction(m.group(1))]
         if reduced:  # kept with its prefix by translate_expression, on purpose
             reason = (f"np.{reduced[0]} reduced over all the events of a chunk there, which "
-                      f"has no per-event meaning; {reduced[0]}(x) here reduces one event's "
-                      "list")
+                      f"has no per-event meaning; only np.{reduced[0]}(x, axis=1), one value "
+                      "per event, is translated")
         else:
             reason = re.split(r";? available functions", exc.message.splitlines()[0])[0]
         notes.append(f"{what} {source!r} could not be translated ({reason}); "
@@ -281,13 +369,33 @@ def _redirector(value: Any, notes: list[str]) -> str | None:
     return None
 
 
+def _whole(value: Any) -> Any:
+    """A numeric string as Python's ``int()`` reads it (``"5"``, ``" 64 "``); else as given.
+
+    MLaaS4HEP passed the integer keys through ``int()``, so a quoted number
+    in params.json (common in JSON configs) worked there. ``"5.5"`` and
+    ``"big"`` failed there and come back unchanged, for the caller to refuse.
+    """
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _is_positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def _max_events(params: dict[str, Any], n_sources: int, notes: list[str]) -> int | None:
     """nevts as a per-source cap: MLaaS4HEP shared ``nevts`` over all files by size."""
-    nevts = params.get("nevts", -1)
+    written = params.get("nevts", -1)
+    nevts = _whole(written)
     if nevts is None or nevts == -1:
         return None
-    if isinstance(nevts, bool) or not isinstance(nevts, int) or nevts < 1:
-        notes.append(f"nevts={nevts!r} is not a positive event count (-1 means all); "
+    if not _is_positive_int(nevts):
+        notes.append(f"nevts={written!r} is not a positive event count (-1 means all); "
                      "no limit was set.")
         return None
     if n_sources > 1:
@@ -301,11 +409,13 @@ def _max_events(params: dict[str, Any], n_sources: int, notes: list[str]) -> int
 
 def _step_size(params: dict[str, Any], notes: list[str]) -> int | None:
     """chunk_size was an entry count; -1 (whole file) has no entry-count equivalent."""
-    chunk = params.get("chunk_size")
+    written = params.get("chunk_size")
+    chunk = _whole(written)
     if chunk is None:
         return None
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        notes.append(f"chunk_size={chunk!r} (whole files) kept the default step_size "
+    if not _is_positive_int(chunk):
+        what = "(whole files)" if chunk == -1 else "is not a positive entry count and"
+        notes.append(f"chunk_size={written!r} {what} kept the default step_size "
                      "of 100 MB, which bounds memory instead.")
         return None
     return chunk
@@ -321,11 +431,12 @@ def _train(params: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """epochs and batch_size as the train section; shuffle is always on in mlaas."""
     train: dict[str, Any] = {}
     for key in ("epochs", "batch_size"):
-        value = params.get(key)
+        written = params.get(key)
+        value = _whole(written)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            notes.append(f"{key}={value!r} is not a positive whole number; left at mlaas's "
+        if not _is_positive_int(value):
+            notes.append(f"{key}={written!r} is not a positive whole number; left at mlaas's "
                          "default.")
             continue
         train[key] = value
@@ -606,7 +717,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise SpecError(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise SpecError(f"{what} {str(path)!r} must hold a JSON object, not {type(value).__name__}")
+        raise SpecError(f"{what} {str(path)!r} must hold a JSON object, "
+                        f"not {type(value).__name__}")
     return value
 
 
@@ -619,13 +731,36 @@ def _read_lines(path: Path) -> list[str]:
     return [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
 
 
+def _is_remote(name: str) -> bool:
+    """A URL, or a logical ``/store/`` name that goes through the redirector."""
+    return "://" in name or name.startswith("/store/")
+
+
 def _local(name: str, *bases: Path) -> Path | None:
     """The existing local file ``name`` refers to: as given (cwd), then against each base."""
-    if "://" in name or name.startswith("/store/"):
+    if _is_remote(name):
         return None
     path = Path(name).expanduser()
     candidates = [path] if path.is_absolute() else [path, *(b / path for b in bases)]
     return next((p for p in candidates if p.is_file()), None)
+
+
+def _first_match(name: str, *bases: Path) -> Path | None:
+    """The local file ``name`` refers to; for a glob, its first match (as mlaas sorts them).
+
+    The spec keeps the glob (mlaas expands it when reading); only the branch
+    kinds are learnt here, from the file the data layer will read first.
+    """
+    if not glob.has_magic(name):
+        return _local(name, *bases)
+    if _is_remote(name):
+        return None
+    path = Path(name).expanduser()
+    for candidate in [path] if path.is_absolute() else [path, *(b / path for b in bases)]:
+        matches = sorted(m for m in glob.glob(str(candidate)) if os.path.isfile(m))
+        if matches:
+            return Path(matches[0])
+    return None
 
 
 def _exclude_file(params: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -638,12 +773,18 @@ def _exclude_file(params: dict[str, Any], base: Path) -> dict[str, Any]:
     return params
 
 
-def _tree_kinds(files: list[str], tree: str, base: Path) -> tuple[dict[str, str] | None, str | None]:
+def _tree_kinds(files: list[str], tree: str,
+                base: Path) -> tuple[dict[str, str] | None, str | None]:
     """Branch kinds of ``tree`` in the first file, or None and the reason it could not be read."""
-    path = _local(files[0], base) if files else None
+    path = _first_match(files[0], base) if files else None
     if path is None:
-        return None, (f"the first file {files[0]!r} is not a local file here, so jagged branches "
-                      "were not detected") if files else None
+        if not files:
+            return None, None
+        if glob.has_magic(files[0]) and not _is_remote(files[0]):
+            what = f"pattern {files[0]!r} matches no local file here"
+        else:
+            what = f"{files[0]!r} is not a local file here"
+        return None, f"the first file {what}, so jagged branches were not detected"
     import uproot  # imported here: converting without a file needs no ROOT I/O
 
     from mlaas.data.layout import branch_kinds
@@ -655,7 +796,8 @@ def _tree_kinds(files: list[str], tree: str, base: Path) -> tuple[dict[str, str]
             return branch_kinds(handle[tree]), None
     except Exception as exc:  # noqa: BLE001 - any unreadable file only costs the detection
         first = str(exc).splitlines()[0] if str(exc) else ""
-        return None, f"the first file {str(path)!r} could not be read ({type(exc).__name__}: {first})"
+        return None, (f"the first file {str(path)!r} could not be read "
+                      f"({type(exc).__name__}: {first})")
 
 
 def convert_files(params: Path, files: Path, labels: Path,

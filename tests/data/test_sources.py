@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +177,22 @@ def test_a_port_with_404_in_it_does_not_make_a_connection_error_final() -> None:
     assert sources._is_transient(url, down)
     assert not sources._is_transient("https://h:40487/x.root", OSError("HTTP 404 Not Found"))
     assert not sources._is_transient(url, OSError(f"[3011] No such file in file {url}"))
+
+
+def test_a_copy_of_a_file_under_another_name_is_warned_about(tmp_path: Path) -> None:
+    # cp keeps the ROOT UUID: the same events would be read twice, silently
+    from mlaas.data import synth
+
+    synth.generate(tmp_path / "gen", 300, seed=1)
+    (tmp_path / "multi").mkdir()
+    shutil.copy(tmp_path / "gen" / "signal.root", tmp_path / "multi" / "signal.root")
+    files = [str(tmp_path / "gen" / "signal.root"), str(tmp_path / "multi" / "signal.root")]
+    spec = {"data": {"sources": [{"files": files, "label": 1}], "features": ["MET_pt"]}}
+    with pytest.warns(UserWarning, match=r"have the same ROOT UUID .* copies of one file"):
+        RootDataset(spec, split="all")
+    other = {"data": {"sources": [{"files": [files[0],
+                                             str(tmp_path / "gen" / "background.root")],
+                                   "label": 1}], "features": ["MET_pt"]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RootDataset(other, split="all")  # two files of their own: nothing to say

@@ -118,7 +118,30 @@ def plan(pipeline: Pipeline, layout: Layout, files: list[FileRef]) -> tuple[list
     _check_sources(pipeline, infos, layout)  # a source with no events at all is an error
     for url in empty:  # ... an empty file among others only a warning
         warnings.warn(f"tree {layout.tree!r} in {url} has no entries", UserWarning, stacklevel=2)
+    _warn_copies(infos)
     return infos, chunks
+
+
+def _warn_copies(infos: list[FileInfo]) -> None:
+    """Say when two files look like copies of one: their events would be read twice.
+
+    Each ROOT file gets a UUID when it is created, and ``cp`` keeps it, so
+    the same UUID and entry count under two names (``gen/signal.root``, a
+    copy in ``multi/``) is almost surely one dataset listed twice. A warning,
+    not a refusal: a writer that reuses UUIDs would otherwise lock a user out.
+    """
+    seen: dict[tuple[str, int], FileInfo] = {}
+    for info in infos:
+        uuid = info.identity.get("uuid")
+        if uuid is None or info.entries == 0:
+            continue
+        first = seen.setdefault((uuid, int(info.identity.get("entries", info.entries))), info)
+        if first is not info:
+            where = ("" if first.ref.source == info.ref.source else
+                     f" (data.sources[{first.ref.source}] and data.sources[{info.ref.source}])")
+            warnings.warn(f"{info.ref.url} and {first.ref.url} have the same ROOT UUID ({uuid}) "
+                          f"and entries: copies of one file, whose events are read twice"
+                          f"{where}; list one of them", UserWarning, stacklevel=3)
 
 
 def bounds(entries: int, step: int, clusters: Sequence[int] = (),

@@ -8,11 +8,13 @@ as ``TypeName: message`` on stderr with exit code 1, never as a traceback.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -58,6 +60,7 @@ def datagen(
     if compression.strip().lower() not in synth.COMPRESSIONS:  # before the bar is drawn
         raise typer.BadParameter(f"{compression!r} is not one of {', '.join(synth.COMPRESSIONS)}",
                                  param_hint="--compression")
+    _make_dir(outdir, "'OUTDIR'")  # before the bar: a file in the way is a usage error
     with event_progress("datagen", 2 * events) as advance:
         summary = synth.generate(outdir, events, compression=compression, seed=seed,
                                  progress=advance)
@@ -84,15 +87,33 @@ def inspect(
         return
     console.print(f"[bold]{escape(info['file'])}[/]  compression: {info['compression']}")
     for name, t in info["trees"].items():
-        table = Table(title=f"tree {escape(name)}: {t['entries']:,} entries", title_justify="left")
-        for col in ("branch", "type", "kind", "compressed", "mult. mean", "mult. max"):
-            table.add_column(col, justify="right" if col.startswith(("comp", "mult")) else "left")
-        for b in t["branches"]:
-            mean = f"{b['multiplicity_mean']:.2f}" if "multiplicity_mean" in b else ""
-            table.add_row(escape(b["name"]), escape(b["type"]), b["kind"],
-                          f"{b['compressed_bytes']:,}", mean,
-                          str(b.get("multiplicity_max", "")))
-        console.print(table)
+        console.print(_tree_table(name, t))
+    for name, cls in info.get("rntuples", {}).items():
+        console.print(f"{escape(name)} is an RNTuple ({escape(cls)}), which mlaas does not "
+                      "read yet; convert it to a TTree to use it")
+
+
+def _tree_table(name: str, t: dict[str, Any]) -> Table:
+    """One tree of ``mlaas inspect``: names whole (folded), and where multiplicity comes from.
+
+    Names were cut to "HLT_VeryLongTriggerP…" at 80 columns, so two
+    branches looked alike; multiplicities come from the first ``sample``
+    entries only, which the table did not say.
+    """
+    table = Table(title=f"tree {escape(name)}: {t['entries']:,} entries", title_justify="left")
+    jagged = any("multiplicity_mean" in b for b in t["branches"])
+    if jagged and t["sample"] < t["entries"]:
+        table.caption = (f"multiplicity over the first {t['sample']:,} of {t['entries']:,} "
+                         "entries")
+        table.caption_justify = "left"
+    table.add_column("branch", overflow="fold")
+    for col in ("type", "kind", "compressed", "mult. mean", "mult. max"):
+        table.add_column(col, justify="right" if col.startswith(("comp", "mult")) else "left")
+    for b in t["branches"]:
+        mean = f"{b['multiplicity_mean']:.2f}" if "multiplicity_mean" in b else ""
+        table.add_row(escape(b["name"]), escape(b["type"]), b["kind"],
+                      f"{b['compressed_bytes']:,}", mean, str(b.get("multiplicity_max", "")))
+    return table
 
 
 @app.command()
@@ -111,6 +132,8 @@ def stats(
     from mlaas.data.loader import prepare
     from mlaas.spec import load
 
+    if output:
+        _check_output_file(output)  # before pass 1, which its file would otherwise lose
     pipeline = load(spec)
     # the data layer's warnings (skipped branches, zero variance) are printed once,
     # in the table's style, not also by Python's warning display
@@ -126,11 +149,73 @@ def stats(
                 if exc.stats is None:
                     raise
                 result, failed = exc.stats, exc
-    if output:
-        result.save(output)
+    unsaved = _save(output, result.save) if output else None
     _print_stats(result, [str(w.message) for w in caught], layout, pipeline.data.label)
+    if unsaved:  # the tables were printed first, so pass 1's result is not lost
+        err_console.print(f"[red]error:[/] {escape(unsaved)} (the tables above were not saved)")
     if failed is not None:
         raise failed
+    if unsaved:
+        raise typer.Exit(1)
+
+
+def _check_output_file(path: Path, option: str = "'-o' / '--output'") -> None:
+    """Refuse a file that cannot be written, before the work whose result it would hold.
+
+    ``mlaas stats -o`` wrote its file only after pass 1, so a missing
+    directory, or a directory given as the file, lost the whole pass to a
+    traceback (FileNotFoundError, IsADirectoryError).
+    """
+    problem = _file_problem(path)
+    if problem:
+        raise typer.BadParameter(f"cannot write {str(path)!r}: {problem}", param_hint=option)
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file, checked without writing; None if it can."""
+    parent = path.parent
+    if path.is_dir():
+        return "it is a directory; name a file in it"
+    if not parent.exists():
+        return f"directory {str(parent)!r} does not exist"
+    if not parent.is_dir():
+        return f"{str(parent)!r} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {str(parent)!r} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    return None
+
+
+def _make_dir(path: Path, option: str = "'-o' / '--output'") -> None:
+    """Create the output directory ``path`` now, or say in one line why it cannot be.
+
+    Later, deep in a command, the same failure was a traceback
+    (NotADirectoryError for a path under a file, FileNotFoundError under /proc).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot create directory {str(path)!r}: {_why(path, exc)}",
+                                 param_hint=option) from exc
+
+
+def _why(path: Path, exc: OSError) -> str:
+    """The reason a directory cannot be made: the file in its way, else the system's words."""
+    for above in (path, *path.parents):
+        if above.exists():
+            return (exc.strerror or str(exc)) if above.is_dir() else (
+                f"{str(above)!r} is a file, not a directory")
+    return exc.strerror or str(exc)
+
+
+def _save(path: Path, write: Callable[[Path], None]) -> str | None:
+    """Write ``path`` with ``write``; why that failed (disk full, /proc...) or None."""
+    try:
+        write(path)
+    except OSError as exc:
+        return f"cannot write {str(path)!r}: {exc.strerror or exc}"
+    return None
 
 
 def _print_stats(result: Any, caught: list[str], layout: Any, label: str | None) -> None:
@@ -319,6 +404,7 @@ def run(
     """
     from mlaas.train.run import run as run_pipeline
 
+    _make_dir(output)
     result = run_pipeline(spec, output, resume=resume, progress=progress)
     test = result.metrics.get("test", result.metrics)
     summary = {"outdir": str(result.outdir), "bundle": str(result.bundle),
@@ -380,6 +466,7 @@ def apply(
     """
     from mlaas.apply import apply_files
 
+    _make_dir(output)
     for path in apply_files(bundle, files, output, name=name, progress=progress):
         console.print(escape(str(path)))
 
@@ -430,8 +517,11 @@ def import_mlaas4hep(
     """Convert an MLaaS4HEP configuration into a pipeline spec, saying what could not be mapped."""
     from mlaas.compat.mlaas4hep import convert_files
 
+    _check_output_file(output)
     result = convert_files(params, files, labels, preproc)
-    output.write_text(result.yaml())
+    unsaved = _save(output, lambda path: path.write_text(result.yaml()))
+    if unsaved:
+        raise typer.BadParameter(unsaved, param_hint="'-o' / '--output'")
     console.print(f"wrote {escape(str(output))}")
     for note in result.notes:
         err_console.print(f"[yellow]not mapped:[/] {escape(note)}")

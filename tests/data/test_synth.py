@@ -14,7 +14,7 @@ import pytest
 import uproot
 
 from mlaas.data import synth
-from mlaas.errors import SpecError
+from mlaas.errors import SourceError, SpecError
 
 EVENTS = 2_500
 
@@ -201,6 +201,21 @@ def test_bad_counts_raise_spec_error(tmp_path: Path, events: Any, chunk_size: An
 def test_negative_seed_raises_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="seed"):
         synth.generate(tmp_path, 10, seed=-1)
+
+
+def test_outdir_under_a_file_names_the_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "signal.root"
+    blocker.write_bytes(b"")
+    with pytest.raises(SourceError) as info:  # was NotADirectoryError, a traceback in the CLI
+        synth.generate(blocker / "x", 10)
+    message = str(info.value)
+    assert f"cannot create the output directory {str(blocker / 'x')!r}" in message
+    assert f"{str(blocker)!r} is a file, not a directory" in message
+
+
+def test_outdir_that_cannot_be_created_is_a_source_error() -> None:
+    with pytest.raises(SourceError, match="cannot create the output directory '/proc/mlaas-x/y'"):
+        synth.generate("/proc/mlaas-x/y", 10)  # was FileNotFoundError
 
 
 def test_zero_events_still_has_schema(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Layer: data. Trees, entries, compression, and for each branch its type,
 whether it is flat or jagged (or unusable as a feature), and the
-multiplicity of jagged branches on a sample of entries.
+multiplicity of jagged branches on a sample of entries (``sample``: the
+first :data:`SAMPLE`). RNTuples are named, not described: mlaas reads TTrees.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from mlaas.data import sources
 from mlaas.data.layout import branch_kinds
+from mlaas.errors import TreeNotFound
 from mlaas.spec import RetrySpec
 
 __all__ = ["inspect_file"]
@@ -42,9 +44,17 @@ def inspect_file(url: str, tree: str | None = None, sample: int = SAMPLE,
     """
     retry = retry or RetrySpec()
     with sources.with_retries(url, lambda: sources.open_file(url, retry), retry) as file:
+        rntuples = _rntuples(file)
+        if tree in rntuples:
+            raise TreeNotFound(
+                f"{tree!r} is an RNTuple ({rntuples[tree]}), which mlaas does not read yet "
+                f"(trees here: {', '.join(sources.trees_in(file)) or 'none'})",
+                file_path=url, tree=tree)
         # no TTree at all (an RNTuple, histograms): open_tree's error says what the file holds
         names: list[str | None] = [tree] if tree else [*sources.trees_in(file)] or [None]
         out: dict[str, Any] = {"file": url, "compression": _compression(file), "trees": {}}
+        if rntuples and not tree:
+            out["rntuples"] = rntuples
         for name in names:
             t = sources.open_tree(url, name, retry)
             try:
@@ -53,6 +63,16 @@ def inspect_file(url: str, tree: str | None = None, sample: int = SAMPLE,
             finally:
                 t.file.close()
     return out
+
+
+def _rntuples(file: Any) -> dict[str, str]:
+    """The file's RNTuples and their class: listed as such, since mlaas reads only TTrees.
+
+    They were left out silently, so a file with RNTuple ``Events`` and TTree
+    ``Empty`` looked as if it held ``Empty`` only.
+    """
+    classes = {k.split(";")[0]: cls for k, cls in file.classnames().items()}
+    return {name: classes[name] for name in sources.trees_in(file, rntuples=True)}
 
 
 def _describe(tree: Any, sample: int) -> dict[str, Any]:

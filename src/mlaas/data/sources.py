@@ -301,6 +301,10 @@ def read_errors(url: str, tree: str | None = None, branch: str | None = None,
     except (OSError, TimeoutError, ConnectionError, *_NETWORK_ERRORS) as exc:
         what = _summary(exc, url)
         if "expected Chunk of length" in what:  # the file ends before data it points to
+            plain = None if where else _not_root(url)  # or is no ROOT file, only short
+            if plain:
+                raise SourceError(f"not a readable ROOT file: {plain}",
+                                  file_path=url, tree=tree) from exc
             kind = "the data is truncated" if where else "not a readable ROOT file (truncated?)"
             raise SourceError(f"{where}{kind}: {what.split(' from ', 1)[0]}",
                               file_path=url, tree=tree, branch=branch) from exc
@@ -313,6 +317,10 @@ def read_errors(url: str, tree: str | None = None, branch: str | None = None,
         if lost is not None:  # a network failure, not the file: retried by with_retries
             raise SourceError(f"{where}the connection failed while reading ({lost})",
                               file_path=url, tree=tree, branch=branch) from ConnectionError(lost)
+        plain = None if where else _not_root(url)
+        if plain:
+            raise SourceError(f"not a readable ROOT file: {plain}",
+                              file_path=url, tree=tree) from exc
         what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         kind = ("the data is corrupt or truncated" if where
                 else "not a readable ROOT file (corrupt or truncated?)")
@@ -321,6 +329,31 @@ def read_errors(url: str, tree: str | None = None, branch: str | None = None,
                      "requests, which reading parts of a file needs")
         raise SourceError(f"{where}{kind}: {type(exc).__name__}: {what}",
                           file_path=url, tree=tree, branch=branch) from exc
+
+
+def _not_root(url: str) -> str | None:
+    """Why the local file ``url`` is no ROOT file at all; None if it may be one, cut short.
+
+    Every ROOT file begins with ``b"root"``, a version and ``fBEGIN`` = 100
+    (4-byte big-endian each). A text file shorter than uproot's first read
+    was called "not a readable ROOT file (truncated?): expected Chunk of
+    length 403, received 12 bytes"; /etc/passwd even begins with "root".
+    Remote files are not read again here.
+    """
+    if not _is_local(url):
+        return None
+    try:
+        with open(url, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if not head:
+        return "the file is empty (0 bytes)"
+    if not head.startswith(b"root") and not b"root".startswith(head):
+        return f"it is not a ROOT file (its first four bytes are {head[:4]!r}, not b'root')"
+    if len(head) == 12 and int.from_bytes(head[8:], "big") != 100:
+        return f"it is not a ROOT file (it begins {head!r}, not with a ROOT file's header)"
+    return None
 
 
 def with_retries(url: str, action: Callable[[], T], retry: RetrySpec,
@@ -427,14 +460,24 @@ def tree_path(tree: Any) -> str:
     return str(tree.object_path).lstrip("/").split(";")[0]
 
 
-def trees_in(file: Any) -> list[str]:
-    return sorted({k.split(";")[0] for k, cls in file.classnames().items() if cls == "TTree"})
+def trees_in(file: Any, rntuples: bool = False) -> list[str]:
+    """The TTrees in ``file``, by name; with ``rntuples``, its RNTuples instead.
+
+    mlaas reads TTrees only. RNTuples (``ROOT::RNTuple``, before ROOT 6.34
+    ``ROOT::Experimental::RNTuple``) are listed so that ``mlaas inspect`` and
+    errors can say why one is not read, rather than leave it out silently.
+    """
+    kinds = ("ROOT::RNTuple", "ROOT::Experimental::RNTuple") if rntuples else ("TTree",)
+    return sorted({k.split(";")[0] for k, cls in file.classnames().items() if cls in kinds})
 
 
 def _not_trees(file: Any) -> str:
     """What a file without a TTree holds instead (an RNTuple, histograms...), for errors."""
     others = [f"{k.split(';')[0]} ({cls})" for k, cls in file.classnames().items()]
-    return "none; it holds " + ", ".join(others) if others else "none; the file holds no objects"
+    if not others:
+        return "none; the file holds no objects"
+    unread = "; mlaas does not read RNTuples yet" if trees_in(file, rntuples=True) else ""
+    return "none; it holds " + ", ".join(others) + unread
 
 
 def open_tree(url: str, tree: str | None, retry: RetrySpec | None = None) -> Any:

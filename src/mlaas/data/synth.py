@@ -42,9 +42,9 @@ import numpy as np
 import uproot
 import uproot.compression
 
-from mlaas.errors import SpecError
+from mlaas.errors import SourceError, SpecError
 
-__all__ = ["BLOCK_EVENTS", "COMPRESSIONS", "TREE_NAME", "generate"]
+__all__ = ["BLOCK_EVENTS", "COMPRESSIONS", "TREE_NAME", "generate", "output_dir"]
 
 TREE_NAME = "Events"
 
@@ -139,8 +139,7 @@ def generate(
     codec = _compression(compression)
     _check_numbers(events, chunk_size, seed)
     events, chunk_size, seed = int(events), int(chunk_size), int(seed)
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(outdir)
     files: dict[str, str] = {}
     sizes: dict[str, int] = {}
     for class_index, (name, physics) in enumerate(_CLASSES):
@@ -159,6 +158,24 @@ def generate(
 
 
 # -- arguments ---------------------------------------------------------------
+
+
+def output_dir(outdir: str | os.PathLike[str]) -> Path:
+    """Create ``outdir`` (and its parents), or raise :class:`SourceError` naming it.
+
+    A path under a file (``signal.root/x``) or where no directory can be
+    made (``/proc/x``) was a NotADirectoryError or FileNotFoundError traceback.
+    """
+    out = Path(outdir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+        why = (f"{str(blocking)!r} is a file, not a directory"
+               if blocking is not None and not blocking.is_dir() else exc.strerror or str(exc))
+        raise SourceError(f"cannot create the output directory {str(out)!r}: {why}",
+                          file_path=str(out)) from exc
+    return out
 
 
 def _compression(name: str) -> uproot.compression.Compression | None:

@@ -311,7 +311,7 @@ class Expression:
                 raise
             except (ValueError, TypeError, OverflowError) as exc:
                 raise ExpressionError(
-                    f"cannot evaluate expression {self.source!r}: {exc}",
+                    f"cannot evaluate expression {self.source!r}: {_why(exc)}",
                     field_path=self.field_path) from exc
 
     def check_names(self, available: Iterable[str], *, field_path: str | None = None) -> None:
@@ -321,6 +321,16 @@ class Expression:
         if unknown:
             raise ExpressionError(unknown_names_message(unknown, pool, self.source),
                                   field_path=field_path or self.field_path)
+
+
+def _why(exc: BaseException) -> str:
+    """The cause in a physicist's words where awkward's are about its internals."""
+    text = " ".join(str(exc).split())
+    if "cannot broadcast nested list" in text:
+        return ("it combines lists of different lengths element by element, as branches of "
+                "two collections (Jet_pt + Muon_pt) have: reduce one of them first "
+                "(max(Muon_pt, 0), sum(...)) or combine branches of one collection")
+    return text.split(" This error occurred while calling")[0]
 
 
 def _parsed(source: str, field_path: str | None) -> Expression:

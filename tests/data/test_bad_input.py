@@ -1158,6 +1158,23 @@ def test_memory_cache_that_does_not_fit() -> None:
     assert "at spec field data.cache" in text
     assert re.search(r"needs about \S+ \w*B but data.cache.max_bytes allows \S+ \w*B", text), text
     assert "cache: {disk: DIR}" in text
+    assert "raise data.cache.max_bytes" in text  # the limit is the user's own
+
+
+def test_a_disk_cache_over_its_max_bytes_says_to_raise_it_not_to_free_space(
+        tmp_path: Path) -> None:
+    spec = hzz_spec(cache={"disk": str(tmp_path / "cache"), "max_bytes": 1000})
+    text = fails(CacheError, ValueError, dataset(spec))
+    assert "raise data.cache.max_bytes or select fewer events" in text
+    assert "free space" not in text
+
+
+def test_lists_of_two_collections_combined_elementwise_are_explained() -> None:
+    spec = hzz_spec(derived={"x": "Jet_Px + Muon_Px"}, features=[{"branch": "x", "max_len": 2}])
+    text = fails(ExpressionError, ValueError, dataset(spec))
+    assert "combines lists of different lengths element by element" in text
+    assert f"in file {HZZ}" in text and "at spec field data.derived.x" in text
+    assert "cannot broadcast" not in text  # awkward's words, not the user's
 
 
 def test_memory_cache_error_shows_distinct_sizes() -> None:
@@ -1208,3 +1225,34 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def test_every_unknown_name_of_the_spec_is_reported_at_once() -> None:
+    # one typo per run was the old way: fix, rerun, find the next
+    spec = hzz_spec(cut="NMuonn > 0",
+                    features=["MET_Pt", {"branch": "Jet_Pxx", "max_len": 2}])
+    with pytest.raises(BranchNotFound) as info:
+        dataset(spec)()
+    text = str(info.value)
+    assert "unknown name 'NMuonn' in expression 'NMuonn > 0'; did you mean 'NMuon'" in text
+    assert "and at spec field data.features[0]: unknown name 'MET_Pt'" in text
+    assert "and at spec field data.features[1].branch: unknown name 'Jet_Pxx'" in text
+    assert text.count("available names:") == 1  # listed once, for the first
+    assert "at spec field data.cut" in text
+
+
+def test_a_derived_name_used_before_it_is_defined_says_so() -> None:
+    spec = hzz_spec(derived={"a": "b + 1", "b": "MET_px"}, features=["a"])
+    with pytest.raises(BranchNotFound) as info:
+        dataset(spec)()
+    assert ("'b' is defined later in data.derived, which is evaluated in order: move it "
+            "before its first use") in str(info.value)
+    assert "at spec field data.derived.a" in str(info.value)
+
+
+def test_a_derived_name_that_replaces_a_branch_is_said_aloud() -> None:
+    # meant at times (a unit change), but the cut then cuts the new value, silently
+    spec = hzz_spec(derived={"MET_px": "MET_px / 1000"}, cut="MET_px > 0.01")
+    with pytest.warns(UserWarning, match=r"data\.derived\.MET_px replaces the branch 'MET_px'"):
+        ds = dataset(spec)()
+    assert any("replaces the branch 'MET_px'" in w for w in ds.stats.warnings)

@@ -454,9 +454,9 @@ def test_balance_equal_keeps_class_counts_close(synth_pair: Path) -> None:
 
 def test_balance_equal_balances_classes_not_sources(synth_pair: Path, tmp_path: Path) -> None:
     # one signal source against two background ones: 1:1 signal to background, not 1:2
-    shutil.copy(synth_pair / "background.root", tmp_path / "background2.root")
+    synth.generate(tmp_path, 6000, seed=4)
     spec = synth_spec(synth_pair, balance="equal")
-    spec["data"]["sources"].append({"name": "more", "files": [str(tmp_path / "background2.root")],
+    spec["data"]["sources"].append({"name": "more", "files": [str(tmp_path / "background.root")],
                                     "label": 0})
     ds = RootDataset(spec, split="train", batch_size=1000)
     per_source = [s["splits"]["train"] for s in ds.stats.sources]

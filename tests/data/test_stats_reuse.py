@@ -213,6 +213,7 @@ def test_the_refusal_names_the_source_as_this_spec_names_it(tmp_path: Path) -> N
     assert "of source 'signal' is not among them" in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:data.derived.MET_px replaces the branch")
 def test_derived_names_in_another_order_are_another_spec(hzz_stats: dict[str, Any]) -> None:
     # a derived name may shadow a branch: each expression sees the names defined before it
     first = spec(derived={"a": "MET_px", "MET_px": "MET_py * 10"})

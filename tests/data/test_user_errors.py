@@ -212,6 +212,18 @@ def test_inspect_tree_naming_an_rntuple_says_so(rntuple_and_ttree: Path) -> None
     assert f"in file {rntuple_and_ttree}" in text
 
 
+def test_a_spec_naming_an_rntuple_as_its_tree_says_so(rntuple_and_ttree: Path) -> None:
+    from mlaas.data import RootDataset
+
+    spec = {"data": {"tree": "Events", "sources": [{"files": [str(rntuple_and_ttree)],
+                                                    "label": 1}], "features": ["x"]}}
+    with pytest.raises(TreeNotFound) as info:
+        RootDataset(spec, split="all")
+    text = str(info.value)
+    assert "'Events' is an RNTuple, which mlaas does not read yet" in text
+    assert "trees here: Empty" in text and f"in file {rntuple_and_ttree}" in text
+
+
 def test_a_file_with_only_an_rntuple_says_mlaas_does_not_read_it(tmp_path: Path) -> None:
     path = tmp_path / "rntuple.root"
     with uproot.recreate(path) as f:

@@ -379,6 +379,7 @@ def test_resume_refuses_a_changed_spec(synth: Path, tmp_path: Path) -> None:
     run(spec_for(synth, train__epochs=1, train__lr=0.01), tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:data.derived.MET_pt replaces the branch")
 def test_resume_tells_derived_names_in_another_order_apart(synth: Path, tmp_path: Path) -> None:
     # a derived name may shadow a branch, so the order of data.derived is part of the spec
     derived = {"ratio": "MET_pt / 100", "MET_pt": "MET_pt * 2"}

@@ -180,7 +180,9 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     if kind == "memory":
         room = max_bytes or int(psutil.virtual_memory().available * 0.5)
         where = "data.cache.max_bytes" if max_bytes else "memory (half of what is available)"
-        _fits(needed_bytes, room, where, "use cache: {disk: DIR} or select fewer events")
+        _fits(needed_bytes, room, where, "raise data.cache.max_bytes, use cache: {disk: DIR} "
+              "or select fewer events" if max_bytes else
+              "use cache: {disk: DIR} or select fewer events")
         return MemoryCache()
     assert path is not None
     directory = Path(path).expanduser()
@@ -194,7 +196,8 @@ def make_cache(kind: str, path: str | None, key: str, needed_bytes: int,
     free = int(shutil.disk_usage(directory).free * 0.9)
     room = max_bytes or free + written_bytes(directory / key)
     where = f"data.cache.max_bytes for disk at {directory}" if max_bytes else f"disk at {directory}"
-    _fits(needed_bytes, room, where, "free space or choose another directory")
+    _fits(needed_bytes, room, where, "raise data.cache.max_bytes or select fewer events"
+          if max_bytes else "free space or choose another directory")
     return DiskCache(directory / key)
 
 

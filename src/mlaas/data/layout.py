@@ -9,10 +9,11 @@ work from the layout, never from the raw spec.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,13 @@ import uproot
 
 from mlaas import expr
 from mlaas.data import sources
-from mlaas.errors import BranchNotFound, SpecError, UnsupportedBranch, close_names
+from mlaas.errors import (
+    BranchNotFound,
+    ExpressionError,
+    SpecError,
+    UnsupportedBranch,
+    close_names,
+)
 from mlaas.spec import JaggedFeature, NormalizeKind, Pipeline, collection_of
 
 __all__ = ["Layout", "Feature", "Collection", "resolve_layout", "branch_kinds"]
@@ -171,17 +178,40 @@ def _kind(interp: Any, typename: str) -> str:
     return f"unsupported:{typename}"
 
 
-def _missing(names: set[str], available: Mapping[str, Any], url: str, tree: str,
-             field_path: str, source: str) -> None:
-    """Fail on names that are neither a branch nor a derived name defined so far.
+class _Missing:
+    """Names that are neither a branch nor a derived name defined so far, over every field.
 
-    The message is the expression language's own (closest names, then the
-    names that do exist), so a typo can be fixed without opening the file.
+    Collected, then raised as one error (:meth:`raise_found`): a spec with
+    two typos said one per run. Each message is the expression language's
+    own (closest names, then the names that do exist), so a typo can be
+    fixed without opening the file.
     """
-    unknown = {name for name in names if name not in available}
-    if unknown:
-        raise BranchNotFound(expr.unknown_names_message(unknown, available, source),
-                             file_path=url, tree=tree, field_path=field_path)
+
+    def __init__(self, url: str, tree: str, derived: Iterable[str]) -> None:
+        self.url, self.tree, self.derived = url, tree, set(derived)
+        self.found: list[tuple[str, str, str]] = []  # field path, message, names that exist
+
+    def check(self, names: set[str], available: Mapping[str, Any], field_path: str,
+              source: str) -> None:
+        unknown = {name for name in names if name not in available}
+        if not unknown:
+            return
+        head, _, names = expr.unknown_names_message(unknown, available, source).partition(
+            " available names: ")
+        later = sorted(unknown & self.derived)
+        if later:  # defined, but after the expression that reads it
+            head += (f" {', '.join(map(repr, later))} is defined later in data.derived, which "
+                     "is evaluated in order: move it before its first use;")
+        self.found.append((field_path, head, names))
+
+    def raise_found(self) -> None:
+        """One error: the first problem in full, the others without the list of names."""
+        if not self.found:
+            return
+        (path, head, names), *rest = self.found
+        more = "".join(f"\n  and at spec field {p}: {h.rstrip(';')}" for p, h, _ in rest)
+        raise BranchNotFound(f"{head} available names: {names}{more}", file_path=self.url,
+                             tree=self.tree, field_path=path)
 
 
 def _parse(source: str, path: str) -> expr.Expression:
@@ -202,10 +232,15 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     available: dict[str, str] = dict(kinds)
     notes: list[str] = []
 
+    missing = _Missing(url, tree_name, data.derived)
     derived: list[tuple[str, expr.Expression]] = []
     for name, source in data.derived.items():
         e = _parse(source, f"data.derived.{name}")
-        _missing(set(e.names), available, url, tree_name, f"data.derived.{name}", source)
+        missing.check(set(e.names), available, f"data.derived.{name}", source)
+        if name in kinds:  # meant at times (units), but a cut on it then cuts the new value
+            notes.append(f"data.derived.{name} replaces the branch {name!r}: the derived names "
+                         f"after it, the cut, the label, the weight and the features read "
+                         f"{source!r} under that name")
         derived.append((name, e))
         available[name] = "derived"
 
@@ -213,7 +248,7 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
         if source is None:
             return None
         e = _parse(source, path)
-        _missing(set(e.names), available, url, tree_name, path, source)
+        missing.check(set(e.names), available, path, source)
         return e
 
     cut = bound(data.cut, "data.cut")
@@ -221,14 +256,16 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     weight = bound(data.weight, "data.weight")
 
     if data.features == "all":
+        missing.raise_found()  # the derived names are evaluated on a sample next
         jagged = _jagged_derived(derived, kinds, tree, url, tree_name)
         items = _all_features(data, kinds, _answer_inputs(label, weight, dict(derived)), notes,
                               jagged)
     else:
         items = list(data.features)
 
-    features, collections = _features(pipeline, items, available, kinds, dict(derived), url,
-                                      tree_name)
+    features, collections = _features(pipeline, items, available, kinds, dict(derived),
+                                      missing)
+    missing.raise_found()
     if not features:
         for note in notes:  # why each candidate was left out, before the error
             warnings.warn(note, UserWarning, stacklevel=2)
@@ -334,9 +371,22 @@ def _sample(tree: Any, url: str, tree_name: str, branches: list[str],
     stop = min(SAMPLE_ENTRIES, tree.num_entries)
     with sources.read_errors(url, tree_name):  # a damaged first basket names its branch
         env: dict[str, Any] = sources.read_open(tree, url, branches, 0, stop)
-    for name, e in derived:
-        env[name] = e.evaluate(env)
+    with _in_file(url, tree_name):
+        for name, e in derived:
+            env[name] = e.evaluate(env)
     return env
+
+
+@contextlib.contextmanager
+def _in_file(url: str, tree_name: str) -> Iterator[None]:
+    """An expression that fails on the first file's sample names that file and tree."""
+    try:
+        yield
+    except ExpressionError as exc:
+        if "file_path" in exc.context:
+            raise
+        raise ExpressionError(exc.message, file_path=url, tree=tree_name,
+                              field_path=exc.context.get("field_path")) from exc
 
 
 def _all_features(data: Any, kinds: dict[str, str], answer: dict[str, list[str]],
@@ -386,8 +436,8 @@ def _excluded(names: list[str]) -> Callable[[str], bool]:
 
 
 def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: dict[str, str],
-              kinds: dict[str, str], derived: Mapping[str, expr.Expression], url: str,
-              tree_name: str) -> tuple[list[Feature], dict[str, Collection]]:
+              kinds: dict[str, str], derived: Mapping[str, expr.Expression], missing: _Missing,
+              ) -> tuple[list[Feature], dict[str, Collection]]:
     norm = pipeline.data.normalize
     features: list[Feature] = []
     collections: dict[str, Collection] = {}
@@ -395,7 +445,7 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
         path = f"data.features[{i}]"
         if isinstance(item, str):
             e = _parse(item, path)
-            _missing(set(e.names), available, url, tree_name, path, item)
+            missing.check(set(e.names), available, path, item)
             if expr.is_identifier(item) and kinds.get(item) == "jagged":
                 raise SpecError(
                     f"feature {item!r} is a jagged branch; write it as "
@@ -405,7 +455,7 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
             features.append(Feature(item, e, False, norm.per_feature.get(item, norm.default)))
             continue
         e = _parse(item.branch, f"{path}.branch")
-        _missing(set(e.names), available, url, tree_name, f"{path}.branch", item.branch)
+        missing.check(set(e.names), available, f"{path}.branch", item.branch)
         coll_name = _collection_of(item, e, derived, kinds)
         coll = collections.setdefault(coll_name, Collection(coll_name))
         _agrees(coll, item, path, features)
@@ -414,7 +464,7 @@ def _features(pipeline: Pipeline, items: list[str | JaggedFeature], available: d
         if coll.sort_by is None and item.sort_by is not None:
             coll.sort_by, coll.sort_by_field = item.sort_by, f"{path}.sort_by"
         if item.sort_by is not None:
-            _missing({item.sort_by}, available, url, tree_name, f"{path}.sort_by", item.sort_by)
+            missing.check({item.sort_by}, available, f"{path}.sort_by", item.sort_by)
             if kinds.get(item.sort_by) == "flat":
                 raise SpecError(_flat_sort_key(item.sort_by, item.branch),
                                 field_path=f"{path}.sort_by")
@@ -506,30 +556,32 @@ def _check_kinds_on_sample(layout: Layout, tree: Any, url: str) -> None:
     if tree.num_entries == 0:
         return
     env = _sample(tree, url, layout.tree, layout.branches, layout.derived)
-    for path, e in (("data.cut", layout.cut), ("data.label", layout.label),
-                    ("data.weight", layout.weight)):
-        if e is not None and is_jagged_array(e.evaluate(env)):
-            raise SpecError(
-                f"{path} {e.source!r} gives a list of values per event, not one; reduce the "
-                f"list, e.g. with max(...), sum(...), count(...) or any(...)", field_path=path)
-    for coll in layout.collections.values():
-        if coll.sort_by is not None and not is_jagged_array(env[coll.sort_by]):
-            raise SpecError(_flat_sort_key(coll.sort_by, coll.features[0]),
-                            field_path=coll.sort_by_field or "data.features")
-    for i, f in enumerate(layout.features):
-        value = f.expression.evaluate(env)
-        is_jagged = is_jagged_array(value)
-        if f.jagged and not is_jagged:
-            raise SpecError(
-                f"feature {f.name!r} is declared jagged (with max_len) but has one value per "
-                "event; list it as a plain name", field_path=f"data.features[{i}]",
-            )
-        if not f.jagged and is_jagged:
-            raise SpecError(
-                f"feature {f.name!r} has a list of values per event; write it as "
-                f"{{branch: {f.name}, max_len: N}} or reduce it, e.g. max({f.name}, 0)",
-                field_path=f"data.features[{i}]",
-            )
+    with _in_file(url, layout.tree):
+        for path, e in (("data.cut", layout.cut), ("data.label", layout.label),
+                        ("data.weight", layout.weight)):
+            if e is not None and is_jagged_array(e.evaluate(env)):
+                raise SpecError(
+                    f"{path} {e.source!r} gives a list of values per event, not one; reduce "
+                    "the list, e.g. with max(...), sum(...), count(...) or any(...)",
+                    field_path=path)
+        for coll in layout.collections.values():
+            if coll.sort_by is not None and not is_jagged_array(env[coll.sort_by]):
+                raise SpecError(_flat_sort_key(coll.sort_by, coll.features[0]),
+                                field_path=coll.sort_by_field or "data.features")
+        for i, f in enumerate(layout.features):
+            value = f.expression.evaluate(env)
+            is_jagged = is_jagged_array(value)
+            if f.jagged and not is_jagged:
+                raise SpecError(
+                    f"feature {f.name!r} is declared jagged (with max_len) but has one value "
+                    "per event; list it as a plain name", field_path=f"data.features[{i}]",
+                )
+            if not f.jagged and is_jagged:
+                raise SpecError(
+                    f"feature {f.name!r} has a list of values per event; write it as "
+                    f"{{branch: {f.name}, max_len: N}} or reduce it, e.g. max({f.name}, 0)",
+                    field_path=f"data.features[{i}]",
+                )
 
 
 def is_jagged_array(value: Any) -> bool:

@@ -518,6 +518,10 @@ def _tree_of(file: Any, url: str, tree: str | None) -> Any:
             )
         return file[names[0]]
     if tree not in names:
+        if tree in trees_in(file, rntuples=True):
+            raise TreeNotFound(f"{tree!r} is an RNTuple, which mlaas does not read yet; it "
+                               f"reads TTrees (trees here: {', '.join(names) or 'none'})",
+                               file_path=url, tree=tree)
         near = close_names(tree, names)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
         listed = ", ".join(names) or _not_trees(file)

@@ -605,7 +605,8 @@ def as_float64(value: Any, n: int) -> np.ndarray:
             value = layout.data
         else:
             value = ak.to_numpy(ak.fill_none(value, np.nan))
-    arr = np.asarray(value, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN (damaged bytes) is counted later
+        arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 0:
         return np.full(n, float(arr))
     return arr

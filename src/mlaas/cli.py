@@ -234,12 +234,15 @@ def _print_stats(result: Any, caught: list[str], layout: Any, label: str | None)
                                d.get("multiplicity_p95")))
     _print_whole(table)
     src = Table(title="sources", title_justify="left")
-    for col in ("source", "label", "entries", "selected", "train", "validation", "test"):
+    weighted = any("sum_weights" in s for s in result.sources)
+    for col in ("source", "label", "entries", "selected", "train", "validation", "test",
+                *(("sum of weights",) if weighted else ())):
         src.add_column(col, justify="left" if col == "source" else "right")
     for s in result.sources:
         src.add_row(escape(s["name"]), escape(label) if label else _g(s["label"]),
                     f"{s['entries']:,}", f"{s['selected']:,}",
-                    *(f"{s['splits'][k]:,}" for k in ("train", "validation", "test")))
+                    *(f"{s['splits'][k]:,}" for k in ("train", "validation", "test")),
+                    *((_g(s.get("sum_weights", 0.0)),) if weighted else ()))
     console.print(src)
     counts = result.label.get("counts")
     if counts:  # few distinct values: a classification's classes

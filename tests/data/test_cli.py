@@ -166,6 +166,21 @@ def test_stats_writes_json_per_feature(tmp_path: Path) -> None:
     assert "MET_px" in result.stdout  # the table is printed too
 
 
+def test_stats_records_and_shows_each_sources_sum_of_weights(tmp_path: Path) -> None:
+    # the yield after the cut, the first number a physicist checks against a cut flow
+    spec = write_spec(tmp_path / "pipeline.yaml", weight="EventWeight * 2", cut="NMuon >= 2")
+    out = tmp_path / "stats.json"
+    result = run("stats", str(spec), "-o", str(out), "--no-progress")
+    assert result.exit_code == 0, result.output
+    t = uproot.open(HZZ)["events"].arrays(["EventWeight", "NMuon"], library="np")
+    want = float((2 * t["EventWeight"].astype(np.float64))[t["NMuon"] >= 2].sum())
+    (source,) = json.loads(out.read_text())["sources"]
+    assert source["sum_weights"] == pytest.approx(want, rel=1e-12)
+    assert "sum of weights" in result.stdout and f"{want:.4g}" in result.stdout
+    plain = run("stats", str(write_spec(tmp_path / "p2.yaml")), "--no-progress")
+    assert "sum of weights" not in plain.stdout  # no weight: no column
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stats-pair")

@@ -373,6 +373,9 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
          "file_entries": [], "entries": 0, "selected": 0, "splits": {k: 0 for k in SPLITS}}
         for i, s in enumerate(pipeline.data.sources)
     ]
+    if layout.weight is not None:
+        for src in per_source:
+            src["sum_weights"] = 0.0
     for info in files:
         per_source[info.ref.source]["files"].append(info.ref.url)
         per_source[info.ref.source]["uuids"].append(info.identity.get("uuid"))
@@ -402,7 +405,10 @@ def compute(pipeline: Pipeline, layout: Layout, files: list[chunking.FileInfo],
             else:
                 y = np.full(index.size, float(pipeline.data.sources[c.source].label))
             if layout.weight is not None:
-                targets["weight"].update(as_float64(layout.weight.evaluate(env), n)[index], c.url)
+                w = as_float64(layout.weight.evaluate(env), n)[index]
+                targets["weight"].update(w, c.url)
+                # the yield a physicist checks first (and a NaN weight fails pass 1 below)
+                src["sum_weights"] += float(w.sum())
             labels.update(y)
             train_labels.update(y[codes == SPLITS["train"]])
             if progress:

@@ -439,7 +439,9 @@ def test_hzz_awkward_record_array_works_as_mapping():
     [
         ("x.y", "attribute access"),
         ("np.sqrt(x)", "attribute access"),
-        ("x[0]", "subscript"),
+        ("x[1:3]", "subscript other than a whole number"),
+        ("x[y]", "subscript other than a whole number"),
+        ("x[0.5]", "subscript other than a whole number"),
         ("'a'", "string literal"),
         ("b'a'", "bytes literal"),
         ("None", "None"),
@@ -462,7 +464,7 @@ def test_hzz_awkward_record_array_works_as_mapping():
         ("x @ y", "'@'"),
         ("x is y", "'is'"),
         ("x in y", "'in'"),
-        ("(x)(1)[0]", "subscript"),
+        ("(x)(1)[0]", "unknown function 'x'"),
         ("(x + 1)(2)", "calling"),
         ("().__class__", "attribute access"),
     ],
@@ -636,3 +638,15 @@ def test_an_expression_survives_pickling_for_spawned_workers(arrays):
     assert as_list(copy.evaluate(arrays)) == as_list(original.evaluate(arrays))
     with pytest.raises(ExpressionError, match="data.derived.x"):
         copy.evaluate({"j": arrays["j"]})  # errors still name the field
+
+
+def test_one_element_of_each_list_by_a_whole_number_nan_when_short(arrays):
+    # the leading jet, the second, the last: what max(Jet_pt, 0) cannot say
+    nan = float("nan")
+    assert_close(parse("j[0]").evaluate(arrays), [1.5, nan, 4.0])
+    assert_close(parse("j[1]").evaluate(arrays), [-2.0, nan, nan])
+    assert_close(parse("j[-1]").evaluate(arrays), [-2.0, nan, 4.0])
+    assert_close(parse("ji[-2] + 1").evaluate(arrays), [4.0, nan, nan])
+    assert_close(parse("(j * 2)[0]").evaluate(arrays), [3.0, nan, 8.0])
+    with pytest.raises(ExpressionError, match=r"f\[0\] needs a jagged collection"):
+        parse("f[0]").evaluate(arrays)

@@ -16,6 +16,7 @@ accepted; nothing is ever passed to ``eval``. Grammar::
     logic       a & b   a | b   ~a             elementwise; also: a and b, a or b, not a
     bits        (Jet_jetId & 4) > 0            & and | of two integers: bitwise
     call        f(a, ...)                      only the functions in the table below
+    element     Jet_pt[0]   Jet_pt[-1]         one element of each event's list, NaN if short
 
 Logic operators work elementwise on booleans (non-zero numbers count as true);
 ``and``/``or``/``not`` are the same and never short-circuit. ``&`` and ``|``
@@ -221,8 +222,8 @@ _BOOL: dict[type, Callable[[Any, Any], Any]] = {ast.And: np.logical_and, ast.Or:
 _OP_TEXT = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 
 _DISALLOWED: dict[type, str] = {
-    ast.Attribute: "attribute access (a branch name with a dot cannot be named either)", ast.Subscript: "a subscript (indexing)",
-    ast.Slice: "a slice", ast.Lambda: "lambda", ast.ListComp: "a comprehension",
+    ast.Attribute: "attribute access (a branch name with a dot cannot be named either)",
+    ast.Slice: "a slice (one element is Jet_pt[0]; a range is not allowed)", ast.Lambda: "lambda", ast.ListComp: "a comprehension",
     ast.SetComp: "a comprehension", ast.DictComp: "a comprehension",
     ast.GeneratorExp: "a generator expression",
     ast.IfExp: "a conditional expression ('a if cond else b'; use where(cond, a, b))",
@@ -331,6 +332,16 @@ def _why(exc: BaseException) -> str:
                 "two collections (Jet_pt + Muon_pt) have: reduce one of them first "
                 "(max(Muon_pt, 0), sum(...)) or combine branches of one collection")
     return text.split(" This error occurred while calling")[0]
+
+
+def _whole_number(node: ast.expr) -> int | None:
+    """The value of ``3`` or ``-1`` written as a literal, else None."""
+    sign = 1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node, sign = node.operand, -1
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return sign * node.value
+    return None
 
 
 def _parsed(source: str, field_path: str | None) -> Expression:
@@ -518,6 +529,33 @@ class _Compiler:
         if type(op) not in table:
             raise self.not_allowed(node, _DISALLOWED.get(type(op), type(op).__name__))
         return table[type(op)]
+
+    def _Subscript(self, node: ast.Subscript) -> Evaluator:
+        """``Jet_pt[0]``: the leading object's value, NaN for an event with too few.
+
+        Only a whole-number literal: what ``max(Jet_pt, 0)`` cannot say (the
+        second jet, the last muon) without handing users general indexing.
+        NaN, not an error, for a short list: pass 1 counts those, and
+        ``data.nan`` or a cut such as ``count(Jet_pt) >= 2`` deals with them.
+        """
+        index = _whole_number(node.slice)
+        if index is None:
+            raise self.not_allowed(node, "a subscript other than a whole number, as in "
+                                   "Jet_pt[0] or Jet_pt[-1],")
+        value, text = self.compile(node.value), self.text(node.value)
+
+        def element(arrays: Mapping[str, Any]) -> Any:
+            x = value(arrays)
+            if not _is_jagged(x) or x.ndim != 2:
+                raise self.error(f"{text}[{index}] needs a jagged collection (a list per "
+                                 f"event) but {text!r} is not one in expression {self.source!r}")
+            x = ak.Array(x) if not isinstance(x, ak.Array) else x
+            i = index
+            if i < 0:  # from the end: the same position of the reversed list
+                x, i = x[:, ::-1], -i - 1
+            picked = ak.pad_none(x, i + 1, axis=1)[:, i]
+            return ak.to_numpy(ak.fill_none(ak.values_astype(picked, np.float64), np.nan))
+        return element
 
     def _Call(self, node: ast.Call) -> Evaluator:
         if isinstance(node.func, ast.Attribute):  # np.max(x): a method, not a branch name

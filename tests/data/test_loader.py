@@ -310,6 +310,20 @@ def test_collection_set_in_the_spec_wins_and_one_collection_pads_as_one(
     assert "at spec field data.features[1].max_len" in text
 
 
+def test_elements_of_a_collection_as_flat_features_match_awkward() -> None:
+    spec = {"data": {"sources": [{"files": [HZZ]}], "label": "triggerIsoMu24",
+                     "cut": "NJet >= 2", "normalize": "none",
+                     "features": ["Jet_Px[0]", "Jet_Px[1]", "Jet_Px[-1]", "Muon_Px[1]"],
+                     "nan": {"policy": "replace", "value": -99.0}}}
+    got = collect(RootDataset(spec, split="all", shuffle=False))
+    t = uproot.open(HZZ)["events"].arrays(["Jet_Px", "Muon_Px", "NJet"])
+    t = t[t.NJet >= 2]
+    second_muon = ak.fill_none(ak.pad_none(t.Muon_Px, 2)[:, 1], -99.0)
+    want = np.stack([ak.to_numpy(t.Jet_Px[:, 0]), ak.to_numpy(t.Jet_Px[:, 1]),
+                     ak.to_numpy(t.Jet_Px[:, -1]), ak.to_numpy(second_muon)], axis=1)
+    np.testing.assert_array_equal(got.x, want.astype(np.float32))
+
+
 DATAGEN_EXACT = {
     "derived": {"HT": "sum(Jet_pt)", "Jet_px": "Jet_pt * cos(Jet_phi)"},
     "cut": "(MET_pt > 20) & (nJet >= 1)",

@@ -40,6 +40,7 @@ from mlaas.errors import (
     UnsupportedBranch,
 )
 from mlaas.spec import RetrySpec
+from support.trees import write_ttrees
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 HZZ = str(FILES / "uproot-HZZ.root")
@@ -81,13 +82,7 @@ def dataset(spec: Any) -> Callable[[], RootDataset]:
 
 
 def write_tree(path: Path, trees: dict[str, dict[str, Any]]) -> str:
-    """Write TTrees (not RNTuples) with uproot: ``{tree: {branch: array}}``."""
-    with uproot.recreate(path) as f:
-        for name, branches in trees.items():
-            f.mktree(name, {k: (v.type if isinstance(v, ak.Array) else v.dtype)
-                            for k, v in branches.items()})
-            f[name].extend(branches)
-    return str(path)
+    return str(write_ttrees(path, trees))
 
 
 # --------------------------------------------------------------- 1. unreadable files

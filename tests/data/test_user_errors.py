@@ -24,6 +24,7 @@ from mlaas.data import inspect as inspect_mod
 from mlaas.data import stats as stats_mod
 from mlaas.data.inspect import inspect_file
 from mlaas.errors import SourceError, TreeNotFound
+from support.trees import write_ttrees
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 HZZ = str(FILES / "uproot-HZZ.root")
@@ -137,16 +138,6 @@ def test_datagen_into_a_directory_that_cannot_be_created() -> None:
 
 
 # ------------------------------------------------------------------- 3. inspect table
-
-
-def write_ttrees(path: Path, trees: dict[str, dict[str, Any]]) -> Path:
-    """TTrees (a plain dict would make uproot 5.7 write an RNTuple)."""
-    with uproot.recreate(path) as f:
-        for name, branches in trees.items():
-            f.mktree(name, {k: (v.type if isinstance(v, ak.Array) else v.dtype)
-                            for k, v in branches.items()})
-            f[name].extend(branches)
-    return path
 
 
 def test_inspect_table_says_multiplicity_is_from_a_sample(tmp_path: Path) -> None:

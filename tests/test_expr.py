@@ -193,30 +193,49 @@ def test_logic_on_jagged_booleans(arrays):
     assert as_list(parse("not jb").evaluate(arrays)) == [[False, True], [], [True]]
 
 
-def test_logic_is_logical_except_between_two_integers_where_it_is_bitwise(arrays):
-    # logical on booleans and mixed operands: non-zero numbers count as true
-    assert as_list(parse("t & n").evaluate(arrays)) == [True, False, True]
-    assert as_list(parse("f | ~t").evaluate(arrays)) == [True, True, True]
+def test_logic_treats_numbers_as_truth_values_and_bits_have_functions(arrays):
+    # logical, as trained models' expressions meant: 2 & 1 would be 0 bitwise, ~0 -1
+    assert as_list(parse("n & 1").evaluate(arrays)) == [True, False, True]
+    assert as_list(parse("n | 0").evaluate(arrays)) == [True, False, True]
     assert as_list(parse("~n").evaluate(arrays)) == [False, True, False]
-    # and/or/not stay logical whatever the operands: 2 and 1 is true
-    assert as_list(parse("n and 1").evaluate(arrays)) == [True, False, True]
-    assert as_list(parse("n or 0").evaluate(arrays)) == [True, False, True]
-    # two integers: bitwise, as NanoAOD's packed ids need (Jet_jetId & 4: tight)
-    assert as_list(parse("n & 1").evaluate(arrays)) == [0, 0, 1]
-    assert as_list(parse("n | 4").evaluate(arrays)) == [6, 4, 5]
-    assert as_list(parse("sum((ji & 2) > 0)").evaluate(arrays)) == [1, 0, 1]  # 3, -2 have bit 2
-    bits = np.array([0, 2, 4, 6, 7], dtype=np.uint8)
-    assert as_list(parse("(id & 4) > 0").evaluate({"id": bits})) == [False, False, True, True, True]
+    assert as_list(parse("n and t").evaluate(arrays)) == [True, False, True]
+    # bits: NanoAOD packs ids and flags into them (Jet_jetId bit 2: tight)
+    assert as_list(parse("bitwise_and(n, 1)").evaluate(arrays)) == [0, 0, 1]
+    assert as_list(parse("bitwise_or(n, 4)").evaluate(arrays)) == [6, 4, 5]
+    assert as_list(parse("sum(bitwise_and(ji, 2) > 0)").evaluate(arrays)) == [1, 0, 1]
+    ids = np.array([0, 2, 4, 6, 7], dtype=np.uint8)
+    assert as_list(parse("bitwise_and(id, 4) > 0").evaluate({"id": ids})) == [
+        False, False, True, True, True]
+    with pytest.raises(ExpressionError, match=r"bitwise_and\(\) takes integers"):
+        parse("bitwise_and(f, 4)").evaluate(arrays)
+
+
+@pytest.mark.parametrize("text, advice", [
+    ("Jet_jetId & 4", "write bitwise_and(Jet_jetId, 4) > 0"),
+    ("(Jet_jetId & 4) > 0", "write bitwise_and(Jet_jetId, 4) > 0"),
+    ("2 | flags", "write bitwise_or(flags, 2) > 0"),
+    ("flags & ~4", "with the mask written as a number"),
+])
+def test_logic_with_a_bit_mask_is_refused_pointing_at_the_bit_functions(text, advice):
+    # '&' is logical here: Jet_jetId & 4 is true for any non-zero id, a bit test in C++
+    with pytest.raises(ExpressionError) as info:
+        parse(text, field_path="data.cut")
+    assert "does not test bits" in str(info.value) and advice in str(info.value)
+    parse(text, strict=False)  # what an exported bundle was trained with still reads
 
 
 @pytest.mark.parametrize("text, meant", [
-    ("f > 1 & n < 2", "(f > 1) & (n < 2)"),
-    ("nJet > 9 & (MET_pt < 0.5)", "(nJet > 9) & (MET_pt < 0.5)"),
-    ("a & b > 1", "a & (b > 1)"),
-    ("(a) | (b) == 1", "a | (b == 1)"),
-    ("x + 1 > 2 | abs(y) < 3", "(x + 1 > 2) | (abs(y) < 3)"),
-    ("~t == 1", "~(t == 1)"),
-    ("where(a & b > 1, 1, 2)", "a & (b > 1)"),
+    ("f > 1 & n < 2", "write (f > 1) & (n < 2) if that is what you mean"),
+    ("nJet > 9 & (MET_pt < 0.5)", "write (nJet > 9) & (MET_pt < 0.5) if that is what you mean"),
+    ("a & b > 1", "write a & (b > 1) if that is what you mean"),
+    ("(a) | (b) == 1", "write a | (b == 1) if that is what you mean"),
+    ("x + 1 > 2 | abs(y) < 3", "write (x + 1 > 2) | (abs(y) < 3) if that is what you mean"),
+    ("~t == 1", "write ~(t == 1) or (~t) == 1, whichever you mean"),
+    ("where(a & b > 1, 1, 2)", "write a & (b > 1) if that is what you mean"),
+    # no one plain reading: the advice is general, never a rewrite that keeps a trap
+    ("a > 1 & b < 2 & c", "put parentheses around each comparison"),
+    ("a & b > 1 | c", "put parentheses around each comparison"),
+    ("a < b < ~c", "put parentheses around each comparison"),
 ])
 def test_logic_beside_a_comparison_without_parentheses_is_refused(text, meant):
     # Python reads a > 1 & b < 2 as a > (1 & b) < 2: a cut that silently selected other events
@@ -224,15 +243,22 @@ def test_logic_beside_a_comparison_without_parentheses_is_refused(text, meant):
         parse(text, field_path="data.cut")
     message = str(info.value)
     assert "binds tighter than a comparison" in message
-    assert f"write {meant} if that is what you mean" in message
+    assert meant in message
     assert "at spec field data.cut" in message
+    parse(text, strict=False)  # a bundle's expression means what it meant when trained
+
+
+def test_parentheses_are_found_across_any_line_break_python_knows():
+    for brk in ("\n", "\r\n", "\r"):
+        parse(f"(a{brk}& b) > 1")
+        with pytest.raises(ExpressionError, match="binds tighter"):
+            parse(f"where(a{brk}& b > 1, 1, 0)")
 
 
 def test_logic_with_its_own_parentheses_means_what_it_says(arrays):
     assert as_list(parse("(f > 1) & (n < 2)").evaluate(arrays)) == [False, False, False]
-    assert as_list(parse("(n & 1) == 1").evaluate(arrays)) == [False, False, True]
     assert as_list(parse("f > (1 & n)").evaluate(arrays)) == as_list(
-        parse("f > x").evaluate({**arrays, "x": np.array([0, 0, 1])}))
+        parse("f > x").evaluate({**arrays, "x": np.array([True, False, True])}))
     assert as_list(parse("f > 1 and n < 2").evaluate(arrays)) == [False, False, False]
     parse("(a > 1) & (b < 2) | ~c")  # no comparison beside the logic: nothing to refuse
 
@@ -261,7 +287,8 @@ UNARY_INPUT = [[0.25, 0.5], [], [0.75]]
 
 
 def test_every_function_is_tested():
-    tested = set(UNARY_FUNCTIONS) | {"arctan2", "hypot", "minimum", "maximum", "where"}
+    tested = set(UNARY_FUNCTIONS) | {"arctan2", "hypot", "minimum", "maximum", "where",
+                                     "bitwise_and", "bitwise_or"}  # see the logic tests
     assert tested == set(ELEMENTWISE)
     assert set(REDUCTIONS) == {"sum", "max", "min", "mean", "count", "any", "all"}
     assert FUNCTIONS == ELEMENTWISE | REDUCTIONS
@@ -640,13 +667,23 @@ def test_an_expression_survives_pickling_for_spawned_workers(arrays):
         copy.evaluate({"j": arrays["j"]})  # errors still name the field
 
 
-def test_one_element_of_each_list_by_a_whole_number_nan_when_short(arrays):
+def test_one_element_of_each_list_by_a_whole_number_missing_when_short(arrays):
     # the leading jet, the second, the last: what max(Jet_pt, 0) cannot say
-    nan = float("nan")
-    assert_close(parse("j[0]").evaluate(arrays), [1.5, nan, 4.0])
-    assert_close(parse("j[1]").evaluate(arrays), [-2.0, nan, nan])
-    assert_close(parse("j[-1]").evaluate(arrays), [-2.0, nan, 4.0])
-    assert_close(parse("ji[-2] + 1").evaluate(arrays), [4.0, nan, nan])
-    assert_close(parse("(j * 2)[0]").evaluate(arrays), [3.0, nan, 8.0])
+    assert as_list(parse("j[0]").evaluate(arrays)) == [1.5, None, 4.0]
+    assert as_list(parse("j[1]").evaluate(arrays)) == [-2.0, None, None]
+    assert as_list(parse("j[-1]").evaluate(arrays)) == [-2.0, None, 4.0]
+    assert as_list(parse("ji[-2] + 1").evaluate(arrays)) == [4, None, None]
+    assert as_list(parse("(j * 2)[0]").evaluate(arrays)) == [3.0, None, 8.0]
     with pytest.raises(ExpressionError, match=r"f\[0\] needs a jagged collection"):
         parse("f[0]").evaluate(arrays)
+
+
+def test_a_missing_element_stays_missing_an_integer_stays_an_integer(arrays):
+    ids = {"id": ak.Array([[6, 2], [1], [], [2, 6]])}
+    # bit 2 of the leading object's id; an event without objects is missing, not "true"
+    assert as_list(parse("bitwise_and(id[0], 4) > 0").evaluate(ids)) == [True, False, None,
+                                                                           False]
+    # where() fills a missing element where the branch not taken is the missing one
+    assert as_list(parse("where(count(j) > 0, j[0], -1)").evaluate(arrays)) == [1.5, -1, 4.0]
+    assert as_list(parse("where(isnan(j[1]), 0, j[1])").evaluate(arrays)) == [-2.0, 0, 0]
+    assert as_list(parse("where(t, j[0], f)").evaluate(arrays)) == [1.5, 0.0, 4.0]

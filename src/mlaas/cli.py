@@ -243,7 +243,7 @@ def _print_stats(result: Any, caught: list[str], layout: Any, label: str | None)
                     f"{s['entries']:,}", f"{s['selected']:,}",
                     *(f"{s['splits'][k]:,}" for k in ("train", "validation", "test")),
                     *((_g(s.get("sum_weights", 0.0)),) if weighted else ()))
-    console.print(src)
+    _print_whole(src)  # the sum of weights made 80 columns cut "validation" short
     counts = result.label.get("counts")
     if counts:  # few distinct values: a classification's classes
         parts = [f"{escape(value)}: {n:,}" for value, n in counts.items()]

@@ -14,27 +14,30 @@ accepted; nothing is ever passed to ``eval``. Grammar::
     arithmetic  a + b   a - b   a * b   a / b   a // b   a % b   a ** b   -a  +a
     comparison  <  <=  >  >=  ==  !=           chained: 0 < x < 5 == (0 < x) & (x < 5)
     logic       a & b   a | b   ~a             elementwise; also: a and b, a or b, not a
-    bits        (Jet_jetId & 4) > 0            & and | of two integers: bitwise
     call        f(a, ...)                      only the functions in the table below
-    element     Jet_pt[0]   Jet_pt[-1]         one element of each event's list, NaN if short
+    element     Jet_pt[0]   Jet_pt[-1]         one element of each event's list, missing if short
 
 Logic operators work elementwise on booleans (non-zero numbers count as true);
-``and``/``or``/``not`` are the same and never short-circuit. ``&`` and ``|``
-of two integers (neither a boolean) are bitwise, as in numpy, C++ and ROOT:
-NanoAOD packs ids and flags into bits. ``and``/``or`` stay logical on any
-operands. Booleans in arithmetic count as 0/1 and ``**`` always gives
+``and``/``or``/``not`` are the same and never short-circuit. Bits are tested
+with ``bitwise_and(Jet_jetId, 4) > 0``: ``&`` stays logical (what trained
+models' expressions meant), so ``&`` or ``|`` with a whole-number literal
+other than 0 and 1 (``Jet_jetId & 4``, true for any non-zero id) is refused
+and points there. Booleans in arithmetic count as 0/1 and ``**`` always gives
 float64 (so ``n ** -1`` works). Division by zero gives inf/nan silently; the
 data layer counts those. Precedence is Python's: ``&`` and ``|`` bind tighter
 than comparisons, so ``nJet > 9 & (MET_pt < 0.5)`` would compare ``nJet``
 with ``9 & (MET_pt < 0.5)``, a silent wrong selection. An ``&``, ``|`` or
 ``~`` written unparenthesised next to a comparison is therefore an error that
-shows the parentheses to write: ``(nJet > 9) & (MET_pt < 0.5)``.
+shows the parentheses to write: ``(nJet > 9) & (MET_pt < 0.5)``. Both
+refusals guard specs being written; an exported bundle's expressions were
+accepted when it was made and are read back without them (``strict=False``).
 
 Elementwise functions (numpy ufuncs; jagged inputs stay jagged, and a flat
 value broadcasts into each event's list, e.g. ``Jet_px - MET_px``)::
 
     abs sqrt exp log log10 sin cos tan arcsin arccos arctan sinh cosh tanh
     floor ceil sign isnan isfinite               one argument
+    bitwise_and(a, b)  bitwise_or(a, b)          bits of integers: bitwise_and(Jet_jetId, 4) > 0
     arctan2(y, x)  hypot(a, b)  minimum(a, b)  maximum(a, b)
     where(cond, a, b)                            a where cond is true, else b
 
@@ -89,7 +92,44 @@ def _where(cond: Any, a: Any, b: Any) -> Any:
         return result[()] if result.ndim == 0 else result
     if not isinstance(cond, ak.Array) and np.ndim(cond) == 0:
         return a if cond else b
+    arrays = [v for v in (cond, a, b) if isinstance(v, ak.Array)]
+    if all(v.ndim == 1 for v in arrays) and any(_has_missing(v) for v in arrays):
+        return _where_missing(cond, a, b)
     return ak.where(*ak.broadcast_arrays(cond, a, b))
+
+
+def _has_missing(x: Any) -> bool:
+    return isinstance(x, ak.Array) and isinstance(x.layout, (
+        ak.contents.IndexedOptionArray, ak.contents.ByteMaskedArray,
+        ak.contents.BitMaskedArray, ak.contents.UnmaskedArray))
+
+
+def _where_missing(cond: Any, a: Any, b: Any) -> ak.Array:
+    """where() with missing values (``Jet_pt[0]`` of an event without jets): missing only
+    where the branch taken is, so ``where(count(Jet_pt) > 0, Jet_pt[0], 0)`` fills them.
+
+    Not through ``ak.broadcast_arrays``, which makes every input missing
+    wherever one is; scalars and flat arrays broadcast by themselves here.
+    """
+    def none(v: Any) -> Any:
+        return ak.is_none(v) if _has_missing(v) else False
+
+    def filled(v: Any, value: Any) -> Any:
+        return ak.fill_none(v, value) if _has_missing(v) else v
+
+    take_a = filled(cond, False)
+    missing = none(cond) | (take_a & none(a)) | (~take_a & none(b))
+    value = ak.where(take_a, filled(a, 0), filled(b, 0))
+    return ak.mask(value, ~missing) if isinstance(missing, ak.Array) else value
+
+
+def _nan_test(ufunc: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """isnan/isfinite with a missing value counted as NaN (it becomes one as a feature)."""
+    def test(x: Any) -> Any:
+        if isinstance(x, ak.Array) and x.ndim == 1 and _has_missing(x):
+            x = ak.fill_none(ak.values_astype(x, np.float64), np.nan)
+        return ufunc(x)
+    return test
 
 
 def _numeric(x: Any) -> Any:
@@ -144,16 +184,20 @@ def _dividing(ufunc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return divide
 
 
-def _logic(bitwise: Callable[[Any, Any], Any], logical: Callable[[Any, Any], Any],
-           a: Any, b: Any) -> Any:
-    """``&`` or ``|``: bitwise between two integers (a bitmask test), else logical.
+def _bitwise(ufunc: Callable[[Any, Any], Any], name: str) -> Callable[[Any, Any], Any]:
+    """``bitwise_and``/``bitwise_or`` of integers (booleans as 0/1), refused on floats.
 
-    Logical for everything else: numpy's ``&`` of an integer and a boolean
-    is bitwise too (``nJet & (MET_pt > 10)`` would test nJet's lowest bit).
+    numpy's own refusal names ufuncs and dtypes; a physicist passing
+    ``Jet_jetId[0]`` (a float, NaN where there is no jet) needs to hear why.
     """
-    if _is_integer(a) and _is_integer(b):
-        return bitwise(_numeric(a), _numeric(b))
-    return logical(a, b)
+    def bits(a: Any, b: Any) -> Any:
+        a, b = _numeric(a), _numeric(b)
+        if not (_is_integer(a) and _is_integer(b)):
+            raise TypeError(f"{name}() takes integers (ids, flags, bitmasks); a value here is "
+                            "not one (a float, or an element of a list: Jet_jetId[0] is NaN "
+                            "where there is no jet)")
+        return ufunc(a, b)
+    return bits
 
 
 def _is_integer(x: Any) -> bool:
@@ -179,10 +223,13 @@ def _float(x: Any) -> Any:
 _ELEMENTWISE: dict[str, tuple[Callable[..., Any], int]] = {
     **{name: (getattr(np, name), 1) for name in (
         "sqrt exp log log10 sin cos tan arcsin arccos arctan sinh cosh tanh "
-        "floor ceil sign isnan isfinite").split()},
+        "floor ceil sign").split()},
+    "isnan": (_nan_test(np.isnan), 1), "isfinite": (_nan_test(np.isfinite), 1),
     "abs": (np.absolute, 1),
     **{name: (getattr(np, name), 2) for name in ("arctan2", "hypot", "minimum", "maximum")},
     "where": (_where, 3),
+    "bitwise_and": (_bitwise(np.bitwise_and, "bitwise_and"), 2),
+    "bitwise_or": (_bitwise(np.bitwise_or, "bitwise_or"), 2),
 }
 # name -> (reducer, value for an empty list or None when that is the optional 2nd argument)
 _REDUCTIONS: dict[str, tuple[Callable[[Any], Any], Any]] = {
@@ -207,8 +254,7 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
         (ast.Add, np.add), (ast.Sub, np.subtract), (ast.Mult, np.multiply),
         (ast.Div, np.true_divide), (ast.Pow, np.float_power))},
     ast.FloorDiv: _dividing(np.floor_divide), ast.Mod: _dividing(np.mod),
-    ast.BitAnd: lambda a, b: _logic(np.bitwise_and, np.logical_and, a, b),
-    ast.BitOr: lambda a, b: _logic(np.bitwise_or, np.logical_or, a, b),
+    ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or,
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {
     ast.USub: lambda a: np.negative(_numeric(a)), ast.UAdd: lambda a: np.positive(_numeric(a)),
@@ -284,11 +330,12 @@ class Expression:
     """A parsed expression: checked once against the spec, then evaluated on every chunk."""
 
     def __init__(self, source: str, run: Evaluator, names: Iterable[str],
-                 functions: Iterable[str], field_path: str | None) -> None:
+                 functions: Iterable[str], field_path: str | None, strict: bool = True) -> None:
         self.source = source
         self.names = frozenset(names)
         self.functions = frozenset(functions)
         self.field_path = field_path
+        self.strict = strict
         self._run = run
 
     def __repr__(self) -> str:
@@ -301,7 +348,7 @@ class Expression:
         Windows' default) receive the dataset, and with it its expressions,
         pickled.
         """
-        return _parsed, (self.source, self.field_path)
+        return _parsed, (self.source, self.field_path, self.strict)
 
     def evaluate(self, arrays: Mapping[str, Any]) -> Any:
         """One value per event (jagged stays jagged); NaN/inf are left for the data layer."""
@@ -334,6 +381,12 @@ def _why(exc: BaseException) -> str:
     return text.split(" This error occurred while calling")[0]
 
 
+def _loose_logic(node: ast.expr) -> bool:
+    """``a & b``, ``a | b`` or ``~a``: what Python binds tighter than a comparison."""
+    return ((isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)))
+            or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert)))
+
+
 def _whole_number(node: ast.expr) -> int | None:
     """The value of ``3`` or ``-1`` written as a literal, else None."""
     sign = 1
@@ -344,8 +397,8 @@ def _whole_number(node: ast.expr) -> int | None:
     return None
 
 
-def _parsed(source: str, field_path: str | None) -> Expression:
-    return parse(source, field_path=field_path)
+def _parsed(source: str, field_path: str | None, strict: bool = True) -> Expression:
+    return parse(source, field_path=field_path, strict=strict)
 
 
 def is_identifier(source: str) -> bool:
@@ -356,25 +409,32 @@ def is_identifier(source: str) -> bool:
     return bool(_NAME.fullmatch(text)) and not keyword.iskeyword(text)
 
 
-def parse(source: str, *, field_path: str | None = None) -> Expression:
-    """Validate once at spec time so that evaluation cannot fail on syntax mid-job."""
+def parse(source: str, *, field_path: str | None = None, strict: bool = True) -> Expression:
+    """Validate once at spec time so that evaluation cannot fail on syntax mid-job.
+
+    ``strict`` adds the refusals that guard a spec being written (a logic
+    operator beside a comparison, ``&`` with a bit mask); ``False`` reads an
+    expression an exported bundle was trained with, which passed the rules
+    of its day and must mean what it meant then.
+    """
     if not isinstance(source, str):
         raise ExpressionError(f"an expression must be a string, got {source!r}",
                               field_path=field_path)
-    compiler = _Compiler(source, field_path)
+    compiler = _Compiler(source, field_path, strict)
     try:
         run = compiler.compile(compiler.tree())
     except (RecursionError, MemoryError):  # the parser reports deep nesting as MemoryError
         raise compiler.error(f"expression {source!r} is nested too deeply") from None
-    return Expression(source, run, compiler.names, compiler.functions, field_path)
+    return Expression(source, run, compiler.names, compiler.functions, field_path, strict)
 
 
 class _Compiler:
     """Turns the whitelisted AST into nested closures; anything not whitelisted is an error."""
 
-    def __init__(self, source: str, field_path: str | None) -> None:
+    def __init__(self, source: str, field_path: str | None, strict: bool = True) -> None:
         self.source = source
         self.field_path = field_path
+        self.strict = strict
         self.indent = len(source) - len(source.lstrip())
         self.names: set[str] = set()
         self.functions: set[str] = set()
@@ -441,6 +501,8 @@ class _Compiler:
 
     def _BinOp(self, node: ast.BinOp) -> Evaluator:
         op = self.operator(node.op, _BINARY, node)
+        if self.strict and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+            self.check_bit_mask(node)
         left, right = self.compile(node.left), self.compile(node.right)
         return lambda arrays: op(left(arrays), right(arrays))
 
@@ -457,7 +519,8 @@ class _Compiler:
     def _Compare(self, node: ast.Compare) -> Evaluator:
         ops = [self.operator(op, _COMPARE, node) for op in node.ops]
         for operand in [node.left, *node.comparators]:
-            self.check_precedence(node, operand)
+            if self.strict:
+                self.check_precedence(node, operand)
         operands = [self.compile(v) for v in [node.left, *node.comparators]]
 
         def compare(arrays: Mapping[str, Any]) -> Any:
@@ -475,31 +538,59 @@ class _Compiler:
         directly beside a comparison operator is refused; with its own
         parentheses it means what it says (``(Jet_jetId & 4) > 0``).
         """
-        logic = ((isinstance(operand, ast.BinOp)
-                  and isinstance(operand.op, (ast.BitAnd, ast.BitOr)))
-                 or (isinstance(operand, ast.UnaryOp) and isinstance(operand.op, ast.Invert)))
-        if not logic or self.parenthesised(operand):
+        if not _loose_logic(operand) or self.parenthesised(operand):
             return
         symbol = {ast.BitAnd: "&", ast.BitOr: "|", ast.Invert: "~"}[type(operand.op)]
         raise self.error(
             f"{symbol!r} binds tighter than a comparison: in expression {self.source!r}, "
-            f"{self.text(operand)!r} is one side of {self.text(compare)!r}; write "
-            f"{self.regrouped(compare, operand)} if that is what you mean, or use "
-            "'and' / 'or' / 'not', which bind looser than comparisons")
+            f"{self.text(operand)!r} is one side of {self.text(compare)!r}; "
+            f"{self.regrouped(compare, operand)}, or use 'and' / 'or' / 'not', which bind "
+            "looser than comparisons")
 
     def regrouped(self, compare: ast.Compare, operand: ast.BinOp | ast.UnaryOp) -> str:
-        """The comparison with ``&``, ``|`` or ``~`` binding looser, as ROOT's ``&&`` does."""
+        """The comparison with ``&``, ``|`` or ``~`` binding looser, as ROOT's ``&&`` does.
+
+        Only where that reading is plain: one logic operator among the
+        comparison's operands, its sides free of more logic. Otherwise the
+        advice is general (a rewrite that kept a trap inside would mislead).
+        """
         items = [compare.left, *compare.comparators]
         ops = [_OP_TEXT[type(op)] for op in compare.ops]
+        logic = [item for item in items if _loose_logic(item) and not self.parenthesised(item)]
+        general = "put parentheses around each comparison"
+        if len(logic) != 1:
+            return general
         i = items.index(operand)
-        if isinstance(operand, ast.UnaryOp):  # ~a > 1  ->  ~(a > 1)
-            if i:  # 1 < ~a: no reading of it is more likely than another
-                return f"{self.text(compare.left)} {ops[0]} (~{self.atom(operand.operand)})"
-            return f"~{self.chain([operand.operand, *items[1:]], ops)}"
+        if isinstance(operand, ast.UnaryOp):  # ~a > 1: C++ and Python read (~a) > 1 too
+            if i or len(ops) != 1:
+                return general
+            rest = self.atom(items[1])
+            return (f"write ~({self.atom(operand.operand)} {ops[0]} {rest}) or "
+                    f"(~{self.atom(operand.operand)}) {ops[0]} {rest}, whichever you mean")
+        if any(_loose_logic(side) and not self.parenthesised(side)
+               for side in (operand.left, operand.right)):
+            return general
         symbol = "&" if isinstance(operand.op, ast.BitAnd) else "|"
         left = self.chain([*items[:i], operand.left], ops[:i])
         right = self.chain([operand.right, *items[i + 1:]], ops[i:])
-        return f"{left} {symbol} {right}"
+        return f"write {left} {symbol} {right} if that is what you mean"
+
+    def check_bit_mask(self, node: ast.BinOp) -> None:
+        """Refuse ``Jet_jetId & 4``: logical here (true for any non-zero id), a bit test in C++."""
+        for side, other in ((node.right, node.left), (node.left, node.right)):
+            inverted = isinstance(side, ast.UnaryOp) and isinstance(side.op, ast.Invert)
+            value = _whole_number(side.operand if inverted else side)
+            if value is None or value in (0, 1):
+                continue
+            symbol = "&" if isinstance(node.op, ast.BitAnd) else "|"
+            func = "bitwise_and" if symbol == "&" else "bitwise_or"
+            advice = (f"{func}(...) with the mask written as a number (~ is a logical not "
+                      "here too)" if inverted else
+                      f"{func}({self.text(other)}, {self.text(side)}) > 0")
+            raise self.error(
+                f"{symbol!r} is a logical {'and' if symbol == '&' else 'or'} in mlaas "
+                f"expressions, so {self.text(node)!r} in expression {self.source!r} does not "
+                f"test bits ({self.text(side)} counts as true); for a bit test write {advice}")
 
     def chain(self, items: list[ast.expr], ops: list[str]) -> str:
         """``a < b < c`` from its parts, in parentheses when it compares anything."""
@@ -518,10 +609,9 @@ class _Compiler:
     def parenthesised(self, node: ast.expr) -> bool:
         """Whether ``node`` has parentheses of its own (``ast`` keeps none: read the text)."""
         text = self.source.strip().encode()
-        lines = text.split(b"\n")
-        start = sum(len(line) + 1 for line in lines[:node.lineno - 1]) + node.col_offset
-        end = sum(len(line) + 1 for line in lines[:(node.end_lineno or 1) - 1]) + (
-            node.end_col_offset or 0)
+        starts = [0] + [m.end() for m in re.finditer(rb"\r\n|\r|\n", text)]  # as ast counts lines
+        start = starts[node.lineno - 1] + node.col_offset
+        end = starts[(node.end_lineno or 1) - 1] + (node.end_col_offset or 0)
         before, after = text[:start].rstrip(), text[end:].lstrip()
         return before.endswith(b"(") and after.startswith(b")")
 
@@ -531,12 +621,13 @@ class _Compiler:
         return table[type(op)]
 
     def _Subscript(self, node: ast.Subscript) -> Evaluator:
-        """``Jet_pt[0]``: the leading object's value, NaN for an event with too few.
+        """``Jet_pt[0]``: the leading object's value, missing for an event with too few.
 
         Only a whole-number literal: what ``max(Jet_pt, 0)`` cannot say (the
         second jet, the last muon) without handing users general indexing.
-        NaN, not an error, for a short list: pass 1 counts those, and
-        ``data.nan`` or a cut such as ``count(Jet_pt) >= 2`` deals with them.
+        Missing, not an error, for a short list: as a feature, label or weight
+        it becomes NaN (pass 1 counts those; ``data.nan`` or a cut such as
+        ``count(Jet_pt) >= 2`` deals with them), and a cut never selects it.
         """
         index = _whole_number(node.slice)
         if index is None:
@@ -553,8 +644,9 @@ class _Compiler:
             i = index
             if i < 0:  # from the end: the same position of the reversed list
                 x, i = x[:, ::-1], -i - 1
-            picked = ak.pad_none(x, i + 1, axis=1)[:, i]
-            return ak.to_numpy(ak.fill_none(ak.values_astype(picked, np.float64), np.nan))
+            # missing (None), not NaN: an integer stays an integer (bitwise_and of an id),
+            # a comparison of a missing value is missing, and a cut does not select it
+            return ak.pad_none(x, i + 1, axis=1)[:, i]
         return element
 
     def _Call(self, node: ast.Call) -> Evaluator:

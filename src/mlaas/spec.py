@@ -507,17 +507,35 @@ class Pipeline(_Model):
         blob = json.dumps(canonical_data(kept), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    def legacy_data_digest(self) -> str:
+        """:meth:`data_digest` as mlaas computed it before ``derived`` kept its order.
+
+        A stats.json of such a run is still this spec's pass 1 (it ignored the
+        order, as the data layer's checks then did): ``mlaas run --resume``
+        accepts it rather than read a large dataset again after an upgrade.
+        """
+        kept = self.data.model_dump(mode="json", exclude={"retries", "cache", "balance"})
+        kept = {**canonical_data(kept), "derived": kept.get("derived", {})}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
 
 def canonical_data(data: dict[str, Any]) -> dict[str, Any]:
     """A dumped ``data`` section to hash or compare with ``sort_keys``: ``derived`` as pairs.
 
     Sorting keys would sort the derived names, but their order is meaning:
     an expression sees the names defined before it, and a derived name may
-    shadow a branch, so two orders can give other values.
+    shadow a branch, so two orders can give other values. A jagged
+    feature's ``collection`` left unset is left out, so specs, checkpoints
+    and caches from before that field existed compare and hash as they did.
     """
-    if "derived" not in data:
-        return data
-    return {**data, "derived": [[k, v] for k, v in (data["derived"] or {}).items()]}
+    out = dict(data)
+    if isinstance(out.get("features"), list):
+        out["features"] = [
+            {k: v for k, v in f.items() if not (k == "collection" and v is None)}
+            if isinstance(f, dict) else f for f in out["features"]]
+    if out.get("derived"):  # an empty mapping stays one: most specs hash as before
+        out["derived"] = [[k, v] for k, v in out["derived"].items()]
+    return out
 
 
 def _path_of(loc: tuple[Any, ...]) -> str:

@@ -1243,6 +1243,11 @@ def test_a_derived_name_used_before_it_is_defined_says_so() -> None:
     assert ("'b' is defined later in data.derived, which is evaluated in order: move it "
             "before its first use") in str(info.value)
     assert "at spec field data.derived.a" in str(info.value)
+    spec = hzz_spec(derived={"HTx": "HTx + sum(Jet_Px)"}, features=["HTx"])
+    with pytest.raises(BranchNotFound) as info:
+        dataset(spec)()
+    assert "'HTx' reads itself" in str(info.value)
+    assert "defined later" not in str(info.value)  # it is not: it is this one
 
 
 def test_a_derived_name_that_replaces_a_branch_is_said_aloud() -> None:

@@ -324,6 +324,29 @@ def test_elements_of_a_collection_as_flat_features_match_awkward() -> None:
     np.testing.assert_array_equal(got.x, want.astype(np.float32))
 
 
+def test_a_cut_on_a_missing_element_does_not_select_the_event() -> None:
+    # Jet_Px[1] of a one-jet event is missing: not "true", not selected
+    spec = {"data": {"sources": [{"files": [HZZ]}], "label": "triggerIsoMu24",
+                     "cut": "Jet_Px[1] > -1e9", "features": ["MET_px"]}}
+    ds = RootDataset(spec, split="all", shuffle=False)
+    njet = uproot.open(HZZ)["events"]["NJet"].array(library="np")
+    assert ds.num_events == int((njet >= 2).sum()) < len(njet)
+
+
+def test_a_bundles_expressions_read_back_as_they_were_trained() -> None:
+    # written before the refusals of unparenthesised logic: it must load and mean the same
+    from mlaas.data.layout import Layout
+
+    ds = RootDataset({"data": {"sources": [{"files": [HZZ]}], "label": "triggerIsoMu24",
+                               "features": ["MET_px"]}}, split="all")
+    d = {**ds.layout.to_dict(), "cut": "NMuon > 0 | NJet > 0"}
+    layout = Layout.from_dict(d)
+    t = uproot.open(HZZ)["events"].arrays(["NMuon", "NJet"], library="np")
+    inner = np.logical_or(0, t["NJet"])  # Python's reading: NMuon > (0 | NJet) > 0
+    got = np.asarray(layout.cut.evaluate(t))
+    np.testing.assert_array_equal(got, (t["NMuon"] > inner) & (inner > 0))
+
+
 DATAGEN_EXACT = {
     "derived": {"HT": "sum(Jet_pt)", "Jet_px": "Jet_pt * cos(Jet_phi)"},
     "cut": "(MET_pt > 20) & (nJet >= 1)",
@@ -491,6 +514,13 @@ def test_balance_equal_balances_classes_not_sources(synth_pair: Path, tmp_path: 
     small = min(counts.values())
     for label in (0.0, 1.0):
         assert abs(int((y == label).sum()) - small) < 5 * np.sqrt(small), label
+    # a regression target with few values (nJet) is no class label: sources are balanced
+    regression = synth_spec(synth_pair, balance="equal", label="nJet", features=["MET_pt"])
+    regression["task"] = "regression"
+    for source in regression["data"]["sources"]:
+        del source["label"]
+    with pytest.warns(UserWarning, match="has no classes to balance: sources are balanced"):
+        RootDataset(regression, split="train")
 
 
 @pytest.mark.parametrize("kind", ["memory", "disk"])

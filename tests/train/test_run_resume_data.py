@@ -119,3 +119,42 @@ def test_a_changed_spec_is_refused_before_pass_1_reads_anything(tmp_path: Path) 
         run(spec, tmp_path / "out", resume=True, progress=False,
             on_progress=lambda report: phases.append(report.get("phase", "")))
     assert phases == []  # not even pass 1 began
+
+
+def test_a_stats_json_from_before_derived_kept_its_order_is_reused(tmp_path: Path) -> None:
+    # its data_digest hashed derived as a sorted mapping; pass 1 is hours on real data
+    from mlaas.spec import load
+
+    spec = write_run_dir(tmp_path)
+    with_derived = yaml.safe_load(spec.read_text())
+    with_derived["data"]["derived"] = {"ht": "sum(Jet_pt)", "a": "MET_pt * 2"}
+    spec.write_text(yaml.safe_dump(with_derived, sort_keys=False))
+    run(spec, tmp_path / "out", progress=False)
+    stats_path = tmp_path / "out" / "stats.json"
+    saved = json.loads(stats_path.read_text())
+    pipeline = load(spec)
+    assert saved["data_digest"] == pipeline.data_digest() != pipeline.legacy_data_digest()
+    saved["data_digest"] = pipeline.legacy_data_digest()  # as the code before wrote it
+    stats_path.write_text(json.dumps(saved, indent=2) + "\n")
+    before = stats_path.read_text()
+    with_derived["train"]["epochs"] = 2
+    spec.write_text(yaml.safe_dump(with_derived, sort_keys=False))  # derived kept in order
+    result = run(spec, tmp_path / "out", resume=True, progress=False)
+    assert result.epochs_run == 2
+    assert stats_path.read_text() == before  # pass 1 not redone
+
+
+def test_the_legacy_data_digest_is_the_old_formula() -> None:
+    import hashlib
+
+    from mlaas.spec import load
+
+    pipeline = load({"data": {"sources": [{"files": ["a.root"], "label": 1}],
+                              "features": ["x", {"branch": "Jet_pt", "max_len": 2}],
+                              "derived": {"b": "Jet_pt * 2", "a": "x"}}})
+    dumped = pipeline.data.model_dump(mode="json", exclude={"retries", "cache", "balance"})
+    for f in dumped["features"]:
+        if isinstance(f, dict):
+            del f["collection"]  # the field came later
+    old = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+    assert pipeline.legacy_data_digest() == old

@@ -122,14 +122,19 @@ class Layout:
         ``derived`` is a list of ``[name, expression]`` pairs in spec order;
         ``cut``, ``label`` and ``weight`` are expression strings or absent.
         Used by model bundles, which must preprocess events with no ROOT file.
+        Their expressions are read without the refusals that guard new specs
+        (``strict=False``): a bundle means what it meant when it was trained.
         """
-        def parse(source: str | None, path: str) -> expr.Expression | None:
-            return None if source is None else expr.parse(source, field_path=path)
+        def parse(source: str, path: str) -> expr.Expression:
+            return expr.parse(source, field_path=path, strict=False)
 
-        derived = [(str(name), expr.parse(source, field_path=f"data.derived.{name}"))
+        def optional(source: str | None, path: str) -> expr.Expression | None:
+            return None if source is None else parse(source, path)
+
+        derived = [(str(name), parse(source, f"data.derived.{name}"))
                    for name, source in d.get("derived", [])]
         features = [
-            Feature(name=f["name"], expression=expr.parse(f["expression"], field_path=f["name"]),
+            Feature(name=f["name"], expression=parse(f["expression"], f["name"]),
                     jagged=bool(f["jagged"]), normalize=f.get("normalize", "none"),
                     collection=f.get("collection"), pad=float(f.get("pad", 0.0)))
             for f in d["features"]
@@ -141,8 +146,9 @@ class Layout:
             for name, c in d.get("collections", {}).items()
         }
         return cls(tree=d["tree"], branches=list(d["branches"]), derived=derived,
-                   cut=parse(d.get("cut"), "data.cut"), label=parse(d.get("label"), "data.label"),
-                   weight=parse(d.get("weight"), "data.weight"), features=features,
+                   cut=optional(d.get("cut"), "data.cut"),
+                   label=optional(d.get("label"), "data.label"),
+                   weight=optional(d.get("weight"), "data.weight"), features=features,
                    collections=collections)
 
 
@@ -192,13 +198,17 @@ class _Missing:
         self.found: list[tuple[str, str, str]] = []  # field path, message, names that exist
 
     def check(self, names: set[str], available: Mapping[str, Any], field_path: str,
-              source: str) -> None:
+              source: str, defining: str | None = None) -> None:
+        """``defining``: the derived name whose expression this is (it cannot read itself)."""
         unknown = {name for name in names if name not in available}
         if not unknown:
             return
         head, _, names = expr.unknown_names_message(unknown, available, source).partition(
             " available names: ")
-        later = sorted(unknown & self.derived)
+        if defining in unknown:
+            head += (f" {defining!r} reads itself: a derived expression sees the names "
+                     "defined before it (and a branch of its own name, if there is one);")
+        later = sorted(unknown & self.derived - {defining})
         if later:  # defined, but after the expression that reads it
             head += (f" {', '.join(map(repr, later))} is defined later in data.derived, which "
                      "is evaluated in order: move it before its first use;")
@@ -236,7 +246,7 @@ def resolve_layout(pipeline: Pipeline, tree: Any, url: str) -> Layout:
     derived: list[tuple[str, expr.Expression]] = []
     for name, source in data.derived.items():
         e = _parse(source, f"data.derived.{name}")
-        missing.check(set(e.names), available, f"data.derived.{name}", source)
+        missing.check(set(e.names), available, f"data.derived.{name}", source, defining=name)
         if name in kinds:  # meant at times (units), but a cut on it then cuts the new value
             notes.append(f"data.derived.{name} replaces the branch {name!r}: the derived names "
                          f"after it, the cut, the label, the weight and the features read "
@@ -604,7 +614,8 @@ def as_float64(value: Any, n: int) -> np.ndarray:
         if isinstance(layout, ak.contents.NumpyArray) and layout.data.ndim == 1:
             value = layout.data
         else:
-            value = ak.to_numpy(ak.fill_none(value, np.nan))
+            # missing values (Jet_pt[1] of a one-jet event) as NaN, integers and booleans too
+            value = ak.to_numpy(ak.fill_none(ak.values_astype(value, np.float64), np.nan))
     with np.errstate(invalid="ignore"):  # a signalling NaN (damaged bytes) is counted later
         arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 0:

@@ -200,7 +200,8 @@ class RootDataset:
         sources keep their proportions): an array per source. Under
         ``data.label`` a label value -> fraction mapping from pass 1's label
         counts (of the training split when this is it). A regression label
-        has no classes: sources are balanced instead, and said so.
+        (``task: regression``, or more than 64 values) has no classes:
+        sources are balanced instead, and said so.
         """
         sources_ = self.pipeline.data.sources
         if self.pipeline.data.balance != "equal":
@@ -215,10 +216,11 @@ class RootDataset:
                                   if other == lab) for lab in labels}
             sizes = np.array([per_class[lab] for lab in labels])
             return _equal_shares(sizes)
-        counts = self.stats.label.get("train_counts" if self.split == "train" else "counts")
-        if not counts:
-            warnings.warn("balance: equal with a label of more than 64 values (a regression) "
-                          "has no classes to balance: sources are balanced instead",
+        counts = ((self.stats.label.get("train_counts") if self.split == "train" else None)
+                  or self.stats.label.get("counts"))
+        if not counts or self.pipeline.task == "regression":
+            warnings.warn("balance: equal with a regression label (or one of more than 64 "
+                          "values) has no classes to balance: sources are balanced instead",
                           UserWarning, stacklevel=3)
             return _equal_shares(per_source)
         values = [float(v) for v in counts]

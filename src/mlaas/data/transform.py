@@ -188,7 +188,7 @@ def selection(layout: Layout, env: Mapping[str, Any], n: int, url: str) -> np.nd
             "or all(...)", file_path=url, field_path="data.cut",
         )
     out = as_float64(value, n)
-    return out != 0
+    return (out != 0) & ~np.isnan(out)  # a missing or NaN cut value selects nothing
 
 
 def descending_order(key: np.ndarray, counts: np.ndarray) -> np.ndarray:

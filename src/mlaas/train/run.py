@@ -74,7 +74,8 @@ def _saved_stats(outdir: Path, pipeline: Pipeline, prepared: Prepared) -> pass1.
     saved = json.loads(path.read_text())
     label = saved.get("label") or {}
     # a stats.json from before pass 1 counted the training split's labels is redone
-    if saved.get("data_digest") != pipeline.data_digest() or (
+    digests = {pipeline.data_digest(), pipeline.legacy_data_digest()}
+    if saved.get("data_digest") not in digests or (
             "counts" in label and "train_counts" not in label):
         return None
     stats = pass1.Stats.from_dict(saved)

@@ -393,8 +393,11 @@ def check_resumable(pipeline: Pipeline, outdir: str | os.PathLike[str]) -> None:
 def _check_spec(state: dict[str, Any], pipeline: Pipeline, path: Path) -> None:
     old, new = json.loads(state["spec"]), _spec_view(pipeline)
     if isinstance(old.get("data", {}).get("derived"), dict):
-        # written before derived kept its order (sort_keys sorted it): compare as a set
+        # written before derived kept its order (sort_keys sorted it): compare as a set,
+        # and without the features' unset collection, which it did not have either
+        old["data"] = canonical_data(old["data"])
         new["data"]["derived"] = dict(new["data"]["derived"])
+        old["data"]["derived"] = dict(old["data"]["derived"])
     changed = _diff(old, new)
     if changed:
         raise TrainingError(

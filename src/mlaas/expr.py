@@ -269,7 +269,8 @@ _OP_TEXT = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "=="
 
 _DISALLOWED: dict[type, str] = {
     ast.Attribute: "attribute access (a branch name with a dot cannot be named either)",
-    ast.Slice: "a slice (one element is Jet_pt[0]; a range is not allowed)", ast.Lambda: "lambda", ast.ListComp: "a comprehension",
+    ast.Slice: "a slice (one element is Jet_pt[0]; a range is not allowed)",
+    ast.Lambda: "lambda", ast.ListComp: "a comprehension",
     ast.SetComp: "a comprehension", ast.DictComp: "a comprehension",
     ast.GeneratorExp: "a generator expression",
     ast.IfExp: "a conditional expression ('a if cond else b'; use where(cond, a, b))",
@@ -536,7 +537,7 @@ class _Compiler:
         comparison, so a physicist's cut written that way selected other
         events without a word. Only an unparenthesised ``&``, ``|`` or ``~``
         directly beside a comparison operator is refused; with its own
-        parentheses it means what it says (``(Jet_jetId & 4) > 0``).
+        parentheses it means what it says (``f > (1 & n)``).
         """
         if not _loose_logic(operand) or self.parenthesised(operand):
             return
@@ -601,9 +602,8 @@ class _Compiler:
 
     def atom(self, node: ast.expr) -> str:
         """``node``'s text, in parentheses when it binds looser than arithmetic."""
-        loose = (isinstance(node, (ast.Compare, ast.BoolOp))
-                 or (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)))
-                 or (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Invert, ast.Not))))
+        loose = (isinstance(node, (ast.Compare, ast.BoolOp)) or _loose_logic(node)
+                 or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)))
         return f"({self.text(node)})" if loose else self.text(node)
 
     def parenthesised(self, node: ast.expr) -> bool:

@@ -38,3 +38,20 @@ def http_server() -> Iterator[RangeHTTPServer]:
 def dead_root_url() -> str:
     """A root:// URL on a free 127.0.0.1 port that nothing listens on."""
     return f"root://{HOST}:{free_port()}//x.root"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def numba_loaded() -> None:
+    """numba imported and the float32 loops loaded before the first test, not beside one.
+
+    A dataset loads numba in a background thread (``kernels.warm_up``), and
+    numba's import and compiler use ``warnings.catch_warnings``, which swaps
+    the warnings module's global state and is not thread-safe: overlapping
+    a test's ``pytest.warns``, it made that test see no warning (seen once in
+    a clean clone, where nothing was compiled yet). Loaded here, the threads
+    later find it done.
+    """
+    from mlaas.data import kernels
+
+    kernels.warm_up()
+    kernels._finish_warm_up()

@@ -405,10 +405,12 @@ def run(
     and the command exits with code 75 (preempted), and `--resume` continues
     exactly where it stopped.
     """
+    from mlaas.spec import load
     from mlaas.train.run import run as run_pipeline
 
+    pipeline = load(spec)  # first: a spec that does not validate leaves no empty run directory
     _make_dir(output)
-    result = run_pipeline(spec, output, resume=resume, progress=progress)
+    result = run_pipeline(pipeline, output, resume=resume, progress=progress)
     test = result.metrics.get("test", result.metrics)
     summary = {"outdir": str(result.outdir), "bundle": str(result.bundle),
                "stopped": result.stopped, "epochs": result.epochs_run,

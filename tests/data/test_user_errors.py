@@ -116,6 +116,15 @@ def test_run_output_under_a_file(tmp_path: Path) -> None:
     usage_error(result, str(target), "not a directory")
 
 
+def test_run_with_a_spec_that_does_not_validate_leaves_no_run_directory(
+        tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {sources: [{files: [x.root], label: 1}], features: [a], cutt: b}\n")
+    result = run("run", str(bad), "--no-progress", "-o", str(tmp_path / "out"))
+    assert result.exit_code != 0 and "unknown key 'cutt'" in str(result.exception)
+    assert not (tmp_path / "out").exists()
+
+
 def test_apply_output_under_a_file(tmp_path: Path) -> None:
     target = Path(HZZ) / "friends"
     result = run("apply", str(tmp_path), HZZ, "-o", str(target))

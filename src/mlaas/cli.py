@@ -192,21 +192,16 @@ def _make_dir(path: Path, option: str = "'-o' / '--output'") -> None:
 
     Later, deep in a command, the same failure was a traceback
     (NotADirectoryError for a path under a file, FileNotFoundError under /proc).
+    The reason is :func:`mlaas.data.synth.output_dir`'s, which datagen's
+    library callers get as a SourceError.
     """
+    from mlaas.data.synth import output_dir
+    from mlaas.errors import SourceError
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot create directory {str(path)!r}: {_why(path, exc)}",
-                                 param_hint=option) from exc
-
-
-def _why(path: Path, exc: OSError) -> str:
-    """The reason a directory cannot be made: the file in its way, else the system's words."""
-    for above in (path, *path.parents):
-        if above.exists():
-            return (exc.strerror or str(exc)) if above.is_dir() else (
-                f"{str(above)!r} is a file, not a directory")
-    return exc.strerror or str(exc)
+        output_dir(path)
+    except SourceError as exc:
+        raise typer.BadParameter(exc.message, param_hint=option) from exc
 
 
 def _save(path: Path, write: Callable[[Path], None]) -> str | None:

@@ -252,16 +252,15 @@ def _other_files(src: dict[str, Any], name: str, here: list[chunking.FileInfo]) 
         ours = [(f.ref.key, f.identity.get("uuid")) for f in here]
     else:
         theirs, ours = [(u,) for u in urls], [(f.ref.url,) for f in here]
-    read: dict[tuple, int] = {}
-    if counts is not None and len(counts) == len(urls):
-        read = dict(zip(theirs, counts, strict=True))
-        if Counter(theirs) == Counter(ours):  # the same files: were the same entries read?
-            for f, o in zip(here, ours, strict=True):
-                if read[o] != f.entries:
-                    return (f"file {f.ref.url} of source {name!r}: pass 1 read {read[o]:,} of "
-                            f"its entries, this spec reads {f.entries:,} (data.max_events "
-                            "spends its budget in file order, or the file has grown)")
-    if Counter(theirs) == Counter(ours):
+    same_files = Counter(theirs) == Counter(ours)
+    if same_files and counts is not None and len(counts) == len(urls):
+        read = dict(zip(theirs, counts, strict=True))  # were the same entries read?
+        for f, o in zip(here, ours, strict=True):
+            if read[o] != f.entries:
+                return (f"file {f.ref.url} of source {name!r}: pass 1 read {read[o]:,} of "
+                        f"its entries, this spec reads {f.entries:,} (data.max_events "
+                        "spends its budget in file order, or the file has grown)")
+    if same_files:
         return None
     theirs_set, ours_set = set(theirs), set(ours)  # sets: a source may hold thousands of files
     new = [f.ref.url for f, o in zip(here, ours, strict=True) if o not in theirs_set]
